@@ -1,0 +1,216 @@
+"""One trial, measured honestly: transcribe an evaluation set, score it, time it.
+
+`measure` times one model; `run_trial` applies a recipe to a copy of the base model and
+measures it next to the base model's own figures taken in the same process with the same
+threads, so `speedup`, `dwer` and `dcer` are ratios that survive a noisy machine.
+Imports neither Ray nor MLflow (it also runs on a bare GPU machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import resource
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import scoring
+from .data import EvalSet, Utterance
+
+TASKS = ("transcribe", "translate")
+# Figures compared against the baseline; also the keys copied under `baseline` in results.
+FIGURES = ("wer", "cer", "latency_mean_s", "latency_median_s", "latency_p90_s", "rtf", "loops",
+           "model_size_mb", "param_mb", "sparsity")
+
+
+@dataclass
+class Measurement:
+    """Figures of one model on one set (fractions and seconds), plus per-utterance detail."""
+
+    figures: dict
+    utterances: list[dict]
+    errors: list[scoring.UttErrors] = field(repr=False, default_factory=list)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _input_dtype(model) -> torch.dtype:
+    # Casting recipes change the conv front-end's dtype; features must follow it.
+    w = model.model.encoder.conv1.weight
+    return w.dtype if w.is_floating_point() else torch.float32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def transcribe(model, processor, utt: Utterance, *, language: str, task: str = "transcribe"):
+    """Decode one utterance greedily; returns (text, token ids, cap_reached, seconds)."""
+    device = _device_of(model)
+    cap = scoring.max_new_tokens_for(utt.duration_s)
+    _sync(device)
+    t0 = time.perf_counter()
+    feats = processor.feature_extractor(
+        utt.audio, sampling_rate=16000, return_tensors="pt").input_features
+    feats = feats.to(device=device, dtype=_input_dtype(model))
+    with torch.inference_mode():
+        out = model.generate(feats, language=language, task=task, max_new_tokens=cap,
+                             num_beams=1, do_sample=False)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    ids = out[0].tolist()
+    eos = processor.tokenizer.eos_token_id
+    cap_reached = eos not in ids and len(ids) >= cap
+    text = processor.tokenizer.decode(ids, skip_special_tokens=True)
+    content = [t for t in ids if t < eos]
+    return text, content, cap_reached, seconds
+
+
+def _lang_of(utt: Utterance, language: str | None) -> str:
+    lang = language or utt.lang
+    if not lang:
+        raise ValueError(f"utterance {utt.id!r} has no `lang` and no `language` was given: "
+                         "pass --language (e.g. ru, en) so generate() gets language= and task=")
+    return lang
+
+
+def model_sizes(model) -> tuple[float, float]:
+    """(serialized state_dict MB, in-memory parameter+buffer MB); packed int8 counted as stored."""
+    buf = io.BytesIO()
+    try:
+        torch.save(model.state_dict(), buf)
+        disk = buf.tell() / 1e6
+    except Exception:  # noqa: BLE001 - some tensor subclasses refuse pickling; size is optional
+        disk = float("nan")
+    mem = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return disk, mem / 1e6
+
+
+def zero_share(model) -> float:
+    """Share of exactly-zero weights in the Linear layers that are still plain float tensors."""
+    zeros = total = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, torch.nn.Linear) and isinstance(w, torch.Tensor) and w.is_floating_point():
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total if total else 0.0
+
+
+def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
+            task: str = "transcribe", warmup: int = 1, numbers: str = "auto",
+            progress=None, on_warmed=None) -> Measurement:
+    """Transcribe every utterance once, timed after `warmup` untimed passes over the first."""
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {TASKS}, got {task=}")
+    if not len(evalset):
+        raise ValueError(f"evaluation set {evalset.name!r} is empty: nothing to measure")
+    langs = [_lang_of(u, language) for u in evalset]  # fail before any decoding
+    first = evalset.utterances[0]
+    warm = [transcribe(model, processor, first, language=langs[0], task=task)[3]
+            for _ in range(max(0, warmup))]
+    if on_warmed:
+        on_warmed()
+    rows, refs, hyps = [], [], []
+    for i, (utt, lang) in enumerate(zip(evalset, langs)):
+        text, ids, cap_reached, secs = transcribe(model, processor, utt, language=lang, task=task)
+        ref = scoring.normalize(utt.text, lang, numbers)
+        hyp = scoring.normalize(text, lang, numbers)
+        loop = scoring.count_loop(ids, cap_reached)
+        refs.append(ref)
+        hyps.append(hyp)
+        rows.append({"id": utt.id, "lang": lang, "reference": utt.text, "hypothesis": text,
+                     "ref_norm": ref, "hyp_norm": hyp, "latency_s": secs, "tokens": len(ids),
+                     "duration_s": utt.duration_s, "loop": loop})
+        if progress:
+            progress(i + 1, len(evalset))
+    sc = scoring.score(refs, hyps)
+    lat = np.array([r["latency_s"] for r in rows])
+    disk_mb, mem_mb = model_sizes(model)
+    figures = {
+        "wer": sc.wer, "cer": sc.cer,
+        "latency_mean_s": float(lat.mean()), "latency_median_s": float(np.median(lat)),
+        "latency_p90_s": float(np.quantile(lat, 0.9)),
+        "rtf": float(lat.sum() / sum(u.duration_s for u in evalset)),
+        "loops": int(sum(r["loop"] for r in rows)),
+        "model_size_mb": disk_mb, "param_mb": mem_mb, "sparsity": zero_share(model),
+        "warmup_s": float(warm[0]) if warm else 0.0,
+        "n_utterances": len(rows), "dropped_empty_refs": sc.dropped_empty_refs,
+        "numbers": sorted({scoring.number_mode(lang, numbers) for lang in langs}),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    # Empty references are dropped from scoring; keep the error list aligned with scored rows.
+    return Measurement(figures=figures, utterances=rows, errors=sc.per_utt)
+
+
+def compare(trial: Measurement, base: Measurement) -> dict:
+    """Ratios of a trial against the baseline measured in the same process."""
+    t, b = trial.figures, base.figures
+    lo, hi = scoring.bootstrap_dwer(base.errors, trial.errors)
+    return {
+        "dwer": scoring.relative(t["wer"], b["wer"]),
+        "dcer": scoring.relative(t["cer"], b["cer"]),
+        "dwer_ci95": [lo, hi],
+        "speedup": b["latency_median_s"] / t["latency_median_s"],
+    }
+
+
+def set_threads(threads: int | None) -> int:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"`threads` must be >= 1, got {threads=}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measurement | None = None,
+              language: str | None = None, task: str = "transcribe", threads: int | None = None,
+              calibration: EvalSet | None = None, warmup: int = 1, numbers: str = "auto",
+              progress=None) -> tuple[dict, Measurement]:
+    """Apply `recipe` to a copy of `model`, measure it and the baseline; returns (result, base).
+
+    Pass the returned baseline Measurement back in to reuse it across trials of one worker.
+    """
+    from .compress import apply_recipe, recompile_count
+
+    n_threads = set_threads(threads)
+    if baseline is None:
+        baseline = measure(model, processor, evalset, language=language, task=task,
+                           warmup=warmup, numbers=numbers)
+    calibrate = None
+    if calibration is not None:
+        def calibrate(m):
+            for u in calibration:
+                transcribe(m, processor, u, language=_lang_of(u, language), task=task)
+    t0 = time.perf_counter()
+    applied = apply_recipe(copy.deepcopy(model), recipe, calibrate=calibrate)
+    prepare_s = time.perf_counter() - t0
+    graphs = {}
+    trial = measure(applied.model, processor, evalset, language=language, task=task,
+                    warmup=warmup, numbers=numbers, progress=progress,
+                    on_warmed=lambda: graphs.setdefault("warm", recompile_count()))
+    steady = trial.utterances[0]["latency_s"]
+    compiled = recipe.to_flat().get("compile.mode", "none") != "none"
+    result = {
+        **{k: v for k, v in trial.figures.items()},
+        **compare(trial, baseline),
+        "sparsity": applied.sparsity if applied.sparsity is not None else trial.figures["sparsity"],
+        "prepare_s": prepare_s,
+        "compile_s": max(0.0, trial.figures["warmup_s"] - steady) if compiled else 0.0,
+        # The warm-up pass compiles; any graph built while timing means shapes were not stable.
+        "recompiles": recompile_count() - graphs.get("warm", recompile_count()),
+        "threads": n_threads,
+        "device": str(_device_of(applied.model).type),
+        "kernels": dict(applied.kernels),
+        "notes": list(applied.notes),
+        "recipe": recipe.to_flat(),
+        "baseline": {k: baseline.figures[k] for k in FIGURES},
+        "utterances": trial.utterances,
+    }
+    return result, baseline

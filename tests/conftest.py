@@ -1,0 +1,58 @@
+"""Shared fixtures: the read-only shared data, a tiny random Whisper, the real embedded model."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_shared() -> Path | None:
+    for cand in (os.environ.get("HYPER_SHARED"), REPO.parent / "shared"):
+        if cand and (Path(cand) / "speech" / "manifest.jsonl").is_file():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    path = find_shared()
+    if path is None:
+        pytest.skip("no shared data: set $HYPER_SHARED or place shared/ beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_manifest(shared_dir) -> Path:
+    return shared_dir / "speech" / "manifest.jsonl"
+
+
+@pytest.fixture()
+def tiny_model():
+    """A random-init Whisper with the real vocabulary layout but tiny widths (fast on 2 cores)."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(
+        vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=448,
+        decoder_start_token_id=50258, eos_token_id=50257, pad_token_id=50257,
+        bos_token_id=50257,
+    )
+    return WhisperForConditionalGeneration(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The real embedded whisper-base (converted once, cached) and its processor."""
+    from sweep.models import load_model
+
+    return load_model("embedded:whisper-base")
