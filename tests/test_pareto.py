@@ -1,0 +1,207 @@
+"""sweep.pareto: fronts, hypervolume, knee, constraints and the written reports."""
+
+import csv
+import itertools
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from sweep import pareto
+
+BASE = {"wer": 0.5, "cer": 0.2, "latency_median_s": 1.0, "recipe": {"quant.scheme": "none"}}
+
+
+def row(tid, wer, lat, *, status="ok", device="cpu", cer=None, **kw):
+    cer = wer / 2 if cer is None else cer
+    r = {"trial_id": tid, "wer": wer, "cer": cer, "latency_median_s": lat,
+         "dwer": wer / BASE["wer"] - 1, "dcer": cer / BASE["cer"] - 1,
+         "speedup": BASE["latency_median_s"] / lat if lat else None,
+         "device": device, "status": status,
+         "recipe": {"device": device, "quant.scheme": "dynamic_int8", "prune.rate": tid / 10}}
+    r.update(kw)
+    return r
+
+
+def dominates(a, b):
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_front_is_exactly_the_nondominated_ok_rows(seed):
+    rnd = random.Random(seed)
+    grid = [round(0.1 * i, 1) for i in range(1, 8)]  # coarse grid: many ties and equal points
+    rows = [row(i, rnd.choice(grid), rnd.choice(grid),
+                status=rnd.choice(["ok", "ok", "ok", "failed", "timeout"]))
+            for i in range(rnd.randint(0, 40))]
+    if rows and seed % 3 == 0:
+        rows.append(dict(rows[0], trial_id=999))  # an exact duplicate point
+    front = pareto.pareto_front(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    ids = {r["trial_id"] for r in front}
+    assert all(r["status"] == "ok" for r in front)
+    for r in ok:
+        p = (r["wer"], r["latency_median_s"])
+        dominated = any(dominates((o["wer"], o["latency_median_s"]), p) for o in ok)
+        assert (r["trial_id"] in ids) == (not dominated), (r, front)
+    # failed rows may even dominate everything: they are still ignored
+    best_failed = row(-1, 0.0, 0.0, status="failed")
+    assert pareto.pareto_front([*rows, best_failed]) == front
+
+
+def test_ties_stay_and_max_objectives_flip():
+    rows = [row(1, 0.3, 0.5), row(2, 0.3, 0.5), row(3, 0.4, 0.5), row(4, 0.2, 0.9)]
+    assert [r["trial_id"] for r in pareto.pareto_front(rows)] == [4, 1, 2]
+    # maximise latency (absurd, but checks the flip): row 4 dominates everything
+    front = pareto.pareto_front(rows, [("wer", "min"), ("latency_median_s", "max")])
+    assert [r["trial_id"] for r in front] == [4]
+
+
+def test_rows_missing_an_objective_or_nan_are_ignored():
+    rows = [row(1, 0.3, 0.5), row(2, float("nan"), 0.1), row(3, 0.2, None)]
+    assert [r["trial_id"] for r in pareto.pareto_front(rows)] == [1]
+
+
+def test_constraint_keeps_over_budget_rows_off_the_front():
+    rows = [row(1, 0.5, 1.0), row(2, 0.52, 0.6), row(3, 0.7, 0.3)]  # dwer 0, 4%, 40%
+    assert len(pareto.pareto_front(rows)) == 3
+    front = pareto.pareto_front(rows, constraints={"max_dwer": 0.05}, baseline=BASE)
+    assert [r["trial_id"] for r in front] == [1, 2]
+    front = pareto.pareto_front(rows, constraints={"max_dwer": 0.05, "min_speedup": 1.5},
+                                baseline=BASE)
+    assert [r["trial_id"] for r in front] == [2]
+
+
+def test_constraint_values_are_optuna_style():
+    r = row(1, 0.55, 0.5)  # dwer 0.1, dcer 0.375, speedup 2
+    vals = pareto.constraint_values(
+        r, {"max_dwer": 0.02, "max_dcer": 0.5, "max_latency_s": 0.4, "min_speedup": 1.5}, BASE)
+    assert vals == pytest.approx([0.08, -0.125, 0.1, -0.5])
+    # figures derived from the baseline when the row lacks them
+    bare = {"wer": 0.55, "cer": 0.1, "latency_median_s": 0.25, "status": "ok"}
+    assert pareto.constraint_values(bare, {"max_dwer": 0.02, "min_speedup": 3}, BASE) == \
+        pytest.approx([0.08, -1.0])
+    assert pareto.feasible(bare, {"min_speedup": 3}, BASE)
+    assert not pareto.feasible(dict(bare, status="failed"), {}, BASE)
+    failed = {"status": "failed", "trial_id": 7}
+    assert pareto.constraint_values(failed, {"max_dwer": 0.02}, BASE) == [math.inf]
+    with pytest.raises(ValueError, match="max_wer"):
+        pareto.constraint_values(r, {"max_wer": 0.1}, BASE)
+
+
+def test_fronts_by_device():
+    rows = [row(1, 0.3, 0.5), row(2, 0.4, 0.4), row(3, 0.2, 0.1, device="cuda"),
+            row(4, 0.25, 0.2, device="cuda"), row(5, 0.1, 0.1, device="cuda", status="failed")]
+    fronts = pareto.fronts_by(rows)
+    assert {k: [r["trial_id"] for r in v] for k, v in fronts.items()} == \
+        {"cpu": [1, 2], "cuda": [3]}
+
+
+def test_hypervolume_2d_hand_computed():
+    ref = (1.0, 1.0)
+    assert pareto.hypervolume([], ref) == 0.0
+    assert pareto.hypervolume([(0.5, 0.5)], ref) == pytest.approx(0.25)
+    # staircase: 0.8*0.2 + 0.5*0.3 + 0.2*0.3 (slabs by y) = 0.16 + 0.15 + 0.06
+    pts = [(0.2, 0.8), (0.5, 0.5), (0.8, 0.2)]
+    assert pareto.hypervolume(pts, ref) == pytest.approx(0.37)
+    # dominated points, duplicates and points outside the box add nothing
+    more = [*pts, (0.6, 0.6), (0.5, 0.5), (1.2, 0.1), (0.1, 1.0)]
+    assert pareto.hypervolume(more, ref) == pytest.approx(0.37)
+
+
+def test_hypervolume_3d_and_more_exact():
+    ref = (1.0, 1.0, 1.0)
+    assert pareto.hypervolume([(0.5, 0.5, 0.5)], ref) == pytest.approx(0.125)
+    # two boxes 0.5^2*1 ... inclusion-exclusion by hand
+    pts = [(0.0, 0.5, 0.5), (0.5, 0.0, 0.5)]
+    # each: 1*0.5*0.5 = 0.25 and 0.5*1*0.5 = 0.25; overlap [0.5,1]x[0.5,1]x[0.5,1] = 0.125
+    assert pareto.hypervolume(pts, ref) == pytest.approx(0.375)
+    rng = np.random.default_rng(0)
+    for d in (3, 4):
+        pts = rng.uniform(0, 1, size=(12, d))
+        exact = _inclusion_exclusion(pts, np.ones(d))
+        assert pareto.hypervolume(pts, np.ones(d)) == pytest.approx(exact)
+        assert pareto._hv_slices(pts, np.ones(d)) == pytest.approx(exact)
+
+
+def _inclusion_exclusion(pts, ref):
+    total = 0.0
+    for k in range(1, len(pts) + 1):
+        for combo in itertools.combinations(pts, k):
+            corner = np.max(combo, axis=0)
+            total += (-1) ** (k + 1) * float(np.prod(np.clip(ref - corner, 0, None)))
+    return total
+
+
+def test_reference_point():
+    assert pareto.reference_point(BASE) == pytest.approx((0.75, 1.0))
+    assert pareto.reference_point(BASE, max_dwer=0.02) == pytest.approx((0.51, 1.0))
+    assert pareto.front_hypervolume([row(1, 0.5, 0.5)], BASE, 0.02) == pytest.approx(0.005)
+
+
+def test_knee_on_a_hand_made_front():
+    # extremes (0.1, 1.0) and (1.0, 0.1); (0.2, 0.2) bulges furthest toward the origin
+    front = [row(1, 0.1, 1.0), row(2, 0.15, 0.5), row(3, 0.2, 0.2), row(4, 0.5, 0.15),
+             row(5, 1.0, 0.1)]
+    assert pareto.knee(front)["trial_id"] == 3
+    assert pareto.knee([row(9, 0.3, 0.3)])["trial_id"] == 9
+    assert pareto.knee([]) is None
+    # straight front: no bulge, the point nearest the ideal corner
+    line = [row(1, 0.0, 1.0), row(2, 0.5, 0.5), row(3, 1.0, 0.0)]
+    assert pareto.knee(line)["trial_id"] == 2
+
+
+def test_format_table_percent_only_in_print():
+    rows = [row(1, 0.55, 0.5), row(2, 0.6, 0.8, status="failed")]
+    text = pareto.format_table(rows, BASE)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["Configuration", "WER", "dWER"]
+    assert "time per audio" in lines[0] and lines[0].rstrip().endswith("delta")
+    assert lines[2].startswith("baseline")
+    assert "+10.0%" in lines[3] and "-50.0%" in lines[3] and "0.500 s" in lines[3]
+    assert "quant.scheme=dynamic_int8" in lines[3] and "[cpu]" in lines[3]
+    assert "(failed)" in lines[4]
+    assert rows[0]["dwer"] == pytest.approx(0.1)  # the rows themselves keep fractions
+
+
+def test_write_front_csv_json(tmp_path):
+    rows = [row(1, 0.5, 1.0), row(2, 0.52, 0.6, kernels={"enc_mlp": "int8"}),
+            row(3, 0.7, 0.7), row(4, 0.1, 0.1, status="failed")]
+    paths = pareto.write_front(rows, BASE, tmp_path, pareto.DEFAULT_OBJECTIVES,
+                               constraints={"max_dwer": 0.05})
+    with open(paths["pareto_csv"], newline="") as fh:
+        front = list(csv.DictReader(fh))
+    assert list(front[0])[:2] == ["wer", "latency_median_s"]
+    assert [r["trial_id"] for r in front] == ["1", "2"]
+    assert front[1]["recipe"] == "device=cpu,quant.scheme=dynamic_int8,prune.rate=0.2"
+    assert front[1]["prune.rate"] == "0.2" and json.loads(front[1]["kernels"]) == \
+        {"enc_mlp": "int8"}
+    with open(paths["trials_csv"], newline="") as fh:
+        trials = list(csv.DictReader(fh))
+    assert len(trials) == 4 and list(trials[0])[:2] == ["wer", "latency_median_s"]
+    data = json.loads(paths["pareto_json"].read_text())
+    assert [r["trial_id"] for r in data["front"]] == [1, 2]
+    assert data["reference_point"] == pytest.approx([0.525, 1.0])
+    assert data["hypervolume"] == pytest.approx(pareto.hypervolume([(0.5, 1.0), (0.52, 0.6)],
+                                                                   (0.525, 1.0)))
+    assert data["knee"] in (1, 2) and data["n_trials"] == 4 and data["n_ok"] == 3
+
+
+def test_plot_and_html(tmp_path):
+    rows = [row(i, 0.5 + 0.03 * i, 1.0 - 0.08 * i) for i in range(6)]
+    rows += [row(10, 0.9, 0.95), row(11, 0.2, 0.2, status="failed")]
+    front = pareto.pareto_front(rows)
+    png = pareto.plot_front(rows, front, BASE, tmp_path / "front.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/1/runs/run{r['trial_id']}"
+             for r in rows}
+    page = pareto.write_report_html(rows, front, BASE, tmp_path / "report.html", links)
+    text = page.read_text()
+    assert "quant.scheme = dynamic_int8" in text and "prune.rate=0.3" in text
+    assert 'href="http://127.0.0.1:5000/#/experiments/1/runs/run3"' in text
+    assert "run11" not in text  # failed rows are neither plotted nor listed
+    assert text.count('class="pt"') == 7 + 1  # 7 ok trials + the baseline
+    assert "http" not in text.replace("http://127.0.0.1:5000", "").replace(
+        "http://www.w3.org/2000/svg", "")  # nothing fetched from elsewhere
