@@ -88,7 +88,8 @@ def model_sizes(model) -> tuple[float, float]:
         disk = buf.tell() / 1e6
     except Exception:  # noqa: BLE001 - some tensor subclasses refuse pickling; size is optional
         disk = float("nan")
-    mem = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    tensors = list(model.parameters()) + list(model.buffers())
+    mem = sum(t.numel() * t.element_size() for t in tensors)
     return disk, mem / 1e6
 
 
@@ -97,7 +98,8 @@ def zero_share(model) -> float:
     zeros = total = 0
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        if isinstance(mod, torch.nn.Linear) and isinstance(w, torch.Tensor) and w.is_floating_point():
+        plain = isinstance(w, torch.Tensor) and w.is_floating_point()
+        if isinstance(mod, torch.nn.Linear) and plain:
             zeros += int((w == 0).sum())
             total += w.numel()
     return zeros / total if total else 0.0
@@ -214,3 +216,71 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
         "utterances": trial.utterances,
     }
     return result, baseline
+
+
+def result_row(name: str, figures: dict, base: dict | None) -> dict:
+    """A row for `pareto.format_table`: the figure names plus its relative changes."""
+    row = {"name": name, **figures}
+    if base is not None and "dwer" not in row:
+        row.update(dwer=0.0, dcer=0.0, speedup=1.0)
+    return row
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+
+    from . import cli
+    from .recipe import Recipe
+
+    ap = argparse.ArgumentParser(prog="python -m sweep.evaluate", description=(
+        "Measure WER, CER and latency of a Whisper model, optionally compressed by a recipe, "
+        "next to its baseline measured in the same process."))
+    cli.add_model_data_args(ap)
+    ap.add_argument("--recipe", default=None,
+                    help="recipe as dotted key=value pairs, e.g. quant.scheme=dynamic_int8,"
+                         "prune.rate=0.3 (omit to evaluate the base model alone)")
+    ap.add_argument("--json", default=None, help="write the figures as JSON to this file")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed passes before timing")
+    args = ap.parse_args(argv)
+    try:
+        recipe = Recipe.parse(args.recipe or "")
+        if args.recipe is None and args.device != "cpu":
+            recipe = Recipe.parse(f"device={args.device}")
+        loaded, evalset, calib = cli.load_model_data(args, recipe)
+    except ValueError as e:  # every bad input is a ValueError subclass with a clear message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    threads = set_threads(args.threads)
+    print(f"evaluating {loaded.spec} on {evalset.name} ({len(evalset)} utterances, "
+          f"{evalset.skipped} skipped, {threads} threads)", file=sys.stderr)
+    base = measure(loaded.model, loaded.processor, evalset, language=args.language,
+                   warmup=args.warmup, numbers=args.numbers, progress=cli.progress("baseline"))
+    out = {**base.figures, "dwer": 0.0, "dcer": 0.0, "dwer_ci95": [0.0, 0.0], "speedup": 1.0,
+           "kernels": {}, "recipe": recipe.to_flat(), "compile_s": 0.0, "recompiles": 0,
+           "threads": threads, "utterances": base.utterances}
+    rows = [result_row("baseline", base.figures, None)]
+    if not recipe.is_baseline:
+        out, _ = run_trial(loaded.model, loaded.processor, evalset, recipe, baseline=base,
+                           language=args.language, threads=args.threads, calibration=calib,
+                           warmup=args.warmup, numbers=args.numbers,
+                           progress=cli.progress(recipe.describe()))
+        rows.append({"name": recipe.describe(), **out})
+    out["baseline"] = {k: base.figures[k] for k in FIGURES}
+    out.update(model=loaded.spec, dataset=evalset.name, skipped=evalset.skipped,
+               skipped_reasons=evalset.skipped_reasons)
+    from .pareto import format_table
+
+    print(format_table(rows, base.figures))
+    if out.get("kernels"):
+        print("kernels: " + ", ".join(f"{k}={v}" for k, v in out["kernels"].items()))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, ensure_ascii=False, indent=1, default=str)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -134,7 +134,8 @@ def count_loop(tokens: list, cap_reached: bool) -> bool:
         span = n * LOOP_REPEATS
         for start in range(n_tok - span + 1):
             gram = tokens[start:start + n]
-            if all(tokens[start + k * n:start + (k + 1) * n] == gram for k in range(1, LOOP_REPEATS)):
+            if all(tokens[start + k * n:start + (k + 1) * n] == gram
+                   for k in range(1, LOOP_REPEATS)):
                 return True
     return False
 
@@ -148,7 +149,8 @@ def bootstrap_dwer(base: list[UttErrors], trial: list[UttErrors], *, n: int = 20
                    seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Interval of relative dWER, resampling utterances in pairs (same clips for both sides)."""
     if len(base) != len(trial) or not base:
-        raise ValueError(f"paired bootstrap needs equal non-empty lists, got {len(base)} and {len(trial)}")
+        raise ValueError("paired bootstrap needs equal non-empty lists, "
+                         f"got {len(base)} and {len(trial)}")
     rng = np.random.default_rng(seed)
     b_err = np.array([u.word_errors for u in base], float)
     t_err = np.array([u.word_errors for u in trial], float)

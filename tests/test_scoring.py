@@ -10,7 +10,8 @@ def test_normalize_russian_rules():
 
 
 def test_numbers_to_words_russian():
-    assert scoring.normalize("Поставь будильник на 7 утра", "ru") == "поставь будильник на семь утра"
+    got = scoring.normalize("Поставь будильник на 7 утра", "ru")
+    assert got == "поставь будильник на семь утра"
     assert scoring.normalize("в 2024 году", "ru", "none") == "в 2024 году"
     assert scoring.number_mode("ru", "auto") == "words"
     assert scoring.number_mode(None, "auto") == "none"

@@ -1,0 +1,223 @@
+"""`python -m sweep.launch --space full`: search recipes with Ray Tune + Optuna, log every trial
+to MLflow, end with the Pareto front (table, CSV/JSON, plot, HTML report).
+
+Every input is checked before Ray starts or a model loads; every finished trial is in MLflow
+the moment it ends, so nothing measured is lost when the launcher dies (see `--resume`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+from . import cli, pareto, tracking
+from .search import SAMPLERS
+
+DATA_KEYS = ("dataset", "config", "split", "audio_column", "text_column", "max_samples",
+             "language")
+
+
+def parse_args(argv=None) -> Namespace:
+    ap = argparse.ArgumentParser(prog="python -m sweep.launch", description=(
+        "Search pruning x quantization x compile for the fastest Whisper that is still "
+        "accurate enough."))
+    ap.add_argument("--space", default="quick",
+                    help="search space: a name in search_spaces/ (quick, cpu, gpu, full) or a "
+                         "path to your own YAML")
+    ap.add_argument("--num-samples", type=int, default=8,
+                    help="trials to sample, plus the baseline which always runs first")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="stop starting trials after this many seconds")
+    ap.add_argument("--max-concurrent", type=int, default=1,
+                    help="trials measured at once (each gets --cpus-per-trial CPUs)")
+    ap.add_argument("--cpus-per-trial", type=int, default=None,
+                    help="CPUs (= torch threads) per CPU trial "
+                         "(default: all CPUs / --max-concurrent)")
+    ap.add_argument("--sampler", default="tpe", choices=SAMPLERS,
+                    help="Optuna sampler: multi-objective TPE, NSGA-II or random search")
+    ap.add_argument("--seed", type=int, default=0, help="sampler seed")
+    ap.add_argument("--name", default=None, help="sweep name (default: <space>-<time>)")
+    ap.add_argument("--root", default="mlruns",
+                    help="where the tracking store, Optuna study and sweep folders live")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="MLflow tracking URI (default sqlite:///<root>/mlflow.db; a shared "
+                         "server is required on a multi-node cluster)")
+    ap.add_argument("--address", default=None,
+                    help="join this Ray cluster (ray start --head) instead of a local Ray")
+    ap.add_argument("--eval-dataset", default=None,
+                    help="re-measure the front on this second data set at the end")
+    ap.add_argument("--out", default=None,
+                    help="folder for the front's files (default <root>/sweeps/<name>/results)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed passes before timing")
+    cli.add_model_data_args(ap)
+    return ap.parse_args(argv)
+
+
+def validate(args) -> tuple:
+    """All cheap checks, before Ray or a model: space, data, model spec, tracking store."""
+    from .space import load_space
+
+    space = load_space(args.space)
+    if args.num_samples < 0:
+        raise ValueError(f"`--num-samples` must be >= 0, got {args.num_samples}")
+    if args.max_concurrent < 1:
+        raise ValueError(f"`--max-concurrent` must be >= 1, got {args.max_concurrent}")
+    evalset = cli.load_data(args)  # raises DataError naming the problem
+    from .models import check_spec
+
+    check_spec(args.model)
+    root = Path(args.root).resolve()
+    uri = args.tracking_uri or tracking.default_uri(root)
+    tracking.check_uri(uri)
+    return space, evalset, root, uri
+
+
+def run(args) -> dict:
+    from ray import tune
+
+    from . import search, worker
+
+    space, evalset, root, uri = validate(args)
+    name = args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resources = search.init_ray(args.address)
+    cpus = int(resources.get("CPU", 1))
+    per_trial = args.cpus_per_trial or max(1, cpus // args.max_concurrent)
+    devices = {"cpu"} | ({"cuda"} if resources.get("GPU", 0) > 0 else set())
+    if "cuda" not in devices and space.mentions("cuda"):
+        print("note: the cluster has no GPU, so cuda points are not searched", file=sys.stderr)
+    exp_id = tracking.ensure_experiment(uri, root / "artifacts")
+    parent = tracking.start_parent(uri, exp_id, name, {
+        "space": args.space, "model": args.model, "dataset": evalset.name,
+        "n_utterances": len(evalset), "sampler": args.sampler, "seed": args.seed,
+        "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
+        "cpus_per_trial": per_trial, "command": tracking.safe_argv(sys.argv),
+        **{f"version.{k}": v for k, v in tracking.versions().items()},
+        **{f"host.{k}": v for k, v in tracking.host_info().items()},
+    }, {"git_commit": tracking.git_commit()})
+    ctx = worker.SweepContext(
+        sweep=name, model=args.model, data={k: getattr(args, k) for k in DATA_KEYS},
+        language=args.language, numbers=args.numbers, tracking_uri=uri,
+        experiment_id=exp_id, parent_run_id=parent, cpus_per_trial=per_trial,
+        warmup=args.warmup, needs_calibration=space.mentions("static_int8"),
+        inject=getattr(args, "inject", {}) or {})
+    searcher = search.make_searcher(space, sampler=args.sampler, seed=args.seed,
+                                    storage=f"sqlite:///{root / 'optuna.db'}", study_name=name,
+                                    devices=devices)
+    total = args.num_samples + 1
+    progress = search.Progress(total, args.time_budget,
+                               lambda rows: len(pareto.pareto_front(rows, space.objectives)))
+    trainable = tune.with_resources(tune.with_parameters(worker.trainable, ctx=ctx),
+                                    search.resources_for(per_trial))
+    sweep_dir = root / "sweeps"
+    print(f"sweep {name}: {total} trials ({args.num_samples} + baseline) of space "
+          f"{args.space} on {cpus} CPUs, {per_trial} per trial; MLflow {uri}", file=sys.stderr)
+    t0 = time.time()
+    tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+        search_alg=searcher, num_samples=total, max_concurrent_trials=args.max_concurrent,
+        time_budget_s=args.time_budget, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir), verbose=0,
+                                  callbacks=[progress],
+                                  failure_config=tune.FailureConfig(max_failures=1)))
+    grid = tuner.fit()
+    wall = time.time() - t0
+    return finish(args, space, name, grid, wall, uri, exp_id, parent, root)
+
+
+def rows_of(grid) -> list[dict]:
+    rows = []
+    for res in grid:
+        m = dict(res.metrics or {})
+        status = m.get("status") or ("failed" if res.error else "missing")
+        base = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("baseline/")}
+        rows.append({**{k: v for k, v in m.items() if "/" not in k}, "status": status,
+                     "baseline": base or m.get("baseline", {}),
+                     "recipe": dict(res.config or {}), "trial_id": m.get("trial_key") or
+                     m.get("trial_id"), "error": m.get("error") or (str(res.error)[:500]
+                                                                    if res.error else None)})
+    return rows
+
+
+def finish(args, space, name, grid, wall, uri, exp_id, parent, root) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    rows = rows_of(grid)
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        raise RuntimeError(f"sweep {name}: no trial finished; errors: "
+                           f"{[r['error'] for r in rows][:3]}")
+    baseline = next((r for r in ok if all(v in ("none", 0, 0.0, "cpu", False, "inherit")
+                                           for v in r["recipe"].values())), None)
+    base_figs = dict(ok[0]["baseline"])
+    if baseline is not None:
+        base_figs.update({k: baseline[k] for k in ("wer", "cer", "latency_median_s")})
+    max_dwer = (space.constraints or {}).get("max_dwer")
+    front = pareto.pareto_front(ok, space.objectives, constraints=space.constraints,
+                                baseline=base_figs)
+    out = Path(args.out) if args.out else root / "sweeps" / name / "results"
+    links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{r['run_id']}"
+             for r in ok if r.get("run_id")}
+    pareto.write_front(rows, base_figs, out, space.objectives, constraints=space.constraints)
+    pareto.plot_front(ok, front, base_figs, out / "pareto.png", title=f"HYPER sweep {name}")
+    pareto.write_report_html(rows, front, base_figs, out / "report.html", links,
+                             title=f"HYPER sweep {name}")
+    write_importances(searcher_study(root, name), out)
+    hv = pareto.front_hypervolume(front, base_figs, max_dwer=max_dwer)
+    trial_sum = sum(float(r.get("trial_s") or 0) for r in rows)
+    summary = {"sweep": name, "trials": len(rows), "ok": len(ok),
+               "failed": len(rows) - len(ok), "front": len(front), "hypervolume": hv,
+               "wall_s": wall, "trial_sum_s": trial_sum, "out": str(out),
+               "knee": (pareto.knee(front, space.objectives) or {}).get("trial_id")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    client = MlflowClient(uri)
+    for k in ("hypervolume", "wall_s", "trial_sum_s", "front", "ok", "failed"):
+        tracking.retry(client.log_metric, parent, k, float(summary[k]))
+    for f in Path(out).iterdir():
+        tracking.retry(client.log_artifact, parent, str(f), "front")
+    tracking.retry(client.set_terminated, parent, status="FINISHED")
+    print(pareto.format_table(front, base_figs))
+    print(f"\n{len(ok)}/{len(rows)} trials ok, front of {len(front)}, hypervolume {hv:.4f}; "
+          f"wall {wall:.0f}s for {trial_sum:.0f}s of trials. Files: {out}")
+    print(f"Compare trials in MLflow: python -m sweep.ui --root {root}")
+    return summary
+
+
+def searcher_study(root: Path, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'optuna.db'}")
+
+
+def write_importances(study, out: Path) -> None:
+    """Optuna's parameter importances per objective (fANOVA needs enough finished trials)."""
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    imp = {}
+    if len(done) >= 4:
+        for i, name in enumerate(("wer", "latency_median_s")[:len(study.directions)]):
+            try:
+                imp[name] = optuna.importance.get_param_importances(
+                    study, target=lambda t, i=i: t.values[i])
+            except (RuntimeError, ValueError, ZeroDivisionError) as e:
+                imp[name] = {"error": str(e)}
+    (out / "importances.json").write_text(json.dumps(imp, indent=1))
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ValueError as e:  # bad input of any kind: one clear message, nothing ran
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

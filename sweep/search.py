@@ -1,0 +1,137 @@
+"""Ray and Optuna plumbing: the cluster, the searcher that knows constraints and failures,
+per-trial resources, and a quiet progress line."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import optuna
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+SAMPLERS = ("tpe", "nsga2", "random")
+RAY_TMP = "/tmp/hyper-ray"  # short: Ray's unix socket paths must stay under 107 bytes
+
+
+class ClusterError(ValueError):
+    pass
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
+    """Join `address` or start a local Ray; returns the cluster's resources."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"`--address` {address} is not a running Ray cluster "
+                               f"(start one with `ray start --head`): {e}") from None
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 _temp_dir=RAY_TMP, log_to_driver=False, configure_logging=False)
+    return ray.cluster_resources()
+
+
+def make_sampler(name: str, seed: int | None, constraints_func):
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_func,
+                                          multivariate=True, group=True, n_startup_trials=5)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func,
+                                             population_size=8)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"`--sampler` must be one of {SAMPLERS}, got {name=}")
+
+
+def _constraint_of(frozen: optuna.trial.FrozenTrial) -> list[float]:
+    # Set by HyperSearch before `tell`; a trial without figures counts as infeasible.
+    return frozen.user_attrs.get("constraint", [1.0])
+
+
+class HyperSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna about failed trials and constraint violations.
+
+    Ray's OptunaSearch only reports objective values: a failed trial (reported without
+    them) would stay RUNNING in the study, and a constrained sampler would never see the
+    constraint. Here each finished trial gets its constraint values as a user attribute,
+    read back by the sampler's `constraints_func`.
+    """
+
+    def __init__(self, *args, space_obj=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._space_obj = space_obj
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        ok = bool(result) and result.get("status") == "ok"
+        if ok and self._space_obj is not None:
+            base = result.get("baseline") or {}
+            ot_trial.set_user_attr("constraint", list(self._space_obj.violation(result, base))
+                                   or [0.0])
+        if ok:
+            ot_trial.set_user_attr("run_id", result.get("run_id"))
+            return super().on_trial_complete(trial_id, result, error)
+        ot_trial.set_user_attr("error", str((result or {}).get("error", "error"))[:2000])
+        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        self._completed_trials.add(trial_id)
+
+
+def make_searcher(space, *, sampler: str, seed: int | None, storage: str | None,
+                  study_name: str, devices: set[str]) -> HyperSearch:
+    metrics = [m for m, _ in space.objectives]
+    modes = [d for _, d in space.objectives]
+    ot_storage = optuna.storages.RDBStorage(storage) if storage else None
+    return HyperSearch(
+        space=lambda trial: space.sample(trial, devices=devices),
+        metric=metrics, mode=modes,
+        sampler=make_sampler(sampler, seed, _constraint_of if space.constraints else None),
+        points_to_evaluate=[space.baseline()], seed=seed,
+        study_name=study_name, storage=ot_storage, space_obj=space)
+
+
+def resources_for(cpus_per_trial: int):
+    """CPU trials get N CPUs (torch threads follow); cuda trials one GPU and one CPU."""
+    def fn(config):
+        if config.get("device") == "cuda":
+            return {"cpu": 1, "gpu": 1}
+        return {"cpu": cpus_per_trial}
+    return fn
+
+
+class Progress(tune.Callback):
+    """One line per finished trial: done/running/failed, front size, time left."""
+
+    def __init__(self, total: int, time_budget: float | None, front_size, stream=sys.stderr):
+        self.total, self.budget, self.front_size = total, time_budget, front_size
+        self.t0, self.done, self.failed, self.stream = time.time(), 0, 0, stream
+        self.rows: list[dict] = []
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.done += 1
+        ok = result.get("status") == "ok"
+        self.failed += not ok
+        if ok:
+            self.rows.append({**result, "recipe": dict(trial.config), "trial_id": trial.trial_id})
+        running = sum(t.status == "RUNNING" for t in trials) - 1
+        elapsed = time.time() - self.t0
+        left = elapsed / self.done * (self.total - self.done)
+        if self.budget:
+            left = min(left, max(0.0, self.budget - elapsed))
+        what = (f"wer {result['wer']:.3f} latency {result['latency_median_s']:.3f}s "
+                f"speedup {result['speedup']:.2f}x" if ok else
+                f"FAILED {str(result.get('error', ''))[:80]}")
+        self.stream.write(
+            f"[{self.done}/{self.total}] running {max(0, running)} failed {self.failed} "
+            f"front {self.front_size(self.rows)} | {elapsed:.0f}s, ~{left:.0f}s left | "
+            f"{trial.trial_id}: {what}\n")
+        self.stream.flush()

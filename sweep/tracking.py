@@ -1,0 +1,198 @@
+"""MLflow bookkeeping: one parent run per sweep, one idempotent child run per trial.
+
+Only the sweep's driver and workers import this module; the evaluation core never does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sqlite3
+import subprocess
+import time
+import traceback
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+EXPERIMENT = "hyper"
+# Per-trial figures logged as MLflow metrics (fractions and seconds, one name per figure).
+METRICS = ("wer", "cer", "dwer", "dcer", "latency_mean_s", "latency_median_s", "latency_p90_s",
+           "speedup", "rtf", "model_size_mb", "param_mb", "sparsity", "loops", "compile_s",
+           "recompiles", "prepare_s", "peak_rss_mb", "threads", "trial_s")
+# Never logged, whatever the environment holds.
+_SECRET_HINTS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL", "AUTH")
+
+
+class TrackingError(ValueError):
+    pass
+
+
+def default_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def check_uri(uri: str) -> None:
+    """Fail before any trial runs when the tracking store cannot be written."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_absolute():
+            raise TrackingError(f"`--tracking-uri` must use an absolute sqlite path (Ray changes "
+                                f"the working directory per trial), got {uri=}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sqlite3.connect(path).execute("CREATE TABLE IF NOT EXISTS _hyper_probe(x)").close()
+        except (OSError, sqlite3.Error) as e:
+            raise TrackingError(f"`--tracking-uri` {uri} cannot be written: {e}") from None
+        return
+    if uri.startswith(("http://", "https://", "databricks")):
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as e:  # noqa: BLE001 - any failure means the server is unusable
+            raise TrackingError(f"`--tracking-uri` {uri} does not answer: {e}") from None
+        return
+    raise TrackingError(f"`--tracking-uri` must be sqlite:////abs/path.db or http(s)://host, "
+                        f"got {uri=}")
+
+
+def retry(fn, *args, attempts: int = 8, **kwargs):
+    """Run an MLflow call, retrying while sqlite is locked by another trial's writer."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # mlflow wraps sqlite errors in several types
+            if "locked" not in str(e).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.05 * 2 ** i)
+    raise AssertionError("unreachable")
+
+
+def ensure_experiment(uri: str, artifact_root: Path, name: str = EXPERIMENT) -> str:
+    client = MlflowClient(uri)
+    exp = retry(client.get_experiment_by_name, name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return retry(client.create_experiment, name,
+                     artifact_location=artifact_root.resolve().as_uri())
+    except Exception:  # noqa: BLE001 - created meanwhile by a concurrent launcher
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def host_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "torchao", "transformers", "ray", "optuna", "mlflow", "jiwer"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def safe_argv(argv: list[str]) -> str:
+    """The command line with values of secret-looking flags masked."""
+    out, mask = [], False
+    for a in argv:
+        out.append("***" if mask else a)
+        mask = a.startswith("--") and any(h in a.upper() for h in _SECRET_HINTS)
+    return " ".join(out)
+
+
+def find_runs(client: MlflowClient, exp_id: str, **tags) -> list:
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return retry(client.search_runs, [exp_id], filter_string=flt, max_results=1000)
+
+
+def start_parent(uri: str, exp_id: str, sweep: str, params: dict, tags: dict) -> str:
+    """The sweep's parent run; a resumed sweep gets its existing parent back."""
+    client = MlflowClient(uri)
+    found = [r for r in find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.kind": "sweep"})]
+    if found:
+        run_id = found[0].info.run_id
+        retry(client.update_run, run_id, status="RUNNING")
+        return run_id
+    run = retry(client.create_run, exp_id, run_name=sweep,
+                tags={"hyper.sweep": sweep, "hyper.kind": "sweep", **tags})
+    batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    retry(client.log_batch, run.info.run_id, params=batch)
+    return run.info.run_id
+
+
+def begin_trial(uri: str, exp_id: str, parent: str, sweep: str, key: str, recipe: dict,
+                tags: dict) -> tuple[str, dict | None]:
+    """Create the trial's child run: (run_id, None); or (run_id, its metrics) when an earlier
+    attempt of this trial already finished, so a resumed sweep neither re-runs nor re-logs it.
+
+    A RUNNING run left by a killed attempt is marked KILLED, so nothing is counted twice.
+    """
+    client = MlflowClient(uri)
+    for r in find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.trial_key": key}):
+        if r.info.status == "FINISHED":
+            return r.info.run_id, dict(r.data.metrics)
+        if r.info.status == "RUNNING":
+            retry(client.set_terminated, r.info.run_id, status="KILLED")
+    run = retry(client.create_run, exp_id, run_name=key, tags={
+        "mlflow.parentRunId": parent, "hyper.sweep": sweep, "hyper.kind": "trial",
+        "hyper.trial_key": key, "status": "running", **{k: str(v) for k, v in tags.items()}})
+    retry(client.log_batch, run.info.run_id,
+          params=[Param(k, str(v)) for k, v in sorted(recipe.items())])
+    return run.info.run_id, None
+
+
+def finish_trial(uri: str, run_id: str, result: dict) -> None:
+    client = MlflowClient(uri)
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(result[k]), now, 0) for k in METRICS
+               if isinstance(result.get(k), (int, float))]
+    ci = result.get("dwer_ci95")
+    if ci:
+        metrics += [Metric("dwer_ci95_lo", float(ci[0]), now, 0),
+                    Metric("dwer_ci95_hi", float(ci[1]), now, 0)]
+    for k, v in (result.get("baseline") or {}).items():
+        if isinstance(v, (int, float)):
+            metrics.append(Metric(f"baseline_{k}", float(v), now, 0))
+    tags = [RunTag("status", "ok"), RunTag("kernels", json.dumps(result.get("kernels", {}))),
+            RunTag("device", str(result.get("device", "")))]
+    retry(client.log_batch, run_id, metrics=metrics, tags=tags)
+    if result.get("utterances"):
+        cols = ("id", "lang", "reference", "hypothesis", "latency_s", "tokens", "loop")
+        table = {c: [u.get(c) for u in result["utterances"]] for c in cols}
+        retry(client.log_table, run_id, data=table, artifact_file="transcripts.json")
+    retry(client.set_terminated, run_id, status="FINISHED")
+
+
+def fail_trial(uri: str, run_id: str, exc: BaseException) -> str:
+    """Record a failed trial: its error as a tag, the traceback as an artifact."""
+    client = MlflowClient(uri)
+    msg = f"{type(exc).__name__}: {exc}"
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    retry(client.log_batch, run_id, tags=[RunTag("status", "failed"), RunTag("error", msg[:4000])])
+    retry(client.log_text, run_id, tb, "traceback.txt")
+    retry(client.set_terminated, run_id, status="FAILED")
+    return msg

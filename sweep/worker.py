@@ -1,0 +1,146 @@
+"""The Ray Tune trainable: one trial = one recipe measured by the evaluation core.
+
+The base model, the evaluation set and the baseline measurement are loaded once per worker
+process and reused by every trial that lands there (Tune's actor reuse), never re-read per trial.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import tracking
+
+# Per worker process: (model, data, threads, device) -> (loaded, evalset, calibration, baseline).
+_CACHE: dict = {}
+STATUS_OK, STATUS_FAILED = "ok", "failed"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """Everything a worker needs besides the sampled recipe (pickled to every worker)."""
+
+    sweep: str
+    model: str
+    data: dict  # keyword arguments of cli.load_data's namespace
+    language: str | None
+    numbers: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    cpus_per_trial: int
+    warmup: int = 1
+    needs_calibration: bool = False
+    inject: dict = field(default_factory=dict)  # test hooks: recipe key=value -> fault
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def _assigned() -> tuple[int, list]:
+    """CPU count and GPU ids Ray really gave this trial (not what was hoped for)."""
+    import ray
+
+    res = ray.get_runtime_context().get_assigned_resources()
+    return max(1, int(res.get("CPU", 1))), [str(g) for g in ray.get_gpu_ids()]
+
+
+def _prepare(ctx: SweepContext, device: str, threads: int):
+    """Load model, data and baseline once per worker; returns the cache entry and its cost."""
+    from argparse import Namespace
+
+    from . import cli
+    from .evaluate import measure, set_threads
+    from .models import load_model
+
+    key = (ctx.model, tuple(sorted(ctx.data.items())), threads, device)
+    if key in _CACHE:
+        return _CACHE[key], 0.0
+    t0 = time.perf_counter()
+    set_threads(threads)
+    args = Namespace(**ctx.data)
+    evalset = cli.load_data(args)
+    calib = cli.load_calibration(args) if ctx.needs_calibration else None
+    loaded = load_model(ctx.model, device=device)
+    base = measure(loaded.model, loaded.processor, evalset, language=ctx.language,
+                   warmup=ctx.warmup, numbers=ctx.numbers)
+    _CACHE.clear()  # one base model per worker: a new key replaces the old (memory)
+    _CACHE[key] = (loaded, evalset, calib, base)
+    return _CACHE[key], time.perf_counter() - t0
+
+
+def _check_device(device: str, gpus: list) -> None:
+    if device != "cuda":
+        return
+    import torch
+
+    if not gpus:
+        raise RuntimeError("a cuda trial was scheduled without a GPU from Ray")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"Ray gave this trial GPU ids {gpus}, but torch sees no CUDA device "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+
+
+def _inject(ctx: SweepContext, flat: dict) -> None:
+    """Faults for the failure tests: a recipe value mapped to `raise` or `hang:<seconds>`."""
+    for cond, fault in ctx.inject.items():
+        k, _, v = cond.partition("=")
+        if str(flat.get(k)) == v:
+            if fault == "raise":
+                raise InjectedFault(f"injected failure for {cond}")
+            if fault.startswith("hang:"):
+                time.sleep(float(fault[5:]))
+
+
+def run_one(config: dict, ctx: SweepContext) -> dict:
+    """Measure one recipe and log it; returns the figures Tune and Optuna see."""
+    from ray import tune
+
+    from .evaluate import run_trial
+    from .recipe import Recipe
+
+    t0 = time.perf_counter()
+    flat = {k: v for k, v in config.items()}
+    trial_key = tune.get_context().get_trial_id()
+    cpus, gpus = _assigned()
+    device = flat.get("device", "cpu")
+    run_id, done = tracking.begin_trial(
+        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep, trial_key, flat,
+        {"device": device, "node": os.uname().nodename, "gpu_ids": ",".join(gpus),
+         "cpus": cpus})
+    if done is not None:  # finished by an earlier attempt: keep its figures, do not log twice
+        base = {k[len("baseline_"):]: v for k, v in done.items() if k.startswith("baseline_")}
+        return {**{k: v for k, v in done.items() if not k.startswith("baseline_")},
+                "status": STATUS_OK, "run_id": run_id, "trial_key": trial_key, "device": device,
+                "baseline": base, "restored": True}
+    try:
+        recipe = Recipe.from_flat(flat)
+        _check_device(device, gpus)
+        _inject(ctx, flat)
+        (loaded, evalset, calib, base), load_s = _prepare(ctx, device, cpus)
+        result, _ = run_trial(loaded.model, loaded.processor, evalset, recipe, baseline=base,
+                              language=ctx.language, threads=cpus, calibration=calib,
+                              warmup=ctx.warmup, numbers=ctx.numbers)
+        result.update(trial_s=time.perf_counter() - t0, worker_prepare_s=load_s,
+                      node=os.uname().nodename, gpu_ids=gpus)
+        tracking.finish_trial(ctx.tracking_uri, run_id, result)
+    except Exception as e:  # noqa: BLE001 - a recipe's failure is a failed trial, not a dead sweep
+        msg = tracking.fail_trial(ctx.tracking_uri, run_id, e)
+        return {"status": STATUS_FAILED, "error": msg, "run_id": run_id, "trial_key": trial_key,
+                "trial_s": time.perf_counter() - t0}
+    keep = ("wer", "cer", "dwer", "dcer", "latency_mean_s", "latency_median_s", "latency_p90_s",
+            "speedup", "rtf", "loops", "model_size_mb", "sparsity", "compile_s", "recompiles",
+            "threads", "device", "trial_s", "worker_prepare_s", "prepare_s", "node", "gpu_ids",
+            "kernels", "dwer_ci95")
+    out = {k: result[k] for k in keep if k in result}
+    out.update(status=STATUS_OK, run_id=run_id, trial_key=trial_key,
+               baseline={k: v for k, v in result["baseline"].items()})
+    return out
+
+
+def trainable(config: dict, ctx: SweepContext) -> None:
+    from ray import tune
+
+    tune.report(run_one(config, ctx))
