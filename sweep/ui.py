@@ -20,7 +20,8 @@ def command(root: Path, host: str, port: int, uri: str | None = None) -> list[st
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sweep.ui", description=__doc__)
     ap.add_argument("--root", default="mlruns", help="the sweep root holding mlflow.db")
-    ap.add_argument("--tracking-uri", default=None, help="backend store (default: <root>/mlflow.db)")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="backend store (default: <root>/mlflow.db)")
     ap.add_argument("--host", default="127.0.0.1",
                     help="interface to listen on; 0.0.0.0 exposes every run to the network")
     ap.add_argument("--port", type=int, default=5000, help="port")
