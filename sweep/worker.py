@@ -71,6 +71,12 @@ def _prepare(ctx: SweepContext, device: str, threads: int):
     return _CACHE[key], time.perf_counter() - t0
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _check_device(device: str, gpus: list) -> None:
     if device != "cuda":
         return
@@ -108,8 +114,8 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
     device = flat.get("device", "cpu")
     run_id, done = tracking.begin_trial(
         ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep, trial_key, flat,
-        {"device": device, "node": os.uname().nodename, "gpu_ids": ",".join(gpus),
-         "cpus": cpus})
+        {"device": device, "node": os.uname().nodename, "node_id": _node_id(),
+         "gpu_ids": ",".join(gpus), "cpus": cpus})
     if done is not None:  # finished by an earlier attempt: keep its figures, do not log twice
         base = {k[len("baseline_"):]: v for k, v in done.items() if k.startswith("baseline_")}
         return {**{k: v for k, v in done.items() if not k.startswith("baseline_")},
@@ -124,7 +130,7 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
                               language=ctx.language, threads=cpus, calibration=calib,
                               warmup=ctx.warmup, numbers=ctx.numbers)
         result.update(trial_s=time.perf_counter() - t0, worker_prepare_s=load_s,
-                      node=os.uname().nodename, gpu_ids=gpus)
+                      node=os.uname().nodename, node_id=_node_id(), gpu_ids=gpus)
         tracking.finish_trial(ctx.tracking_uri, run_id, result)
     except Exception as e:  # noqa: BLE001 - a recipe's failure is a failed trial, not a dead sweep
         msg = tracking.fail_trial(ctx.tracking_uri, run_id, e)
@@ -132,7 +138,8 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
                 "trial_s": time.perf_counter() - t0}
     keep = ("wer", "cer", "dwer", "dcer", "latency_mean_s", "latency_median_s", "latency_p90_s",
             "speedup", "rtf", "loops", "model_size_mb", "sparsity", "compile_s", "recompiles",
-            "threads", "device", "trial_s", "worker_prepare_s", "prepare_s", "node", "gpu_ids",
+            "threads", "device", "trial_s", "worker_prepare_s", "prepare_s", "node", "node_id",
+            "gpu_ids",
             "kernels", "dwer_ci95")
     out = {k: result[k] for k in keep if k in result}
     out.update(status=STATUS_OK, run_id=run_id, trial_key=trial_key,
