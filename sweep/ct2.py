@@ -1,4 +1,4 @@
-"""Read a CTranslate2 Whisper `model.bin` and map it to transformers' Whisper names.
+"""Convert CTranslate2 Whisper data (model.bin, config.json, tokenizer.json) to transformers.
 
 The layout is what `ctranslate2/specs/model_spec.py` `_serialize` writes (binary version 6):
 version, spec name, revision, variable count, then per variable name, rank, shape, dtype id,
@@ -8,17 +8,30 @@ test dependency: the runtime must convert without it.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import (
+    AddedToken,
+    GenerationConfig,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizer,
+)
 
 # Type ids as ctranslate2 numbers them (`_dtype_to_type_id`); bfloat16 is kept as raw uint16.
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: np.uint16}
 _BF16 = 5
 SUPPORTED_VERSIONS = (5, 6)
+EOT, SOT = 50257, 50258  # GPT-2 BPE ends at 50256; Whisper's specials follow
+N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|> in 0.02 s steps
 
 
 class CT2FormatError(ValueError):
@@ -183,3 +196,93 @@ def whisper_config_kwargs(model: CT2Model) -> dict:
         "max_target_positions": t["decoder/position_encodings/encodings"].shape[0],
         "scale_embedding": bool(s.get("decoder/scale_embeddings", 0)),
     }
+
+
+# ---- transformers objects ------------------------------------------------------------------
+
+
+def convert(ct2_dir: Path, out: Path) -> None:
+    """Write a transformers Whisper folder (safetensors + processor) into `out`."""
+    src = read_model_bin(ct2_dir / "model.bin")
+    ct2_cfg = json.loads((ct2_dir / "config.json").read_text("utf-8"))
+    tokenizer = build_tokenizer(ct2_dir / "tokenizer.json")
+    check_vocabulary(tokenizer, ct2_dir / "vocabulary.txt")
+    kwargs = whisper_config_kwargs(src)
+    if kwargs["vocab_size"] != len(tokenizer):
+        raise CT2FormatError(f"vocab {kwargs['vocab_size']} != tokenizer {len(tokenizer)}")
+    config = whisper_config(kwargs, ct2_cfg["suppress_ids"], ct2_cfg["suppress_ids_begin"])
+    state = {k: torch.tensor(v) for k, v in whisper_state_dict(src).items()}
+    with torch.device("meta"):  # no random init of 74M weights that are overwritten anyway
+        model = WhisperForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if set(missing) != {"proj_out.weight"} or unexpected:
+        raise CT2FormatError(f"state dict mismatch: {missing=} {unexpected=}")
+    model.tie_weights()  # proj_out is an alias of the decoder embeddings in the CT2 file
+    if model.proj_out.weight is not model.model.decoder.embed_tokens.weight:
+        raise CT2FormatError("proj_out did not tie to the decoder embeddings")
+    model.generation_config = generation_config(tokenizer, config, ct2_cfg["alignment_heads"])
+    # fp16 as shipped: lossless, half the disk; load_model upcasts to the requested dtype.
+    model.save_pretrained(out)
+    features = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    processor = WhisperProcessor(features, tokenizer)
+    processor.save_pretrained(out)
+    processor.feature_extractor.to_json_file(out / "preprocessor_config.json")
+
+
+def check_vocabulary(tokenizer: WhisperTokenizer, vocabulary: Path) -> None:
+    tokens = vocabulary.read_text("utf-8").split("\n")
+    tokens = tokens[:-1] if tokens[-1] == "" else tokens
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    bad = [(i, t, j) for i, (t, j) in enumerate(zip(tokens, ids)) if i != j]
+    if bad or len(tokens) != len(tokenizer):
+        raise CT2FormatError(f"tokenizer ids differ from {vocabulary}: first {bad[:3]}")
+
+
+def build_tokenizer(tokenizer_json: Path, *, extra_language: str | None = None):
+    """Whisper tokenizer with its specials registered and the timestamp tokens added.
+
+    The Systran tokenizer.json lists the specials as plain added tokens and has no timestamps;
+    transformers derives the first timestamp id from the last special id, so both are needed.
+    """
+    from tokenizers import Tokenizer
+
+    data = json.loads(tokenizer_json.read_text("utf-8"))
+    specials = [t["content"] for t in sorted(data["added_tokens"], key=lambda t: t["id"])]
+    specials = [s for s in specials if s != "<|endoftext|>"]  # part of the BPE vocab
+    if extra_language:  # large-v3 adds one language before the task tokens, shifting them
+        specials.insert(specials.index("<|translate|>"), extra_language)
+    # Re-add the specials in order so their ids follow the BPE vocab (same ids as shipped).
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] == "<|endoftext|>"]
+    data["post_processor"] = None  # WhisperTokenizer sets its own prefix tokens
+    tok = WhisperTokenizer(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        extra_special_tokens=[AddedToken(s, special=True, normalized=False) for s in specials],
+    )
+    stamps = ["<|%.2f|>" % (i * 0.02) for i in range(N_TIMESTAMPS)]
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in stamps])
+    return tok
+
+
+def whisper_config(sizes: dict, suppress: list[int], begin_suppress: list[int]) -> WhisperConfig:
+    # WhisperConfig defaults are the English-only ids (50256): wrong for multilingual vocabs.
+    return WhisperConfig(
+        **sizes, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
+        decoder_start_token_id=SOT, suppress_tokens=suppress, begin_suppress_tokens=begin_suppress,
+    )
+
+
+def generation_config(tok, config: WhisperConfig, alignment_heads) -> GenerationConfig:
+    ids = tok.convert_tokens_to_ids
+    specials = tok.convert_ids_to_tokens(list(range(SOT + 1, ids("<|translate|>"))))
+    return GenerationConfig(
+        lang_to_id={s: ids(s) for s in specials},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        no_timestamps_token_id=ids("<|notimestamps|>"),
+        prev_sot_token_id=ids("<|startofprev|>"),
+        suppress_tokens=config.suppress_tokens,
+        begin_suppress_tokens=config.begin_suppress_tokens,
+        alignment_heads=alignment_heads,
+        decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
+        max_length=config.max_target_positions, max_initial_timestamp_index=50,
+        is_multilingual=True, return_timestamps=False,
+    )

@@ -23,13 +23,10 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AddedToken,
-    GenerationConfig,
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
     WhisperProcessor,
-    WhisperTokenizer,
 )
 
 from sweep import __version__, ct2
@@ -42,8 +39,6 @@ _CT2_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
 _MANIFEST = "hyper-cache.json"  # written last: a cache dir without it is partial
 # Bump when the conversion output changes, so stale caches are not reused.
 _CONVERTER_VERSION = 1
-EOT, SOT = 50257, 50258  # GPT-2 BPE ends at 50256; Whisper's specials follow
-N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|> in 0.02 s steps
 
 # Official OpenAI sizes; large-v3 also has 128 mel bins and one more language (<|yue|>).
 RANDOM_SIZES = {
@@ -74,6 +69,8 @@ class LoadedModel:
 def load_model(
     spec: str = EMBEDDED, *, device="cpu", dtype=torch.float32, cache_dir=None
 ) -> LoadedModel:
+    """Load `spec` in eval mode; `cache_dir` (else $HYPER_CACHE, ~/.cache/hyper) holds the
+    converted embedded model. Raises `ModelSpecError` before any expensive work on bad specs."""
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(f"`spec` must be a non-empty string ({ALLOWED}), got {spec=}")
     if spec.startswith("embedded:"):
@@ -145,7 +142,7 @@ def _load_embedded(spec, device, dtype, root: Path) -> LoadedModel:
         if not _cache_valid(final):
             t0 = time.perf_counter()
             with _atomic_dir(final) as tmp:
-                _convert(embedded_ct2_dir(root), tmp)
+                ct2.convert(embedded_ct2_dir(root), tmp)
             _report(f"converted {spec} to {final} in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         try:
@@ -161,94 +158,6 @@ def _load_embedded(spec, device, dtype, root: Path) -> LoadedModel:
     raise AssertionError("unreachable")
 
 
-def _convert(ct2_dir: Path, out: Path) -> None:
-    src = ct2.read_model_bin(ct2_dir / "model.bin")
-    ct2_cfg = json.loads((ct2_dir / "config.json").read_text("utf-8"))
-    tokenizer = _build_tokenizer(ct2_dir / "tokenizer.json")
-    _check_vocabulary(tokenizer, ct2_dir / "vocabulary.txt")
-    kwargs = ct2.whisper_config_kwargs(src)
-    if kwargs["vocab_size"] != len(tokenizer):
-        raise ct2.CT2FormatError(f"vocab {kwargs['vocab_size']} != tokenizer {len(tokenizer)}")
-    config = _whisper_config(kwargs, ct2_cfg["suppress_ids"], ct2_cfg["suppress_ids_begin"])
-    state = {k: torch.tensor(v) for k, v in ct2.whisper_state_dict(src).items()}
-    with torch.device("meta"):  # no random init of 74M weights that are overwritten anyway
-        model = WhisperForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if set(missing) != {"proj_out.weight"} or unexpected:
-        raise ct2.CT2FormatError(f"state dict mismatch: {missing=} {unexpected=}")
-    model.tie_weights()  # proj_out is an alias of the decoder embeddings in the CT2 file
-    assert model.proj_out.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()
-    model.generation_config = _generation_config(tokenizer, config, ct2_cfg["alignment_heads"])
-    # fp16 as shipped: lossless, half the disk; load_model upcasts to the requested dtype.
-    model.save_pretrained(out)
-    features = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
-    processor = WhisperProcessor(features, tokenizer)
-    processor.save_pretrained(out)
-    processor.feature_extractor.to_json_file(out / "preprocessor_config.json")
-
-
-def _check_vocabulary(tokenizer: WhisperTokenizer, vocabulary: Path) -> None:
-    tokens = vocabulary.read_text("utf-8").split("\n")
-    tokens = tokens[:-1] if tokens[-1] == "" else tokens
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    bad = [(i, t, j) for i, (t, j) in enumerate(zip(tokens, ids)) if i != j]
-    if bad or len(tokens) != len(tokenizer):
-        raise ct2.CT2FormatError(f"tokenizer ids differ from {vocabulary}: first {bad[:3]}")
-
-
-# ---- tokenizer, configs --------------------------------------------------------------------
-
-
-def _build_tokenizer(tokenizer_json: Path, *, extra_language: str | None = None):
-    """Whisper tokenizer with its specials registered and the timestamp tokens added.
-
-    The Systran tokenizer.json lists the specials as plain added tokens and has no timestamps;
-    transformers derives the first timestamp id from the last special id, so both are needed.
-    """
-    from tokenizers import Tokenizer
-
-    data = json.loads(tokenizer_json.read_text("utf-8"))
-    specials = [t["content"] for t in sorted(data["added_tokens"], key=lambda t: t["id"])]
-    specials = [s for s in specials if s != "<|endoftext|>"]  # part of the BPE vocab
-    if extra_language:  # large-v3 adds one language before the task tokens, shifting them
-        specials.insert(specials.index("<|translate|>"), extra_language)
-    # Re-add the specials in order so their ids follow the BPE vocab (same ids as shipped).
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] == "<|endoftext|>"]
-    data["post_processor"] = None  # WhisperTokenizer sets its own prefix tokens
-    tok = WhisperTokenizer(
-        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
-        extra_special_tokens=[AddedToken(s, special=True, normalized=False) for s in specials],
-    )
-    stamps = ["<|%.2f|>" % (i * 0.02) for i in range(N_TIMESTAMPS)]
-    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in stamps])
-    return tok
-
-
-def _whisper_config(sizes: dict, suppress: list[int], begin_suppress: list[int]) -> WhisperConfig:
-    # WhisperConfig defaults are the English-only ids (50256): wrong for multilingual vocabs.
-    return WhisperConfig(
-        **sizes, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
-        decoder_start_token_id=SOT, suppress_tokens=suppress, begin_suppress_tokens=begin_suppress,
-    )
-
-
-def _generation_config(tok, config: WhisperConfig, alignment_heads) -> GenerationConfig:
-    ids = tok.convert_tokens_to_ids
-    specials = tok.convert_ids_to_tokens(list(range(SOT + 1, ids("<|translate|>"))))
-    return GenerationConfig(
-        lang_to_id={s: ids(s) for s in specials},
-        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
-        no_timestamps_token_id=ids("<|notimestamps|>"),
-        prev_sot_token_id=ids("<|startofprev|>"),
-        suppress_tokens=config.suppress_tokens,
-        begin_suppress_tokens=config.begin_suppress_tokens,
-        alignment_heads=alignment_heads,
-        decoder_start_token_id=SOT, bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
-        max_length=config.max_target_positions, max_initial_timestamp_index=50,
-        is_multilingual=True, return_timestamps=False,
-    )
-
-
 # ---- random, local, hub --------------------------------------------------------------------
 
 
@@ -256,9 +165,9 @@ def _load_random(spec, size, device, dtype) -> LoadedModel:
     t0 = time.perf_counter()
     s = RANDOM_SIZES[size]
     _, data = _embedded_sources()
-    tok = _build_tokenizer(data / "tokenizer.json", extra_language=s.get("extra_language"))
+    tok = ct2.build_tokenizer(data / "tokenizer.json", extra_language=s.get("extra_language"))
     base_cfg = json.loads((data / "config.json").read_text("utf-8"))
-    base_tok = _build_tokenizer(data / "tokenizer.json")
+    base_tok = ct2.build_tokenizer(data / "tokenizer.json")
 
     def remap(ids: list[int]) -> list[int]:
         # Suppress lists hold whisper-base ids; map them by token to follow large-v3's shift.
@@ -270,7 +179,7 @@ def _load_random(spec, size, device, dtype) -> LoadedModel:
         "encoder_attention_heads": s["heads"], "decoder_attention_heads": s["heads"],
         "encoder_ffn_dim": s["ffn"], "decoder_ffn_dim": s["ffn"],
     }
-    config = _whisper_config(
+    config = ct2.whisper_config(
         sizes, remap(base_cfg["suppress_ids"]), remap(base_cfg["suppress_ids_begin"])
     )
     with torch.device("meta"):  # skip transformers' init: slow for large-v3, and replaced below
@@ -284,7 +193,7 @@ def _load_random(spec, size, device, dtype) -> LoadedModel:
             else:  # layer-norm scales 1, all biases 0: keeps activations finite
                 p.fill_(1.0 if "layer_norm.weight" in name else 0.0)
     model.tie_weights()
-    model.generation_config = _generation_config(tok, config, None)
+    model.generation_config = ct2.generation_config(tok, config, None)
     fe = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
     logger.info("built %s in %.1f s", spec, time.perf_counter() - t0)
     source = f"random weights, seed 0 ({size})"
@@ -295,6 +204,11 @@ def _load_local(spec, path: Path, device, dtype) -> LoadedModel:
     cfg_file = path / "config.json"
     if not path.is_dir():
         raise ModelSpecError(f"`spec` local path must be an existing directory, got {spec=}")
+    if not cfg_file.is_file():
+        raise ModelSpecError(
+            f"`spec` directory must hold a Whisper checkpoint (config.json with model_type "
+            f"'whisper'), got {spec=} which has no config.json"
+        )
     try:
         model_type = json.loads(cfg_file.read_text("utf-8")).get("model_type")
     except (OSError, ValueError) as err:
@@ -334,9 +248,8 @@ def _load_hub(spec, device, dtype) -> LoadedModel:
             f"`spec` Hub id {spec!r} cannot be loaded: {why}; allowed: {ALLOWED}, got {spec=}"
         ) from None
     if cfg.get("model_type") != "whisper":
-        raise ModelSpecError(
-            f"`spec` Hub id must be a Whisper model, got {spec=} (model_type {cfg.get('model_type')!r})"
-        )
+        got = cfg.get("model_type")
+        raise ModelSpecError(f"`spec` Hub id must be a Whisper model, got {spec=} ({got=})")
     model = WhisperForConditionalGeneration.from_pretrained(
         spec, dtype=dtype, use_safetensors=True, local_files_only=offline
     )
