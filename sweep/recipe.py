@@ -1,0 +1,297 @@
+"""Recipes: one frozen config per technique, each declaring its parameters once (pure, no torch).
+
+A parameter has one dotted name everywhere (YAML search spaces, Optuna, MLflow, recipe.json). A
+new dimension = a `@technique` config class + a `Recipe` field; the rest follows from PARAMS."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+LAYER_TYPES = ("enc_attn", "enc_mlp", "dec_self", "dec_cross", "dec_mlp", "head")
+# Every subset in canonical order, so that a search space may list any of them as a choice.
+TARGETS = ("all",) + tuple("+".join(c) for n in range(1, len(LAYER_TYPES))
+                           for c in itertools.combinations(LAYER_TYPES, n))
+SCHEMES = ("none", "dynamic_int8", "static_int8", "int8_weight_only", "int8_act_int4_weight",
+           "bf16", "fp16", "autocast_bf16", "autocast_fp16", "bnb_int8", "bnb_nf4")
+SHORT = {"dynamic_int8": "int8 dyn", "static_int8": "int8 static", "int8_weight_only": "int8 wo",
+         "int8_act_int4_weight": "int8a/int4w"}  # others: "_" -> " "
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class RecipeError(ValueError):
+    """A recipe value, combination or key that is not allowed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Requires:
+    """`values` of a parameter are only valid when parameter `key` equals `equals`."""
+    values: tuple
+    key: str = "device"
+    equals: Any = "cuda"
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable parameter: kind (float|int|choice|bool), default, range or choices."""
+    kind: str
+    default: Any
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple | None = None
+    help: str = ""
+    requires: tuple[Requires, ...] = ()
+    name: str = ""  # the dotted name, filled in by @technique
+
+    def range_text(self) -> str:
+        if self.kind in ("choice", "bool"):
+            shown = self.choices or (True, False)
+            return "one of " + ", ".join(map(str, shown[:12])) + (
+                f", ... ({len(shown)} in all)" if len(shown) > 12 else "")
+        lo, hi = -math.inf if self.lo is None else self.lo, math.inf if self.hi is None else self.hi
+        return f"in {'(' if self.lo_open else '['}{lo:g}, {hi:g}{')' if self.hi_open else ']'}"
+
+    def validate(self, value) -> str | None:
+        """None when `value` is allowed, else a message naming the parameter."""
+        bad = f"`{self.name}` must be {{}}, got {self.name.rsplit('.', 1)[-1]}={value!r}"
+        if self.kind in ("choice", "bool"):
+            ok = value in self.choices if self.choices else isinstance(value, bool)
+            return None if ok else bad.format(self.range_text())
+        types = (int,) if self.kind == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, types) or math.isnan(value):
+            return bad.format(f"{'an integer' if types == (int,) else 'a number'} "
+                              + self.range_text())
+        lo_bad = self.lo is not None and (value < self.lo or self.lo_open and value == self.lo)
+        hi_bad = self.hi is not None and (value > self.hi or self.hi_open and value == self.hi)
+        return bad.format(self.range_text()) if lo_bad or hi_bad else None
+
+    def coerce(self, value):
+        """Text (Recipe.parse, CLI, MLflow) to this parameter's type; other values unchanged."""
+        if not isinstance(value, str) or self.kind == "choice":
+            return value
+        try:
+            return {"bool": lambda s: _BOOLS[s.lower()], "int": int, "float": float}[self.kind](
+                value.strip())
+        except (KeyError, ValueError):
+            raise RecipeError(f"`{self.name}` must be {self.kind} {self.range_text()}, "
+                              f"got {value!r}") from None
+
+    def requirement_error(self, value, flat: dict) -> str | None:
+        for req in self.requires:
+            if value in req.values and flat.get(req.key) != req.equals:
+                return (f"`{self.name}`={value} needs {req.key}={req.equals}, got "
+                        f"{req.key}={flat.get(req.key)!r}" + (f" ({req.why})" if req.why else ""))
+        return None
+
+
+DEVICE = Param("choice", "cpu", choices=("cpu", "cuda"), help="device to run on", name="device")
+_BNB = Requires(("bnb_int8", "bnb_nf4"), why="bitsandbytes kernels are CUDA-only")
+TECHNIQUES: dict[str, type] = {}  # prefix -> config class, in registration order
+
+
+def technique(prefix: str, *, stage: str = "compress"):
+    """Make `cls` a frozen dataclass whose fields (and defaults) are its PARAMS `prefix.*`, and
+    register it. `stage`: who applies it ("compress" needs a handler in sweep.compress)."""
+
+    def deco(cls):
+        cls.PARAMS = {name: dataclasses.replace(p, name=name) for name, p in cls.PARAMS.items()}
+        cls.__annotations__ = dict(cls.__dict__.get("__annotations__", {}))  # not the base's
+        for name, p in cls.PARAMS.items():
+            head, _, short = name.partition(".")
+            if head != prefix or p.validate(p.default):
+                raise TypeError(f"{cls.__name__}: `{name}` is not {prefix}.* or its default is bad")
+            cls.__annotations__[short] = {"choice": "str"}.get(p.kind, p.kind)
+            setattr(cls, short, p.default)
+        cls.PREFIX, cls.STAGE, TECHNIQUES[prefix] = prefix, stage, cls
+        return dataclass(frozen=True)(cls)
+
+    return deco
+
+
+class Technique:
+    """Validates every field against PARAMS; subclasses define `active` and `describe()`."""
+
+    PARAMS: ClassVar[dict[str, Param]] = {}  # @technique adds PREFIX and STAGE
+
+    def __post_init__(self):
+        self._normalize()
+        for name, p in self.PARAMS.items():
+            short = name.split(".", 1)[1]
+            if p.kind == "float" and type(getattr(self, short)) is int:  # 0 and 0.0 alike
+                object.__setattr__(self, short, float(getattr(self, short)))
+            if err := p.validate(getattr(self, short)):
+                raise RecipeError(err)
+        self._check()
+
+    _normalize = _check = lambda self: None  # hooks: canonical spelling; own-field combinations
+
+
+@technique("struct")
+class StructConfig(Technique):
+    PARAMS = {"struct.ffn_rate": Param("float", 0.0, 0.0, 0.9, help="share of FFN neurons removed "
+                                       "per layer (lowest L2 of fc1 row + fc2 column)")}
+
+    active = property(lambda self: self.ffn_rate > 0)
+    def describe(self) -> str:
+        return f"ffn -{self.ffn_rate:.0%}"
+
+
+@technique("prune")
+class PruneConfig(Technique):
+    PARAMS = {
+        "prune.rate": Param("float", 0.0, 0.0, 1.0, hi_open=True,
+                            help="share of weights zeroed in the targeted layers; 0 = off"),
+        # Single weights rank alike by |w| and w^2, so l2 means whole rows (torch ln_structured).
+        "prune.norm": Param("choice", "l1", choices=("l1", "l2"), help="l1: single weights by "
+                            "|w|; l2: whole output rows by L2 norm (ln_structured n=2, dim=0)"),
+        "prune.scope": Param("choice", "layer", choices=("global", "layer"), help="layer: the "
+                             "rate in each layer; global: one threshold (l2: rows by RMS)"),
+        "prune.targets": Param("choice", "all", choices=TARGETS, help="all or a '+'-joined "
+                               "subset of layer types; head is tied to the embeddings"),
+        "prune.pattern": Param("choice", "unstructured", choices=("unstructured", "2:4"),
+                               help="2:4 keeps the 2 largest of every 4 weights (rate 0.5)",
+                               requires=(Requires(("2:4",), why="sparse kernels are CUDA-only"),)),
+    }
+
+    def _normalize(self):
+        parts = set(self.targets.split("+")) if isinstance(self.targets, str) else set()
+        if len(parts) > 1 and parts <= set(LAYER_TYPES):
+            canon = "+".join(t for t in LAYER_TYPES if t in parts)
+            object.__setattr__(self, "targets", "all" if canon == "+".join(LAYER_TYPES) else canon)
+
+    def _check(self):
+        got = (self.rate, self.norm, self.scope)
+        if self.pattern == "2:4" and self.rate and got != (0.5, "l1", "layer"):
+            raise RecipeError("`prune.rate`/`prune.norm`/`prune.scope` must be 0.5/l1/layer with "
+                              f"prune.pattern='2:4' (2 of every 4 weights go), got {got}")
+
+    active = property(lambda self: self.rate > 0)
+    layer_types = property(lambda self: LAYER_TYPES if self.targets == "all"
+                           else tuple(self.targets.split("+")))
+
+    def describe(self) -> str:
+        what = "2:4" if self.pattern == "2:4" else f"{self.norm} {self.rate:.2f}"
+        return (f"prune {what}" + (" global" if self.scope == "global" else "")
+                + ("" if self.targets == "all" else f" ({self.targets})"))
+
+
+@technique("quant")
+class QuantConfig(Technique):
+    PARAMS = {"quant.scheme": Param("choice", "none", choices=SCHEMES, requires=(_BNB,),
+                                    help="scheme of every Linear layer unless overridden")} | {
+        f"quant.{t}": Param("choice", "inherit", choices=("inherit",) + SCHEMES, requires=(_BNB,),
+                            help=f"scheme of the {t} Linear layers; inherit = quant.scheme")
+        for t in LAYER_TYPES}
+
+    def by_layer_type(self) -> dict[str, str]:  # `inherit` resolved
+        return {t: self.scheme if getattr(self, t) == "inherit" else getattr(self, t)
+                for t in LAYER_TYPES}
+
+    active = property(lambda self: set(self.by_layer_type().values()) != {"none"})
+    def describe(self) -> str:
+        by = self.by_layer_type()
+        return " + ".join(f"{SHORT.get(s, s.replace('_', ' '))} "
+                          f"({_abbrev([t for t in by if by[t] == s])})"
+                          for s in dict.fromkeys(by.values()) if s != "none")
+
+
+def _abbrev(types: list[str]) -> str:
+    if len(types) == len(LAYER_TYPES):
+        return "all"
+    out = []
+    for short, group in (("enc", LAYER_TYPES[:2]), ("dec", LAYER_TYPES[2:5]), ("", ("head",))):
+        got = [t for t in group if t in types]
+        out += [short] if short and len(got) == len(group) else got
+    return "+".join(out)
+
+
+@technique("compile")
+class CompileConfig(Technique):
+    PARAMS = {"compile.mode": Param(
+        "choice", "none", choices=("none", "default", "reduce-overhead", "max-autotune"),
+        requires=(Requires(("reduce-overhead",), why="it means CUDA graphs"),),
+        help="torch.compile mode of the encoder and decoder modules; none = eager")}
+
+    active = property(lambda self: self.mode != "none")
+    def describe(self) -> str:
+        return f"compile {self.mode}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A point of the search space. Field order is the order compress applies techniques in."""
+
+    device: str = "cpu"
+    struct: StructConfig = field(default_factory=StructConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    def __post_init__(self):
+        flat = self.to_flat()
+        for name, value in flat.items():  # device, then cross-field rules (CUDA-only choices)
+            if err := PARAMS[name].validate(value) or PARAMS[name].requirement_error(value, flat):
+                raise RecipeError(err)
+
+    def configs(self) -> list[Technique]:  # in application order
+        return [getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "device"]
+
+    @classmethod
+    def from_flat(cls, flat: dict) -> Recipe:
+        """From dotted names; missing names take their defaults, unknown ones are refused."""
+        for key in [k for k in flat if k not in PARAMS][:1]:
+            near = difflib.get_close_matches(str(key), list(PARAMS), n=1, cutoff=0.5)
+            raise RecipeError(f"unknown recipe key `{key}`" + (
+                f"; did you mean `{near[0]}`?" if near else f"; known: {', '.join(PARAMS)}"))
+        typed = {k: PARAMS[k].coerce(v) for k, v in flat.items()}
+        parts = {p: tech(**{n.split(".", 1)[1]: v for n, v in typed.items()
+                            if n.startswith(p + ".")}) for p, tech in TECHNIQUES.items()}
+        return cls(device=typed.get("device", DEVICE.default), **parts)
+
+    def to_flat(self) -> dict:  # every parameter under its dotted name
+        return {"device": self.device} | {n: getattr(c, n.split(".", 1)[1])
+                                          for c in self.configs() for n in c.PARAMS}
+
+    @classmethod
+    def parse(cls, text: str) -> Recipe:
+        """`"quant.scheme=dynamic_int8,prune.rate=0.3"` -> Recipe; values typed by their Param."""
+        flat = {}
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            key, eq, value = (s.strip() for s in item.partition("="))
+            if not eq or key in flat:
+                raise RecipeError(f"recipe item {item!r}: expected key=value, each key once")
+            flat[key] = value
+        return cls.from_flat(flat)
+
+    def to_json(self) -> str:
+        return json.dumps({"format_version": self.FORMAT_VERSION, **self.to_flat()}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        data = json.loads(text)
+        if (version := data.pop("format_version", None)) != cls.FORMAT_VERSION:
+            raise RecipeError(f"`format_version` must be {cls.FORMAT_VERSION}, got {version!r}")
+        return cls.from_flat(data)
+
+    # True when nothing changes the model.
+    is_baseline = property(lambda self: not any(cfg.active for cfg in self.configs()))
+
+    def describe(self) -> str:
+        """Short text for tables and progress lines, e.g. "int8 dyn (enc+dec), prune l1 0.30"."""
+        text = ", ".join(cfg.describe() for cfg in self.configs() if cfg.active) or "fp32"
+        return text + ("" if self.device == "cpu" else f" [{self.device}]")
+
+
+# Every parameter of every technique by dotted name: what search spaces validate against.
+PARAMS: dict[str, Param] = {"device": DEVICE} | {
+    k: p for tech in TECHNIQUES.values() for k, p in tech.PARAMS.items()}
