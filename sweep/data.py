@@ -128,7 +128,7 @@ def _read_manifest(path: Path, language: str | None) -> list[Record]:
         lang = obj.get("lang")
         if language and lang and lang != language:
             continue
-        records.append((obj.get("id") or obj["audio"], obj["text"], lang or language,
+        records.append((str(obj.get("id") or obj["audio"]), obj["text"], lang or language,
                         path.parent / obj["audio"]))
     return records
 
@@ -177,8 +177,8 @@ def _hf_records(spec, config, split, audio_column, text_column, language) -> Ite
     def rows() -> Iterator[Record]:  # lazy: `max_samples` must not read a whole 10 h split
         for i in range(len(ds)):
             row = ds[i]
-            lang, text, audio = row.get("lang") if has_lang else None, row[text_column], \
-                row[audio_column] or {}
+            lang = row["lang"] if has_lang else None
+            text, audio = row[text_column], row[audio_column] or {}
             if language and lang and lang != language:
                 continue
             yield (f"{split}/{i}", text if isinstance(text, str) else "", lang or language,
@@ -239,6 +239,8 @@ def load_eval_set(spec: str = "embedded", *, max_samples: int | None = None,
                   text_column: str = "text", language: str | None = None,
                   exclude_ids: Iterable[str] = ()) -> EvalSet:
     """Load `embedded`, `shared`, a `.jsonl` manifest, a `save_to_disk` folder or a HF id.
+
+    Ids: a manifest line's `id`, else its `audio` path; `{split}/{row}` for HF datasets.
 
     `max_samples` keeps the first N usable utterances in file order (deterministic);
     `language` keeps utterances of that language (those without a language are kept and tagged).
