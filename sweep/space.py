@@ -81,7 +81,9 @@ class Dim:
         if self.kind == "choice":
             vals = list(self.choices)
         else:
-            vals = self._grid(limit or 1000)
+            vals = self._grid(max(limit or 1000, 2))
+        if limit == 1:
+            return vals[:1]
         if limit and len(vals) > limit:
             idx = sorted({round(i * (len(vals) - 1) / (limit - 1)) for i in range(limit)})
             picked = [vals[i] for i in idx]
