@@ -315,9 +315,19 @@ def _recipe_defaults() -> dict[str, Any]:
 
 
 def describe_recipe(recipe: Mapping | None, base_recipe: Mapping | None = None) -> str:
-    """Short label: the recipe's keys that differ from `base_recipe` (else the recipe
-    defaults), `device` last; "baseline" when nothing differs."""
+    """Short label: `Recipe.describe()` (e.g. "int8 dyn (all), prune l1 0.30 [cuda]") when
+    the flat dict makes a valid recipe, else the keys that differ from `base_recipe` (or the
+    recipe defaults)."""
     recipe = dict(recipe or {})
+    try:
+        from .recipe import Recipe, RecipeError
+    except ImportError:
+        pass
+    else:
+        try:
+            return Recipe.from_flat(recipe).describe()
+        except (RecipeError, TypeError, ValueError):
+            pass
     base = dict(base_recipe) if base_recipe else _recipe_defaults()
     parts = [f"{k}={_short(v)}" for k, v in recipe.items()
              if k != "device" and (k not in base or base[k] != v)]

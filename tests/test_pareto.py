@@ -161,8 +161,11 @@ def test_format_table_percent_only_in_print():
     assert "time per audio" in lines[0] and lines[0].rstrip().endswith("delta")
     assert lines[2].startswith("baseline")
     assert "+10.0%" in lines[3] and "-50.0%" in lines[3] and "0.500 s" in lines[3]
-    assert "quant.scheme=dynamic_int8" in lines[3] and "[cpu]" in lines[3]
+    assert lines[3].startswith("prune l1 0.10, int8 dyn (all)")  # Recipe.describe()
     assert "(failed)" in lines[4]
+    odd = pareto.format_table([row(3, 0.5, 1.0, recipe={"quant.schem": "x", "device": "cuda"})],
+                              BASE)
+    assert "quant.schem=x [cuda]" in odd  # not a recipe: the keys that differ
     assert rows[0]["dwer"] == pytest.approx(0.1)  # the rows themselves keep fractions
 
 
