@@ -580,9 +580,10 @@ def write_report_html(rows: Sequence[Mapping], front: Sequence[Mapping], baselin
         return H - B - (y - y0) / (y1 - y0) * (H - T - B)
 
     def info(r):
+        dwer, dcer = _figure(r, "dwer", baseline), _figure(r, "dcer", baseline)
         lines = [f"trial {r.get('trial_id')}  ({r.get('device', '?')})",
-                 f"WER {_fmt(r.get('wer'), '.4f')}  dWER {_pct(_figure(r, 'dwer', baseline))}",
-                 f"CER {_fmt(r.get('cer'), '.4f')}  dCER {_pct(_figure(r, 'dcer', baseline))}",
+                 f"WER {_fmt(r.get('wer'), '.4f')}  dWER {_fmt(dwer, '+.4f')}",
+                 f"CER {_fmt(r.get('cer'), '.4f')}  dCER {_fmt(dcer, '+.4f')}",
                  (f"latency {_fmt(r.get('latency_median_s'), '.3f')} s  "
                   f"speedup {_fmt(_figure(r, 'speedup', baseline), '.2f')}x")]
         lines += [f"{k} = {v}" for k, v in (r.get("recipe") or {}).items()]
@@ -639,7 +640,7 @@ def write_report_html(rows: Sequence[Mapping], front: Sequence[Mapping], baselin
         mark = " ◆ knee" if k is r else ""
         trs.append(
             f"<tr><td>{cell}{mark}</td><td>{_fmt(r.get('wer'), '.4f')}</td>"
-            f"<td>{_pct(_figure(r, 'dwer', baseline))}</td>"
+            f"<td>{_fmt(_figure(r, 'dwer', baseline), '+.4f')}</td>"
             f"<td>{_fmt(r.get('latency_median_s'), '.3f')}</td>"
             f"<td>{_fmt(_figure(r, 'speedup', baseline), '.2f')}x</td>"
             f"<td>{html.escape(str(r.get('device', '')))}</td>"
@@ -658,7 +659,8 @@ td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}} code{{font-size:1
 <h2>{html.escape(title)}</h2>
 <p>{len(ok)} trials ran, {len(front)} on the Pareto front (red). Baseline: WER
 {_fmt(baseline.get('wer'), '.4f')}, {_fmt(baseline.get('latency_median_s'), '.3f')} s per audio.
-Hover a point for its recipe; click it to open its MLflow run.</p>
+dWER is the relative WER change (0.05: 5 percent worse). Hover a point for its recipe; click it to
+open its MLflow run.</p>
 {''.join(svg)}
 <div id="tip"></div>
 <h3>Pareto front</h3>

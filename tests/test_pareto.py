@@ -205,6 +205,7 @@ def test_plot_and_html(tmp_path):
     assert "quant.scheme = dynamic_int8" in text and "prune.rate=0.3" in text
     assert 'href="http://127.0.0.1:5000/#/experiments/1/runs/run3"' in text
     assert "run11" not in text  # failed rows are neither plotted nor listed
+    assert "%" not in text.replace("%;", "")  # fractions here; percent only in format_table
     assert text.count('class="pt"') == 7 + 1  # 7 ok trials + the baseline
     assert "http" not in text.replace("http://127.0.0.1:5000", "").replace(
         "http://www.w3.org/2000/svg", "")  # nothing fetched from elsewhere
