@@ -286,6 +286,9 @@ def _atomic_dir(final: Path):
     if final.exists() and not _cache_valid(final):
         _discard(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for old in final.parent.glob(f".{final.name}.tmp-*"):  # left by killed builds; an hour
+        if time.time() - old.stat().st_mtime > 3600:  # old, so no live build still owns it
+            shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp

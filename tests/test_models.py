@@ -2,7 +2,9 @@
 
 import json
 import logging
+import os
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -196,6 +198,9 @@ def test_cache_reused_and_bad_cache_rebuilt(tmp_path, caplog, real_model):
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     final = tmp_path / "entry"
+    stale = tmp_path / ".entry.tmp-killed"  # what a SIGKILLed build leaves behind
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7200,) * 2)
     with pytest.raises(RuntimeError), _atomic_dir(final) as tmp:
         (tmp / "half.bin").write_bytes(b"x" * 10)
         raise RuntimeError("killed mid-conversion")
