@@ -1,0 +1,283 @@
+"""Apply a Recipe to a HF Whisper model: struct -> prune -> quantize -> compile.
+
+One handler per technique config type (`@register(PruneConfig)`); quantization replaces Linear
+modules per layer type with the implementation `sweep.kernels` measured fastest here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import kernels, structured
+from .recipe import LAYER_TYPES, CompileConfig, PruneConfig, QuantConfig, Recipe, StructConfig
+
+__all__ = ["LAYER_TYPES", "Applied", "CompressError", "apply_recipe", "layer_type_of",
+           "recompile_count", "register"]
+
+_TYPE_RULES = [(re.compile(p), t) for p, t in (
+    (r"model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj", "enc_attn"),
+    (r"model\.encoder\.layers\.\d+\.fc[12]", "enc_mlp"),
+    (r"model\.decoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj", "dec_self"),
+    (r"model\.decoder\.layers\.\d+\.encoder_attn\.(q|k|v|out)_proj", "dec_cross"),
+    (r"model\.decoder\.layers\.\d+\.fc[12]", "dec_mlp"),
+    (r"proj_out", "head"))]
+_CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def layer_type_of(name: str) -> str | None:
+    """Layer type of a module name of WhisperForConditionalGeneration, None for the others."""
+    name = name.replace("_orig_mod.", "")  # names inside torch.compile wrappers
+    return next((t for rule, t in _TYPE_RULES if rule.fullmatch(name)), None)
+
+
+class CompressError(RuntimeError):
+    """A recipe cannot be applied here; the message names the scheme, layer type and why."""
+
+
+@dataclass
+class Applied:
+    model: nn.Module
+    kernels: dict[str, str]  # layer type -> implementation that runs it ("fp32" = untouched)
+    sparsity: float | None  # share of zero weights in Linear layers, before quantization
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    calibrate: Callable[[nn.Module], None] | None
+    kernels: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    sparsity: float | None = None
+
+
+HANDLERS: dict[type, Callable] = {}
+
+
+def register(config_type: type):
+    def deco(fn):
+        HANDLERS[config_type] = fn
+        return fn
+    return deco
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe, *,
+                 calibrate: Callable[[nn.Module], None] | None = None) -> Applied:
+    """Modify `model` in place by `recipe` (pass a copy to keep the original); see module doc."""
+    device = next(model.parameters()).device.type
+    if device != recipe.device:
+        raise CompressError(f"recipe has device={recipe.device!r} but the model is on {device!r}")
+    model.eval()
+    ctx = Context(recipe, calibrate)
+    for cfg in recipe.configs():
+        if cfg.STAGE == "compress" and cfg.active:
+            if type(cfg) not in HANDLERS:
+                raise CompressError(f"no compress handler registered for {type(cfg).__name__}")
+            HANDLERS[type(cfg)](model, cfg, ctx)
+    sparsity = ctx.sparsity if ctx.sparsity is not None else linear_sparsity(model)
+    return Applied(model, {t: ctx.kernels.get(t, "fp32") for t in LAYER_TYPES}, sparsity,
+                   ctx.notes)
+
+
+def linear_sparsity(model: nn.Module) -> float:
+    """Share of exactly-zero weights over the float nn.Linear weights (shared ones once)."""
+    seen, zeros, total = set(), 0, 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, nn.Linear) and type(w) is nn.Parameter and id(w) not in seen:
+            seen.add(id(w))
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total if total else 0.0
+
+
+def recompile_count() -> int:
+    """Graphs dynamo has compiled in this process (never reset): take differences around a
+    phase, e.g. after warm-up vs after timing, to count recompiles."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _linears(model, types) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and layer_type_of(n) in types}
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@register(StructConfig)
+def _struct(model, cfg: StructConfig, ctx: Context) -> None:
+    ctx.notes += structured.shrink_ffn(model, cfg.ffn_rate)
+
+
+@register(PruneConfig)
+def _prune(model, cfg: PruneConfig, ctx: Context) -> None:
+    linears = _linears(model, cfg.layer_types)
+    structured.magnitude_prune(list(linears.values()), rate=cfg.rate, norm=cfg.norm,
+                               scope=cfg.scope, pattern=cfg.pattern)
+    ctx.notes.append(f"{cfg.describe()}: {len(linears)} Linear layers")
+    if "head" in cfg.layer_types:
+        ctx.notes.append("prune: head is tied to the token embeddings; both are pruned")
+    if cfg.pattern == "2:4":
+        _semi_structured(model, linears, ctx)
+
+
+def _semi_structured(model, linears: dict[str, nn.Linear], ctx: Context) -> None:
+    """Store 2:4-pruned weights in the sparse format (CUDA); layers quantized later stay dense."""
+    plan = ctx.recipe.quant.by_layer_type()
+    for name, lin in linears.items():
+        if plan[layer_type_of(name)] != "none":
+            continue
+        try:
+            sparse = torch.sparse.to_sparse_semi_structured(lin.weight.detach())
+            lin.weight = nn.Parameter(sparse, requires_grad=False)
+            ctx.kernels[layer_type_of(name)] = "semi-structured 2:4"
+        except Exception as e:  # shape/dtype limits of the sparse kernels: keep dense zeros
+            ctx.notes.append(f"prune 2:4: {name} kept dense ({type(e).__name__}: {e})")
+
+
+@register(QuantConfig)
+def _quantize(model, cfg: QuantConfig, ctx: Context) -> None:
+    ctx.sparsity = linear_sparsity(model)  # quantized weights hide their zeros
+    plan = cfg.by_layer_type()
+    todo = _linears(model, [t for t, s in plan.items() if s != "none"])
+    for name in _cast_encoder_stack(model, plan, ctx):
+        todo.pop(name)
+    stats = _calibrate(model, {n: m for n, m in todo.items()
+                               if plan[layer_type_of(n)] == "static_int8"}, ctx)
+    chosen, measured = defaultdict(set), {}
+    for name, lin in todo.items():
+        lt, rows = layer_type_of(name), _tokens(model, name)
+        try:
+            impl, entry = kernels.choose(plan[lt], lin, rows, compiled=ctx.recipe.compile.active)
+            _set_module(model, name, impl.build(lin, stats.get(name)).eval())
+        except Exception as e:
+            raise CompressError(f"`quant.{lt}`={plan[lt]} on {ctx.recipe.device}: {e}") from e
+        chosen[lt].add(impl.name)
+        shape = f"{lin.in_features}x{lin.out_features} on {rows} rows"
+        measured[lt, shape] = f"{impl.name} {entry['speedup'][impl.name]:.2f}x"
+    ctx.kernels.update({lt: "+".join(sorted(names)) for lt, names in chosen.items()})
+    ctx.notes += [f"{plan[lt]} {lt} {shape}: {what} vs fp32"
+                  for (lt, shape), what in measured.items()]
+
+
+def _tokens(model, name: str) -> int:
+    """Rows a Linear sees per call in greedy decoding: the encoder and the cross-attention
+    keys/values see every audio frame, the rest of the decoder one token per step."""
+    frames = model.config.max_source_positions
+    return frames if ".encoder." in name or re.search(r"encoder_attn\.[kv]_proj", name) else 1
+
+
+class Observer(nn.Module):
+    """Wraps a Linear while calibrating static int8: min/max of its input and output."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear, self.calls = linear, 0
+        self.stats = {"in_min": float("inf"), "in_max": -float("inf"),
+                      "out_min": float("inf"), "out_max": -float("inf")}
+
+    def forward(self, x):
+        y = self.linear(x)
+        for side, t in (("in", x), ("out", y)):
+            lo, hi = torch.aminmax(t.detach().float())
+            self.stats[f"{side}_min"] = min(self.stats[f"{side}_min"], lo.item())
+            self.stats[f"{side}_max"] = max(self.stats[f"{side}_max"], hi.item())
+        self.calls += 1
+        return y
+
+
+def _calibrate(model, linears: dict[str, nn.Linear], ctx: Context) -> dict[str, dict]:
+    """Observe `linears` while `ctx.calibrate(model)` runs calibration audio; their stats."""
+    if not linears:
+        return {}
+    if ctx.calibrate is None:
+        raise CompressError("static_int8 needs calibration data: pass apply_recipe(..., "
+                            "calibrate=fn), fn(model) running audio disjoint from the eval set")
+    observers = {name: Observer(lin) for name, lin in linears.items()}
+    for name, obs in observers.items():
+        _set_module(model, name, obs)
+    try:
+        with torch.inference_mode():
+            ctx.calibrate(model)
+    finally:
+        for name, lin in linears.items():
+            _set_module(model, name, lin)
+    blind = sorted({layer_type_of(n) for n, o in observers.items() if not o.calls})
+    if blind:
+        raise CompressError(f"static_int8: calibrate() ran no data through {', '.join(blind)}")
+    calls = [o.calls for o in observers.values()]
+    ctx.notes.append(f"static_int8: {len(calls)} layers calibrated, {min(calls)}-{max(calls)} "
+                     "calls each")
+    return {name: obs.stats for name, obs in observers.items()}
+
+
+def _cast_encoder_stack(model, plan: dict[str, str], ctx: Context) -> list[str]:
+    """With the whole encoder cast (enc_attn and enc_mlp both bf16 or both fp16), casting the
+    stack once at its boundary can beat casting around every Linear: measured, cached.
+    Returns the names of the Linear layers it took care of."""
+    scheme = plan["enc_attn"]
+    if scheme not in _CAST or plan["enc_mlp"] != scheme:
+        return []
+    enc, dtype, c = model.model.encoder, _CAST[scheme], model.config
+    key = (f"encoder-cast|{scheme}|d{c.d_model}|ffn{enc.layers[0].fc1.out_features}"
+           f"|h{c.encoder_attention_heads}|t{c.max_source_positions}"
+           f"|th{torch.get_num_threads()}|{ctx.recipe.device}")
+    entry = kernels.choose_cached(key, lambda: _time_encoder_cast(enc.layers[0], dtype, c),
+                                  device=ctx.recipe.device)
+    ratios = ", ".join(f"{k} {v:.2f}x" for k, v in entry["speedup"].items())
+    ctx.notes.append(f"{scheme} encoder: {entry['choice']} chosen ({ratios} vs fp32, one layer)")
+    if entry["choice"] != "stack":
+        return []
+    out_dtype = model.model.decoder.embed_tokens.weight.dtype
+    enc.to(dtype)
+    enc.register_forward_pre_hook(lambda m, args, kw: (
+        tuple(_cast(a, dtype) for a in args), {k: _cast(v, dtype) for k, v in kw.items()}),
+        with_kwargs=True)
+    enc.register_forward_hook(lambda m, args, out: _cast_output(out, out_dtype))
+    ctx.kernels.update(enc_attn=f"{scheme} encoder stack", enc_mlp=f"{scheme} encoder stack")
+    return list(_linears(model, ("enc_attn", "enc_mlp")))
+
+
+def _cast(x, dtype):
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _cast_output(out, dtype):
+    if isinstance(out, tuple):
+        return (_cast(out[0], dtype),) + out[1:]
+    out["last_hidden_state"] = _cast(out["last_hidden_state"], dtype)
+    return out
+
+
+def _time_encoder_cast(layer: nn.Module, dtype: torch.dtype, config) -> dict:
+    import copy
+
+    x = torch.randn(1, config.max_source_positions, config.d_model, device=layer.fc1.weight.device)
+    per_linear, stack = copy.deepcopy(layer), copy.deepcopy(layer).to(dtype)
+    for name, mod in list(per_linear.named_modules()):
+        if isinstance(mod, nn.Linear):
+            _set_module(per_linear, name, kernels.CastLinear(mod, dtype))
+    secs = kernels.time_calls({"fp32": lambda: layer(x, None), "per-linear": lambda: per_linear(
+        x, None), "stack": lambda: _cast_output((stack(x.to(dtype), None),), x.dtype)})
+    return {"choice": min(("per-linear", "stack"), key=secs.get), "seconds": secs,
+            "speedup": {k: secs["fp32"] / secs[k] for k in ("per-linear", "stack")}}
+
+
+@register(CompileConfig)
+def _compile(model, cfg: CompileConfig, ctx: Context) -> None:
+    # Fresh dynamo state, so that graphs of an earlier trial in this worker are not reused.
+    torch._dynamo.reset()
+    for stack in (model.model.encoder, model.model.decoder):  # not generate(): its loop is Python
+        stack.compile(mode=None if cfg.mode == "default" else cfg.mode)
+    ctx.notes.append(f"compile: encoder and decoder, mode={cfg.mode}")

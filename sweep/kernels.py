@@ -1,0 +1,299 @@
+"""Implementations of each quantization scheme for one Linear, and a chooser that times them.
+
+The fastest implementation depends on the CPU (VNNI, AMX, avx512_bf16), threads and shape: it is
+measured once per machine and cached in `$HYPER_CACHE` (default ~/.cache/hyper)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# A candidate whose output is this far (relative L2) from fp32 on random data is broken here.
+MAX_REL_ERR = 0.25
+_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
+          "amx_int8", "amx_fp16")
+
+
+class KernelError(RuntimeError):
+    """No implementation of a scheme works for a shape on this machine."""
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One way to run a scheme: `build(linear, stats)` returns a module replacing `linear`."""
+    name: str
+    build: Callable[[nn.Linear, dict | None], nn.Module]
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+
+IMPLS: dict[str, list[Impl]] = {}  # scheme -> candidates
+
+
+def impl(scheme: str, name: str, devices: tuple[str, ...] = ("cpu", "cuda")):
+    def deco(build):
+        IMPLS.setdefault(scheme, []).append(Impl(name, build, devices))
+        return build
+    return deco
+
+
+def fresh(linear: nn.Linear, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A private copy, so that a weight shared with another module (head = embeddings) stays."""
+    new = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None, "meta")
+    dtype = dtype or linear.weight.dtype
+    for name in ("weight", "bias"):
+        if (t := getattr(linear, name)) is not None:
+            setattr(new, name, nn.Parameter(t.detach().to(dtype, copy=True), requires_grad=False))
+    return new
+
+
+class CastLinear(nn.Module):
+    """Runs the Linear in `dtype`; activations are cast at its boundary, output back to input's."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, autocast: bool = False):
+        super().__init__()
+        self.dtype, self.autocast = dtype, autocast
+        # Autocast casts the fp32 weight on every call; casting keeps a copy in `dtype`.
+        self.linear = fresh(linear) if autocast else fresh(linear, dtype)
+
+    def forward(self, x):
+        if self.autocast:
+            with torch.autocast(x.device.type, dtype=self.dtype):
+                return self.linear(x).to(x.dtype)
+        return self.linear(x.to(self.dtype)).to(x.dtype)
+
+
+for _dt, _dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+    impl(_dt, f"cast-{_dt}")(lambda lin, stats, d=_dtype: CastLinear(lin, d))
+    impl(f"autocast_{_dt}", f"autocast-{_dt}")(lambda lin, st, d=_dtype: CastLinear(lin, d, True))
+
+
+@impl("dynamic_int8", "torch.ao.quantize_dynamic", devices=("cpu",))
+def _ao_dynamic(linear, stats):
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated, still the fastest here
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(nn.Sequential(fresh(linear)), {nn.Linear}, dtype=torch.qint8)[0]
+
+
+def _torchao(config: str, kwargs: Callable = lambda tq: {}):
+    """A builder applying torchao `config` (kwargs made once torchao is imported) to a copy."""
+    def build(linear, stats):
+        import torchao.quantization as tq
+
+        new = fresh(linear)
+        tq.quantize_(new, getattr(tq, config)(**kwargs(tq)))
+        return new
+    return build
+
+
+# set_inductor_config=False: it would change global inductor settings for later trials.
+impl("dynamic_int8", "torchao.Int8DynamicActivationInt8Weight")(_torchao(
+    "Int8DynamicActivationInt8WeightConfig", lambda tq: {"set_inductor_config": False}))
+impl("int8_weight_only", "torchao.Int8WeightOnly")(_torchao(
+    "Int8WeightOnlyConfig", lambda tq: {"set_inductor_config": False}))
+for _packing in ("UNPACKED_TO_INT8", "OPAQUE_TORCHAO_AUTO"):  # the opaque one needs its C++ lib
+    impl("int8_act_int4_weight", f"torchao.Int8DynActInt4Weight(g32,{_packing.lower()})")(
+        _torchao("Int8DynamicActivationIntxWeightConfig", lambda tq, p=_packing: {
+            "weight_dtype": torch.int4, "weight_granularity": tq.PerGroup(32),
+            "intx_packing_format": getattr(tq.quant_api.IntxPackingFormat, p)}))
+
+
+class StaticInt8Linear(nn.Module):
+    """torch.ao static int8: uint8 activations with a calibrated per-tensor scale (affine),
+    int8 per-channel weights; fp32 in and out like the Linear it replaces."""
+
+    def __init__(self, linear: nn.Linear, stats: dict):
+        super().__init__()
+        with warnings.catch_warnings():  # torch.ao.nn.quantized is deprecated
+            warnings.simplefilter("ignore")
+            from torch.ao.nn.quantized import Linear as QLinear
+        w = linear.weight.detach().float()
+        w_scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-8).double()
+        qw = torch.quantize_per_channel(w, w_scale, torch.zeros_like(w_scale, dtype=torch.long),
+                                        0, torch.qint8)
+        self.in_scale, self.in_zp = _affine(stats["in_min"], stats["in_max"])
+        self.q = QLinear(linear.in_features, linear.out_features, dtype=torch.qint8)
+        self.q.set_weight_bias(qw, None if linear.bias is None else linear.bias.detach().float())
+        self.q.scale, self.q.zero_point = _affine(stats["out_min"], stats["out_max"])
+
+    def forward(self, x):
+        qx = torch.quantize_per_tensor(x.float(), self.in_scale, self.in_zp, torch.quint8)
+        return self.q(qx).dequantize().to(x.dtype)
+
+
+def _affine(lo: float, hi: float) -> tuple[float, int]:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)  # zero must be exact (padding, ReLU-free GELU tails)
+    scale = max(hi - lo, 1e-8) / 255
+    return scale, int(round(-lo / scale))
+
+
+impl("static_int8", "torch.ao.quantized.Linear", devices=("cpu",))(StaticInt8Linear)
+
+
+def _static_kwargs(tq, stats, device):
+    amax = max(abs(stats["in_min"]), abs(stats["in_max"]), 1e-8)
+    # torchao wants the scale to have the activation's rank; Whisper's are (batch, time, dim).
+    return {"act_quant_scale": torch.full((1, 1, 1), amax / 127, device=device),
+            "granularity": [tq.PerTensor(), tq.PerRow()], "set_inductor_config": False}
+
+
+impl("static_int8", "torchao.Int8StaticActivationInt8Weight")(lambda lin, stats: _torchao(
+    "Int8StaticActivationInt8WeightConfig",
+    lambda tq: _static_kwargs(tq, stats, lin.weight.device))(lin, stats))
+
+
+def _bnb(linear, nf4: bool):
+    import bitsandbytes as bnb
+
+    w, has_bias = linear.weight.detach().cpu().clone(), linear.bias is not None
+    if nf4:
+        new = bnb.nn.Linear4bit(*w.shape[::-1], has_bias, torch.bfloat16, quant_type="nf4")
+        new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    else:
+        new = bnb.nn.Linear8bitLt(*w.shape[::-1], has_bias, False, threshold=6.0)
+        new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    if has_bias:
+        new.bias = nn.Parameter(linear.bias.detach().cpu().clone(), requires_grad=False)
+    return new.to(linear.weight.device)  # bitsandbytes quantizes while moving to the GPU
+
+
+impl("bnb_int8", "bitsandbytes.Linear8bitLt", ("cuda",))(lambda lin, st: _bnb(lin, False))
+impl("bnb_nf4", "bitsandbytes.Linear4bit(nf4)", ("cuda",))(lambda lin, st: _bnb(lin, True))
+
+
+def fingerprint(device: str = "cpu") -> str:
+    """What a timing holds for: CPU model and ISA flags (or the GPU), torch/torchao versions."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        flags = ["sm%d%d" % torch.cuda.get_device_capability()]
+    else:
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        name = (re.findall(r"model name\s*:\s*(.*)", info) or [os.uname().machine])[0].strip()
+        have = set((re.findall(r"flags\s*:\s*(.*)", info) or [""])[0].split())
+        flags = [f for f in _FLAGS if f in have]
+    ao = importlib.util.find_spec("torchao") and importlib.metadata.version("torchao")
+    digest = hashlib.sha1(f"{name}|{flags}|{torch.__version__}|{ao}".encode()).hexdigest()[:10]
+    return f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')[:40]}-{digest}"
+
+
+def cache_path(device: str = "cpu") -> Path:
+    root = Path(os.environ.get("HYPER_CACHE") or Path.home() / ".cache" / "hyper")
+    return root / f"kernels-{fingerprint(device)}.json"
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(path: Path, key: str, entry: dict) -> None:
+    # Several trial workers may measure at once: merge with what is there, replace atomically.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _load(path) | {key: entry}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def time_calls(fns: dict[str, Callable[[], object]], *, budget_s: float = 0.5,
+               rounds: tuple[int, int] = (5, 40), sample_s: float = 2e-3) -> dict[str, float]:
+    """Median seconds per call; variants interleaved per round, as the CPU is shared and noisy.
+    Fast calls are repeated within one sample (>= `sample_s`), so timer noise does not rule."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def once(fn, reps=1):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return sync() or (time.perf_counter() - t0) / reps
+
+    with torch.inference_mode():
+        reps = {}
+        for k, fn in fns.items():
+            once(fn)  # warm-up: packing, compilation, caches
+            reps[k] = max(1, min(1000, int(sample_s / max(once(fn), 1e-7))))
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        stop = time.perf_counter() + budget_s
+        for r in range(rounds[1]):
+            for k, fn in fns.items():
+                samples[k].append(once(fn, reps[k]))
+            if r + 1 >= rounds[0] and time.perf_counter() > stop:
+                break
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def choose_cached(key: str, measure: Callable[[], dict], *, device: str = "cpu",
+                  valid: Callable[[dict], bool] = lambda entry: True) -> dict:
+    """The cache entry under `key`, measuring (and storing) it first when missing or stale."""
+    path = cache_path(device)
+    entry = _load(path).get(key)
+    if entry is None or not valid(entry):
+        entry = measure()
+        _store(path, key, entry)
+    return entry
+
+
+def choose(scheme: str, linear: nn.Linear, tokens: int, *,
+           compiled: bool = False) -> tuple[Impl, dict]:
+    """The fastest working implementation of `scheme` for `linear`'s shape on `tokens` rows,
+    and its cache entry (seconds and speed-ups vs fp32 of every candidate, failures)."""
+    device = linear.weight.device.type
+    cands = {i.name: i for i in IMPLS.get(scheme, []) if device in i.devices}
+    if not cands:
+        raise KernelError(f"no implementation of {scheme} runs on {device}")
+    key = (f"{scheme}|{linear.in_features}x{linear.out_features}|t{tokens}"
+           f"|th{torch.get_num_threads()}|{device}|{'compiled' if compiled else 'eager'}")
+    entry = choose_cached(key, lambda: _measure(cands, linear, tokens, compiled), device=device,
+                          valid=lambda e: set(e.get("tried", ())) == set(cands))  # same candidates
+    if entry["choice"] is None:
+        raise KernelError(f"no implementation of {scheme} works here: "
+                          + "; ".join(f"{k}: {v}" for k, v in entry["failed"].items()))
+    return cands[entry["choice"]], entry
+
+
+def _measure(cands: dict[str, Impl], linear: nn.Linear, tokens: int, compiled: bool) -> dict:
+    torch.manual_seed(0)
+    ref = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device).eval()
+    x = torch.randn(1, tokens, linear.in_features, device=ref.weight.device)
+    with torch.inference_mode():
+        y = ref(x)
+    stats = {"in_min": x.min().item(), "in_max": x.max().item(),
+             "out_min": y.min().item(), "out_max": y.max().item()}
+    fns, failed = {}, {}
+    for name, cand in cands.items():
+        try:
+            mod = cand.build(ref, stats).eval()
+            fn = torch.compile(mod, dynamic=False) if compiled else mod
+            with torch.inference_mode():
+                err = ((fn(x).float() - y).norm() / y.norm()).item()
+            if not err <= MAX_REL_ERR:
+                raise KernelError(f"relative error {err:.3g} > {MAX_REL_ERR}")
+            fns[name] = functools.partial(fn, x)
+        except Exception as e:  # any failure just rules the candidate out, with its reason
+            failed[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    fns["fp32"] = functools.partial(torch.compile(ref, dynamic=False) if compiled else ref, x)
+    secs = time_calls(fns) if len(fns) > 1 else {}
+    ok = [k for k in secs if k != "fp32"]
+    return {"choice": min(ok, key=secs.get) if ok else None, "seconds": secs,
+            "speedup": {k: secs["fp32"] / secs[k] for k in ok}, "failed": failed,
+            "tried": sorted(cands)}
