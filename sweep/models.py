@@ -71,23 +71,45 @@ def load_model(
 ) -> LoadedModel:
     """Load `spec` in eval mode; `cache_dir` (else $HYPER_CACHE, ~/.cache/hyper) holds the
     converted embedded model. Raises `ModelSpecError` before any expensive work on bad specs."""
+    kind = check_spec(spec)
+    if kind == "embedded":
+        return _load_embedded(spec, device, dtype, _cache_root(cache_dir))
+    if kind == "random":
+        return _load_random(spec, spec.removeprefix("random:"), device, dtype)
+    if kind == "local":
+        path = Path(spec).expanduser()
+        return LoadedModel(*_from_dir(path, device, dtype), spec, str(path.resolve()))
+    offline = _hub_offline()
+    model = WhisperForConditionalGeneration.from_pretrained(
+        spec, dtype=dtype, use_safetensors=True, local_files_only=offline
+    )
+    processor = WhisperProcessor.from_pretrained(spec, local_files_only=offline)
+    return LoadedModel(model.to(device).eval(), processor, spec, f"hub:{spec}")
+
+
+def check_spec(spec: str) -> str:
+    """Validate `spec` without loading weights; returns "embedded", "random", "local" or "hub"
+    (a Hub id costs one config.json request). Raises `ModelSpecError`."""
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(f"`spec` must be a non-empty string ({ALLOWED}), got {spec=}")
     if spec.startswith("embedded:"):
         if spec != EMBEDDED:
             raise ModelSpecError(f"`spec` embedded model must be `{EMBEDDED}`, got {spec=}")
-        return _load_embedded(spec, device, dtype, _cache_root(cache_dir))
+        _embedded_sources()
+        return "embedded"
     if spec.startswith("random:"):
-        size = spec.removeprefix("random:")
-        if size not in RANDOM_SIZES:
+        if spec.removeprefix("random:") not in RANDOM_SIZES:
             raise ModelSpecError(
                 f"`spec` random size must be one of {sorted(RANDOM_SIZES)}, got {spec=}"
             )
-        return _load_random(spec, size, device, dtype)
+        _embedded_sources()  # the tokenizer comes from the embedded data
+        return "random"
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
-        return _load_local(spec, path, device, dtype)
-    return _load_hub(spec, device, dtype)
+        _check_local(spec, path)
+        return "local"
+    _check_hub(spec)
+    return "hub"
 
 
 def embedded_ct2_dir(cache_dir=None) -> Path:
@@ -202,7 +224,7 @@ def _load_random(spec, size, device, dtype) -> LoadedModel:
     return LoadedModel(model.eval(), WhisperProcessor(fe, tok), spec, source)
 
 
-def _load_local(spec, path: Path, device, dtype) -> LoadedModel:
+def _check_local(spec, path: Path) -> None:
     if not path.is_dir():
         raise ModelSpecError(f"`spec` local path must be an existing directory, got {spec=}")
     try:
@@ -216,19 +238,22 @@ def _load_local(spec, path: Path, device, dtype) -> LoadedModel:
         )
     if not any(path.glob("*.safetensors")):  # never unpickle *.bin from a directory
         raise ModelSpecError(f"`spec` directory must hold *.safetensors weights, got {spec=}")
-    model, processor = _from_dir(path, device, dtype)
-    return LoadedModel(model, processor, spec, str(path.resolve()))
 
 
-def _load_hub(spec, device, dtype) -> LoadedModel:
+def _hub_offline() -> bool:
     from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+
+
+def _check_hub(spec) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(spec)
     except HFValidationError:
         raise ModelSpecError(f"`spec` must be one of {ALLOWED}, got {spec=}") from None
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    offline = _hub_offline()
     try:  # config.json only: a cheap check before downloading any weights
         cfg, _ = WhisperConfig.get_config_dict(spec, local_files_only=offline)
     except (OSError, ValueError) as err:
@@ -243,11 +268,6 @@ def _load_hub(spec, device, dtype) -> LoadedModel:
     if cfg.get("model_type") != "whisper":
         got = cfg.get("model_type")
         raise ModelSpecError(f"`spec` Hub id must be a Whisper model, got {spec=} ({got=})")
-    model = WhisperForConditionalGeneration.from_pretrained(
-        spec, dtype=dtype, use_safetensors=True, local_files_only=offline
-    )
-    processor = WhisperProcessor.from_pretrained(spec, local_files_only=offline)
-    return LoadedModel(model.to(device).eval(), processor, spec, f"hub:{spec}")
 
 
 def _from_dir(path: Path, device, dtype):

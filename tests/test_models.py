@@ -15,6 +15,7 @@ from sweep.models import (
     RANDOM_SIZES,
     ModelSpecError,
     _atomic_dir,
+    check_spec,
     embedded_ct2_dir,
     load_model,
 )
@@ -355,9 +356,17 @@ def test_whisper_directory_without_safetensors(tmp_path):
     ],
 )
 def test_bad_specs(spec, match):
-    with pytest.raises(ModelSpecError) as err:
-        load_model(spec)
-    assert match in str(err.value) and repr(spec) in str(err.value)
+    for check in (check_spec, load_model):  # the cheap check and the loader say the same
+        with pytest.raises(ModelSpecError) as err:
+            check(spec)
+        assert match in str(err.value) and repr(spec) in str(err.value)
+
+
+def test_check_spec_kinds(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # not read: no weights are loaded
+    assert [check_spec(s) for s in ("embedded:whisper-base", "random:large-v3", str(tmp_path))] \
+        == ["embedded", "random", "local"]
 
 
 def test_unknown_hub_id_offline(monkeypatch):
