@@ -1,0 +1,376 @@
+"""Exported checkpoints: `save_checkpoint` writes one, `load` gives back a model that transcribes
+exactly as the trial did. torch + transformers only (no MLflow, no Ray): serving needs no more.
+
+A checkpoint is the Hugging Face layout (safetensors weights, config, generation config,
+processor) plus `recipe.json`, `metrics.json` and a model card `README.md`. What changes weights
+(FFN shrinking, pruning) is baked into them; what cannot be saved as plain weights (quantized
+modules, compiled graphs) is re-applied at load from `recipe.json` by `sweep.compress`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .recipe import TECHNIQUES, Recipe, RecipeError
+
+FORMAT_VERSION = 1
+KNOWN = (1,)  # recipe.json layouts this version reads
+DESCRIPTIVE = ("recipe.json", "metrics.json", "README.md")  # not hashed: written after weights
+_KEYS = {"format_version", "recipe", "baked", "reapplied", "dtype", "config_shapes",
+         "calibration", "trial_kernels", "files", "digest"}
+_SHAPES = ("d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim",
+           "vocab_size", "num_mel_bins")
+_STATS = ("in_min", "in_max", "out_min", "out_max", "calls")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or loaded as it is; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class Handling:
+    """How one technique survives export: `baked` into the saved weights, and/or `reapplied`
+    at load (a predicate on its config), and why."""
+    baked: bool
+    reapplied: Callable[[object], bool]
+    why: str
+
+
+# Every technique of sweep.recipe must be declared here, so a new one cannot be exported wrongly.
+HANDLING: dict[str, Handling] = {
+    "struct": Handling(True, lambda cfg: False, "neurons removed from the weights; config.json "
+                       "records the new FFN widths, so plain `from_pretrained` loads it"),
+    # Re-pruning 2:4 weights picks the same zeros again; it restores the sparse (CUDA) storage.
+    "prune": Handling(True, lambda cfg: cfg.pattern == "2:4", "zeros saved in the weights"
+                      " (2:4: also re-applied at load for the semi-structured sparse storage)"),
+    "quant": Handling(False, lambda cfg: True, "re-applied at load: quantized modules are not "
+                      "plain safetensors and the fastest kernel is chosen per machine"),
+    "compile": Handling(False, lambda cfg: True, "re-applied at load: compiled graphs cannot be "
+                        "saved; the first call compiles"),
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What `load` returns; `model`/`processor` like `sweep.models.LoadedModel`."""
+    model: nn.Module
+    processor: object
+    recipe: Recipe
+    path: Path
+    kernels: dict = field(default_factory=dict)  # layer type -> implementation, here
+    notes: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # recipe.json
+    metrics: dict = field(default_factory=dict)  # metrics.json
+    spec: str = ""
+    source: str = ""
+
+
+def split(recipe: Recipe) -> tuple[Recipe, Recipe, list[str], list[str]]:
+    """(recipe of the baked parts, recipe re-applied at load, baked names, re-applied names)."""
+    missing = [p for p in TECHNIQUES if p not in HANDLING]
+    if missing:
+        raise CheckpointError(f"technique(s) {missing} have no export handling in "
+                              "sweep.checkpoint.HANDLING: declare whether they are baked")
+    baked, again = [], []
+    bake_parts, load_parts = {}, {}
+    for prefix, cls in TECHNIQUES.items():
+        cfg, how = getattr(recipe, prefix), HANDLING[prefix]
+        active = cfg.active
+        baked += [prefix] if active and how.baked else []
+        again += [prefix] if active and how.reapplied(cfg) else []
+        bake_parts[prefix] = cfg if how.baked else cls()
+        load_parts[prefix] = cfg if active and how.reapplied(cfg) else cls()
+    return (Recipe(device=recipe.device, **bake_parts), Recipe(device=recipe.device, **load_parts),
+            baked, again)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(info: dict) -> str:
+    # Integrity against edits and mix-ups, not a signature: anyone may recompute it.
+    body = {k: v for k, v in info.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _densify(model: nn.Module) -> None:
+    """Semi-structured sparse weights (2:4 on CUDA) back to dense tensors for safetensors."""
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, nn.Linear) and type(w.data) is not torch.Tensor and hasattr(
+                w, "to_dense"):
+            mod.weight = nn.Parameter(w.to_dense(), requires_grad=False)
+
+
+def _capture_calibration(model, recipe: Recipe, calibrate) -> dict:
+    """Run calibration once (as the trial did) and keep every observed layer's min/max, so
+    loading needs no audio and gets the very same static int8 scales."""
+    from .compress import Observer, apply_recipe
+
+    stats = {}
+
+    def observe(m):
+        calibrate(m)
+        stats.update({n: {k: o.calls if k == "calls" else o.stats[k] for k in _STATS}
+                      for n, o in m.named_modules() if isinstance(o, Observer)})
+
+    apply_recipe(copy.deepcopy(model), replace(recipe, compile=type(recipe.compile)()),
+                 calibrate=observe)
+    return stats
+
+
+def _replay(stats: dict):
+    def calibrate(model):
+        from .compress import Observer
+
+        for name, obs in model.named_modules():
+            if isinstance(obs, Observer):
+                if name not in stats:
+                    raise CheckpointError(f"`recipe.json` calibration has no scales for {name}")
+                obs.stats.update({k: stats[name][k] for k in _STATS if k != "calls"})
+                obs.calls = int(stats[name]["calls"])
+    return calibrate
+
+
+def save_checkpoint(base_model: nn.Module, processor, recipe: Recipe, out_dir, *,
+                    metrics: dict | None = None, calibrate: Callable | None = None,
+                    trial_kernels: dict | None = None, overwrite: bool = False) -> Path:
+    """Bake `recipe`'s weight-changing parts into a copy of the uncompressed `base_model` and
+    write the checkpoint to `out_dir`. `calibrate(model)` runs calibration audio (static int8
+    only); `metrics` (trial figures, baseline, data...) goes to metrics.json and the card."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"`out_dir` {out} is not empty: choose a new folder or overwrite")
+    bake, again, baked, reapplied = split(recipe)
+    from .compress import apply_recipe
+
+    model = apply_recipe(copy.deepcopy(base_model), bake).model
+    _densify(model)
+    stats = None
+    if "static_int8" in again.quant.by_layer_type().values():
+        if calibrate is None:
+            raise CheckpointError("static_int8 needs `calibrate` at export (the trial's "
+                                  "calibration audio): its scales are stored in recipe.json")
+        stats = _capture_calibration(model, again, calibrate)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in DESCRIPTIVE:  # stale ones of an overwritten export
+        (out / name).unlink(missing_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    info = {"format_version": FORMAT_VERSION, "recipe": json.loads(recipe.to_json()),
+            "baked": baked, "reapplied": reapplied, "dtype": dtype,
+            "config_shapes": {k: getattr(model.config, k) for k in _SHAPES},
+            "calibration": stats, "trial_kernels": trial_kernels,
+            "files": {p.name: sha256(p) for p in sorted(out.iterdir())
+                      if p.is_file() and p.name not in DESCRIPTIVE}}
+    info["digest"] = _digest(info)
+    (out / "recipe.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    write_metrics(out, {**(metrics or {}), "environment": environment(),
+                        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return out
+
+
+def write_metrics(out, metrics: dict) -> None:
+    """metrics.json and the model card (README.md) that shows them, rewritten together."""
+    out = Path(out)
+    info = json.loads((out / "recipe.json").read_text(encoding="utf-8"))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False,
+                                                 default=str) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(model_card(info, metrics), encoding="utf-8")
+
+
+def environment() -> dict:
+    """Hardware and library versions of the exporting machine (figures hold for them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    libs = {}
+    for pkg in ("torch", "torchao", "transformers", "safetensors", "hyper-sweep"):
+        try:
+            libs[pkg] = version(pkg)
+        except PackageNotFoundError:
+            libs[pkg] = "missing"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in
+                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": __import__("os").cpu_count(), "gpu": gpu,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(), "versions": libs}
+
+
+# ---- model card ------------------------------------------------------------------------------
+
+_ROWS = (("WER", "wer", ".3f"), ("CER", "cer", ".3f"), ("latency, median (s)", "latency_median_s",
+         ".3f"), ("latency, p90 (s)", "latency_p90_s", ".3f"), ("real-time factor", "rtf", ".3f"),
+         ("size in memory (MB)", "param_mb", ".0f"))
+
+
+def _num(x, spec: str) -> str:
+    return "—" if not isinstance(x, (int, float)) else format(x, spec)
+
+
+def model_card(info: dict, metrics: dict) -> str:
+    """README.md: figures against the baseline (percent only here), how to load, the recipe."""
+    recipe = Recipe.from_json(json.dumps(info["recipe"]))
+    fig, base = metrics.get("figures") or {}, metrics.get("baseline") or {}
+    data, env = metrics.get("data") or {}, metrics.get("environment") or {}
+    out = [f"# Whisper, {recipe.describe()} — exported by HYPER", "",
+           f"Base model: `{metrics.get('model', {}).get('spec', '?')}`; trial "
+           f"`{metrics.get('trial', {}).get('run_id', '?')}` of sweep "
+           f"`{metrics.get('trial', {}).get('sweep', '?')}`.", "",
+           "| figure | this checkpoint | baseline | change |", "|---|---:|---:|---:|"]
+    for label, key, spec in _ROWS:
+        t, b = fig.get(key), base.get(key)
+        if t is None and b is None:
+            continue
+        ok = isinstance(t, (int, float)) and isinstance(b, (int, float)) and b
+        out.append(f"| {label} | {_num(t, spec)} | {_num(b, spec)} | "
+                   f"{f'{t / b - 1:+.1%}' if ok else '—'} |")
+    if isinstance(fig.get("speedup"), (int, float)):
+        out.append(f"| speed-up | {fig['speedup']:.2f}x | 1.00x | |")
+    out += ["", f"Measured on `{data.get('dataset', '?')}` ({data.get('n_utterances', '?')} "
+            f"utterances, language {data.get('language') or 'per utterance'}) with "
+            f"{fig.get('threads', '?')} threads on {env.get('cpu', '?')}; "
+            + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + "."]
+    if metrics.get("verify"):
+        v = metrics["verify"]
+        out += ["", f"Re-measured after export: WER {_num(v.get('wer'), '.3f')}, CER "
+                f"{_num(v.get('cer'), '.3f')}, latency {_num(v.get('latency_median_s'), '.3f')}"
+                f" s ({'identical transcripts' if v.get('match') else 'DIFFERS from the trial'})."]
+    out += ["", "## Recipe", ""]
+    for prefix in TECHNIQUES:
+        cfg = getattr(recipe, prefix)
+        if cfg.active:
+            out.append(f"- **{cfg.describe()}** — {HANDLING[prefix].why}.")
+    if info.get("calibration"):
+        out.append("- static int8 scales are stored in `recipe.json`: no calibration at load.")
+    if recipe.is_baseline:
+        out.append("- none: the base model's weights, unchanged.")
+    plain = ("is exactly the measured model" if not info["reapplied"] else
+             f"gives the baked weights only, without {' and '.join(info['reapplied'])}")
+    out += ["", f"Device: {recipe.device}. Full recipe: `recipe.json`; figures, data set, "
+            "hardware and versions: `metrics.json`.", "", "## Load", "", "```python",
+            "import sweep", "", "ck = sweep.load(\"path/to/this/dir\")  # checks recipe.json and "
+            "file hashes, re-applies the rest", "# ck.model, ck.processor, ck.recipe",
+            "from sweep.transcribe import transcribe_files",
+            "print(transcribe_files(ck, [\"audio.wav\"])[0][\"text\"])", "```", "",
+            "```bash", "python -m sweep.transcribe --checkpoint path/to/this/dir audio.wav", "```",
+            "", f"Plain `WhisperForConditionalGeneration.from_pretrained(dir)` {plain}.", ""]
+    return "\n".join(out)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def read_info(path) -> tuple[dict, Recipe]:
+    """recipe.json checked against the schema: version, keys, recipe values, baked parts, and
+    its digest (an edited recipe no longer describes what was measured)."""
+    f = Path(path) / "recipe.json"
+    try:
+        info = json.loads(f.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path} is not a HYPER checkpoint: no readable recipe.json "
+                              f"({e.strerror})") from None
+    except ValueError as e:
+        raise CheckpointError(f"`recipe.json` is not valid JSON: {e}") from None
+    v = info.get("format_version") if isinstance(info, dict) else None
+    if v not in KNOWN or isinstance(v, bool):
+        newer = isinstance(v, int) and v > max(KNOWN)
+        raise CheckpointError(f"`recipe.json` format_version must be one of {KNOWN}, got {v=}"
+                              + ("; written by a newer HYPER: upgrade hyper-sweep to load it"
+                                 if newer else ""))
+    if unknown := sorted(set(info) - _KEYS):
+        raise CheckpointError(f"`recipe.json` has unknown key(s) {unknown}; known: "
+                              f"{sorted(_KEYS)}")
+    if missing := sorted(_KEYS - set(info)):
+        raise CheckpointError(f"`recipe.json` lacks key(s) {missing}")
+    try:
+        recipe = Recipe.from_json(json.dumps(info["recipe"]))
+    except (RecipeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"`recipe.json` holds an invalid recipe: {e}") from None
+    _, _, baked, again = split(recipe)
+    if [info["baked"], info["reapplied"]] != [baked, again]:
+        raise CheckpointError(f"`recipe.json` baked={info['baked']} reapplied="
+                              f"{info['reapplied']} do not match its recipe ({baked}, {again})")
+    if not isinstance(info["files"], dict) or not any(
+            str(n).endswith(".safetensors") for n in info["files"]):
+        raise CheckpointError("`recipe.json` files must list the *.safetensors weights")
+    if not isinstance(getattr(torch, str(info["dtype"]), None), torch.dtype):
+        raise CheckpointError(f"`recipe.json` dtype must name a torch dtype, got {info['dtype']!r}")
+    if info["digest"] != _digest(info):
+        raise CheckpointError("`recipe.json` was edited after export (its digest does not match "
+                              "its content), so it no longer describes what was measured: "
+                              "export the trial again")
+    return info, recipe
+
+
+def check_files(path: Path, info: dict) -> None:
+    for name, digest in info["files"].items():
+        p = path / name
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint file `{name}` is missing from {path}")
+        if sha256(p) != digest:
+            raise CheckpointError(f"`{name}` changed after export (its sha256 is not the one in "
+                                  "recipe.json): it no longer matches the measured recipe")
+
+
+def load(path, device: str | None = None) -> Checkpoint:
+    """An exported checkpoint, validated, with the non-baked parts of its recipe re-applied.
+    Weights come from safetensors only (never pickle), never with remote code. `device`:
+    default the recipe's; another one is allowed when the recipe is valid there."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from .compress import apply_recipe
+    from .models import _no_progress_bars
+
+    path = Path(path).expanduser()
+    info, recipe = read_info(path)
+    check_files(path, info)
+    if device is not None and device != recipe.device:
+        try:
+            recipe = replace(recipe, device=device)
+        except RecipeError as e:
+            raise CheckpointError(f"`device`={device!r} cannot run this recipe: {e}") from None
+    with _no_progress_bars():
+        model = WhisperForConditionalGeneration.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False, local_files_only=True,
+            dtype=getattr(torch, info["dtype"]))
+        processor = WhisperProcessor.from_pretrained(path, local_files_only=True)
+    shapes = {k: getattr(model.config, k) for k in _SHAPES}
+    if shapes != info["config_shapes"]:
+        raise CheckpointError(f"config.json shapes {shapes} do not match recipe.json's "
+                              f"{info['config_shapes']}")
+    _, again, _, _ = split(recipe)
+    calibrate = _replay(info["calibration"]) if info["calibration"] else None
+    applied = apply_recipe(model.to(recipe.device).eval(), again, calibrate=calibrate)
+    notes = list(applied.notes)
+    if info["trial_kernels"] and applied.kernels != info["trial_kernels"]:
+        differ = {t: (k, applied.kernels.get(t)) for t, k in info["trial_kernels"].items()
+                  if applied.kernels.get(t) != k}
+        notes.append(f"kernels differ from the trial's (trial, here): {differ}; transcripts "
+                     "may differ slightly from the measured ones")
+        warnings.warn(notes[-1], stacklevel=2)
+    mfile = path / "metrics.json"
+    metrics = json.loads(mfile.read_text(encoding="utf-8")) if mfile.is_file() else {}
+    return Checkpoint(applied.model, processor, recipe, path, dict(applied.kernels), notes, info,
+                      metrics, spec=str(path), source=f"HYPER checkpoint {path.resolve()}")
