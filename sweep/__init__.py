@@ -5,3 +5,11 @@ MLflow, so it runs on a bare GPU machine with only torch and transformers.
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, device=None):
+    """An exported checkpoint (`python -m sweep.export`): `.model`, `.processor`, `.recipe`.
+    Lazy, so `import sweep` stays light; see `sweep.checkpoint.load`."""
+    from .checkpoint import load as _load
+
+    return _load(path, device=device)
