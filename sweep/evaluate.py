@@ -98,7 +98,8 @@ def zero_share(model) -> float:
     zeros = total = 0
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        plain = isinstance(w, torch.Tensor) and w.is_floating_point()
+        # Quantized tensor subclasses (torchao) do not support `== 0`; they hold no pruning.
+        plain = type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_floating_point()
         if isinstance(mod, torch.nn.Linear) and plain:
             zeros += int((w == 0).sum())
             total += w.numel()

@@ -82,6 +82,9 @@ def run(args) -> dict:
 
     from . import search, worker
 
+    # A failed trial reports no objectives; HyperSearch tells Optuna it failed.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
     space, evalset, root, uri = validate(args)
     name = args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     resources = search.init_ray(args.address)
@@ -150,8 +153,9 @@ def finish(args, space, name, grid, wall, uri, exp_id, parent, root) -> dict:
     if not ok:
         raise RuntimeError(f"sweep {name}: no trial finished; errors: "
                            f"{[r['error'] for r in rows][:3]}")
-    baseline = next((r for r in ok if all(v in ("none", 0, 0.0, "cpu", False, "inherit")
-                                           for v in r["recipe"].values())), None)
+    from .recipe import Recipe
+
+    baseline = next((r for r in ok if Recipe.from_flat(r["recipe"]).is_baseline), None)
     base_figs = dict(ok[0]["baseline"])
     if baseline is not None:
         base_figs.update({k: baseline[k] for k in ("wer", "cer", "latency_median_s")})
@@ -180,6 +184,9 @@ def finish(args, space, name, grid, wall, uri, exp_id, parent, root) -> dict:
         tracking.retry(client.log_artifact, parent, str(f), "front")
     tracking.retry(client.set_terminated, parent, status="FINISHED")
     print(pareto.format_table(front, base_figs))
+    if not front:
+        print(f"no finished trial meets the constraints {dict(space.constraints)}; "
+              f"see {out / 'trials.csv'} for all {len(ok)} of them")
     print(f"\n{len(ok)}/{len(rows)} trials ok, front of {len(front)}, hypervolume {hv:.4f}; "
           f"wall {wall:.0f}s for {trial_sum:.0f}s of trials. Files: {out}")
     print(f"Compare trials in MLflow: python -m sweep.ui --root {root}")

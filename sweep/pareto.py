@@ -150,6 +150,8 @@ def _candidates(rows: Iterable[Mapping], objectives, constraints, baseline):
             continue
         keep.append(row)
         losses.append(vec)
+    if not keep:  # nothing feasible: an empty front, not a reshape error
+        return keep, np.zeros((0, len(_norm_objectives(objectives))))
     return keep, np.asarray(losses, dtype=float).reshape(len(keep), -1)
 
 

@@ -39,21 +39,16 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
     return ray.cluster_resources()
 
 
-def make_sampler(name: str, seed: int | None, constraints_func):
+def make_sampler(name: str, seed: int | None):
+    # Constraints reach TPE and NSGA-II through `trial.set_constraint` (optuna 5), see HyperSearch.
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_func,
-                                          multivariate=True, group=True, n_startup_trials=5)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          n_startup_trials=5)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func,
-                                             population_size=8)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"`--sampler` must be one of {SAMPLERS}, got {name=}")
-
-
-def _constraint_of(frozen: optuna.trial.FrozenTrial) -> list[float]:
-    # Set by HyperSearch before `tell`; a trial without figures counts as infeasible.
-    return frozen.user_attrs.get("constraint", [1.0])
 
 
 class HyperSearch(OptunaSearch):
@@ -61,8 +56,8 @@ class HyperSearch(OptunaSearch):
 
     Ray's OptunaSearch only reports objective values: a failed trial (reported without
     them) would stay RUNNING in the study, and a constrained sampler would never see the
-    constraint. Here each finished trial gets its constraint values as a user attribute,
-    read back by the sampler's `constraints_func`.
+    constraint. Here each finished trial gets its constraint values (`trial.set_constraint`,
+    <= 0 feasible) before `tell`, which TPE and NSGA-II read back.
     """
 
     def __init__(self, *args, space_obj=None, **kwargs):
@@ -74,16 +69,28 @@ class HyperSearch(OptunaSearch):
         if ot_trial is None or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)
         ok = bool(result) and result.get("status") == "ok"
-        if ok and self._space_obj is not None:
+        if ok and self._space_obj is not None and self._space_obj.constraints:
             base = result.get("baseline") or {}
-            ot_trial.set_user_attr("constraint", list(self._space_obj.violation(result, base))
-                                   or [0.0])
+            values = self._space_obj.violation(result, base)
+            for key, value in zip(self._space_obj.constraints, values):
+                ot_trial.set_constraint(key, value)
         if ok:
             ot_trial.set_user_attr("run_id", result.get("run_id"))
+            ot_trial.set_user_attr("speedup", result.get("speedup"))
             return super().on_trial_complete(trial_id, result, error)
         ot_trial.set_user_attr("error", str((result or {}).get("error", "error"))[:2000])
         self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
         self._completed_trials.add(trial_id)
+
+
+class DefineByRun:
+    """The space's define-by-run function; a class, since Tune pickles the searcher."""
+
+    def __init__(self, space, devices: set[str]):
+        self.space, self.devices = space, set(devices)
+
+    def __call__(self, trial):
+        return self.space.sample(trial, devices=self.devices)
 
 
 def make_searcher(space, *, sampler: str, seed: int | None, storage: str | None,
@@ -92,10 +99,10 @@ def make_searcher(space, *, sampler: str, seed: int | None, storage: str | None,
     modes = [d for _, d in space.objectives]
     ot_storage = optuna.storages.RDBStorage(storage) if storage else None
     return HyperSearch(
-        space=lambda trial: space.sample(trial, devices=devices),
+        space=DefineByRun(space, devices),
         metric=metrics, mode=modes,
-        sampler=make_sampler(sampler, seed, _constraint_of if space.constraints else None),
-        points_to_evaluate=[space.baseline()], seed=seed,
+        sampler=make_sampler(sampler, seed),
+        points_to_evaluate=[space.baseline()],
         study_name=study_name, storage=ot_storage, space_obj=space)
 
 
@@ -111,9 +118,10 @@ def resources_for(cpus_per_trial: int):
 class Progress(tune.Callback):
     """One line per finished trial: done/running/failed, front size, time left."""
 
-    def __init__(self, total: int, time_budget: float | None, front_size, stream=sys.stderr):
+    def __init__(self, total: int, time_budget: float | None, front_size):
+        # No stream attribute: Tune pickles callbacks with its experiment state.
         self.total, self.budget, self.front_size = total, time_budget, front_size
-        self.t0, self.done, self.failed, self.stream = time.time(), 0, 0, stream
+        self.t0, self.done, self.failed = time.time(), 0, 0
         self.rows: list[dict] = []
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -130,8 +138,8 @@ class Progress(tune.Callback):
         what = (f"wer {result['wer']:.3f} latency {result['latency_median_s']:.3f}s "
                 f"speedup {result['speedup']:.2f}x" if ok else
                 f"FAILED {str(result.get('error', ''))[:80]}")
-        self.stream.write(
+        sys.stderr.write(
             f"[{self.done}/{self.total}] running {max(0, running)} failed {self.failed} "
             f"front {self.front_size(self.rows)} | {elapsed:.0f}s, ~{left:.0f}s left | "
             f"{trial.trial_id}: {what}\n")
-        self.stream.flush()
+        sys.stderr.flush()

@@ -56,3 +56,42 @@ def real_model():
     from sweep.models import load_model
 
     return load_model("embedded:whisper-base")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A tiny random Whisper saved as a local checkpoint (real processor): fast sweeps."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from sweep.models import load_model
+
+    proc = load_model("random:tiny").processor
+    torch.manual_seed(0)
+    cfg = WhisperConfig(
+        vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=448,
+        decoder_start_token_id=50258, eos_token_id=50257, pad_token_id=50257, bos_token_id=50257,
+    )
+    model = WhisperForConditionalGeneration(cfg).eval()
+    model.generation_config = load_model("random:base").model.generation_config
+    out = tmp_path_factory.mktemp("tiny-whisper")
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def small_manifest(tmp_path_factory) -> str:
+    """Three clips of the embedded set as a manifest (absolute audio paths)."""
+    import json
+
+    src = REPO / "sweep" / "embedded" / "manifest.jsonl"
+    lines = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines()[:3]]
+    out = tmp_path_factory.mktemp("manifest") / "small.jsonl"
+    with out.open("w", encoding="utf-8") as f:
+        for rec in lines:
+            rec["audio"] = str(src.parent / rec["audio"])
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return str(out)

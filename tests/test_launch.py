@@ -1,0 +1,164 @@
+"""The sweep end to end: real Ray, real Optuna, real MLflow sqlite, a tiny real-shaped model."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from sweep import launch, pareto  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _ray_down():
+    yield
+    ray.shutdown()
+
+
+def _space(tmp_path, body: str) -> str:
+    p = tmp_path / "space.yaml"
+    p.write_text(body)
+    return str(p)
+
+
+SPACE = """
+name: test
+description: small CPU space for the tests
+params:
+  quant.scheme: {choice: [none, dynamic_int8, bf16]}
+  prune.rate: {float: [0.0, 0.5], step: 0.25}
+"""
+
+
+def _argv(tmp_path, tiny_checkpoint, small_manifest, space, *extra):
+    return ["--space", space, "--model", tiny_checkpoint, "--dataset", small_manifest,
+            "--root", str(tmp_path / "root"), "--name", "t", "--seed", "1", *extra]
+
+
+def _children(root: Path, sweep: str = "t"):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hyper")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = [r for r in runs if r.data.tags.get("hyper.kind") == "sweep"]
+    child = [r for r in runs if r.data.tags.get("hyper.kind") == "trial"]
+    return parent, child
+
+
+def test_sweep_logs_every_trial_and_writes_a_true_front(tmp_path, tiny_checkpoint,
+                                                        small_manifest):
+    space = _space(tmp_path, SPACE)
+    rc = launch.main(_argv(tmp_path, tiny_checkpoint, small_manifest, space,
+                           "--num-samples", "4"))
+    assert rc == 0
+    root = tmp_path / "root"
+    parent, child = _children(root)
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    finished = [r for r in child if r.info.status == "FINISHED"]
+    assert len(finished) == 5  # 4 sampled + the baseline
+    for r in finished:
+        assert r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert {"quant.scheme", "prune.rate"} <= set(r.data.params)
+        for m in ("wer", "cer", "dwer", "latency_median_s", "speedup"):
+            assert m in r.data.metrics
+    # The baseline runs first and measures the unmodified model.
+    first = min(finished, key=lambda r: r.info.start_time)
+    assert first.data.params["quant.scheme"] == "none"
+    assert float(first.data.params["prune.rate"]) == 0.0
+    out = root / "sweeps" / "t" / "results"
+    for f in ("pareto.csv", "trials.csv", "pareto.json", "pareto.png", "report.html",
+              "summary.json"):
+        assert (out / f).is_file(), f
+    assert (out / "pareto.csv").read_text().splitlines()[0].startswith("wer,latency_median_s")
+    # Non-dominated against every logged trial.
+    logged = [(r.data.metrics["wer"], r.data.metrics["latency_median_s"]) for r in finished]
+    front = json.loads((out / "pareto.json").read_text())["front"]
+    assert front
+    for row in front:
+        w, t = row["wer"], row["latency_median_s"]
+        assert not any(w2 <= w and t2 <= t and (w2, t2) != (w, t) for w2, t2 in logged)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] == 5 and summary["trials"] == 5
+
+
+def test_constraint_keeps_over_budget_trials_off_the_front(tmp_path, tiny_checkpoint,
+                                                           small_manifest):
+    space = _space(tmp_path, SPACE + "constraints: {min_speedup: 1.3}\n")
+    assert launch.main(_argv(tmp_path, tiny_checkpoint, small_manifest, space,
+                             "--num-samples", "3")) == 0
+    out = tmp_path / "root" / "sweeps" / "t" / "results"
+    front = json.loads((out / "pareto.json").read_text())["front"]
+    assert all(r["speedup"] >= 1.3 for r in front)
+    _, child = _children(tmp_path / "root")
+    over = [r for r in child if r.data.metrics.get("speedup", 0) < 1.3]
+    assert over  # the baseline at least (speedup ~1)
+    front_runs = {r.get("run_id") for r in front}
+    assert not front_runs & {r.info.run_id for r in over}
+    # Optuna itself was told: every finished trial carries its constraint value.
+    import optuna
+
+    study = optuna.load_study(study_name="t",
+                              storage=f"sqlite:///{tmp_path / 'root' / 'optuna.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done and all("min_speedup" in str(t.constraints) for t in done)
+    for t in done:
+        (value,) = t.constraints.values()
+        assert (value <= 0) == (t.user_attrs["speedup"] >= 1.3)
+
+
+def test_bad_space_is_refused_with_all_errors_before_anything_runs(tmp_path, tiny_checkpoint,
+                                                                   small_manifest, capsys):
+    space = _space(tmp_path, """
+params:
+  prune.rtae: {float: [0, 0.5]}
+  quant.scheme: {choice: [none, int3]}
+  prune.rate: {float: [0.5, 0.1]}
+objectivs: {wer: min}
+""")
+    rc = launch.main(_argv(tmp_path, tiny_checkpoint, small_manifest, space))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "prune.rtae" in err and "prune.rate" in err and "int3" in err and "objectivs" in err
+    assert not (tmp_path / "root").exists()  # nothing was started or written
+    assert not ray.is_initialized()
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes_and_schedules_gpu(tmp_path, tiny_checkpoint,
+                                                                      small_manifest):
+    from ray.cluster_utils import Cluster
+
+    # Cluster writes the head's address to /tmp/ray whatever temp_dir says.
+    Path("/tmp/ray").mkdir(exist_ok=True)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "temp_dir": "/tmp/hyper-ray-c", "include_dashboard": False})
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.wait_for_nodes()
+    try:
+        space = _space(tmp_path, SPACE + "  device: {choice: [cpu, cuda]}\n")
+        rc = launch.main(_argv(tmp_path, tiny_checkpoint, small_manifest, space,
+                               "--num-samples", "5", "--address", cluster.address,
+                               "--max-concurrent", "2", "--cpus-per-trial", "1"))
+        assert rc == 0
+        _, child = _children(tmp_path / "root")
+        nodes = {r.data.tags["node_id"] for r in child if r.data.tags.get("device") == "cpu"}
+        assert len(nodes) == 2, nodes
+        cuda = [r for r in child if r.data.tags.get("device") == "cuda"]
+        # Without a real GPU the trial checks what Ray gave it, on the GPU node, and says so.
+        assert cuda
+        for r in cuda:
+            assert r.data.tags["gpu_ids"] and r.data.tags["node_id"] == gpu_node.node_id
+            assert r.info.status == "FAILED" and "torch sees no CUDA" in r.data.tags["error"]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_front_table_prints_percent_only_in_text(tmp_path):
+    rows = [{"trial_id": "a", "wer": 0.2, "cer": 0.1, "dwer": 0.0, "dcer": 0.0,
+             "latency_median_s": 1.0, "speedup": 1.0, "status": "ok", "device": "cpu",
+             "recipe": {"quant.scheme": "none"}}]
+    text = pareto.format_table(rows, {"wer": 0.2, "cer": 0.1, "latency_median_s": 1.0})
+    assert "%" in text
