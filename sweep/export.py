@@ -1,0 +1,356 @@
+"""`python -m sweep.export`: turn a sweep's trial into a self-contained checkpoint.
+
+    python -m sweep.export --sweep latest --knee --out best/ --verify
+    python -m sweep.export --sweep quick-20260101-1200 --max-dwer 0.01 --out best/
+    python -m sweep.export --run <trial run id> --out best/
+
+The trial comes from MLflow (the parent run of a sweep and its finished child runs): by run id,
+or from the sweep's results by rule. Its recipe is rebuilt from the run's params and applied to
+the base model named by the parent run; the checkpoint (`sweep.checkpoint`) is logged back as
+artifacts of the trial's run and as a version of the registered model `hyper-<sweep>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cli, pareto
+from .recipe import Recipe
+
+DATA_KEYS = ("dataset", "config", "split", "audio_column", "text_column", "max_samples",
+             "language", "numbers", "warmup")
+SHOWN = 3  # closest trials listed when none meets the rule
+
+
+class ExportError(ValueError):
+    """Nothing to export as asked; the message says why (and lists the closest trials)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to pick one trial: `key` of the limit, the figure it bounds, what is best inside."""
+    flag: str
+    bounded: str | None  # figure that must be <= the limit (None: the knee of the front)
+    best: tuple[str, str]  # minimised within the bound, then the other objective
+    text: str
+
+
+RULES = {
+    "max_dwer": Rule("--max-dwer", "dwer", ("latency_median_s", "wer"),
+                     "the fastest trial with dWER <= {limit:.1%}"),
+    "max_latency": Rule("--max-latency", "latency_median_s", ("wer", "latency_median_s"),
+                        "the most accurate trial with median latency <= {limit:g} s"),
+    "knee": Rule("--knee", None, ("wer", "latency_median_s"), "the knee of the sweep's front"),
+}
+
+
+def _fmt_row(r: dict) -> str:
+    figs = (f"WER {r.get('wer', float('nan')):.3f} (dWER {r.get('dwer', float('nan')):+.1%}), "
+            f"median latency {r.get('latency_median_s', float('nan')):.3f} s, speed-up "
+            f"{r.get('speedup', float('nan')):.2f}x")
+    return f"{r['run_id']}  {pareto.describe_recipe(r['recipe'])}: {figs}"
+
+
+def pick(rows: list[dict], rule: str, limit: float | None = None, *, objectives=None,
+         constraints=None, baseline=None) -> dict:
+    """The trial row `rule` picks; ExportError listing the closest trials when none fits."""
+    r = RULES[rule]
+    if not rows:
+        raise ExportError("the sweep has no finished trial with figures")
+    if r.bounded is None:
+        front = pareto.pareto_front(rows, objectives, constraints=constraints, baseline=baseline)
+        chosen = pareto.knee(front, objectives)
+        if chosen is not None:
+            return chosen
+        over = lambda row: sum(max(0.0, v) for v in pareto.constraint_values(  # noqa: E731
+            row, constraints, baseline))
+        why, shown = f"no trial meets the sweep's constraints {constraints}", "violation"
+    else:
+        inside = [x for x in rows if x.get(r.bounded, float("inf")) <= limit]
+        if inside:
+            return min(inside, key=lambda x: tuple(x[k] for k in r.best))
+        over = lambda row: row.get(r.bounded, float("inf")) - limit  # noqa: E731
+        why = f"no trial meets {r.flag} {limit:g} ({r.text.format(limit=limit)})"
+        shown = r.bounded
+    closest = sorted(rows, key=over)[:SHOWN]
+    raise ExportError(f"{why}; the closest ({shown} over the limit):\n" + "\n".join(
+        f"  +{over(x):.4g}  {_fmt_row(x)}" for x in closest))
+
+
+# ---- MLflow -----------------------------------------------------------------------------------
+
+
+def _client(args):
+    from mlflow.tracking import MlflowClient
+
+    from . import tracking
+
+    root = Path(args.root).resolve()
+    if args.tracking_uri is None and not (root / "mlflow.db").is_file():
+        raise ExportError(f"no tracking store at {root / 'mlflow.db'}: pass --root or "
+                          "--tracking-uri of the sweep")
+    client = MlflowClient(args.tracking_uri or tracking.default_uri(root))
+    exp = client.get_experiment_by_name(tracking.EXPERIMENT)
+    if exp is None:
+        raise ExportError(f"the tracking store has no `{tracking.EXPERIMENT}` experiment")
+    return client, exp.experiment_id
+
+
+def find_sweep(client, exp_id: str, sweep: str):
+    """The parent run: `latest` (by start time), a sweep name, or a parent run id."""
+    kind = "tags.`hyper.kind` = 'sweep'"
+    if sweep == "latest":
+        found = client.search_runs([exp_id], kind, order_by=["attributes.start_time DESC"],
+                                   max_results=1)
+    else:
+        found = client.search_runs([exp_id], f"{kind} and tags.`hyper.sweep` = '{sweep}'")
+        if not found and re.fullmatch(r"[0-9a-f]{32}", sweep):
+            found = [r for r in client.search_runs([exp_id], kind, max_results=1000)
+                     if r.info.run_id == sweep]
+    if not found:
+        names = sorted({r.data.tags.get("hyper.sweep") for r in client.search_runs(
+            [exp_id], kind, max_results=1000)} - {None})
+        raise ExportError(f"`--sweep` must be latest, a sweep name or a parent run id, got "
+                          f"{sweep!r}; sweeps here: {names or 'none'}")
+    return found[0]
+
+
+def trial_rows(client, exp_id: str, parent_id: str) -> list[dict]:
+    """Finished, successful child runs as `sweep.pareto` rows (run id as trial_id)."""
+    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                              "tags.`hyper.kind` = 'trial'", max_results=5000)
+    rows = []
+    for run in runs:
+        m = run.data.metrics
+        if run.info.status != "FINISHED" or run.data.tags.get("status") != "ok" or not {
+                "wer", "latency_median_s"} <= set(m):
+            continue
+        rows.append({**{k: v for k, v in m.items() if not k.startswith("baseline_")},
+                     "baseline": {k[9:]: v for k, v in m.items() if k.startswith("baseline_")},
+                     "status": "ok", "trial_id": run.info.run_id, "run_id": run.info.run_id,
+                     "trial_key": run.data.tags.get("hyper.trial_key"),
+                     "device": run.data.tags.get("device"), "recipe": dict(run.data.params),
+                     "kernels": json.loads(run.data.tags.get("kernels") or "{}")})
+    return rows
+
+
+def front_settings(client, parent) -> tuple:
+    """(objectives, constraints, baseline) of the sweep's own front file, else the defaults."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            got = client.download_artifacts(parent.info.run_id, "front/pareto.json", tmp)
+            data = json.loads(Path(got).read_text(encoding="utf-8"))
+        return ([tuple(o) for o in data["objectives"]], data.get("constraints") or None,
+                data.get("baseline") or None)
+    except Exception:  # noqa: BLE001 - an unfinished sweep has no front file yet
+        return None, None, None
+
+
+def sweep_data(params: dict) -> Namespace:
+    """The sweep's data options: its parent run's params, else its logged command line."""
+    ap = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    cli.add_model_data_args(ap)
+    ap.add_argument("--warmup", type=int, default=1)
+    try:
+        ns, _ = ap.parse_known_args(params.get("command", "").split()[1:])
+    except (argparse.ArgumentError, SystemExit):
+        ns, _ = ap.parse_known_args([])
+    for key in DATA_KEYS + ("model",):
+        if key in params:
+            v = None if params[key] == "None" else params[key]
+            setattr(ns, key, int(v) if key in ("max_samples", "warmup") and v else v)
+    return ns
+
+
+def log_export(client, run, out: Path, sweep: str, recipe: Recipe) -> str:
+    """Artifacts on the trial's run, and a version of registered model `hyper-<sweep>`."""
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import retry
+
+    run_id = run.info.run_id
+    retry(client.log_artifacts, run_id, str(out), "export")
+    name = "hyper-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", sweep)
+    try:
+        retry(client.create_registered_model, name, tags={"hyper.sweep": sweep},
+              description=f"Checkpoints exported from HYPER sweep {sweep}")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    mv = retry(client.create_model_version, name, f"{run.info.artifact_uri}/export",
+               run_id=run_id, description=recipe.describe(),
+               tags={"hyper.recipe": recipe.describe(), "hyper.sweep": sweep})
+    retry(client.set_tag, run_id, "hyper.export", f"{name}/{mv.version}")
+    return f"{name} version {mv.version}"
+
+
+# ---- export -----------------------------------------------------------------------------------
+
+
+def _trial_hypotheses(client, run_id: str) -> dict | None:
+    """id -> hypothesis the trial logged (transcripts.json), to compare utterance by utterance."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = json.loads(Path(client.download_artifacts(run_id, "transcripts.json", tmp))
+                              .read_text(encoding="utf-8"))
+        cols = data["columns"]
+        return {row[cols.index("id")]: row[cols.index("hypothesis")] for row in data["data"]}
+    except Exception:  # noqa: BLE001 - older or restored trials may lack the table
+        return None
+
+
+def verify(ck, row: dict, ns: Namespace, evalset, logged: dict | None) -> dict:
+    """Re-measure the loaded checkpoint on the sweep's data; print it next to the trial."""
+    from .evaluate import measure
+
+    m = measure(ck.model, ck.processor, evalset, language=ns.language, warmup=ns.warmup,
+                numbers=ns.numbers, progress=cli.progress("verify"))
+    f = m.figures
+    differ = None if logged is None else sum(
+        logged.get(u["id"]) != u["hypothesis"] for u in m.utterances)
+    match = f["wer"] == row["wer"] and f["cer"] == row["cer"] and not differ
+    print(f"{'':22}{'trial':>10}{'checkpoint':>12}")
+    for label, key, spec in (("WER", "wer", ".4f"), ("CER", "cer", ".4f"),
+                             ("latency median (s)", "latency_median_s", ".3f"),
+                             ("latency p90 (s)", "latency_p90_s", ".3f")):
+        t = row.get(key)
+        print(f"{label:22}{'—' if t is None else format(t, spec):>10}{f[key]:>12{spec}}")
+    if differ is not None:
+        print(f"transcripts differing from the trial's: {differ} of {len(m.utterances)}")
+    print("verify: " + ("WER and CER equal the trial's" if match else
+                        "MISMATCH: the checkpoint does not reproduce the trial"))
+    return {"wer": f["wer"], "cer": f["cer"], "latency_median_s": f["latency_median_s"],
+            "latency_p90_s": f["latency_p90_s"], "n_utterances": f["n_utterances"],
+            "differing_transcripts": differ, "match": match}
+
+
+def export(args) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from .checkpoint import save_checkpoint, split, write_metrics
+    from .evaluate import _lang_of, set_threads, transcribe
+    from .models import load_model
+
+    client, exp_id = _client(args)
+    rule = next((k for k in RULES if getattr(args, k) not in (None, False)), None)
+    if args.run:
+        try:
+            run = client.get_run(args.run)
+        except MlflowException:
+            raise ExportError(f"`--run` {args.run} is not a run of this tracking store") from None
+        if run.data.tags.get("hyper.kind") != "trial":
+            raise ExportError(f"`--run` must be a trial run (tag hyper.kind=trial), got "
+                              f"{run.data.tags.get('hyper.kind')!r}")
+        parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+        if args.sweep not in (None, "latest", parent.info.run_id, parent.data.tags["hyper.sweep"]):
+            raise ExportError(f"`--run` {args.run} is not a trial of sweep {args.sweep!r}")
+        row = next((r for r in trial_rows(client, exp_id, parent.info.run_id)
+                    if r["run_id"] == args.run), None)
+        if row is None:
+            raise ExportError(f"`--run` {args.run} did not finish ok (status "
+                              f"{run.data.tags.get('status')!r}): nothing measured to export")
+        how = "by run id"
+    else:
+        parent = find_sweep(client, exp_id, args.sweep or "latest")
+        objectives, constraints, baseline = front_settings(client, parent)
+        row = pick(trial_rows(client, exp_id, parent.info.run_id), rule,
+                   getattr(args, rule) if rule != "knee" else None,
+                   objectives=objectives, constraints=constraints, baseline=baseline)
+        run = client.get_run(row["run_id"])
+        how = RULES[rule].text.format(limit=getattr(args, rule))
+    sweep, params = parent.data.tags.get("hyper.sweep", "?"), dict(parent.data.params)
+    recipe, ns = Recipe.from_flat(row["recipe"]), sweep_data(params)
+    print(f"picked {_fmt_row(row)}\n  ({how}; sweep {sweep})", file=sys.stderr)
+    # Kernels are chosen per thread count: use the trial's so the same ones run.
+    threads = set_threads(int(row["threads"]) if row.get("threads") else None)
+    evalset = cli.load_data(ns) if args.verify or not ns.language else None
+    if evalset is not None and str(len(evalset)) != params.get("n_utterances", str(len(evalset))):
+        raise ExportError(f"the sweep's data set {ns.dataset!r} has {len(evalset)} utterances "
+                          f"here, the sweep measured {params['n_utterances']}: not the same data")
+    loaded = load_model(ns.model, device=recipe.device)
+    calibrate = None
+    if cli.needs_calibration(recipe.to_flat()):
+        calib, processor = cli.load_calibration(ns), loaded.processor
+
+        def calibrate(m):  # as sweep.evaluate.run_trial calibrates
+            for u in calib:
+                transcribe(m, processor, u, language=_lang_of(u, ns.language))
+    langs = sorted({u.lang for u in evalset if u.lang}) if evalset else [ns.language]
+    metrics = {
+        "trial": {"run_id": row["run_id"], "trial_key": row.get("trial_key"), "sweep": sweep,
+                  "parent_run_id": parent.info.run_id, "picked": how},
+        "figures": {k: v for k, v in row.items() if isinstance(v, float | int)},
+        "baseline": row["baseline"], "model": {"spec": ns.model, "source": loaded.source},
+        "data": {"dataset": ns.dataset, "n_utterances": int(params.get("n_utterances", 0)) or
+                 None, **{k: getattr(ns, k) for k in DATA_KEYS[1:]}, "languages": langs},
+        "sweep_host": {k[5:]: v for k, v in params.items() if k.startswith("host.")},
+        "sweep_versions": {k[8:]: v for k, v in params.items() if k.startswith("version.")},
+    }
+    out = save_checkpoint(loaded.model, loaded.processor, recipe, args.out, metrics=metrics,
+                          calibrate=calibrate, trial_kernels=row.get("kernels") or None,
+                          overwrite=args.force)
+    del loaded
+    _, _, baked, again = split(recipe)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
+    print(f"exported {out} ({size:.0f} MB, {threads} threads): baked into the weights: "
+          f"{', '.join(baked) or 'nothing'}; re-applied at load: {', '.join(again) or 'nothing'}")
+    code = 0
+    if args.verify:
+        from .checkpoint import load
+
+        ck = load(out)
+        metrics["verify"] = verify(ck, row, ns, evalset, _trial_hypotheses(client, run.info.run_id))
+        write_metrics(out, json.loads((out / "metrics.json").read_text()) | metrics)
+        code = 0 if metrics["verify"]["match"] else 4
+    if not args.no_log:
+        where = log_export(client, run, out, sweep, recipe)
+        print(f"logged to MLflow: artifacts export/ of run {run.info.run_id}; registered "
+              f"model {where}")
+    return code
+
+
+def parse_args(argv=None) -> Namespace:
+    ap = argparse.ArgumentParser(prog="python -m sweep.export", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", default=None,
+                    help="latest (default), a sweep name or its parent run id")
+    pickers = ap.add_mutually_exclusive_group(required=True)
+    pickers.add_argument("--run", default=None, help="the trial's MLflow run id")
+    pickers.add_argument("--max-dwer", type=float, default=None,
+                         help="the fastest trial whose relative WER change is <= this fraction")
+    pickers.add_argument("--knee", action="store_true", help="the knee of the sweep's front")
+    pickers.add_argument("--max-latency", type=float, default=None,
+                         help="the most accurate trial with median latency <= this (seconds)")
+    ap.add_argument("--out", required=True, help="checkpoint directory to create")
+    ap.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    ap.add_argument("--verify", action="store_true",
+                    help="re-measure the checkpoint on the sweep's data; exit 4 if WER differs")
+    ap.add_argument("--no-log", action="store_true", help="do not log the export to MLflow")
+    ap.add_argument("--root", default="mlruns", help="the sweep root holding mlflow.db")
+    ap.add_argument("--tracking-uri", default=None, help="default sqlite:///<root>/mlflow.db")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    args = parse_args(argv)
+    try:
+        return export(args)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3 if "closest" in str(e) else 2
+    except ValueError as e:  # RecipeError, CheckpointError, DataError, ModelSpecError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

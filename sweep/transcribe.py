@@ -1,0 +1,127 @@
+"""`python -m sweep.transcribe --checkpoint DIR audio.wav ...`: transcribe files with an exported
+checkpoint, as its users would in production (torch + transformers only).
+
+Audio is read with soundfile and averaged/resampled to 16 kHz mono like every evaluation set
+(`sweep.data.to_mono_16k`). Clips up to 30 s are decoded exactly as the trial measured them
+(`sweep.evaluate.transcribe`: greedy, `language=` and `task=` always passed); longer files use
+Whisper's sequential long-form decoding with the same greedy settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from .data import SAMPLE_RATE, Utterance, to_mono_16k
+from .evaluate import TASKS, _input_dtype, transcribe
+from .scoring import max_new_tokens_for
+
+WINDOW_S = 30.0  # Whisper's input window; longer audio is decoded window by window
+
+
+class TranscribeError(ValueError):
+    """An input that cannot be transcribed; the message names the file or option."""
+
+
+def read_audio(path) -> np.ndarray:
+    """float32 16 kHz mono samples of an audio file soundfile reads (wav, flac, ogg, mp3...)."""
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, OSError...
+        raise TranscribeError(f"`{path}` cannot be read as audio: {e}") from None
+    if not data.shape[0]:
+        raise TranscribeError(f"`{path}` holds no samples")
+    return to_mono_16k(data, sr)
+
+
+def default_language(ck) -> str | None:
+    """The language the checkpoint was measured in, when its data set had a single one."""
+    data = (getattr(ck, "metrics", None) or {}).get("data") or {}
+    langs = data.get("languages") or []
+    return data.get("language") or (langs[0] if len(langs) == 1 else None)
+
+
+def _long_form(model, processor, audio: np.ndarray, *, language: str, task: str) -> str:
+    fe = processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                                     truncation=False, padding="longest",
+                                     return_attention_mask=True)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model.generate(fe.input_features.to(device=device, dtype=_input_dtype(model)),
+                             attention_mask=fe.attention_mask.to(device), language=language,
+                             task=task, return_timestamps=True, num_beams=1, do_sample=False,
+                             max_new_tokens=max_new_tokens_for(WINDOW_S))
+    ids = out["sequences"] if isinstance(out, dict) else out
+    return processor.tokenizer.decode(ids[0], skip_special_tokens=True)
+
+
+def transcribe_files(checkpoint, paths, *, language: str | None = None,
+                     task: str = "transcribe", device: str | None = None) -> list[dict]:
+    """Transcribe audio files with `checkpoint` (a directory, or what `sweep.load` returned).
+    `language` defaults to the one the checkpoint was measured in. One dict per file:
+    path, text, language, task, duration_s, seconds, cap_reached (None for long files)."""
+    import time
+
+    from .checkpoint import load
+
+    if task not in TASKS:
+        raise TranscribeError(f"`task` must be one of {TASKS}, got {task=}")
+    ck = checkpoint if hasattr(checkpoint, "model") else load(checkpoint, device=device)
+    lang = language or default_language(ck)
+    if not lang:
+        raise TranscribeError("`language` is needed (e.g. ru, en): this checkpoint was not "
+                              "measured on a single language, and Whisper must be told which")
+    audios = [(str(p), read_audio(p)) for p in paths]  # every file readable before decoding
+    rows = []
+    for path, audio in audios:
+        dur = audio.size / SAMPLE_RATE
+        if dur <= WINDOW_S:
+            text, _, cap, secs = transcribe(ck.model, ck.processor,
+                                            Utterance(path, audio, "", lang, dur),
+                                            language=lang, task=task)
+        else:
+            t0 = time.perf_counter()
+            text, cap = _long_form(ck.model, ck.processor, audio, language=lang, task=task), None
+            secs = time.perf_counter() - t0
+        rows.append({"path": path, "text": text.strip(), "language": lang, "task": task,
+                     "duration_s": dur, "seconds": secs, "cap_reached": cap})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sweep.transcribe", description=(
+        "Transcribe audio files with a checkpoint exported by `python -m sweep.export`."))
+    ap.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3...)")
+    ap.add_argument("--checkpoint", required=True, help="the exported checkpoint directory")
+    ap.add_argument("--language", default=None,
+                    help="spoken language (default: the one the checkpoint was measured in)")
+    ap.add_argument("--task", default="transcribe", choices=TASKS)
+    ap.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                    help="default: the device the checkpoint's recipe was measured on")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--json", action="store_true", help="one JSON object per file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    missing = [p for p in args.audio if not Path(p).is_file()]
+    try:
+        if missing:
+            raise TranscribeError(f"audio file(s) not found: {missing}")
+        rows = transcribe_files(args.checkpoint, args.audio, language=args.language,
+                                task=args.task, device=args.device)
+    except ValueError as e:  # CheckpointError, TranscribeError, RecipeError: clear messages
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in rows:
+        print(json.dumps(r, ensure_ascii=False) if args.json else f"{r['path']}\t{r['text']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

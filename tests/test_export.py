@@ -1,0 +1,194 @@
+"""Export -> load round trips (the loaded model transcribes exactly as the trial model did),
+refusal of tampered or future checkpoints, serving, and the export CLI on a real MLflow store."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+import sweep
+from sweep import evaluate, transcribe
+from sweep.checkpoint import CheckpointError, save_checkpoint
+from sweep.compress import apply_recipe
+from sweep.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    from sweep.models import load_model
+
+    return load_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def clips(small_manifest):
+    from sweep.data import load_eval_set
+
+    ev = load_eval_set(small_manifest)  # two clips: a random model decodes up to its token cap
+    ev.utterances = ev.utterances[:2]
+    return ev
+
+
+@pytest.fixture(scope="module")
+def calibrate(tiny):
+    from sweep.data import calibration_set
+
+    calib = calibration_set("embedded", n=2)
+    return lambda m: [evaluate.transcribe(m, tiny.processor, u, language="ru") for u in calib]
+
+
+def _heard(model, processor, clips):
+    """Hypotheses, WER and CER on `clips`, and the logits of one forward pass (exactness)."""
+    m = evaluate.measure(model, processor, clips, warmup=0)
+    feats = processor.feature_extractor(clips.utterances[0].audio, sampling_rate=16000,
+                                        return_tensors="pt").input_features
+    with torch.inference_mode():
+        logits = model(feats.to(evaluate._input_dtype(model)),
+                       decoder_input_ids=torch.tensor([[50258, 50263, 50359]])).logits
+    return [u["hypothesis"] for u in m.utterances], m.figures["wer"], m.figures["cer"], logits
+
+
+def _round_trip(loaded, recipe, clips, out, calibrate=None):
+    trial = apply_recipe(copy.deepcopy(loaded.model), recipe, calibrate=calibrate)
+    save_checkpoint(loaded.model, loaded.processor, recipe, out, trial_kernels=trial.kernels,
+                    calibrate=calibrate, metrics={"data": {"languages": ["ru"]}})
+    ck = sweep.load(out)
+    assert ck.recipe == recipe and ck.kernels == trial.kernels
+    want, got = _heard(trial.model, loaded.processor, clips), _heard(ck.model, ck.processor, clips)
+    assert got[:3] == want[:3]  # transcripts, WER, CER: exactly the trial's
+    assert torch.equal(got[3], want[3])
+    return ck, trial
+
+
+RECIPES = {
+    "unstructured": "prune.rate=0.3",
+    "dynamic_int8": "quant.scheme=dynamic_int8",
+    "mixed": "quant.scheme=dynamic_int8,quant.enc_attn=bf16,quant.enc_mlp=bf16",
+    "stacked": "struct.ffn_rate=0.25,prune.rate=0.2,prune.norm=l2,quant.dec_mlp=dynamic_int8",
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_round_trip_transcribes_exactly_as_the_trial(tiny, clips, tmp_path, name):
+    recipe = Recipe.parse(RECIPES[name])
+    ck, _ = _round_trip(tiny, recipe, clips, tmp_path / "ck")
+    info = json.loads((tmp_path / "ck" / "recipe.json").read_text())
+    assert info["baked"] == [p for p in ("struct", "prune") if getattr(recipe, p).active]
+    assert info["reapplied"] == (["quant"] if recipe.quant.active else [])
+    assert sorted(p.name for p in (tmp_path / "ck").glob("*.safetensors")) == ["model.safetensors"]
+    assert "## Load" in (tmp_path / "ck" / "README.md").read_text()
+
+
+def test_ffn_pruned_checkpoint_loads_with_plain_from_pretrained(tiny, clips, tmp_path):
+    from transformers import WhisperForConditionalGeneration
+
+    ck, trial = _round_trip(tiny, Recipe.parse("struct.ffn_rate=0.25"), clips, tmp_path / "ck")
+    plain = WhisperForConditionalGeneration.from_pretrained(tmp_path / "ck").eval()
+    assert plain.config.encoder_ffn_dim == plain.config.decoder_ffn_dim == 96
+    assert plain.model.encoder.layers[0].fc1.weight.shape == (96, 64)
+    assert _heard(plain, ck.processor, clips)[:3] == _heard(trial.model, ck.processor, clips)[:3]
+    assert "is exactly the measured model" in (tmp_path / "ck" / "README.md").read_text()
+
+
+def test_compiled_round_trip(tiny, clips, tmp_path):
+    ck, _ = _round_trip(tiny, Recipe.parse("compile.mode=default"), clips, tmp_path / "ck")
+    assert ck.recipe.compile.mode == "default"
+    assert ck.model.model.encoder._compiled_call_impl is not None  # nn.Module.compile()
+
+
+def test_static_int8_scales_are_stored_so_loading_needs_no_audio(tiny, clips, tmp_path,
+                                                                   calibrate):
+    _round_trip(tiny, Recipe.parse("quant.scheme=static_int8"), clips, tmp_path / "ck",
+                calibrate=calibrate)
+    info = json.loads((tmp_path / "ck" / "recipe.json").read_text())
+    assert len(info["calibration"]) == 2 * 6 + 2 * 10 + 1  # every Linear: 4+2 enc, 4+4+2 dec
+    with pytest.raises(CheckpointError, match="static_int8 needs `calibrate`"):
+        save_checkpoint(tiny.model, tiny.processor, Recipe.parse("quant.scheme=static_int8"),
+                        tmp_path / "other")
+
+
+# ---- refusals --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported") / "ck"
+    save_checkpoint(tiny.model, tiny.processor, Recipe.parse("prune.rate=0.3"), out,
+                    metrics={"data": {"language": "ru"}})
+    return out
+
+
+def _copy_with(exported, tmp_path, edit):
+    out = tmp_path / "ck"
+    shutil.copytree(exported, out)
+    info = json.loads((out / "recipe.json").read_text())
+    edit(info, out)
+    (out / "recipe.json").write_text(json.dumps(info))
+    return out
+
+
+def _set_recipe(key, value):
+    return lambda info, out: info["recipe"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda i, o: i.__setitem__("format_version", 2),
+     r"`recipe.json` format_version must be one of \(1,\), got v=2; written by a newer HYPER"),
+    (lambda i, o: i.__setitem__("format_version", "1"), r"format_version must be one of"),
+    (_set_recipe("format_version", 7), r"`format_version` must be 1, got 7"),
+    (_set_recipe("quant.schema", "bf16"), r"unknown recipe key `quant.schema`; did you mean "
+                                          r"`quant.scheme`"),
+    (_set_recipe("prune.rate", 1.5), r"`prune.rate` must be in \[0, 1\)"),
+    (_set_recipe("prune.rate", 0.4), r"edited after export"),
+    (lambda i, o: i.__setitem__("signed_by", "me"), r"unknown key\(s\) \['signed_by'\]"),
+    (lambda i, o: i.__setitem__("baked", []), r"baked=\[\] reapplied=\[\] do not match"),
+    (lambda i, o: o.joinpath("model.safetensors").write_bytes(
+        o.joinpath("model.safetensors").read_bytes()[:-4] + b"\0\0\0\0"),
+     r"`model.safetensors` changed after export"),
+    (lambda i, o: o.joinpath("config.json").write_text(o.joinpath("config.json").read_text()
+                                                       .replace('"d_model": 64', '"d_model": 65')),
+     r"`config.json` changed after export"),
+    (lambda i, o: o.joinpath("model.safetensors").unlink(), r"`model.safetensors` is missing"),
+])
+def test_tampered_or_future_checkpoint_is_refused(exported, tmp_path, edit, message):
+    out = _copy_with(exported, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        sweep.load(out)
+
+
+def test_unreadable_recipe_json_is_refused(exported, tmp_path):
+    with pytest.raises(CheckpointError, match="not a HYPER checkpoint: no readable recipe.json"):
+        sweep.load(tmp_path)
+    out = _copy_with(exported, tmp_path, lambda i, o: None)
+    (out / "recipe.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="`recipe.json` is not valid JSON"):
+        sweep.load(out)
+
+
+def test_export_refuses_a_non_empty_folder(tiny, exported):
+    with pytest.raises(CheckpointError, match="is not empty"):
+        save_checkpoint(tiny.model, tiny.processor, Recipe(), exported)
+
+
+# ---- serving ---------------------------------------------------------------------------------
+
+
+def test_transcribe_files_and_cli_serve_the_checkpoint(tiny, clips, exported, tmp_path, capsys):
+    import soundfile as sf
+
+    trial = apply_recipe(copy.deepcopy(tiny.model), Recipe.parse("prune.rate=0.3"))
+    want = [h.strip() for h in _heard(trial.model, tiny.processor, clips)[0]]
+    paths = [u.id for u in clips]
+    rows = transcribe.transcribe_files(exported, paths)  # language from metrics.json
+    assert [r["text"] for r in rows] == want and {r["language"] for r in rows} == {"ru"}
+    # A 32 kHz stereo copy of the first clip: averaged and resampled like the eval sets.
+    audio = clips.utterances[0].audio.repeat(2)
+    sf.write(tmp_path / "a.wav", audio.reshape(-1, 1).repeat(2, axis=1), 32000)
+    assert transcribe.main(["--checkpoint", str(exported), "--json", str(tmp_path / "a.wav"),
+                            "--task", "transcribe"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["text"] == want[0] and line["path"].endswith("a.wav")
+    assert transcribe.main(["--checkpoint", str(exported), str(tmp_path / "missing.wav")]) == 2
+    assert "not found" in capsys.readouterr().err
