@@ -59,10 +59,19 @@ def load_calibration(args):
         return calibration_set("embedded")
 
 
+def quiet_transformers() -> None:
+    """Per-call generate() warnings (max_length vs max_new_tokens, suppress_tokens) drown the
+    progress lines; errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
 def load_model_data(args, recipe=None):
     """Data first (cheap, validates input), then the model; calibration only when needed."""
     from .models import load_model
 
+    quiet_transformers()
     evalset = load_data(args)
     calib = load_calibration(args) if recipe is not None and needs_calibration(
         recipe.to_flat()) else None

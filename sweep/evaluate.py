@@ -219,14 +219,6 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
     return result, baseline
 
 
-def result_row(name: str, figures: dict, base: dict | None) -> dict:
-    """A row for `pareto.format_table`: the figure names plus its relative changes."""
-    row = {"name": name, **figures}
-    if base is not None and "dwer" not in row:
-        row.update(dwer=0.0, dcer=0.0, speedup=1.0)
-    return row
-
-
 def main(argv=None) -> int:
     import argparse
     import json
@@ -261,7 +253,7 @@ def main(argv=None) -> int:
     out = {**base.figures, "dwer": 0.0, "dcer": 0.0, "dwer_ci95": [0.0, 0.0], "speedup": 1.0,
            "kernels": {}, "recipe": recipe.to_flat(), "compile_s": 0.0, "recompiles": 0,
            "threads": threads, "utterances": base.utterances}
-    rows = [result_row("baseline", base.figures, None)]
+    rows = []  # format_table adds the baseline row itself
     if not recipe.is_baseline:
         out, _ = run_trial(loaded.model, loaded.processor, evalset, recipe, baseline=base,
                            language=args.language, threads=args.threads, calibration=calib,

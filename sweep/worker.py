@@ -59,6 +59,7 @@ def _prepare(ctx: SweepContext, device: str, threads: int):
     if key in _CACHE:
         return _CACHE[key], 0.0
     t0 = time.perf_counter()
+    cli.quiet_transformers()
     set_threads(threads)
     args = Namespace(**ctx.data)
     evalset = cli.load_data(args)

@@ -1,0 +1,94 @@
+"""The evaluation core and `python -m sweep.evaluate`, on a tiny model and the real one."""
+
+import json
+
+import pytest
+
+from sweep import evaluate
+from sweep.data import load_eval_set
+from sweep.recipe import Recipe
+
+FIGURE_KEYS = {"wer", "cer", "dwer", "dcer", "latency_mean_s", "latency_median_s", "speedup",
+               "loops", "kernels", "recipe", "baseline", "latency_p90_s", "rtf",
+               "model_size_mb", "sparsity", "threads", "compile_s", "recompiles", "dwer_ci95"}
+
+
+def _real_ru(manifest):
+    """The real (not synthetic) Russian clips of the shared set."""
+    kinds = {}
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        kinds[rec["audio"]] = (rec["kind"], rec["lang"])
+    full = load_eval_set(str(manifest), language="ru")
+    full.utterances = [u for u in full.utterances if kinds.get(u.id, ("", ""))[0] == "real"]
+    return full
+
+
+def test_measure_tiny_model_reports_every_figure(tiny_checkpoint, small_manifest):
+    from sweep.models import load_model
+
+    lm = load_model(tiny_checkpoint)
+    ev = load_eval_set(small_manifest)
+    m = evaluate.measure(lm.model, lm.processor, ev, warmup=0)
+    f = m.figures
+    assert len(m.utterances) == len(ev) == 3
+    assert f["latency_median_s"] > 0 and f["rtf"] > 0 and f["model_size_mb"] > 0
+    assert f["wer"] >= 0.9  # random weights transcribe nothing right
+    # Random weights run to the token cap: every clip counts as a loop.
+    assert f["loops"] == sum(u["loop"] for u in m.utterances) == 3
+    assert f["numbers"] == ["words"]
+
+
+def test_language_is_required_when_utterances_lack_it(tiny_model, tmp_path):
+    from sweep.data import EvalSet, Utterance
+    from sweep.models import load_model
+
+    ev = EvalSet(name="x", utterances=[Utterance("a", __import__("numpy").zeros(16000, "float32"),
+                                                 "да", None, 1.0)], skipped=0, skipped_reasons=[])
+    proc = load_model("random:tiny").processor
+    with pytest.raises(ValueError, match="pass --language"):
+        evaluate.measure(tiny_model, proc, ev)
+
+
+def test_cli_writes_trial_json_with_baseline(tiny_checkpoint, small_manifest, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    rc = evaluate.main(["--model", tiny_checkpoint, "--dataset", small_manifest, "--recipe",
+                        "quant.scheme=dynamic_int8,prune.rate=0.3", "--json", str(out),
+                        "--threads", "1", "--warmup", "0"])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert FIGURE_KEYS <= set(d)
+    assert d["recipe"]["quant.scheme"] == "dynamic_int8" and d["recipe"]["prune.rate"] == 0.3
+    assert d["threads"] == 1 and d["kernels"]
+    assert d["sparsity"] == pytest.approx(0.3, abs=0.02)
+    assert d["speedup"] == pytest.approx(d["baseline"]["latency_median_s"]
+                                         / d["latency_median_s"])
+    text = capsys.readouterr().out
+    assert "Configuration" in text and "dWER" in text and "baseline" in text
+
+
+def test_cli_refuses_bad_recipe_before_loading(tmp_path, capsys):
+    rc = evaluate.main(["--model", "random:tiny", "--recipe", "prune.rtae=0.3"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "prune.rtae" in err and "prune.rate" in err
+
+
+@pytest.mark.slow
+def test_real_model_baseline_wer_on_real_russian_speech(real_model, speech_manifest):
+    ev = _real_ru(speech_manifest)
+    assert len(ev) >= 10
+    m = evaluate.measure(real_model.model, real_model.processor, ev, warmup=0)
+    assert m.figures["wer"] <= 0.45, m.figures
+    assert m.figures["loops"] == 0
+
+
+@pytest.mark.slow
+def test_real_model_dynamic_int8_keeps_wer(real_model, speech_manifest):
+    ev = _real_ru(speech_manifest)
+    res, base = evaluate.run_trial(real_model.model, real_model.processor, ev,
+                                   Recipe.parse("quant.scheme=dynamic_int8"), warmup=1)
+    assert res["wer"] <= 1.25 * base.figures["wer"], (res["wer"], base.figures["wer"])
+    assert res["kernels"] and set(res["kernels"]) >= {"enc_attn", "dec_mlp"}
+    lo, hi = res["dwer_ci95"]
+    assert lo <= res["dwer"] <= hi
