@@ -125,6 +125,7 @@ def _prune(model, cfg: PruneConfig, ctx: Context) -> None:
     linears = _linears(model, cfg.layer_types)
     structured.magnitude_prune(list(linears.values()), rate=cfg.rate, norm=cfg.norm,
                                scope=cfg.scope, pattern=cfg.pattern)
+    ctx.sparsity = linear_sparsity(model)  # before sparse storage or quantization hide zeros
     ctx.notes.append(f"{cfg.describe()}: {len(linears)} Linear layers")
     if "head" in cfg.layer_types:
         ctx.notes.append("prune: head is tied to the token embeddings; both are pruned")
@@ -148,7 +149,8 @@ def _semi_structured(model, linears: dict[str, nn.Linear], ctx: Context) -> None
 
 @register(QuantConfig)
 def _quantize(model, cfg: QuantConfig, ctx: Context) -> None:
-    ctx.sparsity = linear_sparsity(model)  # quantized weights hide their zeros
+    if ctx.sparsity is None:  # quantized weights hide their zeros
+        ctx.sparsity = linear_sparsity(model)
     plan = cfg.by_layer_type()
     todo = _linears(model, [t for t, s in plan.items() if s != "none"])
     for name in _cast_encoder_stack(model, plan, ctx):

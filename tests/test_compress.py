@@ -190,10 +190,16 @@ def test_unsupported_scheme_names_scheme_layer_and_why(tiny_model, monkeypatch):
     def broken(linear, stats):
         raise RuntimeError("no int8 kernel on this CPU")
 
-    monkeypatch.setitem(kernels.IMPLS, "int8_weight_only", [kernels.Impl("broken", broken)])
-    with pytest.raises(CompressError, match=r"`quant.enc_mlp`=int8_weight_only on cpu: .*"
-                                            r"broken: RuntimeError: no int8 kernel on this CPU"):
+    def garbage(linear, stats):  # runs, but wrong (as torchao int8 compiled at M=1 was here)
+        return nn.Linear(linear.in_features, linear.out_features)
+
+    monkeypatch.setitem(kernels.IMPLS, "int8_weight_only", [
+        kernels.Impl("broken", broken), kernels.Impl("garbage", garbage)])
+    with pytest.raises(CompressError) as e:
         apply_recipe(tiny_model, Recipe.parse("quant.enc_mlp=int8_weight_only"))
+    assert str(e.value).startswith("`quant.enc_mlp`=int8_weight_only on cpu: no implementation")
+    assert "broken: RuntimeError: no int8 kernel on this CPU" in str(e.value)
+    assert "garbage: KernelError: relative error" in str(e.value)
 
 
 def test_ffn_shrinking_saves_and_loads(tiny_model, tmp_path):
