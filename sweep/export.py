@@ -212,7 +212,7 @@ def verify(ck, row: dict, ns: Namespace, evalset, logged: dict | None) -> dict:
     from .evaluate import measure
 
     m = measure(ck.model, ck.processor, evalset, language=ns.language, warmup=ns.warmup,
-                numbers=ns.numbers, progress=cli.progress("verify"))
+                numbers=ns.numbers, progress=cli.progress("verify", sys.stderr))
     f = m.figures
     differ = None if logged is None else sum(
         logged.get(u["id"]) != u["hypothesis"] for u in m.utterances)
@@ -341,6 +341,7 @@ def parse_args(argv=None) -> Namespace:
 
 def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = parse_args(argv)
     try:
         return export(args)

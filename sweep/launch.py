@@ -54,8 +54,15 @@ def parse_args(argv=None) -> Namespace:
     ap.add_argument("--out", default=None,
                     help="folder for the front's files (default <root>/sweeps/<name>/results)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes before timing")
+    ap.add_argument("--trial-timeout", type=float, default=None,
+                    help="seconds after which a trial is stopped and recorded as failed")
+    ap.add_argument("--resume", default=None, metavar="SWEEP",
+                    help="continue a killed sweep by name: finished trials are kept, "
+                         "unfinished ones run again")
     cli.add_model_data_args(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.inject = {}  # fault injection for the failure tests (Python API only)
+    return args
 
 
 def validate(args) -> tuple:
@@ -71,10 +78,28 @@ def validate(args) -> tuple:
     from .models import check_spec
 
     check_spec(args.model)
+    if args.address:
+        from .search import check_address
+
+        check_address(args.address)
     root = Path(args.root).resolve()
     uri = args.tracking_uri or tracking.default_uri(root)
     tracking.check_uri(uri)
     return space, evalset, root, uri
+
+
+SAVED = "hyper.json"  # beside Tune's experiment state: what --resume needs to rebuild a sweep
+
+
+def _restore_args(args) -> Namespace:
+    """The original command's options for `--resume NAME` (only --time-budget may change)."""
+    path = Path(args.root).resolve() / "sweeps" / args.resume / SAVED
+    if not path.is_file():
+        raise ValueError(f"`--resume` must name a sweep under {path.parent.parent}, got "
+                         f"{args.resume!r} (no {SAVED} there)")
+    saved = json.loads(path.read_text())
+    return Namespace(**{**saved, "resume": args.resume, "time_budget": args.time_budget
+                        or saved.get("time_budget")})
 
 
 def run(args) -> dict:
@@ -84,9 +109,14 @@ def run(args) -> dict:
 
     # A failed trial reports no objectives; HyperSearch tells Optuna it failed.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-
+    if args.resume:
+        args = _restore_args(args)
     space, evalset, root, uri = validate(args)
-    name = args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.resume or args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = root / "sweeps"
+    if not args.resume and (sweep_dir / name).exists():
+        raise ValueError(f"`--name` must be new, got {name!r}: {sweep_dir / name} exists "
+                         f"(continue it with --resume {name})")
     resources = search.init_ray(args.address)
     cpus = int(resources.get("CPU", 1))
     per_trial = args.cpus_per_trial or max(1, cpus // args.max_concurrent)
@@ -96,65 +126,65 @@ def run(args) -> dict:
     exp_id = tracking.ensure_experiment(uri, root / "artifacts")
     parent = tracking.start_parent(uri, exp_id, name, {
         "space": args.space, "model": args.model, "dataset": evalset.name,
-        "n_utterances": len(evalset), "sampler": args.sampler, "seed": args.seed,
-        "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-        "cpus_per_trial": per_trial, "command": tracking.safe_argv(sys.argv),
+        "n_utterances": len(evalset), "skipped_utterances": evalset.skipped,
+        "skipped_reasons": "; ".join(evalset.skipped_reasons)[:5000],
+        **{f"data.{k}": getattr(args, k) for k in DATA_KEYS}, "numbers": args.numbers,
+        "sampler": args.sampler, "seed": args.seed, "num_samples": args.num_samples,
+        "max_concurrent": args.max_concurrent, "cpus_per_trial": per_trial,
+        "trial_timeout": args.trial_timeout, "command": tracking.safe_argv(sys.argv),
         **{f"version.{k}": v for k, v in tracking.versions().items()},
         **{f"host.{k}": v for k, v in tracking.host_info().items()},
     }, {"git_commit": tracking.git_commit()})
+    if evalset.skipped:
+        print(f"note: {evalset.skipped} utterances skipped: {evalset.skipped_reasons[:3]}",
+              file=sys.stderr)
     ctx = worker.SweepContext(
         sweep=name, model=args.model, data={k: getattr(args, k) for k in DATA_KEYS},
         language=args.language, numbers=args.numbers, tracking_uri=uri,
         experiment_id=exp_id, parent_run_id=parent, cpus_per_trial=per_trial,
-        warmup=args.warmup, needs_calibration=space.mentions("static_int8"),
-        inject=getattr(args, "inject", {}) or {})
-    searcher = search.make_searcher(space, sampler=args.sampler, seed=args.seed,
-                                    storage=f"sqlite:///{root / 'optuna.db'}", study_name=name,
-                                    devices=devices)
-    total = args.num_samples + 1
-    progress = search.Progress(total, args.time_budget,
-                               lambda rows: len(pareto.pareto_front(rows, space.objectives)))
+        warmup=args.warmup, trial_timeout=args.trial_timeout,
+        needs_calibration=space.mentions("static_int8"), inject=dict(args.inject or {}))
     trainable = tune.with_resources(tune.with_parameters(worker.trainable, ctx=ctx),
                                     search.resources_for(per_trial))
-    sweep_dir = root / "sweeps"
+    total = args.num_samples + 1
     print(f"sweep {name}: {total} trials ({args.num_samples} + baseline) of space "
           f"{args.space} on {cpus} CPUs, {per_trial} per trial; MLflow {uri}", file=sys.stderr)
     t0 = time.time()
-    tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-        search_alg=searcher, num_samples=total, max_concurrent_trials=args.max_concurrent,
-        time_budget_s=args.time_budget, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir), verbose=0,
-                                  callbacks=[progress],
-                                  failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
-    wall = time.time() - t0
-    return finish(args, space, name, grid, wall, uri, exp_id, parent, root)
+    if args.resume:
+        tuner = tune.Tuner.restore(str(sweep_dir / name), trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        searcher = search.make_searcher(space, sampler=args.sampler, seed=args.seed,
+                                        storage=f"sqlite:///{root / 'optuna.db'}",
+                                        study_name=name, devices=devices)
+        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=total, max_concurrent_trials=args.max_concurrent,
+            time_budget_s=args.time_budget, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(sweep_dir), verbose=0,
+                callbacks=[search.Progress(total, args.time_budget, space.objectives)],
+                # A lost node's trial runs again elsewhere; a recipe's own failure does not
+                # raise (it is reported as a failed trial), so it is never retried.
+                failure_config=tune.FailureConfig(max_failures=2)))
+        (sweep_dir / name).mkdir(parents=True, exist_ok=True)
+        saved = {k: v for k, v in vars(args).items() if k != "resume"}
+        (sweep_dir / name / SAVED).write_text(json.dumps(saved, indent=1, default=str))
+    tuner.fit()
+    return finish(args, space, name, time.time() - t0, uri, exp_id, parent, root, evalset)
 
 
-def rows_of(grid) -> list[dict]:
-    rows = []
-    for res in grid:
-        m = dict(res.metrics or {})
-        status = m.get("status") or ("failed" if res.error else "missing")
-        base = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("baseline/")}
-        rows.append({**{k: v for k, v in m.items() if "/" not in k}, "status": status,
-                     "baseline": base or m.get("baseline", {}),
-                     "recipe": dict(res.config or {}), "trial_id": m.get("trial_key") or
-                     m.get("trial_id"), "error": m.get("error") or (str(res.error)[:500]
-                                                                    if res.error else None)})
-    return rows
-
-
-def finish(args, space, name, grid, wall, uri, exp_id, parent, root) -> dict:
+def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     from mlflow.tracking import MlflowClient
 
-    rows = rows_of(grid)
+    from .recipe import Recipe
+
+    killed = tracking.close_stale(uri, exp_id, name)
+    failed_ot = mark_stale_optuna(root, name)
+    rows = tracking.sweep_rows(uri, exp_id, name)  # MLflow holds every finished trial
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         raise RuntimeError(f"sweep {name}: no trial finished; errors: "
                            f"{[r['error'] for r in rows][:3]}")
-    from .recipe import Recipe
-
     baseline = next((r for r in ok if Recipe.from_flat(r["recipe"]).is_baseline), None)
     base_figs = dict(ok[0]["baseline"])
     if baseline is not None:
@@ -164,7 +194,7 @@ def finish(args, space, name, grid, wall, uri, exp_id, parent, root) -> dict:
                                 baseline=base_figs)
     out = Path(args.out) if args.out else root / "sweeps" / name / "results"
     links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{r['run_id']}"
-             for r in ok if r.get("run_id")}
+             for r in ok}
     pareto.write_front(rows, base_figs, out, space.objectives, constraints=space.constraints)
     pareto.plot_front(ok, front, base_figs, out / "pareto.png", title=f"HYPER sweep {name}")
     pareto.write_report_html(rows, front, base_figs, out / "report.html", links,
@@ -175,7 +205,10 @@ def finish(args, space, name, grid, wall, uri, exp_id, parent, root) -> dict:
     summary = {"sweep": name, "trials": len(rows), "ok": len(ok),
                "failed": len(rows) - len(ok), "front": len(front), "hypervolume": hv,
                "wall_s": wall, "trial_sum_s": trial_sum, "out": str(out),
+               "stale_runs_killed": killed, "stale_optuna_failed": failed_ot,
                "knee": (pareto.knee(front, space.objectives) or {}).get("trial_id")}
+    if args.eval_dataset and front:
+        summary["eval"] = remeasure(args, front, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     client = MlflowClient(uri)
     for k in ("hypervolume", "wall_s", "trial_sum_s", "front", "ok", "failed"):
@@ -191,6 +224,42 @@ def finish(args, space, name, grid, wall, uri, exp_id, parent, root) -> dict:
           f"wall {wall:.0f}s for {trial_sum:.0f}s of trials. Files: {out}")
     print(f"Compare trials in MLflow: python -m sweep.ui --root {root}")
     return summary
+
+
+def mark_stale_optuna(root: Path, name: str) -> int:
+    """Optuna trials still RUNNING once Tune is done were asked for by a killed launcher."""
+    import optuna
+
+    study = searcher_study(root, name)
+    stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def remeasure(args, front: list[dict], out: Path) -> list[dict]:
+    """The front's recipes measured again on `--eval-dataset`, so the front is not judged only
+    on the data it was searched on."""
+    from .evaluate import measure, run_trial
+    from .models import load_model
+    from .recipe import Recipe
+
+    cli.quiet_transformers()
+    ev = cli.load_data(Namespace(**{**vars(args), "dataset": args.eval_dataset}))
+    lm = load_model(args.model, device=args.device)
+    base = measure(lm.model, lm.processor, ev, language=args.language, numbers=args.numbers)
+    rows = []
+    for r in front:
+        res, _ = run_trial(lm.model, lm.processor, ev, Recipe.from_flat(r["recipe"]),
+                           baseline=base, language=args.language, numbers=args.numbers)
+        rows.append({"trial_id": r["trial_id"], "recipe": r["recipe"], "status": "ok",
+                     **{k: res[k] for k in ("wer", "cer", "dwer", "dcer", "latency_median_s",
+                                            "speedup", "loops")}})
+    print(f"\nthe front re-measured on {ev.name} ({len(ev)} utterances):")
+    print(pareto.format_table(rows, base.figures))
+    (out / "front_eval.json").write_text(json.dumps(
+        {"dataset": ev.name, "baseline": base.figures, "rows": rows}, indent=1, default=str))
+    return rows
 
 
 def searcher_study(root: Path, name: str):

@@ -11,12 +11,29 @@ import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from .pareto import pareto_front
+
 SAMPLERS = ("tpe", "nsga2", "random")
 RAY_TMP = "/tmp/hyper-ray"  # short: Ray's unix socket paths must stay under 107 bytes
 
 
 class ClusterError(ValueError):
     pass
+
+
+def check_address(address: str) -> None:
+    """Fail in seconds on a cluster that is not there (ray.init retries for minutes)."""
+    import socket
+
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
+            return
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"`--address` must be host:port of a running Ray head "
+                           f"(ray start --head), got {address!r}: {e}") from None
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
@@ -28,6 +45,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
     if ray.is_initialized():
         return ray.cluster_resources()
     if address:
+        check_address(address)
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -118,9 +136,9 @@ def resources_for(cpus_per_trial: int):
 class Progress(tune.Callback):
     """One line per finished trial: done/running/failed, front size, time left."""
 
-    def __init__(self, total: int, time_budget: float | None, front_size):
-        # No stream attribute: Tune pickles callbacks with its experiment state.
-        self.total, self.budget, self.front_size = total, time_budget, front_size
+    def __init__(self, total: int, time_budget: float | None, objectives):
+        # Plain data only: Tune pickles callbacks with its experiment state.
+        self.total, self.budget, self.objectives = total, time_budget, list(objectives)
         self.t0, self.done, self.failed = time.time(), 0, 0
         self.rows: list[dict] = []
 
@@ -140,6 +158,7 @@ class Progress(tune.Callback):
                 f"FAILED {str(result.get('error', ''))[:80]}")
         sys.stderr.write(
             f"[{self.done}/{self.total}] running {max(0, running)} failed {self.failed} "
-            f"front {self.front_size(self.rows)} | {elapsed:.0f}s, ~{left:.0f}s left | "
+            f"front {len(pareto_front(self.rows, self.objectives))} | {elapsed:.0f}s, "
+            f"~{left:.0f}s left | "
             f"{trial.trial_id}: {what}\n")
         sys.stderr.flush()

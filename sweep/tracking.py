@@ -196,3 +196,36 @@ def fail_trial(uri: str, run_id: str, exc: BaseException) -> str:
     retry(client.log_text, run_id, tb, "traceback.txt")
     retry(client.set_terminated, run_id, status="FAILED")
     return msg
+
+
+def sweep_rows(uri: str, exp_id: str, sweep: str) -> list[dict]:
+    """Every trial of a sweep as a row, read back from MLflow: the record that survives a
+    killed launcher, so the front covers all finished trials, resumed or not."""
+    from .recipe import Recipe
+
+    client = MlflowClient(uri)
+    rows = []
+    for r in find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.kind": "trial"}):
+        m, tags = dict(r.data.metrics), r.data.tags
+        status = {"FINISHED": "ok", "FAILED": "failed"}.get(r.info.status, r.info.status.lower())
+        rows.append({
+            **{k: v for k, v in m.items() if not k.startswith("baseline_")},
+            "baseline": {k[len("baseline_"):]: v for k, v in m.items()
+                         if k.startswith("baseline_")},
+            "status": status, "trial_id": tags.get("hyper.trial_key"),
+            "run_id": r.info.run_id, "device": tags.get("device"),
+            "error": tags.get("error"), "kernels": json.loads(tags.get("kernels", "{}")),
+            "recipe": Recipe.from_flat(dict(r.data.params)).to_flat(),
+            "start_time": r.info.start_time})
+    return sorted(rows, key=lambda row: row["start_time"])
+
+
+def close_stale(uri: str, exp_id: str, sweep: str) -> int:
+    """Mark trial runs still RUNNING after the sweep ended (a killed attempt) as KILLED."""
+    client = MlflowClient(uri)
+    stale = [r for r in find_runs(client, exp_id, **{"hyper.sweep": sweep,
+                                                    "hyper.kind": "trial"})
+             if r.info.status == "RUNNING"]
+    for r in stale:
+        retry(client.set_terminated, r.info.run_id, status="KILLED")
+    return len(stale)

@@ -6,7 +6,9 @@ process and reused by every trial that lands there (Tune's actor reuse), never r
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -31,12 +33,43 @@ class SweepContext:
     parent_run_id: str
     cpus_per_trial: int
     warmup: int = 1
+    trial_timeout: float | None = None
     needs_calibration: bool = False
     inject: dict = field(default_factory=dict)  # test hooks: recipe key=value -> fault
 
 
 class InjectedFault(RuntimeError):
     pass
+
+
+class TrialTimeout(Exception):
+    """Raised inside a trial that ran past `--trial-timeout`."""
+
+
+class _Watchdog:
+    """Raises TrialTimeout in the trial's thread once `seconds` pass.
+
+    The exception lands at the next Python bytecode, which a decoding loop reaches every token;
+    Tune runs the trial in its own thread, so signals cannot be used.
+    """
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.done = seconds, threading.Event()
+        self.target = threading.get_ident()
+
+    def __enter__(self):
+        if self.seconds:
+            threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    def _watch(self):
+        if not self.done.wait(self.seconds):
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target),
+                                                       ctypes.py_object(TrialTimeout))
+
+    def __exit__(self, *exc):
+        self.done.set()
+        return False
 
 
 def _assigned() -> tuple[int, list]:
@@ -97,8 +130,10 @@ def _inject(ctx: SweepContext, flat: dict) -> None:
         if str(flat.get(k)) == v:
             if fault == "raise":
                 raise InjectedFault(f"injected failure for {cond}")
-            if fault.startswith("hang:"):
-                time.sleep(float(fault[5:]))
+            if fault.startswith("hang:"):  # busy in Python, like a decoding loop that never ends
+                end = time.time() + float(fault[5:])
+                while time.time() < end:
+                    time.sleep(0.05)
 
 
 def run_one(config: dict, ctx: SweepContext) -> dict:
@@ -125,11 +160,17 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
     try:
         recipe = Recipe.from_flat(flat)
         _check_device(device, gpus)
-        _inject(ctx, flat)
         (loaded, evalset, calib, base), load_s = _prepare(ctx, device, cpus)
-        result, _ = run_trial(loaded.model, loaded.processor, evalset, recipe, baseline=base,
-                              language=ctx.language, threads=cpus, calibration=calib,
-                              warmup=ctx.warmup, numbers=ctx.numbers)
+        with _Watchdog(ctx.trial_timeout):
+            try:
+                _inject(ctx, flat)
+                result, _ = run_trial(loaded.model, loaded.processor, evalset, recipe,
+                                      baseline=base, language=ctx.language, threads=cpus,
+                                      calibration=calib, warmup=ctx.warmup,
+                                      numbers=ctx.numbers)
+            except TrialTimeout:
+                raise TrialTimeout(f"trial ran past --trial-timeout {ctx.trial_timeout:g} s "
+                                   f"(recipe {flat})") from None
         result.update(trial_s=time.perf_counter() - t0, worker_prepare_s=load_s,
                       node=os.uname().nodename, node_id=_node_id(), gpu_ids=gpus)
         tracking.finish_trial(ctx.tracking_uri, run_id, result)
