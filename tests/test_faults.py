@@ -1,0 +1,271 @@
+"""A sweep survives failing recipes, hung trials, a killed launcher, a lost node and bad input,
+and never loses a measured trial. Real Ray, real Optuna storage, real MLflow sqlite."""
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+optuna = pytest.importorskip("optuna")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from sweep import launch, tracking  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = """
+params:
+  quant.scheme: {choice: [none, dynamic_int8, bf16]}
+  prune.rate: {float: [0.0, 0.5], step: 0.25}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _ray_down():
+    yield
+    ray.shutdown()
+
+
+def _space(tmp_path) -> str:
+    p = tmp_path / "space.yaml"
+    p.write_text(SPACE)
+    return str(p)
+
+
+def _argv(tmp_path, model, data, *extra):
+    return ["--space", _space(tmp_path), "--model", model, "--dataset", data,
+            "--root", str(tmp_path / "root"), "--name", "f", "--seed", "3", *extra]
+
+
+def _runs(root: Path, sweep="f"):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hyper")
+    if exp is None:
+        return []
+    return [r for r in client.search_runs([exp.experiment_id], max_results=5000)
+            if r.data.tags.get("hyper.kind") == "trial" and r.data.tags.get("hyper.sweep") == sweep]
+
+
+def _study(root: Path, sweep="f"):
+    return optuna.load_study(study_name=sweep, storage=f"sqlite:///{root / 'optuna.db'}")
+
+
+def test_failing_and_hung_recipes_become_failed_trials(tmp_path, tiny_checkpoint, small_manifest):
+    args = launch.parse_args(_argv(tmp_path, tiny_checkpoint, small_manifest, "--num-samples",
+                                   "5", "--trial-timeout", "20"))
+    args.inject = {"quant.scheme=dynamic_int8": "raise", "quant.scheme=bf16": "hang:600"}
+    summary = launch.run(args)
+    root = tmp_path / "root"
+    runs = _runs(root)
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    ok = [r for r in runs if r.info.status == "FINISHED"]
+    raised = [r for r in failed if "injected failure" in r.data.tags["error"]]
+    hung = [r for r in failed if "--trial-timeout" in r.data.tags["error"]]
+    assert raised and hung and ok, [r.data.tags.get("error") for r in failed]
+    assert all(r.data.params["quant.scheme"] == "none" for r in ok)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert "traceback.txt" in [a.path for a in client.list_artifacts(failed[0].info.run_id)]
+    # Optuna learned of each failure; the front holds only finished trials.
+    states = [t.state for t in _study(root).trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == len(failed)
+    assert optuna.trial.TrialState.RUNNING not in states
+    front = json.loads((root / "sweeps" / "f" / "results" / "pareto.json").read_text())["front"]
+    assert {r["run_id"] for r in front} <= {r.info.run_id for r in ok}
+    assert summary["failed"] == len(failed)
+
+
+def _launch_proc(argv, log):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "sweep.launch", *argv], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finished_count(root: Path) -> int:
+    db = root / "mlflow.db"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid"
+                               " where t.key = 'hyper.kind' and t.value = 'trial' and "
+                               "r.status = 'FINISHED'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def _kill_when(proc, root, finished, timeout=400):
+    t0 = time.time()
+    while _finished_count(root) < finished:
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        assert time.time() - t0 < timeout, "no progress"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the local Ray it started
+    proc.wait()
+
+
+def test_sigkill_twice_then_resume_loses_and_duplicates_nothing(tmp_path, tiny_checkpoint,
+                                                                small_manifest):
+    root = tmp_path / "root"
+    argv = _argv(tmp_path, tiny_checkpoint, small_manifest, "--num-samples", "6")
+    with open(tmp_path / "log", "w") as log:
+        _kill_when(_launch_proc(argv, log), root, finished=2)  # mid-sweep
+        resume = ["--root", str(root), "--resume", "f"]
+        first = _finished_count(root)
+        _kill_when(_launch_proc(resume, log), root, finished=first + 1)  # another moment
+        done = _launch_proc(resume, log)
+        assert done.wait(timeout=600) == 0, (tmp_path / "log").read_text()[-3000:]
+    runs = _runs(root)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    keys = [r.data.tags["hyper.trial_key"] for r in finished]
+    assert len(keys) == len(set(keys)), "a trial was logged twice"
+    complete = [t for t in _study(root).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == len(complete) >= 7
+    assert {t.user_attrs["run_id"] for t in complete} == {r.info.run_id for r in finished}
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    summary = json.loads((root / "sweeps" / "f" / "results" / "summary.json").read_text())
+    assert summary["ok"] == len(finished)
+
+
+def test_lost_node_trial_is_retried_elsewhere_without_duplicates(tmp_path, tiny_checkpoint,
+                                                                 small_manifest):
+    from ray.cluster_utils import Cluster
+
+    Path("/tmp/ray").mkdir(exist_ok=True)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "temp_dir": "/tmp/hyper-ray-l", "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    root = tmp_path / "root"
+    args = launch.parse_args(_argv(tmp_path, tiny_checkpoint, small_manifest, "--num-samples",
+                                   "2", "--address", cluster.address, "--cpus-per-trial", "1"))
+    args.inject = {"quant.scheme=none": "hang:25"}  # keeps the baseline busy long enough
+    result = {}
+    th = threading.Thread(target=lambda: result.update(s=launch.run(args)), daemon=True)
+    try:
+        th.start()
+        t0 = time.time()
+        while not [r for r in _runs(root) if r.info.status == "RUNNING"]:
+            assert time.time() - t0 < 120, "no trial started"
+            time.sleep(0.5)
+        victim = [r for r in _runs(root) if r.info.status == "RUNNING"][0]
+        node = next(n for n in nodes if n.node_id == victim.data.tags["node_id"])
+        cluster.remove_node(node, allow_graceful=False)
+        th.join(timeout=500)
+        assert "s" in result, "the sweep did not finish after losing a node"
+        runs = _runs(root)
+        same = [r for r in runs if r.data.tags["hyper.trial_key"]
+                == victim.data.tags["hyper.trial_key"]]
+        assert {r.info.status for r in same} == {"KILLED", "FINISHED"}, [
+            r.info.status for r in same]
+        finished = [r.data.tags["hyper.trial_key"] for r in runs if r.info.status == "FINISHED"]
+        assert len(finished) == len(set(finished))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _hammer(uri, exp_id, parent, who, n):
+    for i in range(n):
+        run_id, _ = tracking.begin_trial(uri, exp_id, parent, "c", f"{who}-{i}",
+                                         {"prune.rate": 0.1 * i}, {"device": "cpu"})
+        tracking.finish_trial(uri, run_id, {"wer": 0.1 * i, "latency_median_s": 1.0,
+                                            "kernels": {}, "device": "cpu"})
+
+
+def test_concurrent_writers_on_one_sqlite_store_lose_nothing(tmp_path):
+    uri = tracking.default_uri(tmp_path)
+    tracking.check_uri(uri)
+    exp_id = tracking.ensure_experiment(uri, tmp_path / "artifacts")
+    parent = tracking.start_parent(uri, exp_id, "c", {"space": "x"}, {})
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_hammer, args=(uri, exp_id, parent, w, 6)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(p.exitcode == 0 for p in procs)
+    rows = tracking.sweep_rows(uri, exp_id, "c")
+    assert len(rows) == 24 and all(r["status"] == "ok" for r in rows)
+    assert len({r["trial_id"] for r in rows}) == 24
+
+
+def _bad(tmp_path, tiny_checkpoint, small_manifest, capsys, **over):
+    argv = _argv(tmp_path, over.pop("model", tiny_checkpoint),
+                 over.pop("data", small_manifest), *over.pop("extra", []))
+    rc = launch.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "root" / "mlflow.db").exists()
+    return err
+
+
+def test_bad_inputs_are_refused_before_anything_runs(tmp_path, tiny_checkpoint, small_manifest,
+                                                     capsys):
+    notwhisper = tmp_path / "bert"
+    notwhisper.mkdir()
+    (notwhisper / "config.json").write_text('{"model_type": "bert"}')
+    nokey = tmp_path / "nokey.jsonl"
+    nokey.write_text('{"audio": "a.flac", "text": "да"}\n{"audio": "b.flac"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"audio": "a.flac", "text": ""}\n')
+    cases = {
+        "nosuch-org/nosuch-model": dict(model="nosuch-org/nosuch-model"),
+        "model_type": dict(model=str(notwhisper)),
+        "nosuch-org/nosuch-data": dict(data="nosuch-org/nosuch-data"),
+        "lacks `text`": dict(data=str(nokey)),
+        "empty": dict(data=str(empty)),
+        "cannot be written": dict(extra=["--tracking-uri", "sqlite:////proc/hyper/x.db"]),
+        "absolute sqlite path": dict(extra=["--tracking-uri", "sqlite:///rel/x.db"]),
+        "--address": dict(extra=["--address", "127.0.0.1:9"]),
+    }
+    for needle, over in cases.items():
+        err = _bad(tmp_path, tiny_checkpoint, small_manifest, capsys, **over)
+        assert needle.lower() in err.lower(), (needle, err)
+
+
+def test_undecodable_audio_is_skipped_counted_and_logged(tmp_path, tiny_checkpoint,
+                                                         small_manifest):
+    bad = tmp_path / "broken.flac"
+    bad.write_bytes(b"not audio at all")
+    man = tmp_path / "m.jsonl"
+    lines = Path(small_manifest).read_text(encoding="utf-8").splitlines()[:2]
+    lines.append(json.dumps({"audio": str(bad), "text": "раз два", "lang": "ru"}))
+    man.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert launch.main(_argv(tmp_path, tiny_checkpoint, str(man), "--num-samples", "1")) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'root' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hyper")
+    parent = [r for r in client.search_runs([exp.experiment_id])
+              if r.data.tags.get("hyper.kind") == "sweep"][0]
+    assert parent.data.params["skipped_utterances"] == "1"
+    assert "broken.flac" in parent.data.params["skipped_reasons"]
+    assert parent.data.params["n_utterances"] == "2"
+
+
+def test_secrets_never_reach_mlflow(tmp_path, tiny_checkpoint, small_manifest, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETVALUE123")
+    argv = _argv(tmp_path, tiny_checkpoint, small_manifest, "--num-samples", "0")
+    monkeypatch.setattr(sys, "argv", ["launch", *argv, "--api-token", "hf_SECRETVALUE123"])
+    assert launch.main(argv) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'root' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hyper")
+    for r in client.search_runs([exp.experiment_id]):
+        blob = json.dumps([r.data.params, r.data.tags])
+        assert "SECRETVALUE" not in blob
+
+
+def test_ui_listens_on_loopback_by_default(tmp_path):
+    from sweep import ui
+
+    cmd = ui.command(tmp_path, "127.0.0.1", 5000)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert ui.main(["--root", str(tmp_path / "none")]) == 2
