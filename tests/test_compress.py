@@ -17,15 +17,10 @@ from sweep.recipe import Recipe, RecipeError
 PROMPT = torch.tensor([[50258, 50259, 50359, 50363]])  # sot, lang, transcribe, notimestamps
 
 
-@pytest.fixture(scope="session")
-def kernel_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("hyper-cache")
-
-
 @pytest.fixture(autouse=True)
-def _fast_kernel_choice(monkeypatch, kernel_cache):
+def _fast_kernel_choice(monkeypatch, tmp_path_factory):
     # One cache per session (each shape timed once), and short timings: shapes are tiny here.
-    monkeypatch.setenv("HYPER_CACHE", str(kernel_cache))
+    monkeypatch.setenv("HYPER_CACHE", str(tmp_path_factory.getbasetemp() / "hyper-cache"))
     monkeypatch.setattr(kernels, "time_calls", functools.partial(kernels.time_calls,
                                                                  budget_s=0.02))
 
@@ -69,9 +64,8 @@ def test_quant_changes_only_its_layer_type(tiny_model, layer_type):
             assert now is not module
         else:
             assert now is module and torch.equal(now.weight, weight)
-    # several shapes in one layer type (cross-attention q vs k/v) may get different kernels
-    assert set(applied.kernels[layer_type].split("+")) <= {
-        i.name for i in kernels.IMPLS["dynamic_int8"]}
+    used = set(applied.kernels[layer_type].split("+"))  # cross-attn q vs k/v shapes may differ
+    assert used <= {i.name for i in kernels.IMPLS["dynamic_int8"]}
     assert {t for t, k in applied.kernels.items() if k != "fp32"} == {layer_type}
     assert torch.isfinite(logits(tiny_model)).all()
 
@@ -91,8 +85,8 @@ def test_schemes_stay_close_to_fp32(tiny_model, scheme, min_cos):
 @pytest.mark.parametrize("scheme", ["dynamic_int8", "bf16", "int8_weight_only"])
 def test_head_quant_leaves_tied_embeddings_alone(tiny_model, scheme):
     emb, head = tiny_model.model.decoder.embed_tokens.weight, tiny_model.proj_out
-    assert head.weight is emb
     saved = emb.detach().clone()
+    assert head.weight is emb
     apply_recipe(tiny_model, Recipe.parse(f"quant.head={scheme}"))
     assert tiny_model.proj_out is not head
     assert tiny_model.model.decoder.embed_tokens.weight is emb and torch.equal(emb, saved)
@@ -259,23 +253,17 @@ def test_kernel_choice_cached_and_reused(tiny_model, tmp_path, monkeypatch):
     data = json.loads(path.read_text())
     key = f"dynamic_int8|64x128|t1500|th{torch.get_num_threads()}|cpu|eager"
     assert data[key]["choice"] in first.kernels["enc_mlp"] and "fp32" in data[key]["seconds"]
-    assert set(data[key]["tried"]) == {"torch.ao.dynamic(per-channel)",
-                                       "torchao.Int8DynamicActivationInt8Weight"}
-
-    def no_measuring(*args):
-        raise AssertionError("measured again despite the cache")
-
+    names = sorted(i.name for i in kernels.IMPLS["dynamic_int8"])
+    assert data[key]["tried"] == names and "torch.ao.dynamic(per-channel)" in names
     real_measure = kernels._measure
-    monkeypatch.setattr(kernels, "_measure", no_measuring)
+    monkeypatch.setattr(kernels, "_measure", lambda *a: pytest.fail("measured despite the cache"))
     assert apply_recipe(copy.deepcopy(tiny_model), recipe).kernels == first.kernels
     data[key]["tried"] = ["an older candidate"]  # stale: the candidates changed since
     path.write_text(json.dumps(data))
     calls = []
     monkeypatch.setattr(kernels, "_measure", lambda *a: calls.append(a) or real_measure(*a))
     apply_recipe(tiny_model, recipe)
-    assert len(calls) == 1
-    assert json.loads(path.read_text())[key]["tried"] == sorted(
-        i.name for i in kernels.IMPLS["dynamic_int8"])
+    assert len(calls) == 1 and json.loads(path.read_text())[key]["tried"] == names
 
 
 def test_compile_default_generates_identically(tiny_model):
@@ -300,9 +288,8 @@ def test_dynamic_int8_real_model_changes_encoder_output_slightly(real_model, spe
     clip = next(c for c in map(json.loads, speech_manifest.read_text().splitlines())
                 if c["kind"] == "real" and c["lang"] == "ru")
     audio, sr = soundfile.read(speech_manifest.parent / clip["audio"], dtype="float32")
-    x = real_model.processor.feature_extractor(audio, sampling_rate=sr,
-                                               return_tensors="pt").input_features
-    model = real_model.model
+    x = real_model.processor.feature_extractor(audio, sampling_rate=sr, return_tensors="pt")
+    x, model = x.input_features, real_model.model
     quant = apply_recipe(copy.deepcopy(model), Recipe.parse("quant.scheme=dynamic_int8")).model
     with torch.inference_mode():
         ref, out = (m.model.encoder(x).last_hidden_state for m in (model, quant))
