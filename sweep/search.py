@@ -86,6 +86,10 @@ class HyperSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            # Told before the launcher was killed; Tune's older state re-ran it on resume.
+            self._completed_trials.add(trial_id)
+            return None
         ok = bool(result) and result.get("status") == "ok"
         if ok and self._space_obj is not None and self._space_obj.constraints:
             base = result.get("baseline") or {}
