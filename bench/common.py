@@ -1,0 +1,214 @@
+"""What every benchmark records beside its figures: date, commit, machine; and JSON/markdown
+helpers. Results are only comparable within one run on one machine, so each results file
+says which run and which machine it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def git_commit() -> str:
+    """HEAD, with `-dirty` when tracked files differ (the figures then are not HEAD's)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=REPO, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=REPO, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if dirty.strip() else "")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _versions(packages: Sequence[str]) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def machine(threads: int | None = None) -> dict:
+    """The machine in words and figures. The load average is recorded because these machines
+    are shared: a loaded machine makes every variant slower, ratios less so."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = []
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "gpu": gpu,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "load_avg_1_5_15": load,
+            "versions": _versions(("torch", "transformers", "ctranslate2", "faster-whisper",
+                                   "optuna", "ray", "mlflow"))}
+    if threads is not None:
+        info["threads"] = threads
+    return info
+
+
+def describe_machine(m: Mapping) -> str:
+    """One line for tables: CPU, cores, threads, GPU, load."""
+    parts = [f"{m.get('cpu', '?')}", f"{m.get('cores', '?')} cores"]
+    if "threads" in m:
+        parts.append(f"{m['threads']} threads")
+    parts.append(f"GPU: {m.get('gpu', 'none')}")
+    if m.get("load_avg_1_5_15"):
+        parts.append("load avg " + "/".join(f"{x:g}" for x in m["load_avg_1_5_15"]))
+    v = m.get("versions", {})
+    if v:
+        parts.append(", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "ctranslate2")
+                               if k in v))
+    return "; ".join(parts)
+
+
+def stamp(threads: int | None = None) -> dict:
+    """Date (UTC), commit and machine: the header of every results file."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
+            "machine": machine(threads)}
+
+
+def jsonable(x):
+    """JSON-safe copy: non-finite floats become None, numpy scalars plain numbers."""
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        return x
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if float(f).is_integer() and type(x).__name__.startswith(("int", "uint")):
+        return int(f)
+    return f if math.isfinite(f) else None
+
+
+def write_json(path: Path, data) -> Path:
+    """Atomic write: a killed benchmark never leaves half a results file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(jsonable(data), indent=1, ensure_ascii=False) + "\n",
+                   encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def pct(x: float | None, signed: bool = True, digits: int = 1) -> str:
+    """Percent for printed tables only (JSON keeps fractions)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x * 100:+.{digits}f}%" if signed else f"{x * 100:.{digits}f}%"
+
+
+def md_table(head: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:
+    """A GitHub markdown table; `align` is one letter per column (l or r), default l then r."""
+    align = align or "l" + "r" * (len(head) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(map(str, head)) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def figure_axes(width: float = 7.5, height: float = 5.0):
+    """A matplotlib figure and axes on the Agg canvas (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+# ---- the recipes benchmark's report (kept here so bench/recipes.py stays small) ---------
+
+def recipes_markdown(rows: list[dict], meta: dict, head: dict) -> str:
+    """The table of the README: percent only here."""
+    body = []
+    for r in rows:
+        lo, hi = r["dwer_ci95"]
+        spread = "–".join(f"{x:.3f}" for x in r["latency_spread_s"])
+        body.append((r["name"], r["label"], f"{r['wer']:.3f}",
+                     "—" if r["source"] == "baseline" else
+                     f"{pct(r['dwer'])} [{pct(lo, digits=0)}, {pct(hi, digits=0)}]",
+                     f"{r['cer']:.3f}", f"{r['latency_median_s']:.3f} ({spread})",
+                     f"{r['speedup']:.2f}x", r["loops"]))
+    table = md_table(("variant", "what", "WER", "dWER [95% CI]", "CER",
+                      "s per audio, median (min–max over repeats)", "speedup", "loops"),
+                     body, "llrrrrrr")
+    lines = [f"# Recipes vs hand-made configurations and faster-whisper ({meta['date']})", "",
+             f"- data: {meta['dataset']}, {meta['n_clips']} clips ({meta['audio_s']:.0f} s), "
+             f"language {meta['language'] or 'per clip'}; {meta['repeats']} repeats, variants "
+             "interleaved per clip",
+             f"- machine: {describe_machine(meta['machine'])}",
+             f"- commit: {meta['commit']}; command: `{meta['command']}`", "", table, ""]
+    if head.get("best"):
+        line = (f"Best recipe within {pct(head['max_dwer'], False, 0)} dWER: "
+                f"**{head['best']}**, {head['speedup_vs_baseline']:.2f}x the HF fp32 baseline")
+        if head.get("speedup_vs_faster_whisper_int8") is not None:
+            line += f", {head['speedup_vs_faster_whisper_int8']:.2f}x faster-whisper int8"
+        lines.append(line + ".")
+    else:
+        lines.append(f"No recipe stayed within {pct(head['max_dwer'], False, 0)} dWER.")
+    picks = [r for r in rows if r["source"] == "front" and r.get("note")]
+    lines += ["", *(f"- {r['name']}: {r['note']}" for r in picks)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_recipes(rows: list[dict], meta: dict, path: Path) -> Path:
+    """WER vs seconds per audio, bars spanning the repeats' min and max."""
+    fig, ax = figure_axes(8.5, 5.5)
+    colors = {"baseline": "#2ca02c", "hand": "#7f7f7f", "front": "#d62728", "extra": "#9467bd",
+              "peer": "#1f77b4"}
+    for r in rows:
+        lo, hi = r["latency_spread_s"]
+        x = r["latency_median_s"]
+        ax.errorbar([x], [r["wer"]], xerr=[[x - lo], [hi - x]], fmt="o", ms=7, capsize=3,
+                    color=colors.get(r["source"], "black"))
+        ax.annotate(r["name"], (x, r["wer"]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    for src, c in colors.items():
+        if any(r["source"] == src for r in rows):
+            ax.scatter([], [], color=c, label=src)
+    ax.set_xlabel("latency_median_s (s per audio)")
+    ax.set_ylabel("WER")
+    ax.set_title(f"WER vs latency, {meta['dataset']} ({meta['n_clips']} clips), "
+                 f"{meta['date'][:10]}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return Path(path)
+

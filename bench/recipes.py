@@ -1,0 +1,301 @@
+"""`python -m bench.recipes`: HYPER's recipes against the hand-made ones and faster-whisper.
+
+Every variant is prepared once, then for each clip every variant transcribes it in turn (the
+order rotates per clip), so machine drift hits all variants alike; speedups are ratios taken
+within one repeat. WER is scored for all variants on the same normalised references, including
+faster-whisper (which pads features differently, so its text may differ on equal weights).
+Writes recipes.json (a list of rows), recipes.md and recipes.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import common
+
+# The study's hand-made configurations (what people try first).
+HAND = (("int8-dynamic-all", "quant.scheme=dynamic_int8"),
+        ("prune-0.81", "prune.rate=0.81"),
+        ("int8+prune-0.81+compile",
+         "quant.scheme=dynamic_int8,prune.rate=0.81,compile.mode=default"))
+PEERS = (("faster-whisper-int8", "int8"), ("faster-whisper-fp32", "float32"))
+MAX_DWER = 0.02  # "as accurate": at most 2% relatively worse WER than the baseline
+
+
+@dataclass
+class Variant:
+    """One thing to time: a recipe applied to the HF model, or faster-whisper at a precision."""
+
+    name: str
+    source: str  # baseline | hand | front | extra | peer
+    recipe: str = ""  # Recipe.parse text (HF variants)
+    compute_type: str = ""  # faster-whisper variants
+    note: str = ""
+    runner: object = field(default=None, repr=False)
+    prepare_s: float = 0.0
+
+    def prepare(self, loaded, threads: int) -> None:
+        t0 = time.perf_counter()
+        if self.compute_type:
+            from faster_whisper import WhisperModel
+
+            from sweep.models import embedded_ct2_dir
+
+            self.runner = WhisperModel(str(embedded_ct2_dir()), device="cpu",
+                                       compute_type=self.compute_type, cpu_threads=threads)
+        else:
+            from sweep.compress import apply_recipe
+            from sweep.recipe import Recipe
+
+            recipe = Recipe.parse(self.recipe)
+            self.runner = loaded.model if recipe.is_baseline else apply_recipe(
+                copy.deepcopy(loaded.model), recipe).model
+        self.prepare_s = time.perf_counter() - t0
+
+    def run(self, processor, utt, lang: str):
+        """(text, content token ids, cap reached, seconds incl. feature extraction)."""
+        from sweep import scoring
+        from sweep.evaluate import transcribe
+
+        if not self.compute_type:
+            return transcribe(self.runner, processor, utt, language=lang)
+        cap = scoring.max_new_tokens_for(utt.duration_s)
+        t0 = time.perf_counter()
+        segments, _ = self.runner.transcribe(
+            utt.audio, language=lang, task="transcribe", beam_size=1, without_timestamps=True,
+            vad_filter=False, condition_on_previous_text=False, temperature=0,
+            max_new_tokens=cap)
+        segs = list(segments)  # a generator: decoding happens here
+        secs = time.perf_counter() - t0
+        ids = [t for s in segs for t in s.tokens if t < processor.tokenizer.eos_token_id]
+        return "".join(s.text for s in segs).strip(), ids, len(ids) >= cap, secs
+
+
+def front_picks(path: str | Path, max_dwer: float = MAX_DWER) -> list[tuple[str, dict, dict]]:
+    """(name, flat recipe, figures where it was chosen) from a sweep's pareto.json or a
+    bench.search grid cache: the fastest front point with dwer <= max_dwer, the fastest with
+    dwer <= 0.1 and the knee, without repeats."""
+    from sweep import pareto
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "front" in data:
+        front = data["front"]
+    else:  # a grid cache: its front over (wer, latency)
+        rows = [r for r in data.get("rows", []) if r.get("status", "ok") == "ok"]
+        front = pareto.pareto_front(rows, [("wer", "min"), ("latency_norm_s", "min")])
+    ok = [r for r in front if r.get("dwer") is not None and r.get("speedup")]
+    picks = []
+    for name, limit in ((f"front-fastest-dwer{max_dwer:g}", max_dwer),
+                        ("front-fastest-dwer0.1", 0.1)):
+        within = [r for r in ok if r["dwer"] <= limit]
+        if within:
+            picks.append((name, max(within, key=lambda r: r["speedup"])))
+    k = pareto.knee(front)
+    if k is not None:
+        picks.append(("front-knee", k))
+    out, seen = [], set()
+    for name, row in picks:
+        key = pareto.recipe_string(row["recipe"])
+        if key not in seen:
+            seen.add(key)
+            out.append((name, row["recipe"], {f: row.get(f) for f in ("wer", "dwer", "speedup")}))
+    return out
+
+
+def timed_pass(variants, processor, clips, langs, repeats: int, progress=None) -> dict:
+    """Per variant: hypotheses of repeat 0, ids, loop flags and a (repeats x clips) latency
+    array. Variants rotate per clip and repeat so none always runs first or last."""
+    out = {v.name: {"text": [], "ids": [], "cap": [], "lat": np.zeros((repeats, len(clips)))}
+           for v in variants}
+    for r in range(repeats):
+        for i, (utt, lang) in enumerate(zip(clips, langs)):
+            shift = (i + r) % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                text, ids, cap, secs = v.run(processor, utt, lang)
+                out[v.name]["lat"][r, i] = secs
+                if r == 0:
+                    out[v.name]["text"].append(text)
+                    out[v.name]["ids"].append(ids)
+                    out[v.name]["cap"].append(cap)
+            if progress:
+                progress(r * len(clips) + i + 1, repeats * len(clips))
+    return out
+
+
+def summarize(variants, timed: dict, clips, langs, numbers: str = "auto") -> list[dict]:
+    """Rows (fractions and seconds) scored on the same references, ratios against the first
+    variant (the baseline) per repeat; dwer interval by paired bootstrap over clips."""
+    from sweep import scoring
+
+    refs = [scoring.normalize(u.text, lang, numbers) for u, lang in zip(clips, langs)]
+    base = variants[0].name
+    scores = {n: scoring.score(refs, [scoring.normalize(t, lang, numbers)
+                                      for t, lang in zip(d["text"], langs)])
+              for n, d in timed.items()}
+    b_lat = np.median(timed[base]["lat"], axis=1)
+    rows = []
+    for v in variants:
+        d, sc = timed[v.name], scores[v.name]
+        per_rep = np.median(d["lat"], axis=1)
+        ratio = b_lat / per_rep
+        lo, hi = scoring.bootstrap_dwer(scores[base].per_utt, sc.per_utt)
+        rows.append({
+            "name": v.name, "source": v.source, "recipe": v.recipe,
+            "compute_type": v.compute_type or None, "label": _label(v), "note": v.note,
+            "wer": sc.wer, "cer": sc.cer,
+            "dwer": scoring.relative(sc.wer, scores[base].wer),
+            "dcer": scoring.relative(sc.cer, scores[base].cer), "dwer_ci95": [lo, hi],
+            "latency_median_s": float(np.median(per_rep)),
+            "latency_spread_s": [float(per_rep.min()), float(per_rep.max())],
+            "latency_repeats_s": [float(x) for x in per_rep],
+            "latency_mean_s": float(d["lat"].mean()),
+            "speedup": float(np.median(ratio)), "speedup_repeats": [float(x) for x in ratio],
+            "rtf": float(d["lat"].sum(axis=1).mean() / sum(u.duration_s for u in clips)),
+            "loops": int(sum(scoring.count_loop(i, c) for i, c in zip(d["ids"], d["cap"]))),
+            "prepare_s": v.prepare_s,
+        })
+    return rows
+
+
+def _label(v: Variant) -> str:
+    if v.compute_type:
+        return f"faster-whisper {v.compute_type}"
+    from sweep.recipe import Recipe
+
+    return Recipe.parse(v.recipe).describe()
+
+
+def best_at(rows: list[dict], max_dwer: float = MAX_DWER) -> dict | None:
+    """The fastest HF row (not the baseline, not a peer) with dwer <= max_dwer."""
+    ok = [r for r in rows if r["source"] not in ("baseline", "peer") and r["dwer"] <= max_dwer]
+    return max(ok, key=lambda r: r["speedup"], default=None)
+
+
+def headline(rows: list[dict], max_dwer: float = MAX_DWER) -> dict:
+    """Speedup of the best recipe at <= max_dwer against the baseline and faster-whisper int8."""
+    best = best_at(rows, max_dwer)
+    fw = next((r for r in rows if r["name"] == "faster-whisper-int8"), None)
+    out = {"max_dwer": max_dwer, "best": best and best["name"],
+           "speedup_vs_baseline": best and best["speedup"]}
+    if best and fw:
+        # Same repeats, same clips: ratio of per-repeat medians, median over repeats.
+        ratios = np.array(fw["latency_repeats_s"]) / np.array(best["latency_repeats_s"])
+        out["speedup_vs_faster_whisper_int8"] = float(np.median(ratios))
+    return out
+
+
+def write_outputs(rows: list[dict], meta: dict, out: Path) -> dict[str, Path]:
+    """recipes.json (list of rows, each with the run's metadata), recipes.md, recipes.png."""
+    out = Path(out)
+    full = [{**r, **meta} for r in rows]
+    paths = {"json": common.write_json(out / "recipes.json", full),
+             "md": out / "recipes.md", "png": out / "recipes.png"}
+    paths["md"].write_text(common.recipes_markdown(rows, meta, headline(rows)),
+                           encoding="utf-8")
+    common.plot_recipes(rows, meta, paths["png"])
+    return paths
+
+
+def load_clips(spec: str, language: str | None, max_samples: int | None):
+    from sweep.data import load_eval_set, shared_dir
+
+    if spec == "default":
+        spec = "shared" if shared_dir() is not None else "embedded"
+    if spec == "shared" and language is None:
+        language = "ru"
+    ev = load_eval_set(spec, language=language, max_samples=max_samples)
+    return ev, language
+
+
+def build_variants(args) -> list[Variant]:
+    vs = [Variant("baseline", "baseline", "")]
+    if not args.no_hand:
+        vs += [Variant(n, "hand", r) for n, r in HAND]
+    from sweep import pareto
+
+    for i, path in enumerate(args.front or ()):
+        tag = "" if len(args.front) == 1 else f"#{i + 1}"
+        for name, flat, fig in front_picks(path, args.max_dwer):
+            note = (f"chosen on {Path(path).name}: wer {fig['wer']:.3f}, dwer "
+                    f"{common.pct(fig['dwer'])}, speedup {fig['speedup']:.2f}x there")
+            vs.append(Variant(name + tag, "front", pareto.recipe_string(flat), note=note))
+    for item in args.extra or ():
+        name, eq, text = item.partition("=")
+        if not eq or not name:
+            raise ValueError(f"`--extra` must be name=recipe-string, got {item!r}")
+        vs.append(Variant(name, "extra", text))
+    if not args.no_peers:
+        vs += [Variant(n, "peer", compute_type=c) for n, c in PEERS]
+    names = [v.name for v in vs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must be unique, got {names}")
+    return vs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.recipes", description=__doc__)
+    ap.add_argument("--dataset", default="default",
+                    help="shared (../shared/speech), embedded, or a manifest path "
+                         "(default: shared when present, else embedded)")
+    ap.add_argument("--language", default=None, help="default: ru for shared, per clip else")
+    ap.add_argument("--max-samples", type=int, default=None)
+    ap.add_argument("--model", default="embedded:whisper-base")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="default: all cores")
+    ap.add_argument("--front", action="append", metavar="PATH",
+                    help="a sweep's pareto.json or bench/results/search_grid.json")
+    ap.add_argument("--extra", action="append", metavar="NAME=RECIPE",
+                    help='another recipe, e.g. "int8-enc=quant.enc_attn=dynamic_int8"')
+    ap.add_argument("--max-dwer", type=float, default=MAX_DWER)
+    ap.add_argument("--no-hand", action="store_true", help="skip the hand-made configurations")
+    ap.add_argument("--no-peers", action="store_true", help="skip faster-whisper")
+    ap.add_argument("--out", default=str(common.RESULTS))
+    args = ap.parse_args(argv)
+    import os
+
+    import torch
+
+    from sweep import cli
+    from sweep.evaluate import _lang_of, set_threads
+    from sweep.models import load_model
+
+    try:
+        variants = build_variants(args)
+        ev, language = load_clips(args.dataset, args.language, args.max_samples)
+        langs = [_lang_of(u, language) for u in ev]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    threads = set_threads(args.threads or os.cpu_count())
+    cli.quiet_transformers()
+    meta = {**common.stamp(threads), "dataset": ev.name, "language": language,
+            "n_clips": len(ev), "audio_s": ev.total_s, "repeats": args.repeats,
+            "threads": threads, "model": args.model,
+            "command": "python -m bench.recipes " + " ".join(argv or sys.argv[1:])}
+    loaded = load_model(args.model)
+    for v in variants:  # every preparation first: compile resets dynamo state for all
+        print(f"preparing {v.name}", file=sys.stderr)
+        v.prepare(loaded, threads)
+    with torch.inference_mode():
+        for v in variants:  # untimed: compile, allocator and caches warm on two clip lengths
+            for u, lang in list(zip(ev, langs))[:2]:
+                v.run(loaded.processor, u, lang)
+        timed = timed_pass(variants, loaded.processor, ev.utterances, langs, args.repeats,
+                           cli.progress("timing"))
+    rows = summarize(variants, timed, ev.utterances, langs)
+    paths = write_outputs(rows, meta, Path(args.out))
+    print(paths["md"].read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(map(str, paths.values())), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
