@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import platform
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -153,13 +155,17 @@ def save_checkpoint(base_model: nn.Module, processor, recipe: Recipe, out_dir, *
                     trial_kernels: dict | None = None, overwrite: bool = False) -> Path:
     """Bake `recipe`'s weight-changing parts into a copy of the uncompressed `base_model` and
     write the checkpoint to `out_dir`. `calibrate(model)` runs calibration audio (static int8
-    only); `metrics` (trial figures, baseline, data...) goes to metrics.json and the card."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"`out_dir` {out} is not empty: choose a new folder or overwrite")
-    bake, again, baked, reapplied = split(recipe)
+    only); `metrics` (trial figures, baseline, data...) goes to metrics.json and the card;
+    `overwrite` replaces an earlier checkpoint there (never another kind of folder)."""
     from .compress import apply_recipe
 
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not (overwrite and (out / "recipe.json").is_file()):
+            raise CheckpointError(f"`out_dir` {out} is not empty: choose a new folder (overwrite "
+                                  "replaces only an earlier HYPER checkpoint)")
+        shutil.rmtree(out)  # whole: stale shards would otherwise be listed as its files
+    bake, again, baked, reapplied = split(recipe)
     model = apply_recipe(copy.deepcopy(base_model), bake).model
     _densify(model)
     stats = None
@@ -169,13 +175,11 @@ def save_checkpoint(base_model: nn.Module, processor, recipe: Recipe, out_dir, *
                                   "calibration audio): its scales are stored in recipe.json")
         stats = _capture_calibration(model, again, calibrate)
     out.mkdir(parents=True, exist_ok=True)
-    for name in DESCRIPTIVE:  # stale ones of an overwritten export
-        (out / name).unlink(missing_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     info = {"format_version": FORMAT_VERSION, "recipe": json.loads(recipe.to_json()),
-            "baked": baked, "reapplied": reapplied, "dtype": dtype,
+            "baked": baked, "reapplied": reapplied,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "config_shapes": {k: getattr(model.config, k) for k in _SHAPES},
             "calibration": stats, "trial_kernels": trial_kernels,
             "files": {p.name: sha256(p) for p in sorted(out.iterdir())
@@ -197,25 +201,23 @@ def write_metrics(out, metrics: dict) -> None:
 
 
 def environment() -> dict:
-    """Hardware and library versions of the exporting machine (figures hold for them)."""
+    """Hardware and library versions of the exporting machine (the figures hold for them)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    libs = {}
-    for pkg in ("torch", "torchao", "transformers", "safetensors", "hyper-sweep"):
+    def ver(pkg):
         try:
-            libs[pkg] = version(pkg)
+            return version(pkg)
         except PackageNotFoundError:
-            libs[pkg] = "missing"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": __import__("os").cpu_count(), "gpu": gpu,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform(), "versions": libs}
+            return "missing"
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                if ln.startswith("model name")), platform.processor() or platform.machine())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "versions": {p: ver(p) for p in ("torch", "torchao", "transformers", "safetensors",
+                                             "hyper-sweep")}}
 
 
 # ---- model card ------------------------------------------------------------------------------
@@ -223,60 +225,77 @@ def environment() -> dict:
 _ROWS = (("WER", "wer", ".3f"), ("CER", "cer", ".3f"), ("latency, median (s)", "latency_median_s",
          ".3f"), ("latency, p90 (s)", "latency_p90_s", ".3f"), ("real-time factor", "rtf", ".3f"),
          ("size in memory (MB)", "param_mb", ".0f"))
+CARD = """# Whisper, {title} — exported by HYPER
+
+Base model `{model}`; trial `{run_id}` of sweep `{sweep}`.
+
+| figure | this checkpoint | baseline | change |
+|---|---:|---:|---:|
+{table}
+
+Measured on `{dataset}` ({n} utterances, language {language}) with {threads} threads on {cpu};
+{versions}.{verify}
+
+## Recipe
+
+{recipe}
+
+Device: {device}. Full recipe: `recipe.json`; figures, data set, hardware and versions:
+`metrics.json`.
+
+## Load
+
+```python
+import sweep
+from sweep.transcribe import transcribe_files
+
+ck = sweep.load("path/to/this/dir")  # checks recipe.json and file hashes, re-applies the rest
+print(transcribe_files(ck, ["audio.wav"])[0]["text"])  # also ck.model, ck.processor, ck.recipe
+```
+
+```bash
+python -m sweep.transcribe --checkpoint path/to/this/dir audio.wav
+```
+
+Plain `WhisperForConditionalGeneration.from_pretrained(dir)` {plain}.
+"""
 
 
 def _num(x, spec: str) -> str:
-    return "—" if not isinstance(x, (int, float)) else format(x, spec)
+    return format(x, spec) if isinstance(x, (int, float)) else "—"
 
 
 def model_card(info: dict, metrics: dict) -> str:
-    """README.md: figures against the baseline (percent only here), how to load, the recipe."""
+    """README.md: figures against the baseline (percent only here), the recipe, how to load."""
     recipe = Recipe.from_json(json.dumps(info["recipe"]))
     fig, base = metrics.get("figures") or {}, metrics.get("baseline") or {}
-    data, env = metrics.get("data") or {}, metrics.get("environment") or {}
-    out = [f"# Whisper, {recipe.describe()} — exported by HYPER", "",
-           f"Base model: `{metrics.get('model', {}).get('spec', '?')}`; trial "
-           f"`{metrics.get('trial', {}).get('run_id', '?')}` of sweep "
-           f"`{metrics.get('trial', {}).get('sweep', '?')}`.", "",
-           "| figure | this checkpoint | baseline | change |", "|---|---:|---:|---:|"]
-    for label, key, spec in _ROWS:
-        t, b = fig.get(key), base.get(key)
-        if t is None and b is None:
-            continue
-        ok = isinstance(t, (int, float)) and isinstance(b, (int, float)) and b
-        out.append(f"| {label} | {_num(t, spec)} | {_num(b, spec)} | "
-                   f"{f'{t / b - 1:+.1%}' if ok else '—'} |")
-    if isinstance(fig.get("speedup"), (int, float)):
-        out.append(f"| speed-up | {fig['speedup']:.2f}x | 1.00x | |")
-    out += ["", f"Measured on `{data.get('dataset', '?')}` ({data.get('n_utterances', '?')} "
-            f"utterances, language {data.get('language') or 'per utterance'}) with "
-            f"{fig.get('threads', '?')} threads on {env.get('cpu', '?')}; "
-            + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + "."]
-    if metrics.get("verify"):
-        v = metrics["verify"]
-        out += ["", f"Re-measured after export: WER {_num(v.get('wer'), '.3f')}, CER "
-                f"{_num(v.get('cer'), '.3f')}, latency {_num(v.get('latency_median_s'), '.3f')}"
-                f" s ({'identical transcripts' if v.get('match') else 'DIFFERS from the trial'})."]
-    out += ["", "## Recipe", ""]
-    for prefix in TECHNIQUES:
-        cfg = getattr(recipe, prefix)
-        if cfg.active:
-            out.append(f"- **{cfg.describe()}** — {HANDLING[prefix].why}.")
+    data, env, v = metrics.get("data") or {}, metrics.get("environment") or {}, metrics.get(
+        "verify")
+    rows = [f"| {label} | {_num(fig.get(k), spec)} | {_num(base.get(k), spec)} | " + (
+        f"{fig[k] / base[k] - 1:+.1%} |" if _num(fig.get(k), "") != "—" and _num(
+            base.get(k), "") != "—" and base[k] else "— |")
+        for label, k, spec in _ROWS if k in fig or k in base]
+    if "speedup" in fig:
+        rows.append(f"| speed-up | {_num(fig['speedup'], '.2f')}x | 1.00x | |")
+    lines = [f"- **{getattr(recipe, p).describe()}** — {HANDLING[p].why}." for p in TECHNIQUES
+             if getattr(recipe, p).active] or ["- none: the base model, unchanged."]
     if info.get("calibration"):
-        out.append("- static int8 scales are stored in `recipe.json`: no calibration at load.")
-    if recipe.is_baseline:
-        out.append("- none: the base model's weights, unchanged.")
-    plain = ("is exactly the measured model" if not info["reapplied"] else
-             f"gives the baked weights only, without {' and '.join(info['reapplied'])}")
-    out += ["", f"Device: {recipe.device}. Full recipe: `recipe.json`; figures, data set, "
-            "hardware and versions: `metrics.json`.", "", "## Load", "", "```python",
-            "import sweep", "", "ck = sweep.load(\"path/to/this/dir\")  # checks recipe.json and "
-            "file hashes, re-applies the rest", "# ck.model, ck.processor, ck.recipe",
-            "from sweep.transcribe import transcribe_files",
-            "print(transcribe_files(ck, [\"audio.wav\"])[0][\"text\"])", "```", "",
-            "```bash", "python -m sweep.transcribe --checkpoint path/to/this/dir audio.wav", "```",
-            "", f"Plain `WhisperForConditionalGeneration.from_pretrained(dir)` {plain}.", ""]
-    return "\n".join(out)
+        lines.append("- static int8 scales are stored in `recipe.json`: no calibration at load.")
+    return CARD.format(
+        title=recipe.describe(), model=(metrics.get("model") or {}).get("spec", "?"),
+        run_id=(metrics.get("trial") or {}).get("run_id", "?"),
+        sweep=(metrics.get("trial") or {}).get("sweep", "?"), table="\n".join(rows),
+        dataset=data.get("dataset", "?"), n=data.get("n_utterances", "?"),
+        language=data.get("language") or "per utterance",
+        threads=_num(fig.get("threads"), ".0f").replace("—", "?"), cpu=env.get("cpu", "?"),
+        versions=", ".join(f"{k} {x}" for k, x in (env.get("versions") or {}).items()),
+        verify="" if not v else (
+            f"\n\nRe-measured after export: WER {_num(v.get('wer'), '.3f')}, CER "
+            f"{_num(v.get('cer'), '.3f')}, median latency {_num(v.get('latency_median_s'), '.3f')}"
+            f" s: {'identical transcripts' if v.get('match') else 'DIFFERS from the trial'}."),
+        recipe="\n".join(lines), device=recipe.device,
+        plain="is exactly the measured model" if not info["reapplied"] else
+        f"gives the baked weights only, without {' and '.join(info['reapplied'])}")
 
 
 # ---- loading ---------------------------------------------------------------------------------

@@ -26,16 +26,15 @@ def tiny(tiny_checkpoint):
 def clips(small_manifest):
     from sweep.data import load_eval_set
 
-    ev = load_eval_set(small_manifest)  # two clips: a random model decodes up to its token cap
-    ev.utterances = ev.utterances[:2]
-    return ev
+    # One clip: a random model decodes up to its token cap, and the logits are compared too.
+    return load_eval_set(small_manifest, max_samples=1)
 
 
 @pytest.fixture(scope="module")
 def calibrate(tiny):
     from sweep.data import calibration_set
 
-    calib = calibration_set("embedded", n=2)
+    calib = calibration_set("embedded", n=1)
     return lambda m: [evaluate.transcribe(m, tiny.processor, u, language="ru") for u in calib]
 
 
@@ -59,7 +58,7 @@ def _round_trip(loaded, recipe, clips, out, calibrate=None):
     want, got = _heard(trial.model, loaded.processor, clips), _heard(ck.model, ck.processor, clips)
     assert got[:3] == want[:3]  # transcripts, WER, CER: exactly the trial's
     assert torch.equal(got[3], want[3])
-    return ck, trial
+    return ck, trial, got
 
 
 RECIPES = {
@@ -73,7 +72,7 @@ RECIPES = {
 @pytest.mark.parametrize("name", RECIPES)
 def test_round_trip_transcribes_exactly_as_the_trial(tiny, clips, tmp_path, name):
     recipe = Recipe.parse(RECIPES[name])
-    ck, _ = _round_trip(tiny, recipe, clips, tmp_path / "ck")
+    ck, _, _ = _round_trip(tiny, recipe, clips, tmp_path / "ck")
     info = json.loads((tmp_path / "ck" / "recipe.json").read_text())
     assert info["baked"] == [p for p in ("struct", "prune") if getattr(recipe, p).active]
     assert info["reapplied"] == (["quant"] if recipe.quant.active else [])
@@ -84,7 +83,7 @@ def test_round_trip_transcribes_exactly_as_the_trial(tiny, clips, tmp_path, name
 def test_ffn_pruned_checkpoint_loads_with_plain_from_pretrained(tiny, clips, tmp_path):
     from transformers import WhisperForConditionalGeneration
 
-    ck, trial = _round_trip(tiny, Recipe.parse("struct.ffn_rate=0.25"), clips, tmp_path / "ck")
+    ck, trial, _ = _round_trip(tiny, Recipe.parse("struct.ffn_rate=0.25"), clips, tmp_path / "ck")
     plain = WhisperForConditionalGeneration.from_pretrained(tmp_path / "ck").eval()
     assert plain.config.encoder_ffn_dim == plain.config.decoder_ffn_dim == 96
     assert plain.model.encoder.layers[0].fc1.weight.shape == (96, 64)
@@ -93,7 +92,7 @@ def test_ffn_pruned_checkpoint_loads_with_plain_from_pretrained(tiny, clips, tmp
 
 
 def test_compiled_round_trip(tiny, clips, tmp_path):
-    ck, _ = _round_trip(tiny, Recipe.parse("compile.mode=default"), clips, tmp_path / "ck")
+    ck, _, _ = _round_trip(tiny, Recipe.parse("compile.mode=default"), clips, tmp_path / "ck")
     assert ck.recipe.compile.mode == "default"
     assert ck.model.model.encoder._compiled_call_impl is not None  # nn.Module.compile()
 
@@ -192,3 +191,150 @@ def test_transcribe_files_and_cli_serve_the_checkpoint(tiny, clips, exported, tm
     assert line["text"] == want[0] and line["path"].endswith("a.wav")
     assert transcribe.main(["--checkpoint", str(exported), str(tmp_path / "missing.wav")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# ---- the export CLI on a real MLflow store ---------------------------------------------------
+
+# Made-up figures on real recipes (wer, median latency): the picking rules' cases. The baseline
+# WER is 0.20, so dWER is wer / 0.20 - 1; latencies are far below the real tiny trial's.
+FAKE = {"baseline": ("", 0.20, 0.050), "acc": ("struct.ffn_rate=0.1", 0.20, 0.045),
+        "knee": ("prune.rate=0.1", 0.205, 0.025), "fast": ("quant.scheme=bf16", 0.26, 0.020)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny, tiny_checkpoint, small_manifest):
+    """A sweep-like tracking store made with sweep.tracking: the made-up trials, one trial
+    really measured on the tiny checkpoint (dynamic int8), and a failed one."""
+    from sweep import tracking
+    from sweep.data import load_eval_set
+
+    root = tmp_path_factory.mktemp("sweep-root")
+    uri = tracking.default_uri(root)
+    exp = tracking.ensure_experiment(uri, root / "artifacts")
+    parent = tracking.start_parent(uri, exp, "t", {
+        "model": tiny_checkpoint, "dataset": small_manifest, "n_utterances": 3,
+        "command": f"launch.py --space quick --model {tiny_checkpoint} --dataset "
+                   f"{small_manifest} --max-samples 3"}, {})
+    ids = {}
+    for key, (text, wer, lat) in FAKE.items():
+        ids[key], _ = tracking.begin_trial(uri, exp, parent, "t", key,
+                                           Recipe.parse(text).to_flat(), {"device": "cpu"})
+        tracking.finish_trial(uri, ids[key], {
+            "wer": wer, "cer": wer / 2, "dwer": wer / 0.20 - 1, "latency_median_s": lat,
+            "speedup": 0.05 / lat, "threads": 1, "kernels": {},
+            "baseline": {"wer": 0.20, "cer": 0.10, "latency_median_s": 0.05}})
+    real, _ = evaluate.run_trial(tiny.model, tiny.processor, load_eval_set(small_manifest),
+                                 Recipe.parse("quant.scheme=dynamic_int8"), warmup=0)
+    ids["real"], _ = tracking.begin_trial(uri, exp, parent, "t", "real", real["recipe"],
+                                          {"device": "cpu"})
+    tracking.finish_trial(uri, ids["real"], real)
+    failed, _ = tracking.begin_trial(uri, exp, parent, "t", "failed",
+                                     Recipe.parse("prune.rate=0.5").to_flat(), {})
+    tracking.fail_trial(uri, failed, RuntimeError("boom"))
+    return root, ids
+
+
+def _export(root, tmp_path, *args):
+    from sweep import export
+
+    return export.main(["--root", str(root), "--out", str(tmp_path / "out"), *args])
+
+
+@pytest.mark.parametrize("args, picked", [
+    (["--knee"], "knee"), (["--max-dwer", "0.01"], "acc"), (["--max-dwer", "0.03"], "knee"),
+    (["--max-latency", "0.03"], "knee"), (["--sweep", "t", "--max-latency", "0.046"], "acc"),
+])
+def test_export_picks_by_rule(store, tmp_path, capsys, args, picked):
+    root, ids = store
+    assert _export(root, tmp_path, "--sweep", "latest", *args, "--no-log") == 0
+    info = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert info["trial"]["run_id"] == ids[picked], capsys.readouterr().err
+    assert info["data"]["languages"] == ["ru"] and info["figures"]["wer"] == FAKE[picked][1]
+
+
+@pytest.mark.parametrize("args", [["--max-latency", "0.001"], ["--max-dwer", "-0.5"]])
+def test_no_trial_meets_the_rule_lists_the_closest(store, tmp_path, capsys, args):
+    root, ids = store
+    assert _export(root, tmp_path, *args) == 3
+    err = capsys.readouterr().err
+    assert "no trial meets " + args[0] in err and "the closest" in err
+    listed = [line.split()[1] for line in err.splitlines() if line.startswith("  +")]
+    assert len(listed) == 3 and set(listed) <= set(ids.values())
+    assert listed[0] == (ids["fast"] if args[0] == "--max-latency" else ids["baseline"]) or (
+        args[0] == "--max-dwer")  # dWER ties at 0 among several trials
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_by_run_verifies_and_logs_to_mlflow(store, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from sweep import tracking
+
+    root, ids = store
+    assert _export(root, tmp_path, "--run", ids["real"], "--verify") == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "WER and CER equal the trial's" in out and "differing from the trial's: 0 of 3" in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["verify"]["match"] and metrics["trial"]["sweep"] == "t"
+    assert "identical transcripts" in (tmp_path / "out" / "README.md").read_text()
+    client = MlflowClient(tracking.default_uri(root))
+    files = {f.path for f in client.list_artifacts(ids["real"], "export")}
+    assert {"export/recipe.json", "export/model.safetensors", "export/README.md"} <= files
+    (version,) = client.search_model_versions("name = 'hyper-t'")
+    assert version.run_id == ids["real"] and version.source.endswith("/export")
+    assert client.get_run(ids["real"]).data.tags["hyper.export"] == "hyper-t/1"
+    assert sweep.load(tmp_path / "out").recipe == Recipe.parse("quant.scheme=dynamic_int8")
+
+
+def test_export_refuses_unknown_sweeps_and_runs(store, tmp_path, capsys):
+    root, _ = store
+    assert _export(root, tmp_path, "--sweep", "nope", "--knee") == 2
+    assert "sweeps here: ['t']" in capsys.readouterr().err
+    assert _export(root, tmp_path, "--run", "0" * 32) == 2
+    assert "is not a run of this tracking store" in capsys.readouterr().err
+    assert _export(tmp_path / "empty", tmp_path, "--knee") == 2
+    assert "no tracking store" in capsys.readouterr().err
+
+
+# ---- the real embedded whisper-base ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_clips():
+    from sweep.data import load_eval_set
+
+    return load_eval_set("embedded", max_samples=3)
+
+
+@pytest.mark.slow
+# Shrinking whisper-base's decoder FFN by even 5% makes it loop: 1% still keeps it speaking.
+@pytest.mark.parametrize("text", ["quant.scheme=dynamic_int8", "struct.ffn_rate=0.01"])
+def test_real_model_round_trip(real_model, real_clips, tmp_path, text):
+    from transformers import WhisperForConditionalGeneration
+
+    ck, _, heard = _round_trip(real_model, Recipe.parse(text), real_clips, tmp_path / "ck")
+    assert heard[1] < 0.5 and all(h.strip() for h in heard[0])  # real speech, transcribed
+    if ck.recipe.struct.active:  # nothing re-applied: plain transformers gives the same model
+        plain = WhisperForConditionalGeneration.from_pretrained(tmp_path / "ck").eval()
+        assert plain.config.decoder_ffn_dim == 2048 - 20
+        assert _heard(plain, ck.processor, real_clips)[:3] == heard[:3]
+
+
+@pytest.mark.slow
+def test_real_model_serves_long_audio(real_model, tmp_path):
+    """Files over Whisper's 30 s window are decoded window by window."""
+    import numpy as np
+    import soundfile as sf
+
+    from sweep.data import load_eval_set
+
+    clips = load_eval_set("embedded", max_samples=24)
+    audio = np.concatenate([np.concatenate([u.audio, np.zeros(8000, np.float32)]) for u in clips])
+    assert audio.size / 16000 > 31
+    sf.write(tmp_path / "long.flac", audio, 16000)
+    save_checkpoint(real_model.model, real_model.processor, Recipe(), tmp_path / "ck",
+                    metrics={"data": {"languages": ["ru"]}})
+    (row,) = transcribe.transcribe_files(tmp_path / "ck", [tmp_path / "long.flac"])
+    assert row["cap_reached"] is None and row["duration_s"] > 31
+    words = row["text"].lower()
+    assert "хлеб" in words and clips.utterances[-1].text.split()[-1][:4] in words, words
