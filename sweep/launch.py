@@ -121,6 +121,11 @@ def run(args) -> dict:
     cpus = int(resources.get("CPU", 1))
     per_trial = args.cpus_per_trial or max(1, cpus // args.max_concurrent)
     devices = {"cpu"} | ({"cuda"} if resources.get("GPU", 0) > 0 else set())
+    if args.address and uri.startswith("sqlite") and len(
+            __import__("ray").nodes()) > 1:
+        print(f"note: {uri} is a local file; trials on other machines cannot write it: pass "
+              "--tracking-uri http://<server> (ignore this on a one-machine cluster)",
+              file=sys.stderr)
     if "cuda" not in devices and space.mentions("cuda"):
         print("note: the cluster has no GPU, so cuda points are not searched", file=sys.stderr)
     exp_id = tracking.ensure_experiment(uri, root / "artifacts")
