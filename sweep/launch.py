@@ -103,6 +103,7 @@ def _restore_args(args) -> Namespace:
 
 
 def run(args) -> dict:
+    import ray
     from ray import tune
 
     from . import search, worker
@@ -121,8 +122,7 @@ def run(args) -> dict:
     cpus = int(resources.get("CPU", 1))
     per_trial = args.cpus_per_trial or max(1, cpus // args.max_concurrent)
     devices = {"cpu"} | ({"cuda"} if resources.get("GPU", 0) > 0 else set())
-    if args.address and uri.startswith("sqlite") and len(
-            __import__("ray").nodes()) > 1:
+    if args.address and uri.startswith("sqlite") and len(ray.nodes()) > 1:
         print(f"note: {uri} is a local file; trials on other machines cannot write it: pass "
               "--tracking-uri http://<server> (ignore this on a one-machine cluster)",
               file=sys.stderr)
