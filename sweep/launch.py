@@ -88,6 +88,10 @@ def validate(args) -> tuple:
     return space, evalset, root, uri
 
 
+class SweepFailed(RuntimeError):
+    """Every trial failed: nothing to build a front from (the errors are in MLflow)."""
+
+
 SAVED = "hyper.json"  # beside Tune's experiment state: what --resume needs to rebuild a sweep
 
 
@@ -188,8 +192,11 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     rows = tracking.sweep_rows(uri, exp_id, name)  # MLflow holds every finished trial
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
-        raise RuntimeError(f"sweep {name}: no trial finished; errors: "
-                           f"{[r['error'] for r in rows][:3]}")
+        tracking.retry(MlflowClient(uri).set_terminated, parent, status="FAILED")
+        errors = sorted({str(r["error"]) for r in rows})
+        raise SweepFailed(f"sweep {name}: none of its {len(rows)} trials finished; "
+                          f"{len(errors)} distinct errors, first: {errors[:2]} "
+                          f"(tracebacks in MLflow, run `python -m sweep.ui`)")
     baseline = next((r for r in ok if Recipe.from_flat(r["recipe"]).is_baseline), None)
     base_figs = dict(ok[0]["baseline"])
     if baseline is not None:
@@ -297,6 +304,9 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad input of any kind: one clear message, nothing ran
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SweepFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
