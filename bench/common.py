@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
@@ -212,3 +214,63 @@ def plot_recipes(rows: list[dict], meta: dict, path: Path) -> Path:
     fig.savefig(path, format="png")
     return Path(path)
 
+
+
+# ---- the search benchmark's report -------------------------------------------------------
+
+CHECKPOINTS = (10, 20, 30, 40, 60, 80, 100)
+
+
+def _iqr_text(entry: dict, t: int) -> str:
+    i = t - 1
+    return f"{entry['median'][i]:.2f} [{entry['q25'][i]:.2f}–{entry['q75'][i]:.2f}]"
+
+
+def write_search(summary: dict, meta: dict, cache: dict, out: Path) -> dict[str, Path]:
+    """search.json (curves, fractions of the grid's hypervolume), search.md, search.png."""
+    out = Path(out)
+    paths = {"json": write_json(out / "search.json", {**meta, **summary}),
+             "md": out / "search.md", "png": out / "search.png"}
+    n = meta["trials"]
+    marks = [t for t in CHECKPOINTS if t <= n] + ([n] if n not in CHECKPOINTS else [])
+    body = []
+    for s, e in summary["samplers"].items():
+        tt = e.get("trials_to_random_final_median_curve")
+        ts = e.get("trials_to_random_final_seeds_median")
+        body.append((s, *(_iqr_text(e, t) for t in marks),
+                     "never" if tt is None else tt,
+                     f"{'never' if ts is None else f'{ts:g}'} ({e.get('seeds_reaching', 0)}"
+                     f"/{len(e['per_seed'])} seeds)"))
+    table = md_table(("sampler", *(f"HV @{t}" for t in marks),
+                      "trials to random's final HV (median curve)", "per seed, median"),
+                     body)
+    g = meta["grid_stamp"]
+    lines = [f"# Search efficiency: hypervolume vs trials ({meta['date']})", "",
+             f"- grid: {meta['cached']}/{meta['grid_size']} recipes of search_spaces/cpu.yaml "
+             f"({', '.join(f'{k}: {len(v)}' for k, v in cache['grid'].items())}), each "
+             f"measured once on {meta['n_clips']} embedded clips on {g.get('date')} "
+             f"(commit {str(g.get('commit'))[:12]}; {describe_machine(g.get('machine') or {})})",
+             f"- replay: {meta['seeds']} seeds x {meta['trials']} trials per sampler (the "
+             f"sweep's samplers; baseline enqueued first; constraint dwer <= "
+             f"{pct(summary['max_dwer'], False, 0)})",
+             "- HV: hypervolume of (WER, latency) against the baseline's WER "
+             f"+{pct(summary['max_dwer'], False, 0)} and latency, as a fraction of the whole "
+             "grid's; median [IQR] over seeds",
+             f"- commit: {meta['commit']}; command: `{meta['command']}`", "", table, ""]
+    paths["md"].write_text("\n".join(lines), encoding="utf-8")
+    fig, ax = figure_axes()
+    for s, e in summary["samplers"].items():
+        x = np.arange(1, len(e["median"]) + 1)
+        ax.plot(x, e["median"], label=s)
+        ax.fill_between(x, e["q25"], e["q75"], alpha=0.2)
+    if summary.get("random_final_hv") is not None and summary["hv_grid"]:
+        ax.axhline(summary["random_final_hv"] / summary["hv_grid"], ls="--", c="grey", lw=1,
+                   label="random's final HV")
+    ax.set_xlabel("trials")
+    ax.set_ylabel("hypervolume / grid's hypervolume")
+    ax.set_title(f"HV vs trials, median and IQR over {meta['seeds']} seeds", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["png"], format="png")
+    return paths

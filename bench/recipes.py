@@ -88,8 +88,10 @@ def front_picks(path: str | Path, max_dwer: float = MAX_DWER) -> list[tuple[str,
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if "front" in data:
         front = data["front"]
-    else:  # a grid cache: its front over (wer, latency)
-        rows = [r for r in data.get("rows", []) if r.get("status", "ok") == "ok"]
+    else:  # a bench.search grid cache: its front over (wer, drift-corrected latency)
+        from .search import points_of
+
+        rows = list(points_of(data)[0].values())
         front = pareto.pareto_front(rows, [("wer", "min"), ("latency_norm_s", "min")])
     ok = [r for r in front if r.get("dwer") is not None and r.get("speedup")]
     picks = []
@@ -234,6 +236,10 @@ def build_variants(args) -> list[Variant]:
         vs.append(Variant(name, "extra", text))
     if not args.no_peers:
         vs += [Variant(n, "peer", compute_type=c) for n, c in PEERS]
+    from sweep.recipe import Recipe
+
+    for v in vs:  # refuse a bad recipe before any model loads
+        Recipe.parse(v.recipe)
     names = [v.name for v in vs]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique, got {names}")

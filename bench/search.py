@@ -1,0 +1,303 @@
+"""`python -m bench.search`: how many trials each sampler needs, measured without the noise.
+
+1. evaluate: a fixed grid of recipes from search_spaces/cpu.yaml, each measured once on a few
+   embedded clips and cached in search_grid.json (resumable; `--budget-s` stops between
+   blocks). Recipes are timed in blocks of a few, interleaved per clip with the baseline, so
+   each recipe's speedup is a ratio within its block; the replay uses
+   latency_norm_s = reference baseline latency / speedup, which survives drift between blocks.
+2. replay: Optuna studies (the sweep's own TPE, NSGA-II and random samplers and its max_dwer
+   constraint) run against the cache for many seeds; hypervolume vs trials, median and IQR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import common
+
+# 3 x 3 x 2 x 4 x 3 = 216 recipes; every value is one cpu.yaml allows.
+GRID = {"quant.enc_attn": ["none", "dynamic_int8", "bf16"],
+        "quant.enc_mlp": ["none", "dynamic_int8", "bf16"],
+        "quant.scheme": ["none", "dynamic_int8"],  # the decoder and head (encoder overridden)
+        "prune.rate": [0.0, 0.1, 0.2, 0.3],
+        "struct.ffn_rate": [0.0, 0.15, 0.3]}
+SAMPLERS = ("tpe", "nsga2", "random")
+CACHE = common.RESULTS / "search_grid.json"
+MAX_DWER = 0.1  # cpu.yaml's constraint and the hypervolume's reference point
+
+
+def grid_points(grid: dict = GRID) -> list[dict]:
+    """Every combination, in a fixed order (the order blocks are evaluated in)."""
+    names = list(grid)
+    return [dict(zip(names, vals)) for vals in itertools.product(*(grid[n] for n in names))]
+
+
+def key_of(point: dict, grid: dict = GRID) -> str:
+    return ",".join(f"{n}={point[n]:g}" if isinstance(point[n], float) else f"{n}={point[n]}"
+                    for n in grid)
+
+
+# ---- 1. evaluate ---------------------------------------------------------------------------
+
+
+def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: float | None = None,
+             model: str = "embedded:whisper-base", dataset: str = "embedded",
+             threads: int | None = None, grid: dict = GRID, log=print) -> dict:
+    """Measure the grid points not yet cached, `block` at a time, until done or out of budget."""
+    from sweep import cli, pareto
+    from sweep.data import load_eval_set
+    from sweep.evaluate import _lang_of, set_threads
+    from sweep.models import load_model
+    from sweep.recipe import Recipe
+
+    from .recipes import Variant, summarize, timed_pass
+
+    t_start = time.perf_counter()
+    ev = load_eval_set(dataset)
+    step = max(1, len(ev) // n_clips)  # spread over the set, deterministic
+    clips = ev.utterances[::step][:n_clips]
+    cache = load_cache(cache_path)
+    ident = {"grid": grid, "clips": [u.id for u in clips], "model": model, "dataset": dataset}
+    if cache and any(cache.get(k) != v for k, v in ident.items()):
+        raise ValueError(f"cache {cache_path} was made with another grid, clips, model or data "
+                         "set: pass a new --cache to start afresh")
+    threads = set_threads(threads)
+    cache = cache or {**ident, **common.stamp(threads), "rows": [], "blocks": []}
+    done = {r["key"] for r in cache["rows"]}
+    todo = [p for p in grid_points(grid) if key_of(p, grid) not in done]
+    log(f"grid: {len(done)} cached, {len(todo)} to measure on {len(clips)} clips")
+    if not todo:
+        return cache
+    cli.quiet_transformers()
+    loaded = load_model(model)
+    langs = [_lang_of(u, None) for u in clips]
+    for b in range(0, len(todo), block):
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            log(f"budget of {budget_s:.0f} s spent: {len(todo) - b} points left for next time")
+            break
+        variants, rows = [Variant("baseline", "baseline", runner=loaded.model)], []
+        for p in todo[b:b + block]:
+            flat = Recipe.from_flat(p).to_flat()
+            row = {"key": key_of(p, grid), "point": p, "recipe": flat, "status": "ok"}
+            v = Variant(row["key"], "grid", pareto.recipe_string(flat))
+            try:
+                v.prepare(loaded, threads)
+                variants.append(v)
+            except Exception as e:  # noqa: BLE001 - a recipe that cannot apply is a failed trial
+                row.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
+            rows.append(row)
+        for v in variants:  # untimed warm-up
+            v.run(loaded.processor, clips[0], langs[0])
+        figs = {r["name"]: r for r in summarize(
+            variants, timed_pass(variants, loaded.processor, clips, langs, 1), clips, langs)}
+        base = figs.pop("baseline")
+        cache["blocks"].append({"baseline_latency_median_s": base["latency_median_s"],
+                                "wer": base["wer"], "time": time.strftime("%H:%M:%S")})
+        for row in rows:
+            if row["key"] in figs:
+                row.update({k: figs[row["key"]][k] for k in (
+                    "wer", "cer", "dwer", "dcer", "dwer_ci95", "latency_median_s", "speedup",
+                    "loops", "prepare_s")}, baseline_latency_median_s=base["latency_median_s"],
+                    block=len(cache["blocks"]) - 1)
+        cache["rows"] += rows
+        cache["baseline"] = {"wer": base["wer"], "cer": base["cer"]}
+        common.write_json(cache_path, cache)
+        log(f"  {len(cache['rows'])}/{len(grid_points(grid))} points, "
+            f"{time.perf_counter() - t_start:.0f} s")
+    return cache
+
+
+def load_cache(path: Path) -> dict | None:
+    import json
+
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+# ---- 2. replay -----------------------------------------------------------------------------
+
+
+def points_of(cache: dict) -> tuple[dict, dict]:
+    """(key -> row with latency_norm_s, baseline {wer, latency_median_s}) from a cache. The
+    reference latency is the median of the blocks' baselines."""
+    ref = float(np.median([b["baseline_latency_median_s"] for b in cache["blocks"]]))
+    base = {"wer": cache["baseline"]["wer"], "latency_median_s": ref}
+    pts = {}
+    for r in cache["rows"]:
+        r = dict(r)
+        if r.get("status", "ok") == "ok":
+            r["latency_norm_s"] = ref / r["speedup"]
+        pts[r["key"]] = r
+    return pts, base
+
+
+def _nearest(point: dict, pts: dict, grid: dict) -> dict:
+    """The cached row closest to `point` (numbers by distance over their range, choices by
+    mismatch): a partly evaluated grid still replays."""
+    def dist(r):
+        d = 0.0
+        for n, vals in grid.items():
+            a, b = point[n], r["point"][n]
+            if isinstance(vals[0], (int, float)):
+                d += abs(a - b) / ((max(vals) - min(vals)) or 1)
+            else:
+                d += a != b
+        return d
+    return min(pts.values(), key=dist)
+
+
+def _suggest(trial, grid: dict) -> dict:
+    """The sweep's way of asking: evenly spaced numbers as stepped floats, the rest as
+    categoricals; values snapped back onto the grid."""
+    out = {}
+    for n, vals in grid.items():
+        steps = np.diff(vals) if isinstance(vals[0], float) and len(vals) > 2 else None
+        if steps is not None and np.allclose(steps, steps[0]):
+            v = trial.suggest_float(n, vals[0], vals[-1], step=float(steps[0]))
+            out[n] = min(vals, key=lambda g: abs(g - v))
+        else:
+            out[n] = trial.suggest_categorical(n, list(vals))
+    return out
+
+
+def replay(pts: dict, base: dict, grid: dict, sampler: str, seed: int, n_trials: int,
+           max_dwer: float = MAX_DWER) -> list[float]:
+    """Hypervolume after each of `n_trials` trials of one study: the baseline first (as the
+    sweep enqueues it), then the sampler's picks looked up in the cache."""
+    import optuna
+
+    from sweep import pareto
+    from sweep.search import make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():  # TPE's `group` is "experimental": the sweep uses it anyway
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(directions=["minimize", "minimize"],
+                                    sampler=make_sampler(sampler, seed))
+    study.enqueue_trial({n: (0.0 if isinstance(v[0], float) else "none")
+                         for n, v in grid.items()})
+    ref = pareto.reference_point(base, max_dwer)
+    seen, curve = [], []
+    for _ in range(n_trials):
+        trial = study.ask()
+        point = _suggest(trial, grid)
+        row = pts.get(key_of(point, grid)) or _nearest(point, pts, grid)
+        if row.get("status", "ok") != "ok":
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            trial.set_constraint("max_dwer", row["dwer"] - max_dwer)
+            study.tell(trial, [row["wer"], row["latency_norm_s"]])
+            seen.append((row["wer"], row["latency_norm_s"]))
+        curve.append(pareto.hypervolume(seen, ref))
+    return curve
+
+
+def run_replays(cache: dict, *, samplers=SAMPLERS, seeds: int = 10, n_trials: int = 80,
+                max_dwer: float = MAX_DWER, log=print) -> dict:
+    """Curves per sampler and seed, their median/IQR, and trials to reach random's final HV."""
+    from sweep import pareto
+
+    grid = cache["grid"]
+    pts, base = points_of(cache)
+    ok = [(r["wer"], r["latency_norm_s"]) for r in pts.values() if r.get("status") == "ok"]
+    hv_grid = pareto.hypervolume(ok, pareto.reference_point(base, max_dwer))
+    curves = {}
+    for s in samplers:
+        t0 = time.perf_counter()
+        curves[s] = [replay(pts, base, grid, s, seed, n_trials, max_dwer) for seed in range(seeds)]
+        log(f"  {s}: {seeds} seeds x {n_trials} trials in {time.perf_counter() - t0:.0f} s")
+    return summarize_curves(curves, hv_grid, n_points=len(pts), max_dwer=max_dwer)
+
+
+def trials_to(curve, target: float) -> int | None:
+    """1-based trial count at which `curve` first reaches `target` (None: never)."""
+    hit = np.nonzero(np.asarray(curve) >= target * (1 - 1e-9))[0]
+    return int(hit[0]) + 1 if len(hit) else None
+
+
+def summarize_curves(curves: dict, hv_grid: float, *, n_points: int, max_dwer: float) -> dict:
+    """Normalised by the whole grid's hypervolume (1.0 = the grid's true front found)."""
+    out = {"hv_grid": hv_grid, "n_points": n_points, "max_dwer": max_dwer, "samplers": {}}
+    final_random = None
+    if "random" in curves:
+        final_random = float(np.median([c[-1] for c in curves["random"]]))
+    out["random_final_hv"] = final_random
+    for s, cs in curves.items():
+        a = np.asarray(cs, float) / (hv_grid or 1.0)
+        q25, med, q75 = np.quantile(a, [0.25, 0.5, 0.75], axis=0)
+        entry = {"median": med.tolist(), "q25": q25.tolist(), "q75": q75.tolist(),
+                 "per_seed": a.tolist()}
+        if final_random is not None:
+            per_seed = [trials_to(c, final_random) for c in cs]
+            # Seeds that never get there count as infinitely many trials.
+            med_seed = float(np.median([np.inf if t is None else t for t in per_seed]))
+            entry.update(
+                trials_to_random_final_median_curve=trials_to(med * (hv_grid or 1.0),
+                                                              final_random),
+                trials_to_random_final_per_seed=per_seed,
+                trials_to_random_final_seeds_median=med_seed if np.isfinite(med_seed) else None,
+                seeds_reaching=sum(t is not None for t in per_seed))
+        out["samplers"][s] = entry
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=str(CACHE), help="the grid's figures (resumable)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop evaluating new blocks after this many seconds (then replay)")
+    ap.add_argument("--clips", type=int, default=8, help="embedded clips per grid point")
+    ap.add_argument("--block", type=int, default=6, help="recipes timed together per block")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-evaluate", action="store_true", help="only replay the cache")
+    ap.add_argument("--no-replay", action="store_true", help="only evaluate the grid")
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--trials", type=int, default=80)
+    ap.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    ap.add_argument("--max-dwer", type=float, default=MAX_DWER)
+    ap.add_argument("--out", default=str(common.RESULTS))
+    args = ap.parse_args(argv)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    cache_path = Path(args.cache)
+    try:
+        if args.no_evaluate:
+            cache = load_cache(cache_path)
+            if not cache:
+                raise ValueError(f"no grid cache at {cache_path}: run without --no-evaluate")
+        else:
+            cache = evaluate(cache_path, n_clips=args.clips, block=args.block,
+                             budget_s=args.budget_s, threads=args.threads, log=log)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.no_replay:
+        return 0
+    n_grid = len(grid_points(cache["grid"]))
+    if len(cache["rows"]) < n_grid:
+        log(f"note: {len(cache['rows'])}/{n_grid} grid points cached; missing ones replay as "
+            "their nearest cached neighbour")
+    summary = run_replays(cache, samplers=args.samplers, seeds=args.seeds,
+                          n_trials=args.trials, max_dwer=args.max_dwer, log=log)
+    meta = {**common.stamp(cache.get("machine", {}).get("threads")), "grid_stamp": {
+        k: cache.get(k) for k in ("date", "commit", "machine")}, "cached": len(cache["rows"]),
+        "grid_size": n_grid, "n_clips": len(cache["clips"]), "seeds": args.seeds,
+        "trials": args.trials, "command": "python -m bench.search " + " ".join(
+            argv if argv is not None else sys.argv[1:])}
+    paths = common.write_search(summary, meta, cache, Path(args.out))
+    print(paths["md"].read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

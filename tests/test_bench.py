@@ -1,0 +1,180 @@
+"""The benchmarks' code on tiny inputs: grid, replay and hypervolume curves on a synthetic
+cache, the recipes bench end to end on a tiny model, overhead's cost split. No timings are
+asserted (they belong in bench/results/, measured in one run)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import common, overhead, recipes, search
+
+ROW_KEYS = {"name", "wer", "cer", "dwer", "latency_median_s", "speedup", "commit", "machine",
+            "n_clips", "latency_repeats_s"}
+
+
+def synthetic_cache(grid: dict, seed: int = 0, drop: int = 0) -> dict:
+    """Figures shaped like the real ones: int8 faster and a little worse, pruning worse."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in search.grid_points(grid):
+        q = sum(v == "dynamic_int8" for v in p.values())
+        wer = 0.5 * (1 + 0.03 * q + 4 * p["prune.rate"] ** 2) + rng.normal(0, 0.003)
+        rows.append({"key": search.key_of(p, grid), "point": p, "recipe": p, "status": "ok",
+                     "wer": wer, "dwer": wer / 0.5 - 1, "latency_median_s": 0.5,
+                     "speedup": 1 + 0.6 * q + 0.5 * p["prune.rate"] + rng.normal(0, 0.02)})
+    rows[-1] = {**rows[-1], "status": "failed", "error": "boom"}  # a recipe that broke
+    return {"grid": grid, "clips": ["a", "b"], "rows": rows[drop:],
+            "blocks": [{"baseline_latency_median_s": 0.8}, {"baseline_latency_median_s": 0.9}],
+            "baseline": {"wer": 0.5}}
+
+
+SMALL = {"quant.enc_attn": ["none", "dynamic_int8"], "quant.scheme": ["none", "dynamic_int8"],
+         "prune.rate": [0.0, 0.1, 0.2, 0.3]}
+
+
+def test_grid_is_fixed_distinct_and_inside_cpu_space():
+    from sweep.recipe import Recipe
+    from sweep.space import load_space
+
+    pts = search.grid_points()
+    assert len(pts) >= 200 and pts == search.grid_points()
+    assert len({search.key_of(p) for p in pts}) == len(pts)
+    assert len({json.dumps(Recipe.from_flat(p).to_flat(), sort_keys=True) for p in pts}) == len(pts)
+    space = load_space("cpu")
+    assert all(space.params[k].contains(v) for p in pts for k, v in p.items())
+
+
+def test_replay_curves_and_trials_to_random(tmp_path):
+    cache = synthetic_cache(SMALL)
+    summary = search.run_replays(cache, seeds=2, n_trials=12, log=lambda m: None)
+    assert set(summary["samplers"]) == set(search.SAMPLERS) and summary["hv_grid"] > 0
+    for e in summary["samplers"].values():
+        med = np.array(e["median"])
+        assert len(med) == 12 and np.all(np.diff(med) >= -1e-12)  # HV never shrinks
+        assert np.all(np.array(e["q25"]) <= med + 1e-12) and med.max() <= 1 + 1e-9
+        assert len(e["trials_to_random_final_per_seed"]) == 2
+    rnd = summary["samplers"]["random"]
+    assert rnd["trials_to_random_final_median_curve"] is not None  # random reaches its own end
+    meta = {**common.stamp(), "grid_stamp": {}, "cached": len(cache["rows"]), "seeds": 2,
+            "grid_size": len(search.grid_points(SMALL)), "n_clips": 2, "trials": 12,
+            "command": "test"}
+    paths = common.write_search(summary, meta, cache, tmp_path)
+    assert "trials to random's final HV" in paths["md"].read_text()
+    assert json.loads(paths["json"].read_text())["samplers"]["tpe"]["median"]
+    assert paths["png"].stat().st_size > 0
+
+
+def test_replay_on_partial_cache_uses_nearest_point():
+    cache = synthetic_cache(SMALL, drop=5)
+    pts, base = search.points_of(cache)
+    assert base["latency_median_s"] == pytest.approx(0.85)
+    curve = search.replay(pts, base, SMALL, "random", 0, 10)
+    assert len(curve) == 10
+
+
+def test_trials_to():
+    assert search.trials_to([0.0, 0.2, 0.5, 0.5], 0.5) == 3
+    assert search.trials_to([0.0, 0.2], 0.5) is None
+
+
+def test_grid_evaluation_resumes(tiny_checkpoint, small_manifest, tmp_path):
+    grid = {"quant.scheme": ["none", "dynamic_int8"], "prune.rate": [0.0, 0.1]}
+    path = tmp_path / "grid.json"
+    kw = {"n_clips": 2, "block": 3, "model": tiny_checkpoint, "dataset": small_manifest,
+          "threads": 1, "grid": grid, "log": lambda m: None}
+    cache = search.evaluate(path, budget_s=0.0, **kw)  # out of budget before the first block
+    assert cache["rows"] == []
+    cache = search.evaluate(path, **kw)
+    assert len(cache["rows"]) == 4 and all(r["status"] == "ok" for r in cache["rows"])
+    assert {"wer", "dwer", "speedup", "baseline_latency_median_s"} <= set(cache["rows"][0])
+    assert search.evaluate(path, **kw)["rows"] == cache["rows"]  # nothing left to measure
+    with pytest.raises(ValueError, match="another grid"):
+        search.evaluate(path, **{**kw, "grid": {"prune.rate": [0.0, 0.2]}})
+
+
+def test_recipes_end_to_end_tiny(tiny_checkpoint, small_manifest, tmp_path):
+    pytest.importorskip("faster_whisper")
+    out = tmp_path / "res"
+    rc = recipes.main(["--model", tiny_checkpoint, "--dataset", small_manifest, "--repeats",
+                       "2", "--max-samples", "2", "--threads", "1", "--no-hand", "--extra",
+                       "int8=quant.scheme=dynamic_int8", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "recipes.json").read_text())
+    assert isinstance(rows, list)
+    assert [r["name"] for r in rows] == ["baseline", "int8", "faster-whisper-int8",
+                                         "faster-whisper-fp32"]
+    for r in rows:
+        assert ROW_KEYS <= set(r) and r["n_clips"] == 2 and len(r["latency_repeats_s"]) == 2
+        assert r["wer"] >= 0 and r["latency_median_s"] > 0
+        assert r["dwer_ci95"][0] <= r["dwer_ci95"][1]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["dwer"] == 0.0
+    assert "| baseline |" in (out / "recipes.md").read_text()
+    assert (out / "recipes.png").stat().st_size > 0
+
+
+def test_recipes_refuses_bad_variants_before_loading(capsys):
+    assert recipes.main(["--extra", "no-equals-sign"]) == 2
+    assert recipes.main(["--extra", "x=quant.schem=dynamic_int8"]) == 2
+    assert "quant.scheme" in capsys.readouterr().err  # the closest valid key is named
+
+
+def _front_row(wer, lat, dwer, speedup, rate):
+    return {"wer": wer, "latency_median_s": lat, "dwer": dwer, "speedup": speedup,
+            "status": "ok", "recipe": {"prune.rate": rate, "quant.scheme": "dynamic_int8"}}
+
+
+def test_front_picks_from_pareto_json_and_grid(tmp_path):
+    front = [_front_row(0.50, 0.50, 0.00, 1.6, 0.0), _front_row(0.505, 0.40, 0.01, 2.0, 0.1),
+             _front_row(0.54, 0.35, 0.08, 2.3, 0.2), _front_row(0.9, 0.30, 0.8, 2.6, 0.3)]
+    path = tmp_path / "pareto.json"
+    path.write_text(json.dumps({"front": front}))
+    picks = {name: flat["prune.rate"] for name, flat, _ in recipes.front_picks(path)}
+    assert picks["front-fastest-dwer0.02"] == 0.1 and picks["front-fastest-dwer0.1"] == 0.2
+    gpath = tmp_path / "grid.json"
+    gpath.write_text(json.dumps(synthetic_cache(SMALL)))
+    assert recipes.front_picks(gpath)
+
+
+def test_headline_against_faster_whisper():
+    rows = [{"name": "baseline", "source": "baseline", "dwer": 0.0, "speedup": 1.0,
+             "latency_repeats_s": [1.0, 1.0]},
+            {"name": "a", "source": "front", "dwer": 0.01, "speedup": 2.0,
+             "latency_repeats_s": [0.5, 0.5]},
+            {"name": "b", "source": "hand", "dwer": 0.3, "speedup": 3.0,
+             "latency_repeats_s": [0.33, 0.33]},
+            {"name": "faster-whisper-int8", "source": "peer", "dwer": 0.0, "speedup": 1.6,
+             "latency_repeats_s": [0.6, 0.7]}]
+    h = recipes.headline(rows)
+    assert h["best"] == "a" and h["speedup_vs_baseline"] == 2.0
+    assert h["speedup_vs_faster_whisper_int8"] == pytest.approx(1.3)
+
+
+def test_overhead_cost_split(tmp_path):
+    summary = {"wall_s": 100.0, "trial_sum_s": 80.0}
+    rows = [{"status": "ok", "trial_s": 30.0, "prepare_s": 1.0, "worker_prepare_s": 10.0},
+            {"status": "ok", "trial_s": 25.0, "prepare_s": 2.0, "worker_prepare_s": 0.0},
+            {"status": "ok", "trial_s": 25.0, "prepare_s": 3.0, "worker_prepare_s": None},
+            {"status": "failed", "trial_s": 0.0}]
+    r = overhead.split_costs(summary, rows, 1, 130.0, {"begin": 0.5, "finish": 1.0})
+    assert r["overhead_ratio"] == pytest.approx(100 / 80)
+    per = r["per_trial_s"]
+    assert per["worker_prepare_s"] == pytest.approx(10 / 4)
+    assert per["ray_tune_s"] == pytest.approx(20 / 4 - 1.0)
+    assert per["launcher_outside_tune_s"] == pytest.approx(30 / 4)
+    assert per["measure_s"] == pytest.approx(np.mean([18.5, 22.5, 21.5]))
+    r2 = overhead.split_costs(summary, rows, 2, 130.0, {"begin": 0.5, "finish": 1.0})
+    assert r2["overhead_ratio"] == pytest.approx(100 / 40)
+    meta = {**common.stamp(), "command": "t", "sweep_command": "s"}
+    paths = overhead.write_outputs([r, r2], {"ray_init_s": 3.0, "mlflow_s": {
+        "begin": [0.5], "finish": [1.0]}}, meta, tmp_path)
+    assert "1 concurrent" in paths["md"].read_text() and paths["png"].stat().st_size > 0
+
+
+def test_tune_results_reads_last_line(tmp_path):
+    d = tmp_path / "trainable_abc"
+    d.mkdir()
+    (d / "result.json").write_text(json.dumps({"trial_key": "abc", "worker_prepare_s": 1.0})
+                                   + "\n" + json.dumps({"trial_key": "abc",
+                                                        "worker_prepare_s": 2.0}) + "\n")
+    assert overhead.tune_results(tmp_path)["abc"]["worker_prepare_s"] == 2.0
