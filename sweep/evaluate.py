@@ -41,8 +41,9 @@ def _device_of(model) -> torch.device:
 
 def _input_dtype(model) -> torch.dtype:
     # Casting recipes change the conv front-end's dtype; features must follow it.
-    w = model.model.encoder.conv1.weight
-    return w.dtype if w.is_floating_point() else torch.float32
+    from .decode import input_dtype
+
+    return input_dtype(model)
 
 
 def _sync(device: torch.device) -> None:
@@ -51,20 +52,19 @@ def _sync(device: torch.device) -> None:
 
 
 def transcribe(model, processor, utt: Utterance, *, language: str, task: str = "transcribe"):
-    """Decode one utterance greedily; returns (text, token ids, cap_reached, seconds)."""
+    """Decode one utterance greedily, by the decoding plan a recipe stored on the model (HF
+    generate over the 30 s window without one, see sweep.decode); returns (text, token ids,
+    cap_reached, seconds)."""
+    from . import decode
+
     device = _device_of(model)
     cap = scoring.max_new_tokens_for(utt.duration_s)
     _sync(device)
     t0 = time.perf_counter()
-    feats = processor.feature_extractor(
-        utt.audio, sampling_rate=16000, return_tensors="pt").input_features
-    feats = feats.to(device=device, dtype=_input_dtype(model))
-    with torch.inference_mode():
-        out = model.generate(feats, language=language, task=task, max_new_tokens=cap,
-                             num_beams=1, do_sample=False)
+    feats = decode.features(model, processor, [utt.audio], [utt.duration_s])
+    ids = decode.decode(model, feats, language=language, task=task, cap=cap)[0]
     _sync(device)
     seconds = time.perf_counter() - t0
-    ids = out[0].tolist()
     eos = processor.tokenizer.eos_token_id
     cap_reached = eos not in ids and len(ids) >= cap
     text = processor.tokenizer.decode(ids, skip_special_tokens=True)
@@ -180,12 +180,18 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
 
     Pass the returned baseline Measurement back in to reuse it across trials of one worker.
     """
-    from .compress import apply_recipe, recompile_count
+    from .compress import Applied, apply_recipe, recompile_count
 
     n_threads = set_threads(threads)
     if baseline is None:
         baseline = measure(model, processor, evalset, language=language, task=task,
                            warmup=warmup, numbers=numbers)
+    if recipe.is_baseline:
+        # The baseline trial is the measurement every other trial is compared with: measuring
+        # the same unchanged model again would only cost a full pass over the data.
+        applied = Applied(model=model, kernels={}, sparsity=None,
+                          notes=["baseline: the measurement every trial compares with"])
+        return _result(recipe, applied, baseline, baseline, 0.0, {}, n_threads), baseline
     calibrate = None
     if calibration is not None:
         def calibrate(m):
@@ -198,9 +204,16 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
     trial = measure(applied.model, processor, evalset, language=language, task=task,
                     warmup=warmup, numbers=numbers, progress=progress,
                     on_warmed=lambda: graphs.setdefault("warm", recompile_count()))
+    return _result(recipe, applied, trial, baseline, prepare_s, graphs, n_threads), baseline
+
+
+def _result(recipe, applied, trial: Measurement, baseline: Measurement, prepare_s: float,
+            graphs: dict, n_threads: int) -> dict:
+    from .compress import recompile_count
+
     steady = trial.utterances[0]["latency_s"]
     compiled = recipe.to_flat().get("compile.mode", "none") != "none"
-    result = {
+    return {
         **{k: v for k, v in trial.figures.items()},
         **compare(trial, baseline),
         "sparsity": applied.sparsity if applied.sparsity is not None else trial.figures["sparsity"],
@@ -216,7 +229,6 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
         "baseline": {k: baseline.figures[k] for k in FIGURES},
         "utterances": trial.utterances,
     }
-    return result, baseline
 
 
 def main(argv=None) -> int:
