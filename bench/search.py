@@ -1,18 +1,19 @@
 """`python -m bench.search`: how many trials each sampler needs, measured without the noise.
 
-1. evaluate: a fixed grid of recipes from search_spaces/cpu.yaml, each measured once on a few
-   embedded clips and cached in search_grid.json (resumable; `--budget-s` stops between
-   blocks). Recipes are timed in blocks of a few, interleaved per clip with the baseline, so
-   each recipe's speedup is a ratio within its block; the replay uses
-   latency_norm_s = reference baseline latency / speedup, which survives drift between blocks.
-2. replay: Optuna studies (the sweep's own TPE, NSGA-II and random samplers and its max_dwer
-   constraint) run against the cache for many seeds; hypervolume vs trials, median and IQR.
-"""
+1. evaluate: a fixed grid of cpu.yaml recipes, each measured once on a few embedded clips,
+   cached in search_grid.json (resumable; `--budget-s` stops between blocks). A block of
+   recipes is timed interleaved per clip with the baseline; the replay's latency_norm_s =
+   reference baseline latency / speedup in its block, which cancels drift between blocks.
+2. replay: the sweep's own samplers (TPE, NSGA-II, random) and max_dwer constraint against
+   the cache, many seeds; hypervolume vs trials, median and IQR."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
+import json
+import os
 import sys
 import time
 import warnings
@@ -99,7 +100,8 @@ def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: fl
             variants, timed_pass(variants, loaded.processor, clips, langs, 1), clips, langs)}
         base = figs.pop("baseline")
         cache["blocks"].append({"baseline_latency_median_s": base["latency_median_s"],
-                                "wer": base["wer"], "time": time.strftime("%H:%M:%S")})
+                                "wer": base["wer"], "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "load_avg_1": round(os.getloadavg()[0], 2)})
         for row in rows:
             if row["key"] in figs:
                 row.update({k: figs[row["key"]][k] for k in (
@@ -115,8 +117,6 @@ def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: fl
 
 
 def load_cache(path: Path) -> dict | None:
-    import json
-
     path = Path(path)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
@@ -265,10 +265,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-dwer", type=float, default=MAX_DWER)
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
+    log = functools.partial(print, file=sys.stderr, flush=True)
     cache_path = Path(args.cache)
     try:
         if args.no_evaluate:
@@ -285,8 +282,7 @@ def main(argv=None) -> int:
         return 0
     n_grid = len(grid_points(cache["grid"]))
     if len(cache["rows"]) < n_grid:
-        log(f"note: {len(cache['rows'])}/{n_grid} grid points cached; missing ones replay as "
-            "their nearest cached neighbour")
+        log(f"note: {len(cache['rows'])}/{n_grid} points cached; the others replay as the nearest")
     summary = run_replays(cache, samplers=args.samplers, seeds=args.seeds,
                           n_trials=args.trials, max_dwer=args.max_dwer, log=log)
     meta = {**common.stamp(cache.get("machine", {}).get("threads")), "grid_stamp": {
