@@ -1,0 +1,70 @@
+"""Encoder window: run Whisper's encoder on fewer than 30 s of mel frames.
+
+Whisper pads every clip to 30 s (3000 mel frames, 1500 encoder positions) and the HF encoder
+refuses anything else, so a short command pays for 30 s of encoder work and the decoder's
+cross-attention reads 1500 keys per token. `encode` runs the same modules on a shorter window
+(the first positions of `embed_positions`), which the model never saw in training: its WER cost
+is measured by the sweep, not assumed. Windows are rounded up to buckets so that few distinct
+shapes occur (caches, compiled graphs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+WINDOWS = ("full", "auto")
+HOP_S = 0.01  # one mel frame per 10 ms (16 kHz, hop 160)
+
+
+@dataclass(frozen=True)
+class Window:
+    """`full`: always the model's window (30 s); `auto`: the clip's duration rounded up to a
+    multiple of `bucket_s` seconds (at most the full window)."""
+    mode: str = "full"
+    bucket_s: int = 5
+
+    def __post_init__(self):
+        if self.mode not in WINDOWS:
+            raise ValueError(f"`encoder.window` must be one of {WINDOWS}, got window={self.mode!r}")
+        if not (isinstance(self.bucket_s, int) and self.bucket_s >= 1):
+            raise ValueError(f"`encoder.bucket_s` must be an integer >= 1, got {self.bucket_s=}")
+
+    def frames(self, duration_s: float, full_frames: int) -> int:
+        """Mel frames to encode for a clip of `duration_s` seconds (even: conv2 has stride 2)."""
+        if self.mode == "full":
+            return full_frames
+        seconds = self.bucket_s * max(1, math.ceil(round(duration_s, 3) / self.bucket_s))
+        frames = int(round(seconds / HOP_S))
+        return min(full_frames, frames + frames % 2)
+
+
+def full_frames(model: nn.Module) -> int:
+    """Mel frames of the model's own window (3000 for every Whisper)."""
+    enc = model.model.encoder
+    return enc.config.max_source_positions * enc.conv1.stride[0] * enc.conv2.stride[0]
+
+
+def encode(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """Encoder output for `feats` (batch, mels, frames), any even number of frames up to the
+    full window. The full window goes through the HF module itself (its hooks, a compiled
+    encoder); a shorter one through the same layers with the first position embeddings."""
+    enc = model.model.encoder
+    if feats.shape[-1] == full_frames(model):
+        return enc(feats).last_hidden_state
+    if feats.shape[-1] % 2 or feats.shape[-1] > full_frames(model):
+        raise ValueError(f"encoder window must be an even number of mel frames <= "
+                         f"{full_frames(model)}, got {feats.shape[-1]} frames")
+    # What the module's cast hooks would do (bf16 encoder stack): inputs in the encoder's
+    # dtype, output in the decoder's.
+    x = feats.to(enc.conv1.weight.dtype)
+    x = nn.functional.gelu(enc.conv1(x))
+    x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+    x = x + enc.embed_positions.weight[: x.shape[1]]
+    for layer in enc.layers:
+        x = layer(x, None)
+    x = enc.layer_norm(x)
+    return x.to(model.model.decoder.embed_tokens.weight.dtype)
