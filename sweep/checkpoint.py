@@ -49,7 +49,9 @@ class Handling:
     why: str
 
 
-# Every technique of sweep.recipe must be declared here, so a new one cannot be exported wrongly.
+# Techniques whose effect is saved in the weights, and those re-applied for a reason worth
+# saying. Any other technique is re-applied at load from recipe.json (always exact: it runs on
+# the same weights as in the trial, after the baked ones, which come first in recipe order).
 HANDLING: dict[str, Handling] = {
     "struct": Handling(True, lambda cfg: False, "neurons removed from the weights; config.json "
                        "records the new FFN widths, so plain `from_pretrained` loads it"),
@@ -61,6 +63,7 @@ HANDLING: dict[str, Handling] = {
     "compile": Handling(False, lambda cfg: True, "re-applied at load: compiled graphs cannot be "
                         "saved; the first call compiles"),
 }
+REAPPLIED = Handling(False, lambda cfg: True, "re-applied at load from recipe.json")
 
 
 @dataclass(frozen=True)
@@ -80,19 +83,13 @@ class Checkpoint:
 
 def split(recipe: Recipe) -> tuple[Recipe, Recipe, list[str], list[str]]:
     """(recipe of the baked parts, recipe re-applied at load, baked names, re-applied names)."""
-    missing = [p for p in TECHNIQUES if p not in HANDLING]
-    if missing:
-        raise CheckpointError(f"technique(s) {missing} have no export handling in "
-                              "sweep.checkpoint.HANDLING: declare whether they are baked")
-    baked, again = [], []
-    bake_parts, load_parts = {}, {}
+    baked, again, bake_parts, load_parts = [], [], {}, {}
     for prefix, cls in TECHNIQUES.items():
-        cfg, how = getattr(recipe, prefix), HANDLING[prefix]
-        active = cfg.active
-        baked += [prefix] if active and how.baked else []
-        again += [prefix] if active and how.reapplied(cfg) else []
+        cfg, how = getattr(recipe, prefix), HANDLING.get(prefix, REAPPLIED)
+        baked += [prefix] if cfg.active and how.baked else []
+        again += [prefix] if cfg.active and how.reapplied(cfg) else []
         bake_parts[prefix] = cfg if how.baked else cls()
-        load_parts[prefix] = cfg if active and how.reapplied(cfg) else cls()
+        load_parts[prefix] = cfg if cfg.active and how.reapplied(cfg) else cls()
     return (Recipe(device=recipe.device, **bake_parts), Recipe(device=recipe.device, **load_parts),
             baked, again)
 
@@ -277,8 +274,8 @@ def model_card(info: dict, metrics: dict) -> str:
         for label, k, spec in _ROWS if k in fig or k in base]
     if "speedup" in fig:
         rows.append(f"| speed-up | {_num(fig['speedup'], '.2f')}x | 1.00x | |")
-    lines = [f"- **{getattr(recipe, p).describe()}** — {HANDLING[p].why}." for p in TECHNIQUES
-             if getattr(recipe, p).active] or ["- none: the base model, unchanged."]
+    lines = [f"- **{getattr(recipe, p).describe()}** — {HANDLING.get(p, REAPPLIED).why}."
+             for p in TECHNIQUES if getattr(recipe, p).active] or ["- none: the base model."]
     if info.get("calibration"):
         lines.append("- static int8 scales are stored in `recipe.json`: no calibration at load.")
     return CARD.format(

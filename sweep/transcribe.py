@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 
 from .data import SAMPLE_RATE, Utterance, to_mono_16k
-from .evaluate import TASKS, _input_dtype, transcribe
+from .evaluate import TASKS, transcribe
 from .scoring import max_new_tokens_for
 
 WINDOW_S = 30.0  # Whisper's input window; longer audio is decoded window by window
@@ -45,6 +45,11 @@ def default_language(ck) -> str | None:
     data = (getattr(ck, "metrics", None) or {}).get("data") or {}
     langs = data.get("languages") or []
     return data.get("language") or (langs[0] if len(langs) == 1 else None)
+
+
+def _input_dtype(model) -> torch.dtype:
+    w = model.model.encoder.conv1.weight  # casting recipes change the front-end's dtype
+    return w.dtype if w.is_floating_point() else torch.float32
 
 
 def _long_form(model, processor, audio: np.ndarray, *, language: str, task: str) -> str:

@@ -44,7 +44,7 @@ def _heard(model, processor, clips):
     feats = processor.feature_extractor(clips.utterances[0].audio, sampling_rate=16000,
                                         return_tensors="pt").input_features
     with torch.inference_mode():
-        logits = model(feats.to(evaluate._input_dtype(model)),
+        logits = model(feats.to(transcribe._input_dtype(model)),
                        decoder_input_ids=torch.tensor([[50258, 50263, 50359]])).logits
     return [u["hypothesis"] for u in m.utterances], m.figures["wer"], m.figures["cer"], logits
 
