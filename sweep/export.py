@@ -36,7 +36,7 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    """How to pick one trial: `key` of the limit, the figure it bounds, what is best inside."""
+    """How to pick a trial: its CLI flag, the figure the limit bounds, what is best inside."""
     flag: str
     bounded: str | None  # figure that must be <= the limit (None: the knee of the front)
     best: tuple[str, str]  # minimised within the bound, then the other objective
