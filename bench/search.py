@@ -48,7 +48,7 @@ def key_of(point: dict, grid: dict = GRID) -> str:
 # ---- 1. evaluate ---------------------------------------------------------------------------
 
 
-def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: float | None = None,
+def evaluate(cache_path: Path, *, n_clips: int = 6, block: int = 6, budget_s: float | None = None,
              model: str = "embedded:whisper-base", dataset: str = "embedded",
              threads: int | None = None, grid: dict = GRID, log=print) -> dict:
     """Measure the grid points not yet cached, `block` at a time, until done or out of budget."""
@@ -65,11 +65,11 @@ def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: fl
     step = max(1, len(ev) // n_clips)  # spread over the set, deterministic
     clips = ev.utterances[::step][:n_clips]
     cache = load_cache(cache_path)
-    ident = {"grid": grid, "clips": [u.id for u in clips], "model": model, "dataset": dataset}
-    if cache and any(cache.get(k) != v for k, v in ident.items()):
-        raise ValueError(f"cache {cache_path} was made with another grid, clips, model or data "
-                         "set: pass a new --cache to start afresh")
     threads = set_threads(threads)
+    ident = {"grid": grid, "clips": [u.id for u in clips], "model": model, "dataset": dataset,
+             "threads": threads}
+    if cache and any(cache.get(k) != v for k, v in ident.items()):
+        raise ValueError(f"cache {cache_path} has another grid, clips, model, data or threads")
     cache = cache or {**ident, **common.stamp(threads), "rows": [], "blocks": []}
     done = {r["key"] for r in cache["rows"]}
     todo = [p for p in grid_points(grid) if key_of(p, grid) not in done]
@@ -85,9 +85,8 @@ def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: fl
             break
         variants, rows = [Variant("baseline", "baseline", runner=loaded.model)], []
         for p in todo[b:b + block]:
-            flat = Recipe.from_flat(p).to_flat()
-            row = {"key": key_of(p, grid), "point": p, "recipe": flat, "status": "ok"}
-            v = Variant(row["key"], "grid", pareto.recipe_string(flat))
+            row = {"key": key_of(p, grid), "point": p, "status": "ok"}  # recipe: the point
+            v = Variant(row["key"], "grid", pareto.recipe_string(Recipe.from_flat(p).to_flat()))
             try:
                 v.prepare(loaded, threads)
                 variants.append(v)
@@ -108,7 +107,8 @@ def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: fl
                     "wer", "cer", "dwer", "dcer", "dwer_ci95", "latency_median_s", "speedup",
                     "loops", "prepare_s")}, baseline_latency_median_s=base["latency_median_s"],
                     block=len(cache["blocks"]) - 1)
-        cache["rows"] += rows
+        cache["rows"] = [{k: v for k, v in r.items() if k != "recipe"} for r in cache["rows"]
+                         + rows]  # the point is the recipe: keep the file small
         cache["baseline"] = {"wer": base["wer"], "cer": base["cer"]}
         common.write_json(cache_path, cache)
         log(f"  {len(cache['rows'])}/{len(grid_points(grid))} points, "
@@ -131,7 +131,7 @@ def points_of(cache: dict) -> tuple[dict, dict]:
     base = {"wer": cache["baseline"]["wer"], "latency_median_s": ref}
     pts = {}
     for r in cache["rows"]:
-        r = dict(r)
+        r = {"recipe": r["point"], **r}
         if r.get("status", "ok") == "ok":
             r["latency_norm_s"] = ref / r["speedup"]
         pts[r["key"]] = r
@@ -139,8 +139,7 @@ def points_of(cache: dict) -> tuple[dict, dict]:
 
 
 def _nearest(point: dict, pts: dict, grid: dict) -> dict:
-    """The cached row closest to `point` (numbers by distance over their range, choices by
-    mismatch): a partly evaluated grid still replays."""
+    """The cached row closest to `point`, so that a partly evaluated grid still replays."""
     def dist(r):
         d = 0.0
         for n, vals in grid.items():
@@ -254,9 +253,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=str(CACHE), help="the grid's figures (resumable)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop evaluating new blocks after this many seconds (then replay)")
-    ap.add_argument("--clips", type=int, default=8, help="embedded clips per grid point")
+    ap.add_argument("--clips", type=int, default=6, help="embedded clips per grid point")
     ap.add_argument("--block", type=int, default=6, help="recipes timed together per block")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="1: steadier on a shared machine; "
+                    "the replay compares samplers, not absolute speed")
     ap.add_argument("--no-evaluate", action="store_true", help="only replay the cache")
     ap.add_argument("--no-replay", action="store_true", help="only evaluate the grid")
     ap.add_argument("--seeds", type=int, default=10)

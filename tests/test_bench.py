@@ -20,7 +20,7 @@ def synthetic_cache(grid: dict, seed: int = 0, drop: int = 0) -> dict:
     for p in search.grid_points(grid):
         q = sum(v == "dynamic_int8" for v in p.values())
         wer = 0.5 * (1 + 0.03 * q + 4 * p["prune.rate"] ** 2) + rng.normal(0, 0.003)
-        rows.append({"key": search.key_of(p, grid), "point": p, "recipe": p, "status": "ok",
+        rows.append({"key": search.key_of(p, grid), "point": p, "status": "ok",
                      "wer": wer, "dwer": wer / 0.5 - 1, "latency_median_s": 0.5,
                      "speedup": 1 + 0.6 * q + 0.5 * p["prune.rate"] + rng.normal(0, 0.02)})
     rows[-1] = {**rows[-1], "status": "failed", "error": "boom"}  # a recipe that broke
