@@ -155,7 +155,8 @@ def front_settings(client, parent) -> tuple:
 
 
 def sweep_data(params: dict) -> Namespace:
-    """The sweep's data options: its parent run's params, else its logged command line."""
+    """The sweep's data options: its parent run's params (`data.<key>`, else `<key>`), else
+    its logged command line (e.g. --warmup)."""
     ap = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     cli.add_model_data_args(ap)
     ap.add_argument("--warmup", type=int, default=1)
@@ -164,8 +165,9 @@ def sweep_data(params: dict) -> Namespace:
     except (argparse.ArgumentError, SystemExit):
         ns, _ = ap.parse_known_args([])
     for key in DATA_KEYS + ("model",):
-        if key in params:
-            v = None if params[key] == "None" else params[key]
+        name = next((n for n in (f"data.{key}", key) if n in params), None)
+        if name is not None:
+            v = None if params[name] == "None" else params[name]
             setattr(ns, key, int(v) if key in ("max_samples", "warmup") and v else v)
     return ns
 
