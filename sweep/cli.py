@@ -79,9 +79,10 @@ def load_model_data(args, recipe=None):
     return loaded, evalset, calib
 
 
-def progress(label: str, stream=sys.stderr):
+def progress(label: str, stream=None):
     """A callback(done, total) that rewrites one status line, at most every half second."""
     state = {"t": 0.0, "t0": time.perf_counter()}
+    stream = stream or sys.stderr  # looked up now, not at import (pytest swaps it)
 
     def report(done: int, total: int) -> None:
         now = time.perf_counter()

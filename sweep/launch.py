@@ -70,6 +70,9 @@ def validate(args) -> tuple:
     from .space import load_space
 
     space = load_space(args.space)
+    # Ray workers run in other directories: a relative manifest path must not reach them.
+    if Path(args.dataset).exists():
+        args.dataset = str(Path(args.dataset).resolve())
     if args.num_samples < 0:
         raise ValueError(f"`--num-samples` must be >= 0, got {args.num_samples}")
     if args.max_concurrent < 1:
@@ -140,7 +143,8 @@ def run(args) -> dict:
         **{f"data.{k}": getattr(args, k) for k in DATA_KEYS}, "numbers": args.numbers,
         "sampler": args.sampler, "seed": args.seed, "num_samples": args.num_samples,
         "max_concurrent": args.max_concurrent, "cpus_per_trial": per_trial,
-        "trial_timeout": args.trial_timeout, "command": tracking.safe_argv(sys.argv),
+        "trial_timeout": args.trial_timeout, "warmup": args.warmup,
+        "command": tracking.safe_argv(sys.argv),
         **{f"version.{k}": v for k, v in tracking.versions().items()},
         **{f"host.{k}": v for k, v in tracking.host_info().items()},
     }, {"git_commit": tracking.git_commit()})
