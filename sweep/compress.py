@@ -117,7 +117,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @register(StructConfig)
 def _struct(model, cfg: StructConfig, ctx: Context) -> None:
-    ctx.notes += structured.shrink_ffn(model, cfg.ffn_rate)
+    stacks = ("encoder", "decoder") if cfg.stacks == "both" else (cfg.stacks,)
+    ctx.notes += structured.shrink_ffn(model, cfg.ffn_rate, stacks)
 
 
 @register(PruneConfig)

@@ -25,12 +25,12 @@ def _slice_linear(lin: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
 
 
 @torch.no_grad()
-def shrink_ffn(model, rate: float) -> list[str]:
+def shrink_ffn(model, rate: float, stacks=("encoder", "decoder")) -> list[str]:
     """Remove `rate` of the FFN neurons of every layer (lowest `ffn_importance`), the same count
     in each layer of a stack, and record the new widths in the config so that the result saves
     and loads with plain `from_pretrained`. Returns notes."""
     notes = []
-    for stack_name in ("encoder", "decoder"):
+    for stack_name in stacks:
         layers = getattr(model.model, stack_name).layers
         width = layers[0].fc1.out_features
         keep_n = width - int(round(rate * width))

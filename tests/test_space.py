@@ -259,7 +259,7 @@ def test_gpu_space_on_a_cpu_cluster_is_refused_at_sample():
 def test_baseline():
     assert load_space("quick").baseline() == {
         "device": "cpu", "quant.scheme": "none", "prune.rate": 0.0, "struct.ffn_rate": 0.0,
-        "compile.mode": "none"}
+        "struct.stacks": "encoder", "compile.mode": "none"}
     gpu = load_space("gpu").baseline()
     assert gpu["device"] == "cuda" and gpu["prune.rate"] == 0.0
     full = load_space("full").baseline()
