@@ -41,7 +41,7 @@ def _device_of(model) -> torch.device:
 
 def _input_dtype(model) -> torch.dtype:
     # Casting recipes change the conv front-end's dtype; features must follow it.
-    from .decode import input_dtype
+    from .window import input_dtype
 
     return input_dtype(model)
 

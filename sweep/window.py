@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -68,3 +69,17 @@ def encode(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
         x = layer(x, None)
     x = enc.layer_norm(x)
     return x.to(model.model.decoder.embed_tokens.weight.dtype)
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """Casting recipes change the conv front-end's dtype; features must follow it."""
+    w = model.model.encoder.conv1.weight
+    return w.dtype if w.is_floating_point() else torch.float32
+
+
+def features(model: nn.Module, processor, audios: list[np.ndarray], frames: int) -> torch.Tensor:
+    """Log-mel features of a batch (padded to 30 s as always, so the window's frames are the
+    very frames the full window starts with), cut to `frames`."""
+    feats = processor.feature_extractor(audios, sampling_rate=16000,
+                                        return_tensors="pt").input_features[..., :frames]
+    return feats.to(device=model.model.encoder.conv1.weight.device, dtype=input_dtype(model))
