@@ -52,7 +52,7 @@ def test_sweep_logs_every_trial_and_writes_a_true_front(tmp_path, tiny_checkpoin
                                                         small_manifest):
     space = _space(tmp_path, SPACE)
     rc = launch.main(_argv(tmp_path, tiny_checkpoint, small_manifest, space,
-                           "--num-samples", "4"))
+                           "--num-samples", "4", "--eval-dataset", small_manifest))
     assert rc == 0
     root = tmp_path / "root"
     parent, child = _children(root)
@@ -82,6 +82,10 @@ def test_sweep_logs_every_trial_and_writes_a_true_front(tmp_path, tiny_checkpoin
         assert not any(w2 <= w and t2 <= t and (w2, t2) != (w, t) for w2, t2 in logged)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] == 5 and summary["trials"] == 5
+    # The front, measured again on the second set, keeps its recipes.
+    again = json.loads((out / "front_eval.json").read_text())
+    assert [r["recipe"] for r in again["rows"]] == [r["recipe"] for r in front]
+    assert all(r["latency_median_s"] > 0 for r in again["rows"])
 
 
 def test_constraint_keeps_over_budget_trials_off_the_front(tmp_path, tiny_checkpoint,
