@@ -114,15 +114,18 @@ def front_picks(path: str | Path, max_dwer: float = MAX_DWER) -> list[tuple[str,
 
 
 def timed_pass(variants, processor, clips, langs, repeats: int, progress=None) -> dict:
-    """Per variant: hypotheses of repeat 0, ids, loop flags and a (repeats x clips) latency
-    array. Variants rotate per clip and repeat so none always runs first or last."""
-    out = {v.name: {"text": [], "ids": [], "cap": [], "lat": np.zeros((repeats, len(clips)))}
-           for v in variants}
+    """Per variant: hypotheses of repeat 0, ids, loop flags and (repeats x clips) arrays of wall
+    and CPU seconds (process time: what a loaded shared machine does not inflate by making us
+    wait). Variants rotate per clip and repeat so none always runs first or last."""
+    out = {v.name: {"text": [], "ids": [], "cap": [], "lat": np.zeros((repeats, len(clips))),
+                    "cpu": np.zeros((repeats, len(clips)))} for v in variants}
     for r in range(repeats):
         for i, (utt, lang) in enumerate(zip(clips, langs)):
             shift = (i + r) % len(variants)
             for v in variants[shift:] + variants[:shift]:
+                c0 = time.process_time()
                 text, ids, cap, secs = v.run(processor, utt, lang)
+                out[v.name]["cpu"][r, i] = time.process_time() - c0
                 out[v.name]["lat"][r, i] = secs
                 if r == 0:
                     out[v.name]["text"].append(text)
@@ -144,10 +147,11 @@ def summarize(variants, timed: dict, clips, langs, numbers: str = "auto") -> lis
                                       for t, lang in zip(d["text"], langs)])
               for n, d in timed.items()}
     b_lat = np.median(timed[base]["lat"], axis=1)
+    b_cpu = np.median(timed[base]["cpu"], axis=1)
     rows = []
     for v in variants:
         d, sc = timed[v.name], scores[v.name]
-        per_rep = np.median(d["lat"], axis=1)
+        per_rep, cpu = np.median(d["lat"], axis=1), np.median(d["cpu"], axis=1)
         ratio = b_lat / per_rep
         lo, hi = scoring.bootstrap_dwer(scores[base].per_utt, sc.per_utt)
         rows.append({
@@ -161,6 +165,8 @@ def summarize(variants, timed: dict, clips, langs, numbers: str = "auto") -> lis
             "latency_repeats_s": [float(x) for x in per_rep],
             "latency_mean_s": float(d["lat"].mean()),
             "speedup": float(np.median(ratio)), "speedup_repeats": [float(x) for x in ratio],
+            "cpu_median_s": float(np.median(cpu)), "cpu_repeats_s": [float(x) for x in cpu],
+            "speedup_cpu": float(np.median(b_cpu / cpu)),
             "rtf": float(d["lat"].sum(axis=1).mean() / sum(u.duration_s for u in clips)),
             "loops": int(sum(scoring.count_loop(i, c) for i, c in zip(d["ids"], d["cap"]))),
             "prepare_s": v.prepare_s,
@@ -184,34 +190,15 @@ def headline(rows: list[dict], max_dwer: float = MAX_DWER) -> dict:
     fw = next((r for r in rows if r["name"] == "faster-whisper-int8"), None)
     out = {"max_dwer": max_dwer, "best": best and best["name"],
            "speedup_vs_baseline": best and best["speedup"]}
+    if best:
+        out["speedup_cpu_vs_baseline"] = best.get("speedup_cpu")
     if best and fw:
         # Same repeats, same clips: ratio of per-repeat medians, median over repeats.
-        ratios = np.array(fw["latency_repeats_s"]) / np.array(best["latency_repeats_s"])
-        out["speedup_vs_faster_whisper_int8"] = float(np.median(ratios))
+        for key, col in (("", "latency_repeats_s"), ("_cpu", "cpu_repeats_s")):
+            if col in fw and col in best:
+                out[f"speedup{key}_vs_faster_whisper_int8"] = float(np.median(
+                    np.array(fw[col]) / np.array(best[col])))
     return out
-
-
-def write_outputs(rows: list[dict], meta: dict, out: Path) -> dict[str, Path]:
-    """recipes.json (list of rows, each with the run's metadata), recipes.md, recipes.png."""
-    out = Path(out)
-    full = [{**r, **meta} for r in rows]
-    paths = {"json": common.write_json(out / "recipes.json", full),
-             "md": out / "recipes.md", "png": out / "recipes.png"}
-    paths["md"].write_text(common.recipes_markdown(rows, meta, headline(rows)),
-                           encoding="utf-8")
-    common.plot_recipes(rows, meta, paths["png"])
-    return paths
-
-
-def load_clips(spec: str, language: str | None, max_samples: int | None):
-    from sweep.data import load_eval_set, shared_dir
-
-    if spec == "default":
-        spec = "shared" if shared_dir() is not None else "embedded"
-    if spec == "shared" and language is None:
-        language = "ru"
-    ev = load_eval_set(spec, language=language, max_samples=max_samples)
-    return ev, language
 
 
 def build_variants(args) -> list[Variant]:
@@ -261,12 +248,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
     from sweep import cli
+    from sweep.data import load_eval_set, shared_dir
     from sweep.evaluate import _lang_of, set_threads
     from sweep.models import load_model
 
+    spec, language = args.dataset, args.language
+    if spec == "default":
+        spec = "shared" if shared_dir() is not None else "embedded"
+    if spec == "shared" and language is None:
+        language = "ru"
     try:
         variants = build_variants(args)
-        ev, language = load_clips(args.dataset, args.language, args.max_samples)
+        ev = load_eval_set(spec, language=language, max_samples=args.max_samples)
         langs = [_lang_of(u, language) for u in ev]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -287,7 +280,7 @@ def main(argv=None) -> int:
     timed = timed_pass(variants, loaded.processor, ev.utterances, langs, args.repeats,
                        cli.progress("timing"))
     rows = summarize(variants, timed, ev.utterances, langs)
-    paths = write_outputs(rows, meta, Path(args.out))
+    paths = common.write_recipes(rows, meta, headline(rows), Path(args.out))
     print(paths["md"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(map(str, paths.values())), file=sys.stderr)
     return 0

@@ -87,7 +87,8 @@ def test_grid_evaluation_resumes(tiny_checkpoint, small_manifest, tmp_path):
     assert cache["rows"] == []
     cache = search.evaluate(path, **kw)
     assert len(cache["rows"]) == 4 and all(r["status"] == "ok" for r in cache["rows"])
-    assert {"wer", "dwer", "speedup", "baseline_latency_median_s"} <= set(cache["rows"][0])
+    assert {"wer", "dwer", "speedup", "speedup_cpu", "block"} <= set(cache["rows"][0])
+    assert {"baseline_latency_median_s", "baseline_cpu_median_s"} <= set(cache["blocks"][0])
     assert search.evaluate(path, **kw)["rows"] == cache["rows"]  # nothing left to measure
     with pytest.raises(ValueError, match="another grid"):
         search.evaluate(path, **{**kw, "grid": {"prune.rate": [0.0, 0.2]}})
