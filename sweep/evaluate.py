@@ -26,6 +26,10 @@ FIGURES = ("wer", "cer", "latency_mean_s", "latency_median_s", "latency_p90_s", 
            "model_size_mb", "param_mb", "sparsity")
 
 
+class TooSlow(RuntimeError):
+    """A trial already far slower than the baseline on the same clips: not worth finishing."""
+
+
 @dataclass
 class Measurement:
     """Figures of one model on one set (fractions and seconds), plus per-utterance detail."""
@@ -108,7 +112,7 @@ def zero_share(model) -> float:
 
 def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
             task: str = "transcribe", warmup: int = 1, numbers: str = "auto",
-            progress=None, on_warmed=None) -> Measurement:
+            progress=None, on_warmed=None, check=None) -> Measurement:
     """Transcribe every utterance once, timed after `warmup` untimed passes over the first."""
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}, got {task=}")
@@ -133,6 +137,8 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
                      "duration_s": utt.duration_s, "loop": loop})
         if progress:
             progress(i + 1, len(evalset))
+        if check:
+            check(rows)
     sc = scoring.score(refs, hyps)
     lat = np.array([r["latency_s"] for r in rows])
     disk_mb, mem_mb = model_sizes(model)
@@ -175,7 +181,7 @@ def set_threads(threads: int | None) -> int:
 def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measurement | None = None,
               language: str | None = None, task: str = "transcribe", threads: int | None = None,
               calibration: EvalSet | None = None, warmup: int = 1, numbers: str = "auto",
-              progress=None) -> tuple[dict, Measurement]:
+              progress=None, max_slowdown: float | None = None) -> tuple[dict, Measurement]:
     """Apply `recipe` to a copy of `model`, measure it and the baseline; returns (result, base).
 
     Pass the returned baseline Measurement back in to reuse it across trials of one worker.
@@ -203,8 +209,26 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
     graphs = {}
     trial = measure(applied.model, processor, evalset, language=language, task=task,
                     warmup=warmup, numbers=numbers, progress=progress,
-                    on_warmed=lambda: graphs.setdefault("warm", recompile_count()))
+                    on_warmed=lambda: graphs.setdefault("warm", recompile_count()),
+                    check=_slowdown_check(baseline, max_slowdown))
     return _result(recipe, applied, trial, baseline, prepare_s, graphs, n_threads), baseline
+
+
+def _slowdown_check(baseline: Measurement, limit: float | None, after: int = 2):
+    """Stop a trial whose first clips already took `limit` times the baseline's on the same
+    clips (schemes with no fast kernel here can be 5-20x slower; finishing them only burns
+    the sweep's time)."""
+    if not limit:
+        return None
+    base = [u["latency_s"] for u in baseline.utterances]
+
+    def check(rows):
+        if len(rows) >= after:
+            ratio = sum(r["latency_s"] for r in rows) / sum(base[:len(rows)])
+            if ratio > limit:
+                raise TooSlow(f"{ratio:.1f}x slower than the baseline on the first "
+                              f"{len(rows)} clips (limit --max-slowdown {limit:g})")
+    return check
 
 
 def _result(recipe, applied, trial: Measurement, baseline: Measurement, prepare_s: float,

@@ -56,6 +56,9 @@ def parse_args(argv=None) -> Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes before timing")
     ap.add_argument("--trial-timeout", type=float, default=None,
                     help="seconds after which a trial is stopped and recorded as failed")
+    ap.add_argument("--max-slowdown", type=float, default=3.0,
+                    help="stop (prune) a trial whose first clips take this many times the "
+                         "baseline's; 0 measures every trial to the end")
     ap.add_argument("--resume", default=None, metavar="SWEEP",
                     help="continue a killed sweep by name: finished trials are kept, "
                          "unfinished ones run again")
@@ -156,6 +159,7 @@ def run(args) -> dict:
         language=args.language, numbers=args.numbers, tracking_uri=uri,
         experiment_id=exp_id, parent_run_id=parent, cpus_per_trial=per_trial,
         warmup=args.warmup, trial_timeout=args.trial_timeout,
+        max_slowdown=getattr(args, "max_slowdown", None),
         needs_calibration=space.mentions("static_int8"), inject=dict(args.inject or {}))
     trainable = tune.with_resources(tune.with_parameters(worker.trainable, ctx=ctx),
                                     search.resources_for(per_trial))

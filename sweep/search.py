@@ -101,7 +101,10 @@ class HyperSearch(OptunaSearch):
             ot_trial.set_user_attr("speedup", result.get("speedup"))
             return super().on_trial_complete(trial_id, result, error)
         ot_trial.set_user_attr("error", str((result or {}).get("error", "error"))[:2000])
-        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        # A pruned (too slow) trial tells TPE where not to look; a failed one is ignored.
+        state = (optuna.trial.TrialState.PRUNED if (result or {}).get("status") == "pruned"
+                 else optuna.trial.TrialState.FAIL)
+        self._ot_study.tell(ot_trial, state=state)
         self._completed_trials.add(trial_id)
 
 

@@ -187,12 +187,12 @@ def finish_trial(uri: str, run_id: str, result: dict) -> None:
     retry(client.set_terminated, run_id, status="FINISHED")
 
 
-def fail_trial(uri: str, run_id: str, exc: BaseException) -> str:
-    """Record a failed trial: its error as a tag, the traceback as an artifact."""
+def fail_trial(uri: str, run_id: str, exc: BaseException, status: str = "failed") -> str:
+    """Record a failed (or pruned) trial: its error as a tag, the traceback as an artifact."""
     client = MlflowClient(uri)
     msg = f"{type(exc).__name__}: {exc}"
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    retry(client.log_batch, run_id, tags=[RunTag("status", "failed"), RunTag("error", msg[:4000])])
+    retry(client.log_batch, run_id, tags=[RunTag("status", status), RunTag("error", msg[:4000])])
     retry(client.log_text, run_id, tb, "traceback.txt")
     retry(client.set_terminated, run_id, status="FAILED")
     return msg
@@ -207,7 +207,8 @@ def sweep_rows(uri: str, exp_id: str, sweep: str) -> list[dict]:
     rows = []
     for r in find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.kind": "trial"}):
         m, tags = dict(r.data.metrics), r.data.tags
-        status = {"FINISHED": "ok", "FAILED": "failed"}.get(r.info.status, r.info.status.lower())
+        status = {"FINISHED": "ok", "FAILED": tags.get("status", "failed")}.get(
+            r.info.status, r.info.status.lower())
         rows.append({
             **{k: v for k, v in m.items() if not k.startswith("baseline_")},
             "baseline": {k[len("baseline_"):]: v for k, v in m.items()

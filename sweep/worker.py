@@ -34,6 +34,7 @@ class SweepContext:
     cpus_per_trial: int
     warmup: int = 1
     trial_timeout: float | None = None
+    max_slowdown: float | None = None
     needs_calibration: bool = False
     inject: dict = field(default_factory=dict)  # test hooks: recipe key=value -> fault
 
@@ -167,7 +168,7 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
                 result, _ = run_trial(loaded.model, loaded.processor, evalset, recipe,
                                       baseline=base, language=ctx.language, threads=cpus,
                                       calibration=calib, warmup=ctx.warmup,
-                                      numbers=ctx.numbers)
+                                      numbers=ctx.numbers, max_slowdown=ctx.max_slowdown)
             except TrialTimeout:
                 raise TrialTimeout(f"trial ran past --trial-timeout {ctx.trial_timeout:g} s "
                                    f"(recipe {flat})") from None
@@ -175,8 +176,11 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
                       node=os.uname().nodename, node_id=_node_id(), gpu_ids=gpus)
         tracking.finish_trial(ctx.tracking_uri, run_id, result)
     except Exception as e:  # noqa: BLE001 - a recipe's failure is a failed trial, not a dead sweep
-        msg = tracking.fail_trial(ctx.tracking_uri, run_id, e)
-        return {"status": STATUS_FAILED, "error": msg, "run_id": run_id, "trial_key": trial_key,
+        from .evaluate import TooSlow
+
+        status = "pruned" if isinstance(e, TooSlow) else STATUS_FAILED
+        msg = tracking.fail_trial(ctx.tracking_uri, run_id, e, status=status)
+        return {"status": status, "error": msg, "run_id": run_id, "trial_key": trial_key,
                 "trial_s": time.perf_counter() - t0}
     keep = ("wer", "cer", "dwer", "dcer", "latency_mean_s", "latency_median_s", "latency_p90_s",
             "speedup", "rtf", "loops", "model_size_mb", "sparsity", "compile_s", "recompiles",

@@ -92,3 +92,20 @@ def test_real_model_dynamic_int8_keeps_wer(real_model, speech_manifest):
     assert res["kernels"] and set(res["kernels"]) >= {"enc_attn", "dec_mlp"}
     lo, hi = res["dwer_ci95"]
     assert lo <= res["dwer"] <= hi
+
+
+def test_a_trial_far_slower_than_the_baseline_is_stopped_early(tiny_checkpoint, small_manifest):
+    from sweep.models import load_model
+
+    lm = load_model(tiny_checkpoint)
+    ev = load_eval_set(small_manifest)
+    base = evaluate.measure(lm.model, lm.processor, ev, warmup=0)
+    seen = []
+    with pytest.raises(evaluate.TooSlow, match="slower than the baseline on the first 2 clips"):
+        evaluate.run_trial(lm.model, lm.processor, ev, Recipe.parse("prune.rate=0.1"),
+                           baseline=base, warmup=0, max_slowdown=1e-6,
+                           progress=lambda done, total: seen.append(done))
+    assert seen == [1, 2]  # stopped before the third clip
+    res, _ = evaluate.run_trial(lm.model, lm.processor, ev, Recipe.parse("prune.rate=0.1"),
+                                baseline=base, warmup=0, max_slowdown=1e6)
+    assert res["n_utterances"] == 3

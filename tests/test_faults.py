@@ -43,7 +43,8 @@ def _space(tmp_path) -> str:
 
 def _argv(tmp_path, model, data, *extra):
     return ["--space", _space(tmp_path), "--model", model, "--dataset", data,
-            "--root", str(tmp_path / "root"), "--name", "f", "--seed", "3", *extra]
+            "--root", str(tmp_path / "root"), "--name", "f", "--seed", "3",
+            "--max-slowdown", "0", *extra]
 
 
 def _runs(root: Path, sweep="f"):

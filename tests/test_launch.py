@@ -36,7 +36,8 @@ params:
 
 def _argv(tmp_path, tiny_checkpoint, small_manifest, space, *extra):
     return ["--space", space, "--model", tiny_checkpoint, "--dataset", small_manifest,
-            "--root", str(tmp_path / "root"), "--name", "t", "--seed", "1", *extra]
+            "--root", str(tmp_path / "root"), "--name", "t", "--seed", "1",
+            "--max-slowdown", "0", *extra]
 
 
 def _children(root: Path, sweep: str = "t"):
