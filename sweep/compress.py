@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import kernels, structured
-from .recipe import LAYER_TYPES, CompileConfig, PruneConfig, QuantConfig, Recipe, StructConfig
+from . import decode, kernels, structured
+from .recipe import (LAYER_TYPES, CompileConfig, DecodeConfig, EncoderConfig, PruneConfig,
+                     QuantConfig, Recipe, StructConfig)
 
 __all__ = ["LAYER_TYPES", "Applied", "CompressError", "apply_recipe", "layer_type_of",
            "recompile_count", "register"]
@@ -284,3 +285,8 @@ def _compile(model, cfg: CompileConfig, ctx: Context) -> None:
     for stack in (model.model.encoder, model.model.decoder):  # not generate(): its loop is Python
         stack.compile(mode=None if cfg.mode == "default" else cfg.mode)
     ctx.notes.append(f"compile: encoder and decoder, mode={cfg.mode}")
+
+
+# Decoding plan (greedy loop, compiled step, encoder window): stored on the model for transcribe.
+register(DecodeConfig)(decode.apply_plan)
+register(EncoderConfig)(decode.apply_plan)

@@ -213,10 +213,18 @@ class Greedy:
         begin[list(gc.begin_suppress_tokens or [])] = True
         self.masks = (begin, sup)  # the first generated token, the others
         self.last: Timing | None = None
+        names = ("self_attn.q_proj", "self_attn.out_proj", "encoder_attn.q_proj",
+                 "encoder_attn.out_proj", "fc1", "fc2")
+        wrap = _opaque if compiled else (lambda m: m)
+        # Per layer: the Linear-like modules the step calls (k/v projections below).
+        self.proj = [{n: wrap(layer.get_submodule(n)) for n in names} for layer in self.layers]
+        self.kv = [tuple(wrap(layer.self_attn.get_submodule(n)) for n in ("k_proj", "v_proj"))
+                   for layer in self.layers]
+        self.head = wrap(model.proj_out)
         self.step = self._eager_step
         if compiled:
             mode = "reduce-overhead" if ref.device.type == "cuda" else None
-            fn = torch.compile(self._static_step, dynamic=False, mode=mode)
+            fn = torch.compile(self._static_step, dynamic=False, fullgraph=True, mode=mode)
             self.step = lambda ids, pos, cross, mask: fn(
                 ids, torch.tensor(pos, device=ids.device), cross, mask)
 
@@ -238,7 +246,7 @@ class Greedy:
         return dec.embed_tokens(ids) + dec.embed_positions.weight[positions]
 
     def _head(self, h, mask):
-        logits = self.model.proj_out(self.model.model.decoder.layer_norm(h))[:, -1].float()
+        logits = self.head(self.model.model.decoder.layer_norm(h))[:, -1].float()
         return logits.masked_fill(mask, -float("inf")).argmax(-1)
 
     def _eager_step(self, ids, pos: int, cross, mask):
@@ -261,26 +269,59 @@ class Greedy:
 
     def _layer(self, layer, h, i, where, keys, values, cross, keep):
         b, t, _ = h.shape
-        shape = (b, t, -1, self.head_dim)
+        shape, p = (b, t, -1, self.head_dim), self.proj[i]
         x = layer.self_attn_layer_norm(h)
-        a = layer.self_attn
-        q = (a.q_proj(x) * a.scaling).view(shape).transpose(1, 2).contiguous()
-        for cache, proj in ((self.k, a.k_proj), (self.v, a.v_proj)):
+        q = (p["self_attn.q_proj"](x) * layer.self_attn.scaling).view(shape).transpose(1, 2)
+        for cache, proj in zip((self.k, self.v), self.kv[i]):
             new = proj(x).view(shape).transpose(1, 2)
             if isinstance(where, slice):
                 cache[i][:, :, where] = new
             else:
                 cache[i].index_copy_(2, where, new)
         o = nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=keep, is_causal=keep is None and t > 1, scale=1.0)
-        h = h + a.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+            q.contiguous(), keys, values, attn_mask=keep, is_causal=keep is None and t > 1,
+            scale=1.0)
+        h = h + p["self_attn.out_proj"](o.transpose(1, 2).reshape(b, t, -1))
         x = layer.encoder_attn_layer_norm(h)
-        a = layer.encoder_attn
-        q = (a.q_proj(x) * a.scaling).view(shape).transpose(1, 2).contiguous()
-        o = nn.functional.scaled_dot_product_attention(q, *cross, scale=1.0)
-        h = h + a.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+        q = (p["encoder_attn.q_proj"](x) * layer.encoder_attn.scaling).view(shape).transpose(1, 2)
+        o = nn.functional.scaled_dot_product_attention(q.contiguous(), *cross, scale=1.0)
+        h = h + p["encoder_attn.out_proj"](o.transpose(1, 2).reshape(b, t, -1))
         x = layer.final_layer_norm(h)
-        return h + layer.fc2(layer.activation_fn(layer.fc1(x)))
+        return h + p["fc2"](layer.activation_fn(p["fc1"](x)))
+
+
+# torch.ao's int8 modules hold TorchScript objects that dynamo cannot trace (a graph break per
+# Linear): a compiled step calls them through one opaque custom op, by handle.
+_OPAQUE: dict[int, tuple[weakref.ref, int]] = {}  # handle -> (module, out_features)
+
+
+@torch.library.custom_op("hyper::opaque_linear", mutates_args=())
+def _opaque_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return _OPAQUE[handle][0]()(x)
+
+
+@_opaque_linear.register_fake
+def _(x, handle):
+    return x.new_empty(*x.shape[:-1], _OPAQUE[handle][1])
+
+
+class _Opaque(nn.Module):
+    def __init__(self, handle: int):
+        super().__init__()
+        self.handle = handle
+
+    def forward(self, x):
+        return _opaque_linear(x, self.handle)
+
+
+def _opaque(mod: nn.Module) -> nn.Module:
+    from .kernels import AoInt8Linear
+
+    if not isinstance(mod, AoInt8Linear):
+        return mod
+    handle = len(_OPAQUE)
+    _OPAQUE[handle] = (weakref.ref(mod), mod.packed._weight_bias()[0].shape[0])
+    return _Opaque(handle)
 
 
 @functools.cache

@@ -230,6 +230,40 @@ class CompileConfig(Technique):
         return f"compile {self.mode}"
 
 
+@technique("encoder")
+class EncoderConfig(Technique):
+    PARAMS = {
+        "encoder.window": Param("choice", "full", choices=("full", "auto"), help="mel window the "
+                                "encoder sees: full = Whisper's 30 s; auto = the clip rounded up "
+                                "to encoder.bucket_s (trimmed position embeddings; WER measured)"),
+        "encoder.bucket_s": Param("int", 5, 1, 30, help="auto window step in seconds (few "
+                                  "distinct shapes); unused with encoder.window=full"),
+    }
+
+    active = property(lambda self: self.window != "full")
+    def describe(self) -> str:
+        return f"window auto/{self.bucket_s}s"
+
+
+_GREEDY = Requires(("step",), key="decode.loop", equals="greedy",
+                   why="generate() runs its own Python loop")
+
+
+@technique("decode")
+class DecodeConfig(Technique):
+    PARAMS = {
+        "decode.loop": Param("choice", "generate", choices=("generate", "greedy"), help="generate "
+                             "= HF generate(); greedy = lean loop, static KV cache, same tokens"),
+        "decode.compile": Param("choice", "none", choices=("none", "step"), requires=(_GREEDY,),
+                                help="step = torch.compile of the greedy decoding step with "
+                                "static shapes (CUDA graphs on cuda); none = eager"),
+    }
+
+    active = property(lambda self: self.loop != "generate")
+    def describe(self) -> str:
+        return "greedy" + (" compiled" if self.compile == "step" else "")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A point of the search space. Field order is the order compress applies techniques in."""
@@ -239,6 +273,8 @@ class Recipe:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     FORMAT_VERSION: ClassVar[int] = 1
 

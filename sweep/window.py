@@ -53,12 +53,17 @@ def encode(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     """Encoder output for `feats` (batch, mels, frames), any even number of frames up to the
     full window. The full window goes through the HF module itself (its hooks, a compiled
     encoder); a shorter one through the same layers with the first position embeddings."""
-    enc = model.model.encoder
     if feats.shape[-1] == full_frames(model):
-        return enc(feats).last_hidden_state
+        return model.model.encoder(feats).last_hidden_state
     if feats.shape[-1] % 2 or feats.shape[-1] > full_frames(model):
         raise ValueError(f"encoder window must be an even number of mel frames <= "
                          f"{full_frames(model)}, got {feats.shape[-1]} frames")
+    return _encode_window(model, feats)
+
+
+def _encode_window(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """The encoder's layers on any window, position embeddings cut to its length."""
+    enc = model.model.encoder
     # What the module's cast hooks would do (bf16 encoder stack): inputs in the encoder's
     # dtype, output in the decoder's.
     x = feats.to(enc.conv1.weight.dtype)

@@ -1,0 +1,217 @@
+"""sweep.decode / sweep.window: the greedy loop and its compiled step give generate's tokens,
+the encoder window runs on trimmed positions (and is the HF encoder on the full window), the
+recipe dimensions validate, batches give the texts of clip-by-clip decoding."""
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from sweep import decode, evaluate, kernels, window
+from sweep.compress import apply_recipe, recompile_count
+from sweep.data import Utterance, load_eval_set
+from sweep.decode import GeneratePlan, GreedyPlan
+from sweep.recipe import PARAMS, Recipe, RecipeError
+from sweep.window import Window
+
+
+@pytest.fixture(autouse=True)
+def _fast_kernel_choice(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("HYPER_CACHE", str(tmp_path_factory.getbasetemp() / "hyper-cache"))
+    monkeypatch.setattr(kernels, "time_calls", functools.partial(kernels.time_calls,
+                                                                 budget_s=0.02))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A narrow random Whisper (conftest's tiny_model) with a multilingual generation config;
+    init_std 0.3 so that tokens depend on the audio (at 0.02 one token repeats for any input)."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from sweep.models import load_model
+
+    lm = load_model("random:tiny")
+    torch.manual_seed(0)
+    cfg = WhisperConfig(
+        vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=448, init_std=0.3,
+        decoder_start_token_id=50258, eos_token_id=50257, pad_token_id=50257, bos_token_id=50257)
+    model = WhisperForConditionalGeneration(cfg).eval()
+    model.generation_config = lm.model.generation_config
+    return model, lm.processor
+
+
+def _clips(n, seed=0):
+    """Noise clips of different lengths (random weights make up tokens for any audio)."""
+    rng = np.random.default_rng(seed)
+    return [Utterance(f"c{i}", (0.1 * rng.standard_normal(int(16000 * d))).astype("float32"),
+                      "", "ru", d) for i, d in enumerate([1.2, 3.7, 6.1, 2.4][:n])]
+
+
+def _with_plan(model, plan):
+    m = copy.deepcopy(model)
+    setattr(m, decode.PLAN_ATTR, plan)
+    return m
+
+
+def _ids(model, processor, clips, cap=12):
+    out = []
+    for u in clips:
+        feats = decode.features(model, processor, [u.audio], [u.duration_s])
+        out += decode.decode(model, feats, language="ru", task="transcribe", cap=cap)
+    return out
+
+
+# ---- recipe dimensions ------------------------------------------------------------------------
+
+def test_recipe_params_validate_and_round_trip():
+    r = Recipe.parse("decode.loop=greedy,decode.compile=step,encoder.window=auto,"
+                     "encoder.bucket_s=10")
+    flat = r.to_flat()
+    assert flat["decode.loop"] == "greedy" and flat["encoder.bucket_s"] == 10
+    assert Recipe.from_flat(flat) == r == Recipe.from_json(r.to_json())
+    assert not r.is_baseline and Recipe().is_baseline
+    assert decode.plan_for(r) == GreedyPlan(Window("auto", 10), compiled=True)
+    assert decode.plan_for(Recipe()) == GeneratePlan()
+    assert {"decode.loop", "decode.compile", "encoder.window", "encoder.bucket_s"} <= set(PARAMS)
+    with pytest.raises(RecipeError, match="decode.loop=greedy"):
+        Recipe.parse("decode.compile=step")
+    with pytest.raises(RecipeError, match="`encoder.window` must be one of"):
+        Recipe.parse("encoder.window=7")
+    with pytest.raises(RecipeError, match="did you mean `decode.loop`"):
+        Recipe.parse("decode.lop=greedy")
+
+
+@pytest.mark.parametrize("name", ["full", "cpu"])
+def test_spaces_search_the_new_dimensions(name):
+    from sweep.space import load_space
+
+    space = load_space(name)
+    assert {"decode.loop", "decode.compile", "encoder.window", "encoder.bucket_s"} <= set(
+        space.params)
+    assert Recipe.from_flat(space.baseline()).is_baseline
+
+
+def test_window_frames_and_refusals():
+    assert Window().frames(2.0, 3000) == 3000
+    auto = Window("auto", 5)
+    assert [auto.frames(d, 3000) for d in (0.3, 2.0, 5.0, 5.01, 12.0, 40.0)] == [
+        500, 500, 500, 1000, 1500, 3000]
+    with pytest.raises(ValueError, match="`encoder.window` must be one of"):
+        Window("short")
+    with pytest.raises(ValueError, match="bucket_s"):
+        Window("auto", 0)
+
+
+# ---- tiny model ---------------------------------------------------------------------------------
+
+def test_greedy_equals_generate_tiny(tiny):
+    model, proc = tiny
+    clips = _clips(3)
+    ref = _ids(model, proc, clips)
+    assert all(len(r) == 12 for r in ref)  # random weights run to the cap
+    assert _ids(_with_plan(model, GreedyPlan()), proc, clips) == ref
+    # an explicit GeneratePlan is the default path
+    assert _ids(_with_plan(model, GeneratePlan()), proc, clips) == ref
+
+
+def test_window_full_is_the_hf_encoder_and_trims_positions(tiny):
+    model, proc = tiny
+    feats = decode.features(model, proc, [_clips(1)[0].audio], [1.2])
+    with torch.inference_mode():
+        hf = model.model.encoder(feats).last_hidden_state
+        assert torch.equal(window.encode(model, feats), hf)
+        # the own forward path (used for shorter windows) on the full window: the same
+        assert torch.equal(window._encode_window(model, feats), hf)
+        short = window.encode(model, feats[..., :500])
+        assert short.shape == (1, 250, model.config.d_model)
+        with pytest.raises(ValueError, match="even number of mel frames"):
+            window.encode(model, feats[..., :501])
+
+
+def test_window_auto_generate_equals_greedy_tiny(tiny):
+    model, proc = tiny
+    clips = _clips(3)
+    auto = Window("auto", 5)
+    gen = _ids(_with_plan(model, GeneratePlan(auto)), proc, clips)
+    assert _ids(_with_plan(model, GreedyPlan(auto)), proc, clips) == gen
+    assert gen != _ids(model, proc, clips)  # the window changes what the encoder sees
+
+
+def test_compiled_step_identical_without_recompiles_tiny(tiny):
+    model, proc = tiny
+    clips = _clips(4)
+    ref = _ids(model, proc, clips)
+    torch._dynamo.reset()
+    comp = _with_plan(model, GreedyPlan(compiled=True))
+    got = _ids(comp, proc, clips[:1])
+    graphs = recompile_count()
+    got += _ids(comp, proc, clips[1:])
+    assert got == ref
+    assert recompile_count() == graphs  # clips of other lengths: no new graph
+    t = decode.Greedy.of(comp, 1, True).last
+    assert t.steps == 12 and t.ms_per_token > 0
+
+
+def test_compiled_step_one_graph_for_every_window_tiny(tiny):
+    model, proc = tiny
+    clips = _clips(4)  # 1.2 .. 6.1 s: windows of 5 and 10 s
+    auto = Window("auto", 5)
+    ref = _ids(_with_plan(model, GreedyPlan(auto)), proc, clips)
+    torch._dynamo.reset()
+    comp = _with_plan(model, GreedyPlan(auto, compiled=True))
+    got = _ids(comp, proc, clips[:1])
+    graphs = recompile_count()
+    assert _ids(comp, proc, clips[1:]) == ref[1:] and got == ref[:1]
+    assert recompile_count() - graphs <= 1  # at most the cross length turning symbolic
+
+
+def test_batch_gives_clip_by_clip_texts_tiny(tiny):
+    model, proc = tiny
+    clips = _clips(3)
+    greedy = _with_plan(model, GreedyPlan())
+    one = [proc.tokenizer.decode(i, skip_special_tokens=True) for i in _ids(greedy, proc, clips)]
+    assert decode.transcribe_batch(greedy, proc, clips, language="ru", cap=12) == one
+
+
+def test_handler_stores_the_plan_and_notes_isa(tiny):
+    model, _ = tiny
+    applied = apply_recipe(copy.deepcopy(model), Recipe.parse(
+        "decode.loop=greedy,encoder.window=auto"))
+    assert decode.plan_of(applied.model) == GreedyPlan(Window("auto", 5))
+    assert any(n.startswith("isa: aten") for n in applied.notes)
+    assert decode.plan_of(apply_recipe(copy.deepcopy(model), Recipe()).model) == GeneratePlan()
+    assert not hasattr(model, decode.PLAN_ATTR)
+
+
+# ---- real model (slow) --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_clips():
+    return load_eval_set("shared", language="ru").utterances[:6]
+
+
+def _content(model, processor, clips):
+    return [evaluate.transcribe(model, processor, u, language="ru")[1] for u in clips]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["", "quant.scheme=dynamic_int8"])
+def test_greedy_and_compiled_step_equal_generate_real(real_model, real_clips, recipe):
+    base = apply_recipe(copy.deepcopy(real_model.model), Recipe.parse(recipe)).model
+    ref = _content(base, real_model.processor, real_clips)
+    for plan in (GreedyPlan(), GreedyPlan(compiled=True)):
+        torch._dynamo.reset()
+        got = _content(_with_plan(base, plan), real_model.processor, real_clips)
+        assert got == ref, plan
+
+
+@pytest.mark.slow
+def test_batch_texts_real(real_model, real_clips):
+    m = _with_plan(real_model.model, GreedyPlan())
+    proc = real_model.processor
+    one = [evaluate.transcribe(m, proc, u, language="ru")[0] for u in real_clips[:4]]
+    assert decode.transcribe_batch(m, proc, real_clips[:4], language="ru", cap=120) == one
