@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from sweep.recipe import (LAYER_TYPES, PARAMS, SCHEMES, TECHNIQUES, CompileConfig, Param,
-                          PruneConfig, QuantConfig, Recipe, RecipeError, StructConfig)
+from sweep.recipe import (LAYER_TYPES, PARAMS, SCHEMES, TECHNIQUES, CompileConfig,
+                          DecodeConfig, EncoderConfig, Param, PruneConfig, QuantConfig, Recipe,
+                          RecipeError, StructConfig)
 
 EXAMPLES = [
     "",
@@ -108,7 +109,8 @@ def test_json_format_version_checked():
 
 
 def test_params_complete_and_consistent_with_dataclasses():
-    assert set(TECHNIQUES.values()) == {StructConfig, PruneConfig, QuantConfig, CompileConfig}
+    assert set(TECHNIQUES.values()) == {StructConfig, PruneConfig, QuantConfig, CompileConfig,
+                                        DecodeConfig, EncoderConfig}
     recipe_fields = [f.name for f in dataclasses.fields(Recipe)]
     assert recipe_fields == ["device", *TECHNIQUES]  # application order = registration order
     names = ["device"]
