@@ -71,12 +71,16 @@ def run_sweep(root: Path, name: str, concurrency: int, args) -> tuple[dict, list
            str(args.num_samples), "--max-concurrent", str(concurrency), "--root", str(root),
            "--name", name, "--model", args.model, "--dataset", args.dataset,
            "--max-samples", str(args.max_samples), "--seed", "0"]
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "launch.log"  # the sweep's own progress lines, to follow a slow run
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV},
-                          cwd=common.REPO, timeout=args.timeout)
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **ENV},
+                              cwd=common.REPO, timeout=args.timeout)
     command_s = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                           f"{log.read_text()[-2000:]}")
     summary = json.loads((root / "sweeps" / name / "results" / "summary.json").read_text())
     uri = tracking.default_uri(root)
     rows = tracking.sweep_rows(uri, tracking.ensure_experiment(uri, root / "artifacts"), name)
@@ -179,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="embedded:whisper-base")
     ap.add_argument("--dataset", default="embedded")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per sweep")
+    ap.add_argument("--keep", default=None, help="keep the sweeps' folders here")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
     meta = {**common.stamp(), "command": "python -m bench.overhead " + " ".join(
@@ -191,7 +196,10 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="hyper-overhead-") as tmp:
         for c in args.concurrency:
-            summary, rows, command_s = run_sweep(Path(tmp) / f"c{c}", f"overhead-c{c}", c, args)
+            root = Path(args.keep or tmp) / f"c{c}"
+            print(f"{c} concurrent: sweep under {root}", file=sys.stderr)
+            name = f"overhead-c{c}-{time.strftime('%H%M%S')}"  # launch wants a new name
+            summary, rows, command_s = run_sweep(root, name, c, args)
             results.append(split_costs(summary, rows, c, command_s, mlflow))
             print(f"{c} concurrent: wall {summary['wall_s']:.0f} s for "
                   f"{summary['trial_sum_s']:.0f} s of trials", file=sys.stderr)
