@@ -2,7 +2,7 @@
 
 Runs `python -m sweep.launch` for 1 and 2 concurrent trials, reads its summary.json (wall_s:
 the time inside Tune; trial_sum_s: the trials' own seconds) and every trial's figures (MLflow
-metrics, plus Tune's result.json for worker_prepare_s), and splits a trial's cost into
+metrics, plus Tune's result.json for what MLflow lacks), and splits a trial's cost into
 measuring, recipe preparation, worker preparation (model + data + baseline, once per worker),
 MLflow logging and Ray/Tune scheduling. MLflow logging and `ray.init` are also timed alone.
 """
@@ -70,7 +70,8 @@ def run_sweep(root: Path, name: str, concurrency: int, args) -> tuple[dict, list
     cmd = [sys.executable, "-m", "sweep.launch", "--space", args.space, "--num-samples",
            str(args.num_samples), "--max-concurrent", str(concurrency), "--root", str(root),
            "--name", name, "--model", args.model, "--dataset", args.dataset,
-           "--max-samples", str(args.max_samples), "--seed", "0"]
+           "--max-samples", str(args.max_samples), "--seed", "0",
+           "--max-slowdown", "0"]  # every trial measured to the end: no pruning on noise
     root.mkdir(parents=True, exist_ok=True)
     log = root / "launch.log"  # the sweep's own progress lines, to follow a slow run
     t0 = time.perf_counter()
@@ -85,8 +86,10 @@ def run_sweep(root: Path, name: str, concurrency: int, args) -> tuple[dict, list
     uri = tracking.default_uri(root)
     rows = tracking.sweep_rows(uri, tracking.ensure_experiment(uri, root / "artifacts"), name)
     tune = tune_results(root / "sweeps" / name)
-    for r in rows:  # worker_prepare_s is in Tune's record when MLflow lacks it
-        r.setdefault("worker_prepare_s", tune.get(r["trial_id"], {}).get("worker_prepare_s"))
+    for r in rows:  # Tune's record has what MLflow lacks (worker_prepare_s; failed trials' s)
+        for k in ("worker_prepare_s", "trial_s"):
+            if r.get(k) is None:
+                r[k] = tune.get(r["trial_id"], {}).get(k)
     return summary, rows, command_s
 
 
@@ -106,27 +109,30 @@ def split_costs(summary: dict, rows: list[dict], concurrency: int, command_s: fl
     """Per-trial seconds by cost, and the overhead ratio wall / (trial seconds / concurrency)
     (1.0: the sweep costs nothing beyond its trials). `mlflow`: {"begin": s, "finish": s};
     begin_trial runs inside trial_s, finish_trial after it (so inside Tune's share)."""
-    ok = [r for r in rows if r.get("status") == "ok"]
-    n = len(rows)
-    wall, tsum = float(summary["wall_s"]), float(summary["trial_sum_s"])
-    trial = np.array([float(r.get("trial_s") or 0) for r in ok])
-    prep = np.array([float(r.get("prepare_s") or 0) for r in ok])
-    worker = np.array([float(r.get("worker_prepare_s") or 0) for r in ok])
-    measure = trial - prep - worker - mlflow["begin"]
+    n = max(len(rows), 1)
+    wall = float(summary["wall_s"])
+    # Every trial's own seconds, failed and pruned ones too (summary.json's trial_sum_s counts
+    # only what MLflow holds, and MLflow has no trial_s for those).
+    trial, prep, worker = (np.array([float(r.get(k) or 0) for r in rows]) for k in (
+        "trial_s", "prepare_s", "worker_prepare_s"))
+    tsum = float(trial.sum()) or float(summary["trial_sum_s"])
+    measure = np.maximum(0.0, trial - prep - worker - mlflow["begin"])
     per_trial = {
-        "measure_s": float(measure.mean()) if len(ok) else 0.0,
-        "recipe_prepare_s": float(prep.mean()) if len(ok) else 0.0,
-        "worker_prepare_s": float(worker.sum() / max(n, 1)),
+        "measure_s": float(measure.sum() / n),
+        "recipe_prepare_s": float(prep.sum() / n),
+        "worker_prepare_s": float(worker.sum() / n),
         "mlflow_s": mlflow["begin"] + mlflow["finish"],
-        "ray_tune_s": (concurrency * wall - tsum) / max(n, 1) - mlflow["finish"],
-        "launcher_outside_tune_s": (command_s - wall) / max(n, 1),
+        "ray_tune_s": (concurrency * wall - tsum) / n - mlflow["finish"],
+        "launcher_outside_tune_s": (command_s - wall) / n,
     }
-    return {"concurrency": concurrency, "trials": n, "ok": len(ok), "wall_s": wall,
-            "trial_sum_s": tsum, "command_s": command_s,
+    return {"concurrency": concurrency, "trials": len(rows),
+            "ok": sum(r.get("status") == "ok" for r in rows), "wall_s": wall,
+            "trial_sum_s": tsum, "trial_sum_s_summary": float(summary["trial_sum_s"]),
+            "command_s": command_s,
             "overhead_ratio": wall / (tsum / concurrency) if tsum else None,
             "command_ratio": command_s / (tsum / concurrency) if tsum else None,
             "workers_loaded": int((worker > 0).sum()), "per_trial_s": per_trial,
-            "trial_s_median": float(np.median(trial)) if len(ok) else None}
+            "trial_s_median": float(np.median(trial)) if len(rows) else None}
 
 
 def write_outputs(results: list[dict], extra: dict, meta: dict, out: Path) -> dict[str, Path]:
@@ -202,7 +208,7 @@ def main(argv=None) -> int:
             summary, rows, command_s = run_sweep(root, name, c, args)
             results.append(split_costs(summary, rows, c, command_s, mlflow))
             print(f"{c} concurrent: wall {summary['wall_s']:.0f} s for "
-                  f"{summary['trial_sum_s']:.0f} s of trials", file=sys.stderr)
+                  f"{results[-1]['trial_sum_s']:.0f} s of trials", file=sys.stderr)
     paths = write_outputs(results, extra, meta, Path(args.out))
     print(paths["md"].read_text(encoding="utf-8"))
     return 0

@@ -163,7 +163,8 @@ def test_overhead_cost_split(tmp_path):
     assert per["worker_prepare_s"] == pytest.approx(10 / 4)
     assert per["ray_tune_s"] == pytest.approx(20 / 4 - 1.0)
     assert per["launcher_outside_tune_s"] == pytest.approx(30 / 4)
-    assert per["measure_s"] == pytest.approx(np.mean([18.5, 22.5, 21.5]))
+    assert per["measure_s"] == pytest.approx(np.mean([18.5, 22.5, 21.5, 0.0]))
+    assert per["recipe_prepare_s"] == pytest.approx(6 / 4) and r["ok"] == 3
     r2 = overhead.split_costs(summary, rows, 2, 130.0, {"begin": 0.5, "finish": 1.0})
     assert r2["overhead_ratio"] == pytest.approx(100 / 40)
     meta = {**common.stamp(), "command": "t", "sweep_command": "s"}
