@@ -25,19 +25,22 @@ from .recipes import Variant, headline, summarize, timed_pass
 # bf16 (AMX) encoder, int8 (VNNI) decoder and head: the precision mix of this CPU.
 MIX = ("quant.enc_attn=bf16,quant.enc_mlp=bf16,quant.dec_self=dynamic_int8,"
        "quant.dec_cross=dynamic_int8,quant.dec_mlp=dynamic_int8,quant.head=dynamic_int8")
-GREEDY, STEP, WINDOW = "decode.loop=greedy", "decode.compile=step", "encoder.window=auto"
+GREEDY, STEP = "decode.loop=greedy", "decode.compile=step"
+WINDOW, NR4 = "encoder.window=auto", "decode.no_repeat_ngram=4"
 VARIANTS = (
     ("baseline", "baseline", ""),
     ("fp32-greedy", "loop", GREEDY),
     ("fp32-greedy-step", "loop", f"{GREEDY},{STEP}"),
-    ("fp32-greedy-window", "window", f"{GREEDY},{WINDOW}"),
     ("int8", "hand", "quant.scheme=dynamic_int8"),
     ("int8-greedy-step", "loop", f"quant.scheme=dynamic_int8,{GREEDY},{STEP}"),
     ("mix-greedy-step", "mix", f"{MIX},{GREEDY},{STEP}"),
-    ("mix-greedy-step-window", "mix", f"{MIX},{GREEDY},{STEP},{WINDOW}"),
+    ("mix-greedy-step-nr4", "mix", f"{MIX},{GREEDY},{STEP},{NR4}"),
+    ("mix-greedy-step-window", "window", f"{MIX},{GREEDY},{STEP},{WINDOW}"),
+    ("mix-greedy-step-window-nr4", "window", f"{MIX},{GREEDY},{STEP},{WINDOW},{NR4}"),
 )
-WINDOW_PAIRS = (("fp32-greedy", "fp32-greedy-window"), ("mix-greedy-step",
-                                                       "mix-greedy-step-window"))
+WINDOW_PAIRS = (("mix-greedy-step", "mix-greedy-step-window"),
+                ("mix-greedy-step-nr4", "mix-greedy-step-window-nr4"))
+THROUGHPUT = ("mix-greedy-step", "mix-greedy-step-window-nr4")
 
 
 def prepare(v: Variant, loaded, threads: int) -> None:
@@ -200,10 +203,9 @@ def main(argv=None) -> int:
             print(f"decoder timing {v.name}", file=sys.stderr)
             r.update(decoder_ms_per_token(v, loaded.processor, clips[:12], "ru"),
                      kernels=v.kernels, notes=v.notes)
-    best = next(v for v in variants if v.name == "mix-greedy-step-window")
-    tput = [{"variant": best.name, "batch": b,
-             "s_per_audio": throughput(best, loaded.processor, clips, "ru", b)}
-            for b in (1, args.batch)]
+    tput = [{"variant": v.name, "batch": b,
+             "s_per_audio": throughput(v, loaded.processor, clips, "ru", b)}
+            for v in variants if v.name in THROUGHPUT for b in (1, args.batch)]
     extra = {"window": window_costs(rows, timed, clips, "ru"), "throughput": tput}
     head = headline(rows)
     meta = {**common.stamp(threads), "dataset": ev.name, "n_clips": len(ev),

@@ -38,11 +38,13 @@ PLAN_ATTR = "hyper_decode"
 class Plan:
     window: Window = field(default_factory=Window)
     compiled: bool = False  # torch.compile of the decoding step (the greedy loop only)
+    no_repeat: int = 0  # HF's no_repeat_ngram_size: no n-gram twice (0 = off)
 
     def describe(self) -> str:
         w = self.window
         return (type(self).__name__.removesuffix("Plan").lower()
                 + (" compiled step" if self.compiled else "")
+                + (f", no repeated {self.no_repeat}-gram" if self.no_repeat else "")
                 + ("" if w.mode == "full" else f", encoder window {w.mode} ({w.bucket_s} s)"))
 
 
@@ -67,7 +69,8 @@ RUNNERS: dict[type, Callable] = {}
 def plan_for(recipe) -> Plan:
     """The plan of a Recipe (its `decode` and `encoder` configs)."""
     w = Window(recipe.encoder.window, recipe.encoder.bucket_s)
-    return PLANS[recipe.decode.loop](window=w, compiled=recipe.decode.compile == "step")
+    d = recipe.decode
+    return PLANS[d.loop](window=w, compiled=d.compile == "step", no_repeat=d.no_repeat_ngram)
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -128,6 +131,8 @@ def _cut(row: list[int], eos: int) -> list[int]:
 
 def _generate(plan, model, feats, language, task, cap):
     kwargs = dict(language=language, task=task, max_new_tokens=cap, num_beams=1, do_sample=False)
+    if plan.no_repeat:
+        kwargs["no_repeat_ngram_size"] = plan.no_repeat
     if feats.shape[-1] == win.full_frames(model):
         out = model.generate(feats, **kwargs)
     else:  # HF's encoder refuses other windows: hand generate the encoder output
@@ -162,10 +167,15 @@ def _greedy(plan, model, feats, language, task, cap):
     eos, t1 = model.generation_config.eos_token_id, time.perf_counter()
     ids = torch.tensor([prompt] * enc.shape[0], device=enc.device)
     done = torch.zeros(enc.shape[0], dtype=torch.bool, device=enc.device)
-    out, pos = [], 0
+    out, pos, seqs = [], 0, [list(prompt) for _ in range(enc.shape[0])]
     for step in range(cap):
-        nxt = rt.step(ids, pos, cross, rt.masks[min(step, 1)]).masked_fill(done, eos)
+        mask = rt.masks[min(step, 1)]
+        if plan.no_repeat:
+            mask = _ban_repeats(mask, seqs, plan.no_repeat)
+        nxt = rt.step(ids, pos, cross, mask).masked_fill(done, eos)
         out.append(nxt)  # finished rows are padded with eos, as generate pads them
+        for row, tok in zip(seqs, nxt.tolist() if plan.no_repeat else ()):
+            row.append(tok)
         done |= nxt == eos
         if step == 0:
             t2 = time.perf_counter()
@@ -176,6 +186,18 @@ def _greedy(plan, model, feats, language, task, cap):
     rows = torch.stack(out, 1).tolist()
     rt.last = Timing(t1 - t0, time.perf_counter() - t1, t2 - t1, len(out))
     return [_cut(row, eos) for row in rows]
+
+
+def _ban_repeats(mask: torch.Tensor, seqs: list[list[int]], n: int) -> torch.Tensor:
+    """`mask` plus, per row, the tokens that would repeat one of its n-grams (HF's
+    NoRepeatNGramLogitsProcessor, prompt included)."""
+    mask = mask.clone()
+    for r, row in enumerate(seqs):
+        if len(row) + 1 >= n:
+            tail = row[len(row) - n + 1:]
+            mask[r, [row[i + n - 1] for i in range(len(row) - n + 1)
+                     if row[i:i + n - 1] == tail]] = True
+    return mask
 
 
 RUNNERS.update({GeneratePlan: _generate, GreedyPlan: _greedy})
@@ -211,7 +233,8 @@ class Greedy:
         sup[list(gc.suppress_tokens or [])] = True
         begin = sup.clone()
         begin[list(gc.begin_suppress_tokens or [])] = True
-        self.masks = (begin, sup)  # the first generated token, the others
+        # the first generated token, the others; per row (no_repeat bans differ by row)
+        self.masks = tuple(m.expand(batch, -1).contiguous() for m in (begin, sup))
         self.last: Timing | None = None
         names = ("self_attn.q_proj", "self_attn.out_proj", "encoder_attn.q_proj",
                  "encoder_attn.out_proj", "fc1", "fc2")

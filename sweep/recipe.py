@@ -257,11 +257,16 @@ class DecodeConfig(Technique):
         "decode.compile": Param("choice", "none", choices=("none", "step"), requires=(_GREEDY,),
                                 help="step = torch.compile of the greedy decoding step with "
                                 "static shapes (CUDA graphs on cuda); none = eager"),
+        "decode.no_repeat_ngram": Param("int", 0, 0, 16, help="no n-gram of this many tokens "
+                                        "twice (HF no_repeat_ngram_size; stops repetition "
+                                        "loops); 0 = off"),
     }
 
-    active = property(lambda self: self.loop != "generate")
+    active = property(lambda self: self.loop != "generate" or self.no_repeat_ngram > 0)
     def describe(self) -> str:
-        return "greedy" + (" compiled" if self.compile == "step" else "")
+        return ", ".join(filter(None, (
+            f"{self.loop}" + (" compiled" if self.compile == "step" else ""),
+            self.no_repeat_ngram and f"no repeated {self.no_repeat_ngram}-gram")))
 
 
 @dataclass(frozen=True)

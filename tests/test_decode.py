@@ -69,14 +69,15 @@ def _ids(model, processor, clips, cap=12):
 
 def test_recipe_params_validate_and_round_trip():
     r = Recipe.parse("decode.loop=greedy,decode.compile=step,encoder.window=auto,"
-                     "encoder.bucket_s=10")
+                     "encoder.bucket_s=10,decode.no_repeat_ngram=4")
     flat = r.to_flat()
     assert flat["decode.loop"] == "greedy" and flat["encoder.bucket_s"] == 10
     assert Recipe.from_flat(flat) == r == Recipe.from_json(r.to_json())
     assert not r.is_baseline and Recipe().is_baseline
-    assert decode.plan_for(r) == GreedyPlan(Window("auto", 10), compiled=True)
+    assert decode.plan_for(r) == GreedyPlan(Window("auto", 10), compiled=True, no_repeat=4)
     assert decode.plan_for(Recipe()) == GeneratePlan()
-    assert {"decode.loop", "decode.compile", "encoder.window", "encoder.bucket_s"} <= set(PARAMS)
+    assert {"decode.loop", "decode.compile", "decode.no_repeat_ngram", "encoder.window",
+            "encoder.bucket_s"} <= set(PARAMS)
     with pytest.raises(RecipeError, match="decode.loop=greedy"):
         Recipe.parse("decode.compile=step")
     with pytest.raises(RecipeError, match="`encoder.window` must be one of"):
@@ -90,8 +91,8 @@ def test_spaces_search_the_new_dimensions(name):
     from sweep.space import load_space
 
     space = load_space(name)
-    assert {"decode.loop", "decode.compile", "encoder.window", "encoder.bucket_s"} <= set(
-        space.params)
+    assert {"decode.loop", "decode.compile", "decode.no_repeat_ngram", "encoder.window",
+            "encoder.bucket_s"} <= set(space.params)
     assert Recipe.from_flat(space.baseline()).is_baseline
 
 
@@ -116,6 +117,17 @@ def test_greedy_equals_generate_tiny(tiny):
     assert _ids(_with_plan(model, GreedyPlan()), proc, clips) == ref
     # an explicit GeneratePlan is the default path
     assert _ids(_with_plan(model, GeneratePlan()), proc, clips) == ref
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_no_repeat_ngram_greedy_equals_generate_tiny(tiny, n):
+    model, proc = tiny
+    clips = _clips(3)
+    plain = _ids(_with_plan(model, GreedyPlan()), proc, clips, cap=20)
+    ref = _ids(_with_plan(model, GeneratePlan(no_repeat=n)), proc, clips, cap=20)
+    assert _ids(_with_plan(model, GreedyPlan(no_repeat=n)), proc, clips, cap=20) == ref
+    if n == 1:  # random weights repeat tokens: the ban changes the output
+        assert ref != plain and all(len(set(row)) == len(row) for row in ref)
 
 
 def test_window_full_is_the_hf_encoder_and_trims_positions(tiny):
