@@ -204,27 +204,30 @@ def recipes_markdown(rows: list[dict], meta: dict, head: dict) -> str:
 
 
 def plot_recipes(rows: list[dict], meta: dict, path: Path) -> Path:
-    """WER vs seconds per audio, bars spanning the repeats' min and max."""
-    fig, ax = figure_axes(8.5, 5.5)
+    """WER vs seconds per audio, bars spanning the repeats' min and max; points numbered,
+    names listed beside the axes (close points would print their names over each other)."""
+    fig, ax = figure_axes(10, 5.5)
     colors = {"baseline": "#2ca02c", "hand": "#7f7f7f", "front": "#d62728", "extra": "#9467bd",
               "peer": "#1f77b4"}
-    for r in rows:
+    for i, r in enumerate(rows, 1):
         lo, hi = r["latency_spread_s"]
         x = r["latency_median_s"]
         ax.errorbar([x], [r["wer"]], xerr=[[x - lo], [hi - x]], fmt="o", ms=7, capsize=3,
                     color=colors.get(r["source"], "black"))
-        ax.annotate(r["name"], (x, r["wer"]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
+        ax.annotate(str(i), (x, r["wer"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8, weight="bold")
     for src, c in colors.items():
         if any(r["source"] == src for r in rows):
             ax.scatter([], [], color=c, label=src)
+    names = "\n".join(f"{i}  {r['name']}" for i, r in enumerate(rows, 1))
+    fig.text(0.74, 0.5, names, fontsize=8, va="center", family="monospace")
     ax.set_xlabel("latency_median_s (s per audio)")
     ax.set_ylabel("WER")
     ax.set_title(f"WER vs latency, {meta['dataset']} ({meta['n_clips']} clips), "
                  f"{meta['date'][:10]}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.72, 1))
     fig.savefig(path, format="png")
     return Path(path)
 
