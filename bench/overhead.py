@@ -165,7 +165,7 @@ def write_outputs(results: list[dict], extra: dict, meta: dict, out: Path) -> di
              f"- commit: {meta['commit']}; command: `{meta['command']}`", "",
              common.md_table(head, body), ""]
     paths["md"].write_text("\n".join(lines), encoding="utf-8")
-    fig, ax = common.figure_axes(8, 4)
+    fig, ax = common.figure_axes(8, 4.5)
     left = np.zeros(len(results))
     ys = [f"{r['concurrency']} concurrent" for r in results]
     for k, lab in labels.items():
@@ -174,7 +174,7 @@ def write_outputs(results: list[dict], extra: dict, meta: dict, out: Path) -> di
         left += vals
     ax.set_xlabel("seconds per trial")
     ax.set_title("Where a sweep's time goes", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.tight_layout()
     fig.savefig(paths["png"], format="png")
     return paths
