@@ -218,7 +218,22 @@ def test_greedy_and_compiled_step_equal_generate_real(real_model, real_clips, re
     for plan in (GreedyPlan(), GreedyPlan(compiled=True)):
         torch._dynamo.reset()
         got = _content(_with_plan(base, plan), real_model.processor, real_clips)
-        assert got == ref, plan
+        if recipe and plan.compiled:
+            # Inductor fuses the ops around a dynamic-int8 Linear, so its input differs by ulps;
+            # the per-tensor activation scale then rounds differently and a near-tie can flip
+            # a token (seen on one clip of six on CI). Exact in fp32, close in int8.
+            assert _token_error_rate(ref, got) <= 0.1, (plan, ref, got)
+            assert sum(g == r for g, r in zip(got, ref)) >= len(ref) - 2, (plan, ref, got)
+        else:
+            assert got == ref, plan
+
+
+def _token_error_rate(ref: list[list[int]], got: list[list[int]]) -> float:
+    import jiwer
+
+    def words(ids):
+        return " ".join(map(str, ids)) or "<empty>"
+    return jiwer.wer([words(r) for r in ref], [words(g) for g in got])
 
 
 @pytest.mark.slow
