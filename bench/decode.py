@@ -33,6 +33,7 @@ VARIANTS = (
     ("fp32-greedy-step", "loop", f"{GREEDY},{STEP}"),
     ("int8", "hand", "quant.scheme=dynamic_int8"),
     ("int8-greedy-step", "loop", f"quant.scheme=dynamic_int8,{GREEDY},{STEP}"),
+    ("mix-greedy", "mix", f"{MIX},{GREEDY}"),
     ("mix-greedy-step", "mix", f"{MIX},{GREEDY},{STEP}"),
     ("mix-greedy-step-nr4", "mix", f"{MIX},{GREEDY},{STEP},{NR4}"),
     ("mix-greedy-step-window", "window", f"{MIX},{GREEDY},{STEP},{WINDOW}"),
