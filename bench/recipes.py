@@ -84,7 +84,7 @@ def front_picks(path: str | Path, max_dwer: float = MAX_DWER) -> list[tuple[str,
     """(name, flat recipe, figures where it was chosen) from a sweep's pareto.json or a
     bench.search grid cache: the fastest front point with dwer <= max_dwer, the fastest with
     dwer <= 0.1 and the knee, without repeats."""
-    from sweep import pareto
+    from sweep import pareto, report
 
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if "front" in data:
@@ -106,7 +106,7 @@ def front_picks(path: str | Path, max_dwer: float = MAX_DWER) -> list[tuple[str,
         picks.append(("front-knee", k))
     out, seen = [], set()
     for name, row in picks:
-        key = pareto.recipe_string(row["recipe"])
+        key = report.recipe_string(row["recipe"])
         if key not in seen:
             seen.add(key)
             out.append((name, row["recipe"], {"wer": row.get("wer"), "dwer": row.get("dwer"),
@@ -206,14 +206,14 @@ def build_variants(args) -> list[Variant]:
     vs = [Variant("baseline", "baseline", "")]
     if not args.no_hand:
         vs += [Variant(n, "hand", r) for n, r in HAND]
-    from sweep import pareto
+    from sweep import report
 
     for i, path in enumerate(args.front or ()):
         tag = "" if len(args.front) == 1 else f"#{i + 1}"
         for name, flat, fig in front_picks(path, args.max_dwer):
             note = (f"chosen on {Path(path).name}: wer {fig['wer']:.3f}, dwer "
                     f"{common.pct(fig['dwer'])}, speedup {fig['speedup']:.2f}x there")
-            vs.append(Variant(name + tag, "front", pareto.recipe_string(flat), note=note))
+            vs.append(Variant(name + tag, "front", report.recipe_string(flat), note=note))
     for item in args.extra or ():
         name, eq, text = item.partition("=")
         if not eq or not name:

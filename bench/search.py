@@ -52,7 +52,7 @@ def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: fl
              model: str = "embedded:whisper-base", dataset: str = "embedded",
              threads: int | None = None, grid: dict = GRID, log=print) -> dict:
     """Measure the grid points not yet cached, `block` at a time, until done or out of budget."""
-    from sweep import cli, pareto
+    from sweep import cli, report
     from sweep.data import load_eval_set
     from sweep.evaluate import _lang_of, set_threads
     from sweep.models import load_model
@@ -86,7 +86,7 @@ def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: fl
         variants, rows = [Variant("baseline", "baseline", runner=loaded.model)], []
         for p in todo[b:b + block]:
             row = {"key": key_of(p, grid), "point": p, "status": "ok"}  # recipe: the point
-            v = Variant(row["key"], "grid", pareto.recipe_string(Recipe.from_flat(p).to_flat()))
+            v = Variant(row["key"], "grid", report.recipe_string(Recipe.from_flat(p).to_flat()))
             try:
                 v.prepare(loaded, threads)
                 variants.append(v)

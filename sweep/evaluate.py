@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     out["baseline"] = {k: base.figures[k] for k in FIGURES}
     out.update(model=loaded.spec, dataset=evalset.name, skipped=evalset.skipped,
                skipped_reasons=evalset.skipped_reasons)
-    from .pareto import format_table
+    from .report import format_table
 
     print(format_table(rows, base.figures))
     if out.get("kernels"):

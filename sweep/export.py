@@ -22,7 +22,7 @@ from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cli, pareto
+from . import cli, pareto, report
 from .recipe import Recipe
 
 DATA_KEYS = ("dataset", "config", "split", "audio_column", "text_column", "max_samples",
@@ -56,7 +56,7 @@ def _fmt_row(r: dict) -> str:
     figs = (f"WER {r.get('wer', float('nan')):.3f} (dWER {r.get('dwer', float('nan')):+.1%}), "
             f"median latency {r.get('latency_median_s', float('nan')):.3f} s, speed-up "
             f"{r.get('speedup', float('nan')):.2f}x")
-    return f"{r['run_id']}  {pareto.describe_recipe(r['recipe'])}: {figs}"
+    return f"{r['run_id']}  {report.describe_recipe(r['recipe'])}: {figs}"
 
 
 def pick(rows: list[dict], rule: str, limit: float | None = None, *, objectives=None,

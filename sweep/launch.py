@@ -15,7 +15,7 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
-from . import cli, pareto, tracking
+from . import cli, pareto, report, report_html, tracking
 from .search import SAMPLERS
 
 DATA_KEYS = ("dataset", "config", "split", "audio_column", "text_column", "max_samples",
@@ -215,9 +215,9 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     out = Path(args.out) if args.out else root / "sweeps" / name / "results"
     links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{r['run_id']}"
              for r in ok}
-    pareto.write_front(rows, base_figs, out, space.objectives, constraints=space.constraints)
-    pareto.plot_front(ok, front, base_figs, out / "pareto.png", title=f"HYPER sweep {name}")
-    pareto.write_report_html(rows, front, base_figs, out / "report.html", links,
+    report.write_front(rows, base_figs, out, space.objectives, constraints=space.constraints)
+    report.plot_front(ok, front, base_figs, out / "pareto.png", title=f"HYPER sweep {name}")
+    report_html.write_report_html(rows, front, base_figs, out / "report.html", links,
                              title=f"HYPER sweep {name}")
     write_importances(searcher_study(root, name), out)
     hv = pareto.front_hypervolume(front, base_figs, max_dwer=max_dwer)
@@ -236,7 +236,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     for f in Path(out).iterdir():
         tracking.retry(client.log_artifact, parent, str(f), "front")
     tracking.retry(client.set_terminated, parent, status="FINISHED")
-    print(pareto.format_table(front, base_figs))
+    print(report.format_table(front, base_figs))
     if not front:
         print(f"no finished trial meets the constraints {dict(space.constraints)}; "
               f"see {out / 'trials.csv'} for all {len(ok)} of them")
@@ -276,7 +276,7 @@ def remeasure(args, front: list[dict], out: Path) -> list[dict]:
                      **{k: res[k] for k in ("wer", "cer", "dwer", "dcer", "latency_median_s",
                                             "speedup", "loops")}})
     print(f"\nthe front re-measured on {ev.name} ({len(ev)} utterances):")
-    print(pareto.format_table(rows, base.figures))
+    print(report.format_table(rows, base.figures))
     (out / "front_eval.json").write_text(json.dumps(
         {"dataset": ev.name, "baseline": base.figures, "rows": rows}, indent=1, default=str))
     return rows

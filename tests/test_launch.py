@@ -10,7 +10,7 @@ mlflow = pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from sweep import launch, pareto  # noqa: E402
+from sweep import launch, report  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -165,5 +165,5 @@ def test_front_table_prints_percent_only_in_text(tmp_path):
     rows = [{"trial_id": "a", "wer": 0.2, "cer": 0.1, "dwer": 0.0, "dcer": 0.0,
              "latency_median_s": 1.0, "speedup": 1.0, "status": "ok", "device": "cpu",
              "recipe": {"quant.scheme": "none"}}]
-    text = pareto.format_table(rows, {"wer": 0.2, "cer": 0.1, "latency_median_s": 1.0})
+    text = report.format_table(rows, {"wer": 0.2, "cer": 0.1, "latency_median_s": 1.0})
     assert "%" in text

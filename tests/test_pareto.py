@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from sweep import pareto
+from sweep import pareto, report, report_html
 
 BASE = {"wer": 0.5, "cer": 0.2, "latency_median_s": 1.0, "recipe": {"quant.scheme": "none"}}
 
@@ -155,7 +155,7 @@ def test_knee_on_a_hand_made_front():
 
 def test_format_table_percent_only_in_print():
     rows = [row(1, 0.55, 0.5), row(2, 0.6, 0.8, status="failed")]
-    text = pareto.format_table(rows, BASE)
+    text = report.format_table(rows, BASE)
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["Configuration", "WER", "dWER"]
     assert "time per audio" in lines[0] and lines[0].rstrip().endswith("delta")
@@ -163,7 +163,7 @@ def test_format_table_percent_only_in_print():
     assert "+10.0%" in lines[3] and "-50.0%" in lines[3] and "0.500 s" in lines[3]
     assert lines[3].startswith("prune l1 0.10, int8 dyn (all)")  # Recipe.describe()
     assert "(failed)" in lines[4]
-    odd = pareto.format_table([row(3, 0.5, 1.0, recipe={"quant.schem": "x", "device": "cuda"})],
+    odd = report.format_table([row(3, 0.5, 1.0, recipe={"quant.schem": "x", "device": "cuda"})],
                               BASE)
     assert "quant.schem=x [cuda]" in odd  # not a recipe: the keys that differ
     assert rows[0]["dwer"] == pytest.approx(0.1)  # the rows themselves keep fractions
@@ -172,7 +172,7 @@ def test_format_table_percent_only_in_print():
 def test_write_front_csv_json(tmp_path):
     rows = [row(1, 0.5, 1.0), row(2, 0.52, 0.6, kernels={"enc_mlp": "int8"}),
             row(3, 0.7, 0.7), row(4, 0.1, 0.1, status="failed")]
-    paths = pareto.write_front(rows, BASE, tmp_path, pareto.DEFAULT_OBJECTIVES,
+    paths = report.write_front(rows, BASE, tmp_path, pareto.DEFAULT_OBJECTIVES,
                                constraints={"max_dwer": 0.05})
     with open(paths["pareto_csv"], newline="") as fh:
         front = list(csv.DictReader(fh))
@@ -196,11 +196,11 @@ def test_plot_and_html(tmp_path):
     rows = [row(i, 0.5 + 0.03 * i, 1.0 - 0.08 * i) for i in range(6)]
     rows += [row(10, 0.9, 0.95), row(11, 0.2, 0.2, status="failed")]
     front = pareto.pareto_front(rows)
-    png = pareto.plot_front(rows, front, BASE, tmp_path / "front.png")
+    png = report.plot_front(rows, front, BASE, tmp_path / "front.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/1/runs/run{r['trial_id']}"
              for r in rows}
-    page = pareto.write_report_html(rows, front, BASE, tmp_path / "report.html", links)
+    page = report_html.write_report_html(rows, front, BASE, tmp_path / "report.html", links)
     text = page.read_text()
     assert "quant.scheme = dynamic_int8" in text and "prune.rate=0.3" in text
     assert 'href="http://127.0.0.1:5000/#/experiments/1/runs/run3"' in text

@@ -1,0 +1,248 @@
+"""Printed tables, front files (CSV/JSON), the front plot and the HTML report of a sweep. Pure.
+
+Percentages appear only in printed tables; files hold fractions. matplotlib is imported lazily
+inside `plot_front`. Imports neither Ray, MLflow nor torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .pareto import (Objectives, _figure, _norm_objectives, _num, front_hypervolume, knee,
+                     pareto_front, reference_point)
+
+def _recipe_defaults() -> dict[str, Any]:
+    try:
+        from .recipe import PARAMS
+    except ImportError:  # recipe not importable: show every key
+        return {}
+    return {name: p.default for name, p in PARAMS.items()}
+
+
+def describe_recipe(recipe: Mapping | None, base_recipe: Mapping | None = None) -> str:
+    """Short label: `Recipe.describe()` (e.g. "int8 dyn (all), prune l1 0.30 [cuda]") when
+    the flat dict makes a valid recipe, else the keys that differ from `base_recipe` (or the
+    recipe defaults)."""
+    recipe = dict(recipe or {})
+    try:
+        from .recipe import Recipe, RecipeError
+    except ImportError:
+        pass
+    else:
+        try:
+            return Recipe.from_flat(recipe).describe()
+        except (RecipeError, TypeError, ValueError):
+            pass
+    base = dict(base_recipe) if base_recipe else _recipe_defaults()
+    parts = [f"{k}={_short(v)}" for k, v in recipe.items()
+             if k != "device" and (k not in base or base[k] != v)]
+    label = " ".join(parts) or "baseline"
+    if "device" in recipe:
+        label += f" [{recipe['device']}]"
+    return label
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _pct(x: float | None, signed: bool = True) -> str:
+    if x is None:
+        return "—"
+    return f"{x * 100:+.1f}%" if signed else f"{x * 100:.1f}%"
+
+
+def _fmt(x: Any, spec: str) -> str:
+    v = _num(x)
+    return "—" if v is None else format(v, spec)
+
+
+def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
+                 base_recipe: Mapping | None = None) -> str:
+    """A fixed-width table like the study's, the baseline first: Configuration, WER, dWER, CER,
+    dCER, time per audio, delta. dWER/dCER are relative changes and delta the relative latency
+    change, printed in percent (the only place percentages appear)."""
+    head = ("Configuration", "WER", "dWER", "CER", "dCER", "time per audio", "delta")
+    base_recipe = base_recipe if base_recipe is not None else baseline.get("recipe")
+    body = [("baseline", _fmt(baseline.get("wer"), ".3f"), "—", _fmt(baseline.get("cer"), ".3f"),
+             "—", _fmt(baseline.get("latency_median_s"), ".3f") + " s", "—")]
+    base_lat = _num(baseline.get("latency_median_s"))
+    for row in rows:
+        label = describe_recipe(row.get("recipe"), base_recipe)
+        status = row.get("status", "ok")
+        if status != "ok":
+            label += f" ({status})"
+        lat = _num(row.get("latency_median_s"))
+        delta = None if lat is None or not base_lat else lat / base_lat - 1.0
+        body.append((
+            label,
+            _fmt(row.get("wer"), ".3f"), _pct(_figure(row, "dwer", baseline)),
+            _fmt(row.get("cer"), ".3f"), _pct(_figure(row, "dcer", baseline)),
+            "—" if lat is None else f"{lat:.3f} s", _pct(delta),
+        ))
+    widths = [max(len(r[i]) for r in (head, *body)) for i in range(len(head))]
+
+    def line(cells):
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head), sep, *(line(r) for r in body)])
+
+
+FRONT_FIRST = ("wer", "latency_median_s")
+_ROW_ORDER = ("cer", "dwer", "dcer", "speedup", "latency_mean_s", "latency_p90_s",
+              "model_size_mb", "device", "status", "trial_id")
+
+
+def recipe_string(recipe: Mapping | None) -> str:
+    """`k=v,k=v` as `Recipe.parse` reads it."""
+    return ",".join(f"{k}={f'{v:.10g}' if isinstance(v, float) else v}"
+                    for k, v in (recipe or {}).items())
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(_jsonable(v), ensure_ascii=False, sort_keys=True)
+    if v is None:
+        return ""
+    return v
+
+
+def _columns(rows: Sequence[Mapping], objectives: Objectives | None) -> list[str]:
+    cols = list(FRONT_FIRST)
+    for metric, _ in _norm_objectives(objectives):
+        if metric not in cols:
+            cols.append(metric)
+    present = set().union(*(r.keys() for r in rows)) if rows else set()
+    cols += [c for c in _ROW_ORDER if c in present and c not in cols]
+    cols += sorted(k for k in present if k not in cols and k not in ("recipe", "utterances"))
+    cols.append("recipe")
+    rkeys: list[str] = []
+    for r in rows:
+        for k in r.get("recipe") or {}:
+            if k not in rkeys and k not in cols:
+                rkeys.append(k)
+    return cols + rkeys
+
+
+def _csv_rows(rows: Sequence[Mapping], cols: list[str]) -> list[dict]:
+    out = []
+    for r in rows:
+        recipe = r.get("recipe") or {}
+        d = {}
+        for c in cols:
+            if c == "recipe":
+                d[c] = recipe_string(recipe)
+            elif c in r:
+                d[c] = _csv_value(r[c])
+            else:
+                d[c] = _csv_value(recipe.get(c))
+        out.append(d)
+    return out
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping], objectives) -> None:
+    cols = _columns(rows, objectives)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(_csv_rows(rows, cols))
+
+
+def _jsonable(x: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None, unknown objects their str()."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        return x
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return str(x)
+
+
+def write_front(rows: Sequence[Mapping], baseline: Mapping, out_dir: str | os.PathLike,
+                objectives: Objectives | None = None, *,
+                constraints: Mapping[str, float] | None = None) -> dict[str, Path]:
+    """Write `pareto.csv` (front rows; `wer`, `latency_median_s` first), `trials.csv` (every
+    row) and `pareto.json` (objectives, constraints, baseline, reference point, hypervolume,
+    knee, front). Returns the paths by name. Per-utterance details are left out."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    objs = _norm_objectives(objectives)
+    front = pareto_front(rows, objs, constraints=constraints, baseline=baseline)
+    paths = {"pareto_csv": out / "pareto.csv", "trials_csv": out / "trials.csv",
+             "pareto_json": out / "pareto.json"}
+    _write_csv(paths["pareto_csv"], front, objs)
+    _write_csv(paths["trials_csv"], rows, objs)
+    k = knee(front, objs)
+    summary = {
+        "objectives": [list(o) for o in objs],
+        "constraints": dict(constraints or {}),
+        "baseline": {k_: v for k_, v in baseline.items() if k_ != "utterances"},
+        "n_trials": len(rows),
+        "n_ok": sum(1 for r in rows if r.get("status", "ok") == "ok"),
+        "front": [{k_: v for k_, v in r.items() if k_ != "utterances"} for r in front],
+        "knee": None if k is None else k.get("trial_id"),
+    }
+    if _num(baseline.get("wer")) is not None and _num(baseline.get("latency_median_s")):
+        max_dwer = (constraints or {}).get("max_dwer")
+        summary["reference_point"] = list(reference_point(baseline, max_dwer))
+        summary["hypervolume"] = front_hypervolume(front, baseline, max_dwer)
+    paths["pareto_json"].write_text(
+        json.dumps(_jsonable(summary), indent=2, ensure_ascii=False), encoding="utf-8")
+    return paths
+
+
+def plot_front(rows: Sequence[Mapping], front: Sequence[Mapping], baseline: Mapping,
+               path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """PNG: every ok trial grey, the front highlighted and connected as a staircase, the
+    baseline a star, the knee circled. x = latency_median_s, y = wer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy; Agg, no display
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    pts = [(r["latency_median_s"], r["wer"]) for r in rows
+           if r.get("status", "ok") == "ok" and _num(r.get("wer")) is not None
+           and _num(r.get("latency_median_s")) is not None]
+    if pts:
+        xs, ys = zip(*pts)
+        ax.scatter(xs, ys, s=18, c="#b0b0b0", label=f"trials ({len(pts)})", zorder=2)
+    fpts = sorted((r["latency_median_s"], r["wer"]) for r in front)
+    if fpts:
+        fx, fy = zip(*fpts)
+        ax.step(fx, fy, where="post", c="#d62728", lw=1.3, zorder=3)
+        ax.scatter(fx, fy, s=36, c="#d62728", label=f"Pareto front ({len(fpts)})", zorder=4)
+        k = knee(front)
+        if k is not None:
+            ax.scatter([k["latency_median_s"]], [k["wer"]], s=160, facecolors="none",
+                       edgecolors="#1f77b4", linewidths=1.8, label="knee", zorder=5)
+    if _num(baseline.get("wer")) is not None and _num(baseline.get("latency_median_s")):
+        ax.scatter([baseline["latency_median_s"]], [baseline["wer"]], marker="*", s=220,
+                   c="#2ca02c", edgecolors="black", label="baseline", zorder=6)
+    ax.set_xlabel("latency_median_s (s per audio)")
+    ax.set_ylabel("WER")
+    ax.set_title(title or "HYPER: WER vs latency")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
