@@ -127,7 +127,7 @@ def make_searcher(space, *, sampler: str, seed: int | None, storage: str | None,
         space=DefineByRun(space, devices),
         metric=metrics, mode=modes,
         sampler=make_sampler(sampler, seed),
-        points_to_evaluate=[space.baseline()],
+        points_to_evaluate=[space.baseline(), *space.start_points(devices)],
         study_name=study_name, storage=ot_storage, space_obj=space)
 
 

@@ -15,6 +15,8 @@ A space file (see `search_spaces/*.yaml`)::
       prune.rate: {param: prune.pattern, in: [unstructured], else: 0.5}
     objectives: {wer: min, latency_median_s: min}      # optional (this is the default)
     constraints: {max_dwer: 0.02}                      # optional
+    starts:                           # optional: partial recipes measured first
+      - {quant.scheme: dynamic_int8}
 
 A conditioned parameter is sampled only when its parent's value is in `in`; otherwise it takes
 its `else` value when one is given, else the recipe default (it is then left out of the
@@ -42,6 +44,7 @@ from . import pareto
 from .recipe import PARAMS
 from .space_dims import DEFAULT_OBJECTIVES, Condition, Dim, SpaceError, _Checker, _near
 from .space_graph import _check_pairs, _check_requirements, _order
+from .space_starts import check_starts, resolve
 from .space_schema import (_check_conditions, _check_constraints, _check_objectives,
                            _check_params)
 
@@ -51,7 +54,8 @@ from .space_schema import CONDITION_KEYS as CONDITION_KEYS, DIM_EXTRA as DIM_EXT
 from .space_schema import DIM_KINDS as DIM_KINDS
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
-TOP_KEYS = ("name", "description", "params", "conditions", "objectives", "constraints")
+TOP_KEYS = ("name", "description", "params", "conditions", "objectives", "constraints",
+            "starts")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Space:
     objectives: tuple[tuple[str, str], ...] = tuple(DEFAULT_OBJECTIVES.items())
     constraints: dict[str, float] = field(default_factory=dict)
     source: str = ""
+    starts: tuple[dict, ...] = ()  # partial recipes measured first (sweep.space_starts)
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -158,6 +163,12 @@ class Space:
             out[name] = effective[name] = value
         return out
 
+    def start_points(self, devices: set[str] | frozenset[str] = frozenset({"cpu"})) -> list:
+        """The full points of the warm starts this cluster can run (see `sweep.space_starts`)."""
+        doms = self.domains(frozenset(devices))
+        points = [resolve(s, doms, self.conditions) for s in self.starts]
+        return [point for point, problems in points if not problems]
+
     # -- figures ---------------------------------------------------------------------------
 
     def violation(self, metrics: Mapping, baseline: Mapping | None = None) -> list[float]:
@@ -197,6 +208,7 @@ class Space:
         if self.constraints:
             lines.append("  constraints: " + ", ".join(f"{k}={v:g}"
                                                       for k, v in self.constraints.items()))
+        lines += [f"  start: {', '.join(f'{k}={v}' for k, v in st.items())}" for st in self.starts]
         return "\n".join(lines)
 
 
@@ -281,12 +293,15 @@ def space_from_dict(data: Any, *, source: str = "", default_name: str = "space")
     raw_conds = data.get("conditions") if isinstance(data.get("conditions"), Mapping) else {}
     broken = {n for n in raw_params if n not in dims} | \
              {n for n in raw_conds if n not in conditions}
+    starts: list[dict] = []
     if not cyclic:
         flagged = _check_requirements(ck, dims, conditions, broken)
         _check_pairs(ck, dims, conditions, broken | flagged)
+        starts = check_starts(ck, data.get("starts"), {n: dims[n] for n in order}, conditions)
     if ck.errors:
         raise SpaceError(ck.errors, source)
     return Space(name=name, description=description,
                  params={n: dims[n] for n in order},
                  conditions={n: conditions[n] for n in order if n in conditions},
-                 objectives=tuple(objectives), constraints=constraints, source=source)
+                 objectives=tuple(objectives), constraints=constraints, source=source,
+                 starts=tuple(starts))

@@ -51,7 +51,7 @@ def _children(root: Path, sweep: str = "t"):
 
 def test_sweep_logs_every_trial_and_writes_a_true_front(tmp_path, tiny_checkpoint,
                                                         small_manifest):
-    space = _space(tmp_path, SPACE)
+    space = _space(tmp_path, SPACE + "starts:\n  - {quant.scheme: bf16, prune.rate: 0.25}\n")
     rc = launch.main(_argv(tmp_path, tiny_checkpoint, small_manifest, space,
                            "--num-samples", "4", "--eval-dataset", small_manifest))
     assert rc == 0
@@ -66,9 +66,12 @@ def test_sweep_logs_every_trial_and_writes_a_true_front(tmp_path, tiny_checkpoin
         for m in ("wer", "cer", "dwer", "latency_median_s", "speedup"):
             assert m in r.data.metrics
     # The baseline runs first and measures the unmodified model.
-    first = min(finished, key=lambda r: r.info.start_time)
+    first, second = sorted(finished, key=lambda r: r.info.start_time)[:2]
     assert first.data.params["quant.scheme"] == "none"
     assert float(first.data.params["prune.rate"]) == 0.0
+    # Then the space's warm start, as written there.
+    assert second.data.params["quant.scheme"] == "bf16"
+    assert float(second.data.params["prune.rate"]) == 0.25
     out = root / "sweeps" / "t" / "results"
     for f in ("pareto.csv", "trials.csv", "pareto.json", "pareto.png", "report.html",
               "summary.json"):

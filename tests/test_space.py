@@ -287,3 +287,72 @@ def test_violation_values():
     assert space.feasible(bare, base)
     assert load_space("quick").violation({"dwer": 0.3}) == pytest.approx([0.05])
     assert from_yaml("params: {prune.rate: {value: 0.1}}").violation(metrics) == []
+
+
+
+STARTS = """
+    params:
+      device: {choice: [cpu, cuda]}
+      quant.scheme: {choice: [none, bnb_int8]}
+      quant.enc_mlp: {choice: [inherit, none, dynamic_int8, bf16]}
+      decode.loop: {choice: [generate, greedy]}
+      decode.compile: {choice: [none, step]}
+      prune.rate: {float: [0.0, 0.5], step: 0.1}
+    conditions:
+      quant.scheme: {param: device, in: [cuda]}
+      decode.compile: {param: decode.loop, in: [greedy]}
+"""
+
+
+def test_starts_fill_the_rest_from_the_baseline_and_skip_missing_devices():
+    space = from_yaml(STARTS + """
+    starts:
+      - {quant.enc_mlp: dynamic_int8, decode.loop: greedy}
+      - {device: cuda, quant.scheme: bnb_int8}
+    """)
+    cpu = space.start_points({"cpu"})
+    assert cpu == [{"device": "cpu", "quant.enc_mlp": "dynamic_int8", "decode.loop": "greedy",
+                    "decode.compile": "none", "prune.rate": 0.0}]
+    both = space.start_points({"cpu", "cuda"})
+    assert len(both) == 2 and both[1]["quant.scheme"] == "bnb_int8"
+    assert both[1]["quant.enc_mlp"] == "inherit" and "decode.compile" not in both[1]
+    for point in both:
+        Recipe.from_flat(point)
+    # Optuna takes the points as enqueued trials: the sampled recipe is the start
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for point in both:
+        study.enqueue_trial(point)
+    got = [space.sample(study.ask(), devices={"cpu", "cuda"}) for _ in both]
+    assert got == both
+    assert "start: quant.enc_mlp=dynamic_int8, decode.loop=greedy" in space.describe()
+
+
+def test_bad_starts_refused_with_every_error():
+    errors = refused(STARTS + """
+    starts:
+      - {quant.enc_mpl: dynamic_int8}
+      - {prune.rate: 0.55}
+      - {decode.compile: step}
+      - {quant.scheme: bnb_int8}
+      - []
+    """)
+    text = "\n".join(errors)
+    assert len(errors) == 5, text
+    assert "starts[0].quant.enc_mpl: not a parameter of this space; did you mean" in text
+    assert "starts[1].prune.rate: must be float [0, 0.5] step 0.1, got 0.55" in text
+    assert ("starts[2].decode.compile: set to 'step', but the parameter is sampled only when "
+            "decode.loop in ['greedy'] (here decode.loop='generate')") in text
+    assert "starts[3].quant.scheme: set to 'bnb_int8', but" in text and "device='cpu'" in text
+    assert "starts[4]: must be a non-empty mapping" in text
+    assert refused("params: {prune.rate: {float: [0, 0.5]}}\nstarts: {prune.rate: 0.1}") == [
+        "bad.yaml: starts: must be a list of partial recipes (mappings), got {'prune.rate': 0.1}"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_starts_are_valid_recipes(name):
+    space = load_space(name)
+    devices = {"cuda"} if name == "gpu" else {"cpu"}
+    points = space.start_points(devices)
+    assert len(points) == len(space.starts) >= 1
+    for point in points:
+        assert Recipe.from_flat(point).device in devices

@@ -1,0 +1,97 @@
+"""Warm starts: recipes a space asks the sampler to measure first, right after the baseline.
+
+Most random points of a large space break the model (a pruned decoder loops, fp16 on CPU
+crawls), so a sweep that starts from random spends its first trials learning what the study
+already knows. A space may list `starts:` (partial recipes over its own parameters, e.g. the
+study's dynamic int8 and the bf16-encoder + int8-decoder mix); they are queued after the
+baseline (Optuna `enqueue_trial` through Tune's `points_to_evaluate`), so the front is sensible
+from the first trials and TPE models around good points. Every sampler gets the same starts.
+
+A start is checked with the rest of the file: its keys must be parameters of the space, its
+values inside their ranges, a conditioned parameter may only be set when its condition holds,
+and the whole point must be a valid recipe. A start needing a device the cluster lacks is
+skipped at sweep time, not refused (the same file serves CPU and GPU clusters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .recipe import PARAMS, Recipe, RecipeError
+from .space_dims import Condition, Dim, _Checker, _near
+
+
+def resolve(start: Mapping, params: Mapping[str, Dim | None],
+            conditions: Mapping[str, Condition]) -> tuple[dict, list[tuple[str, str]]]:
+    """The full point of a start (parameters in sampling order; unset ones take the
+    baseline's value, inactive ones their `else`) and the problems found, as (key, message).
+    A `None` dimension is one no available device can take: setting it is a problem."""
+    point: dict[str, Any] = {}
+    effective: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for name, dim in params.items():
+        cond = conditions.get(name)
+        parent = None if cond is None else effective.get(cond.parent,
+                                                         PARAMS[cond.parent].default)
+        if cond is not None and parent not in cond.values:
+            if name in start:
+                problems.append((name, f"set to {start[name]!r}, but the parameter is sampled "
+                                       f"{cond.text()} (here {cond.parent}={parent!r})"))
+            if cond.has_else:
+                point[name] = effective[name] = cond.otherwise
+            continue
+        if name in start:
+            if dim is None or not dim.contains(start[name]):
+                problems.append((name, "needs a device this cluster does not have"))
+                continue
+            value = start[name]
+        elif dim is not None and dim.kind == "value":
+            value = dim.value
+        else:
+            default = PARAMS[name].default
+            if dim is None or not dim.contains(default):
+                continue  # as in the baseline: left to the sampler
+            value = default
+        point[name] = effective[name] = value
+    return point, problems
+
+
+def check_starts(ck: _Checker, raw: Any, params: Mapping[str, Dim],
+                 conditions: Mapping[str, Condition]) -> list[dict]:
+    """Validate the `starts:` section against the space's (ordered) params; record every
+    problem on `ck` and return the starts that passed."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        ck.err("starts", f"must be a list of partial recipes (mappings), got {raw!r}")
+        return []
+    out = []
+    for i, start in enumerate(raw):
+        where = f"starts[{i}]"
+        if not isinstance(start, Mapping) or not start:
+            ck.err(where, f"must be a non-empty mapping of parameter -> value, got {start!r}")
+            continue
+        bad = False
+        for key, value in start.items():
+            if key not in params:
+                bad = True
+                ck.err(f"{where}.{key}", f"not a parameter of this space{_near(key, params)}"
+                                         " (a start sets searched parameters only)")
+            elif not params[key].contains(value):
+                bad = True
+                ck.err(f"{where}.{key}", f"must be {params[key].text()}, got {value!r}")
+        if bad:
+            continue
+        point, problems = resolve(start, params, conditions)
+        for key, msg in problems:
+            ck.err(f"{where}.{key}", msg)
+        if problems:
+            continue
+        try:
+            Recipe.from_flat(point)
+        except (RecipeError, ValueError) as e:
+            ck.err(where, f"is not a valid recipe: {e}")
+            continue
+        out.append(dict(start))
+    return out
