@@ -179,7 +179,8 @@ def run(args) -> dict:
             time_budget_s=args.time_budget, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(sweep_dir), verbose=0,
-                callbacks=[search.Progress(total, args.time_budget, space.objectives)],
+                callbacks=[search.Progress(total, args.time_budget, space.objectives,
+                                           space.constraints)],
                 # A lost node's trial runs again elsewhere; a recipe's own failure does not
                 # raise (it is reported as a failed trial), so it is never retried.
                 failure_config=tune.FailureConfig(max_failures=2)))

@@ -141,11 +141,14 @@ def resources_for(cpus_per_trial: int):
 
 
 class Progress(tune.Callback):
-    """One line per finished trial: done/running/failed, front size, time left."""
+    """One line per finished trial: done/running/failed, size of the front the sweep will
+    report (feasible rows only, as in the final table), time left."""
 
-    def __init__(self, total: int, time_budget: float | None, objectives):
+    def __init__(self, total: int, time_budget: float | None, objectives,
+                 constraints: dict | None = None):
         # Plain data only: Tune pickles callbacks with its experiment state.
         self.total, self.budget, self.objectives = total, time_budget, list(objectives)
+        self.constraints = dict(constraints or {})
         self.t0, self.done, self.failed = time.time(), 0, 0
         self.rows: list[dict] = []
 
@@ -165,7 +168,12 @@ class Progress(tune.Callback):
                 f"FAILED {str(result.get('error', ''))[:80]}")
         sys.stderr.write(
             f"[{self.done}/{self.total}] running {max(0, running)} failed {self.failed} "
-            f"front {len(pareto_front(self.rows, self.objectives))} | {elapsed:.0f}s, "
+            f"front {self._front_size(result)} | {elapsed:.0f}s, "
             f"~{left:.0f}s left | "
             f"{trial.trial_id}: {what}\n")
         sys.stderr.flush()
+
+    def _front_size(self, result) -> int:
+        base = result.get("baseline") or None
+        return len(pareto_front(self.rows, self.objectives,
+                                constraints=self.constraints or None, baseline=base))

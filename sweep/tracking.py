@@ -187,12 +187,17 @@ def finish_trial(uri: str, run_id: str, result: dict) -> None:
     retry(client.set_terminated, run_id, status="FINISHED")
 
 
-def fail_trial(uri: str, run_id: str, exc: BaseException, status: str = "failed") -> str:
-    """Record a failed (or pruned) trial: its error as a tag, the traceback as an artifact."""
+def fail_trial(uri: str, run_id: str, exc: BaseException, status: str = "failed",
+               trial_s: float | None = None) -> str:
+    """Record a failed (or pruned) trial: its error as a tag, the traceback as an artifact, and
+    the seconds it took (so that the sweep's `trial_sum_s` counts them too)."""
     client = MlflowClient(uri)
     msg = f"{type(exc).__name__}: {exc}"
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    retry(client.log_batch, run_id, tags=[RunTag("status", status), RunTag("error", msg[:4000])])
+    metrics = [] if trial_s is None else [Metric("trial_s", float(trial_s),
+                                                 int(time.time() * 1000), 0)]
+    retry(client.log_batch, run_id, metrics=metrics,
+          tags=[RunTag("status", status), RunTag("error", msg[:4000])])
     retry(client.log_text, run_id, tb, "traceback.txt")
     retry(client.set_terminated, run_id, status="FAILED")
     return msg

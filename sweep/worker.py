@@ -179,9 +179,10 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
         from .evaluate import TooSlow
 
         status = "pruned" if isinstance(e, TooSlow) else STATUS_FAILED
-        msg = tracking.fail_trial(ctx.tracking_uri, run_id, e, status=status)
+        trial_s = time.perf_counter() - t0
+        msg = tracking.fail_trial(ctx.tracking_uri, run_id, e, status=status, trial_s=trial_s)
         return {"status": status, "error": msg, "run_id": run_id, "trial_key": trial_key,
-                "trial_s": time.perf_counter() - t0}
+                "trial_s": trial_s}
     keep = ("wer", "cer", "dwer", "dcer", "latency_mean_s", "latency_median_s", "latency_p90_s",
             "speedup", "rtf", "loops", "model_size_mb", "sparsity", "compile_s", "recompiles",
             "threads", "device", "trial_s", "worker_prepare_s", "prepare_s", "node", "node_id",

@@ -82,6 +82,11 @@ def test_failing_and_hung_recipes_become_failed_trials(tmp_path, tiny_checkpoint
     front = json.loads((root / "sweeps" / "f" / "results" / "pareto.json").read_text())["front"]
     assert {r["run_id"] for r in front} <= {r.info.run_id for r in ok}
     assert summary["failed"] == len(failed)
+    # Their time counts in the sweep's trial seconds (the hung one ran ~20 s).
+    assert all(r.data.metrics["trial_s"] > 0 for r in failed)
+    assert summary["trial_sum_s"] == pytest.approx(
+        sum(r.data.metrics["trial_s"] for r in runs if "trial_s" in r.data.metrics))
+    assert summary["trial_sum_s"] > 20
 
 
 def _launch_proc(argv, log):
