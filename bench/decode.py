@@ -25,7 +25,7 @@ from .recipes import Variant, headline, summarize, timed_pass
 # bf16 (AMX) encoder, int8 (VNNI) decoder and head: the precision mix of this CPU.
 MIX = ("quant.enc_attn=bf16,quant.enc_mlp=bf16,quant.dec_self=dynamic_int8,"
        "quant.dec_cross=dynamic_int8,quant.dec_mlp=dynamic_int8,quant.head=dynamic_int8")
-GREEDY, STEP = "decode.loop=greedy", "decode.compile=step"
+GREEDY, STEP, SCRIPT = "decode.loop=greedy", "decode.compile=step", "decode.compile=script"
 WINDOW, NR4 = "encoder.window=auto", "decode.no_repeat_ngram=4"
 VARIANTS = (
     ("baseline", "baseline", ""),
@@ -33,8 +33,10 @@ VARIANTS = (
     ("fp32-greedy-step", "loop", f"{GREEDY},{STEP}"),
     ("int8", "hand", "quant.scheme=dynamic_int8"),
     ("int8-greedy-step", "loop", f"quant.scheme=dynamic_int8,{GREEDY},{STEP}"),
+    ("int8-greedy-script", "loop", f"quant.scheme=dynamic_int8,{GREEDY},{SCRIPT}"),
     ("mix-greedy", "mix", f"{MIX},{GREEDY}"),
     ("mix-greedy-step", "mix", f"{MIX},{GREEDY},{STEP}"),
+    ("mix-greedy-script", "mix", f"{MIX},{GREEDY},{SCRIPT}"),
     ("mix-greedy-step-nr4", "mix", f"{MIX},{GREEDY},{STEP},{NR4}"),
     ("mix-greedy-step-window", "window", f"{MIX},{GREEDY},{STEP},{WINDOW}"),
     ("mix-greedy-step-window-nr4", "window", f"{MIX},{GREEDY},{STEP},{WINDOW},{NR4}"),
@@ -68,7 +70,7 @@ def decoder_ms_per_token(v: Variant, processor, clips, lang: str) -> dict:
     for u in clips:
         if isinstance(plan, decode.GreedyPlan):
             transcribe(model, processor, u, language=lang)
-            t = decode.Greedy.of(model, 1, plan.compiled).last
+            t = decode.Greedy.of(model, 1, plan.compiled, plan.scripted).last
             per_tok.append(t.ms_per_token)
             enc.append(t.encode_s)
             continue

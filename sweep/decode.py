@@ -6,7 +6,8 @@ dispatches on the plan's type through `RUNNERS`. A model without a plan decodes 
 
 - `GeneratePlan`: HF `generate` (greedy, language and task given, no timestamps).
 - `GreedyPlan`: a lean greedy loop with generate's tokens (its step: `sweep.greedy`): the
-  encoder once, then per token only the decoder layers; optionally a compiled step.
+  encoder once, then per token only the decoder layers; optionally a compiled or a
+  TorchScript-traced step.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ PLAN_ATTR = "hyper_decode"
 class Plan:
     window: Window = field(default_factory=Window)
     compiled: bool = False  # torch.compile of the decoding step (the greedy loop only)
+    scripted: bool = False  # the same static step traced by TorchScript (the greedy loop only)
     no_repeat: int = 0  # HF's no_repeat_ngram_size: no n-gram twice (0 = off)
 
     def describe(self) -> str:
         w = self.window
         return (type(self).__name__.removesuffix("Plan").lower()
                 + (" compiled step" if self.compiled else "")
+                + (" scripted step" if self.scripted else "")
                 + (f", no repeated {self.no_repeat}-gram" if self.no_repeat else "")
                 + ("" if w.mode == "full" else f", encoder window {w.mode} ({w.bucket_s} s)"))
 
@@ -47,9 +50,9 @@ class Plan:
 @dataclass(frozen=True)
 class GeneratePlan(Plan):
     def __post_init__(self):
-        if self.compiled:
-            raise ValueError("`decode.compile`=step needs decode.loop=greedy: generate() runs "
-                             "its own Python loop")
+        if self.compiled or self.scripted:
+            raise ValueError("`decode.compile`=step|script needs decode.loop=greedy: generate() "
+                             "runs its own Python loop")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ def plan_for(recipe) -> Plan:
     """The plan of a Recipe (its `decode` and `encoder` configs)."""
     w = Window(recipe.encoder.window, recipe.encoder.bucket_s)
     d = recipe.decode
-    return PLANS[d.loop](window=w, compiled=d.compile == "step", no_repeat=d.no_repeat_ngram)
+    return PLANS[d.loop](window=w, compiled=d.compile == "step", scripted=d.compile == "script",
+                         no_repeat=d.no_repeat_ngram)
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -144,7 +148,7 @@ def _greedy(plan, model, feats, language, task, cap):
     cap = min(cap, model.config.max_target_positions - len(prompt))
     t0 = time.perf_counter()
     enc = win.encode(model, feats)
-    rt = Greedy.of(model, enc.shape[0], plan.compiled)
+    rt = Greedy.of(model, enc.shape[0], plan.compiled, plan.scripted)
     cross = rt.cross(enc)
     eos, t1 = model.generation_config.eos_token_id, time.perf_counter()
     ids = torch.tensor([prompt] * enc.shape[0], device=enc.device)

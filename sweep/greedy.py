@@ -5,9 +5,11 @@ decoder layers run, with a preallocated self-attention KV cache and HF's suppres
 begin-suppress masks. Eager, the step repeats HF's operations on HF's shapes (exact tokens).
 Compiled, it is torch.compile'd with static shapes (cache padded to `max_target_positions`,
 position as a tensor): one graph for the prompt and one per token whatever the clip, CUDA
-graphs (`reduce-overhead`) on cuda. Compiled fp32 gives the same tokens; with dynamic int8,
-fused ops change the activations by ulps, so the per-tensor scale may round differently and a
-near-tie token can flip (the sweep measures WER for every recipe anyway).
+graphs (`reduce-overhead`) on cuda; or traced by TorchScript (`_Scripted`). Compiled fp32
+gives the same tokens; with dynamic int8, the static step (whole cache, masked) and fused ops
+change the activations by ulps, so the per-tensor scale may round differently and a near-tie
+token can flip (the sweep measures WER for every recipe anyway). The traced step fuses
+nothing: it runs the eager static step's ops.
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ class Greedy:
     preallocated self-attention cache, suppress masks, eager or compiled step."""
 
     @classmethod
-    def of(cls, model, batch: int, compiled: bool) -> Greedy:
+    def of(cls, model, batch: int, compiled: bool, scripted: bool = False) -> Greedy:
         per_model = _RUNTIMES.setdefault(model, {})
-        if (batch, compiled) not in per_model:
-            per_model[batch, compiled] = cls(model, batch, compiled)
-        return per_model[batch, compiled]
+        key = (batch, compiled, scripted)
+        if key not in per_model:
+            per_model[key] = cls(model, batch, compiled, scripted)
+        return per_model[key]
 
-    def __init__(self, model, batch: int, compiled: bool):
+    def __init__(self, model, batch: int, compiled: bool, scripted: bool = False):
         cfg, dec = model.config, model.model.decoder
         # Submodules only: a reference to `model` would keep it (the weak key) alive forever.
         self.dec, self.layers = dec, list(dec.layers)
@@ -83,6 +86,8 @@ class Greedy:
             fn = torch.compile(self._static_step, dynamic=False, fullgraph=True, mode=mode)
             self.step = lambda ids, pos, cross, mask: fn(
                 ids, torch.tensor(pos, device=ids.device), cross, mask)
+        elif scripted:
+            self.step = _Scripted(self)
 
     def cross(self, enc: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys/values of every layer, once per clip (as HF's first step)."""
@@ -144,6 +149,39 @@ class Greedy:
         h = h + p["encoder_attn.out_proj"](o.transpose(1, 2).reshape(b, t, -1))
         x = layer.final_layer_norm(h)
         return h + p["fc2"](layer.activation_fn(p["fc1"](x)))
+
+
+class _Scripted:
+    """The static step traced by TorchScript, one trace per input shape (the prompt, the
+    following tokens, each encoder window). It runs the same aten ops as the eager static step,
+    but from TorchScript's interpreter instead of Python, and torch.ao's int8 Linears are
+    native there (their packed weights are TorchScript objects). TorchScript is deprecated in
+    torch; this stays a recipe choice the sweep measures, next to torch.compile."""
+
+    def __init__(self, rt: Greedy):
+        self.rt, self.traces = rt, {}
+        # The traced module must own every tensor the step reads or writes: the decoder and
+        # head (weights, packed int8 params) and the KV caches (updated in place each token).
+        self.holder = nn.Module()
+        self.holder.dec, self.holder.head = rt.dec, rt.head
+        for i, (k, v) in enumerate(zip(rt.k, rt.v)):
+            self.holder.register_buffer(f"k{i}", k, persistent=False)
+            self.holder.register_buffer(f"v{i}", v, persistent=False)
+        self.holder.forward = rt._static_step
+
+    def __call__(self, ids, pos: int, cross, mask):
+        pos_t = torch.tensor(pos, device=ids.device)
+        key = (tuple(ids.shape), tuple(cross[0][0].shape), tuple(mask.shape))
+        fn = self.traces.get(key)
+        if fn is None:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fn = torch.jit.trace(self.holder, (ids, pos_t, cross, mask), check_trace=False)
+            # (tracing ran the step once; the call below writes the same cache slots again)
+            self.traces[key] = fn
+        return fn(ids, pos_t, cross, mask)
 
 
 # torch.ao's int8 modules hold TorchScript objects that dynamo cannot trace (a graph break per

@@ -254,9 +254,12 @@ class DecodeConfig(Technique):
     PARAMS = {
         "decode.loop": Param("choice", "generate", choices=("generate", "greedy"), help="generate "
                              "= HF generate(); greedy = lean loop, static KV cache, same tokens"),
-        "decode.compile": Param("choice", "none", choices=("none", "step"), requires=(_GREEDY,),
+        "decode.compile": Param("choice", "none", choices=("none", "step", "script"),
+                                requires=(_GREEDY,),
                                 help="step = torch.compile of the greedy decoding step with "
-                                "static shapes (CUDA graphs on cuda); none = eager"),
+                                "static shapes (CUDA graphs on cuda); script = the same step "
+                                "traced by TorchScript (int8 modules run natively in it); "
+                                "none = eager"),
         "decode.no_repeat_ngram": Param("int", 0, 0, 16, help="no n-gram of this many tokens "
                                         "twice (HF no_repeat_ngram_size; stops repetition "
                                         "loops); 0 = off"),
