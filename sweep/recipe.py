@@ -268,7 +268,7 @@ class DecodeConfig(Technique):
     active = property(lambda self: self.loop != "generate" or self.no_repeat_ngram > 0)
     def describe(self) -> str:
         return ", ".join(filter(None, (
-            f"{self.loop}" + (" compiled" if self.compile == "step" else ""),
+            f"{self.loop}" + {"step": " compiled", "script": " scripted"}.get(self.compile, ""),
             self.no_repeat_ngram and f"no repeated {self.no_repeat_ngram}-gram")))
 
 
