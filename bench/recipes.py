@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import sys
@@ -54,7 +55,8 @@ class Variant:
 
             recipe = Recipe.parse(self.recipe)
             self.runner = loaded.model if recipe.is_baseline else apply_recipe(
-                copy.deepcopy(loaded.model), recipe).model
+                copy.deepcopy(loaded.model), recipe,
+                calibrate=functools.partial(_calibrate, processor=loaded.processor)).model
         self.prepare_s = time.perf_counter() - t0
 
     def run(self, processor, utt, lang: str):
@@ -68,6 +70,15 @@ class Variant:
         text, ids, secs, self.cpu_s = self.runner(utt.audio, lang, cap,
                                                   processor.tokenizer.eos_token_id)
         return text, ids, len(ids) >= cap, secs
+
+
+def _calibrate(model, processor) -> None:
+    """Static int8's calibration: the embedded calibration clips, never evaluated here."""
+    from sweep.data import calibration_set
+    from sweep.evaluate import transcribe
+
+    for u in calibration_set("embedded"):
+        transcribe(model, processor, u, language=u.lang)
 
 
 class Peer:

@@ -99,11 +99,12 @@ def test_recipes_end_to_end_tiny(tiny_checkpoint, small_manifest, tmp_path):
     out = tmp_path / "res"
     rc = recipes.main(["--model", tiny_checkpoint, "--dataset", small_manifest, "--repeats",
                        "2", "--max-samples", "2", "--threads", "1", "--no-hand", "--extra",
-                       "int8=quant.scheme=dynamic_int8", "--out", str(out)])
+                       "int8=quant.scheme=dynamic_int8", "--extra",
+                       "static=quant.scheme=static_int8", "--out", str(out)])
     assert rc == 0
     rows = json.loads((out / "recipes.json").read_text())
     assert isinstance(rows, list)
-    assert [r["name"] for r in rows] == ["baseline", "int8", "faster-whisper-int8",
+    assert [r["name"] for r in rows] == ["baseline", "int8", "static", "faster-whisper-int8",
                                          "faster-whisper-fp32"]
     for r in rows:
         assert ROW_KEYS <= set(r) and r["n_clips"] == 2 and len(r["latency_repeats_s"]) == 2
@@ -111,7 +112,7 @@ def test_recipes_end_to_end_tiny(tiny_checkpoint, small_manifest, tmp_path):
         assert r["dwer_ci95"][0] <= r["dwer_ci95"][1]
     assert rows[0]["speedup"] == 1.0 and rows[0]["dwer"] == 0.0
     # faster-whisper runs in its own process; its CPU seconds are that process's, not ~0
-    assert all(r["cpu_median_s"] > 0.2 * r["latency_median_s"] for r in rows[2:])
+    assert all(r["cpu_median_s"] > 0.2 * r["latency_median_s"] for r in rows[3:])
     assert "| baseline |" in (out / "recipes.md").read_text()
     assert (out / "recipes.png").stat().st_size > 0
 
