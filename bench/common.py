@@ -200,6 +200,10 @@ def recipes_markdown(rows: list[dict], meta: dict, head: dict) -> str:
         lines.append(f"No recipe stayed within {pct(head['max_dwer'], False, 0)} dWER.")
     picks = [r for r in rows if r["source"] == "front" and r.get("note")]
     lines += ["", *(f"- {r['name']}: {r['note']}" for r in picks)]
+    kern = [r for r in rows if r.get("kernels")]
+    if kern:  # which implementation ran per layer type (chosen by measurement on this CPU)
+        lines += ["", "## Kernels", "", *(f"- {r['name']}: " + ", ".join(
+            f"{k}={v}" for k, v in r["kernels"].items()) for r in kern)]
     return "\n".join(lines) + "\n"
 
 

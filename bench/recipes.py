@@ -44,6 +44,7 @@ class Variant:
     runner: object = field(default=None, repr=False)
     prepare_s: float = 0.0
     cpu_s: float | None = None  # CPU seconds of the last call, when not spent in this process
+    kernels: dict | None = None  # layer type -> implementation that ran (HF variants)
 
     def prepare(self, loaded, threads: int) -> None:
         t0 = time.perf_counter()
@@ -54,9 +55,13 @@ class Variant:
             from sweep.recipe import Recipe
 
             recipe = Recipe.parse(self.recipe)
-            self.runner = loaded.model if recipe.is_baseline else apply_recipe(
-                copy.deepcopy(loaded.model), recipe,
-                calibrate=functools.partial(_calibrate, processor=loaded.processor)).model
+            if recipe.is_baseline:
+                self.runner = loaded.model
+            else:
+                applied = apply_recipe(
+                    copy.deepcopy(loaded.model), recipe,
+                    calibrate=functools.partial(_calibrate, processor=loaded.processor))
+                self.runner, self.kernels = applied.model, applied.kernels
         self.prepare_s = time.perf_counter() - t0
 
     def run(self, processor, utt, lang: str):
@@ -226,6 +231,7 @@ def summarize(variants, timed: dict, clips, langs, numbers: str = "auto") -> lis
         rows.append({
             "name": v.name, "source": v.source, "recipe": v.recipe,
             "compute_type": v.compute_type or None, "label": _label(v), "note": v.note,
+            "kernels": v.kernels,
             "wer": sc.wer, "cer": sc.cer,
             "dwer": scoring.relative(sc.wer, scores[base].wer),
             "dcer": scoring.relative(sc.cer, scores[base].cer), "dwer_ci95": [lo, hi],

@@ -111,6 +111,8 @@ def test_recipes_end_to_end_tiny(tiny_checkpoint, small_manifest, tmp_path):
         assert r["wer"] >= 0 and r["latency_median_s"] > 0
         assert r["dwer_ci95"][0] <= r["dwer_ci95"][1]
     assert rows[0]["speedup"] == 1.0 and rows[0]["dwer"] == 0.0
+    assert {"enc_mlp", "head"} <= set(rows[1]["kernels"]) and rows[0]["kernels"] is None
+    assert "## Kernels" in (out / "recipes.md").read_text()
     # faster-whisper runs in its own process; its CPU seconds are that process's, not ~0
     assert all(r["cpu_median_s"] > 0.2 * r["latency_median_s"] for r in rows[3:])
     assert "| baseline |" in (out / "recipes.md").read_text()
