@@ -143,25 +143,7 @@ class Space:
         `points_to_evaluate`): recipe defaults for searched parameters, fixed values as fixed,
         the device the default one when the space allows it. A choice that excludes its
         default is left out (Optuna then samples it)."""
-        out: dict[str, Any] = {}
-        effective: dict[str, Any] = {}
-        for name, dim in self.params.items():
-            cond = self.conditions.get(name)
-            if cond is not None and self._effective(cond.parent, effective) not in cond.values:
-                if cond.has_else:
-                    out[name] = effective[name] = cond.otherwise
-                continue
-            default = PARAMS[name].default
-            if dim.kind == "value":
-                value = dim.value
-            elif dim.kind == "choice":
-                if not dim.contains(default):
-                    continue
-                value = default
-            else:
-                value = default
-            out[name] = effective[name] = value
-        return out
+        return resolve({}, self.params, self.conditions)[0]  # the empty warm start
 
     def start_points(self, devices: set[str] | frozenset[str] = frozenset({"cpu"})) -> list:
         """The full points of the warm starts this cluster can run (see `sweep.space_starts`)."""

@@ -24,8 +24,9 @@ from .space_dims import Condition, Dim, _Checker, _near
 
 def resolve(start: Mapping, params: Mapping[str, Dim | None],
             conditions: Mapping[str, Condition]) -> tuple[dict, list[tuple[str, str]]]:
-    """The full point of a start (parameters in sampling order; unset ones take the
-    baseline's value, inactive ones their `else`) and the problems found, as (key, message).
+    """The full point of a start (parameters in sampling order; unset ones as the unmodified
+    model: recipe defaults, fixed values, inactive ones their `else`; the empty start is the
+    baseline) and the problems found, as (key, message).
     A `None` dimension is one no available device can take: setting it is a problem."""
     point: dict[str, Any] = {}
     effective: dict[str, Any] = {}
@@ -46,13 +47,14 @@ def resolve(start: Mapping, params: Mapping[str, Dim | None],
                 problems.append((name, "needs a device this cluster does not have"))
                 continue
             value = start[name]
-        elif dim is not None and dim.kind == "value":
+        elif dim is None:
+            continue
+        elif dim.kind == "value":
             value = dim.value
-        else:
-            default = PARAMS[name].default
-            if dim is None or not dim.contains(default):
-                continue  # as in the baseline: left to the sampler
-            value = default
+        elif dim.kind == "choice" and not dim.contains(PARAMS[name].default):
+            continue  # a choice without the default is left to the sampler
+        else:  # the recipe default, even outside a searched range: the unmodified model
+            value = PARAMS[name].default
         point[name] = effective[name] = value
     return point, problems
 
