@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sweep.report import jsonable
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
@@ -98,23 +100,6 @@ def stamp(threads: int | None = None) -> dict:
     """Date (UTC), commit and machine: the header of every results file."""
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
             "machine": machine(threads)}
-
-
-def jsonable(x):
-    """JSON-safe copy: non-finite floats become None, numpy scalars plain numbers."""
-    if isinstance(x, Mapping):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, set)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
-        return x
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if float(f).is_integer() and type(x).__name__.startswith(("int", "uint")):
-        return int(f)
-    return f if math.isfinite(f) else None
 
 
 def write_json(path: Path, data) -> Path:

@@ -14,10 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .pareto import (Objectives, _figure, _norm_objectives, _num, front_hypervolume, knee,
                      pareto_front, reference_point)
+
 
 def _recipe_defaults() -> dict[str, Any]:
     try:
@@ -112,7 +111,7 @@ def recipe_string(recipe: Mapping | None) -> str:
 
 def _csv_value(v: Any) -> Any:
     if isinstance(v, (dict, list, tuple)):
-        return json.dumps(_jsonable(v), ensure_ascii=False, sort_keys=True)
+        return json.dumps(jsonable(v), ensure_ascii=False, sort_keys=True)
     if v is None:
         return ""
     return v
@@ -159,19 +158,22 @@ def _write_csv(path: Path, rows: Sequence[Mapping], objectives) -> None:
         w.writerows(_csv_rows(rows, cols))
 
 
-def _jsonable(x: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None, unknown objects their str()."""
+def jsonable(x: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None, numpy/torch scalars plain numbers,
+    other objects their str() (shared with bench/, which writes the same kind of rows)."""
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple, set)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
         return x
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return str(x)
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if f.is_integer() and type(x).__name__.startswith(("int", "uint")):
+        return int(f)
+    return f if math.isfinite(f) else None
 
 
 def write_front(rows: Sequence[Mapping], baseline: Mapping, out_dir: str | os.PathLike,
@@ -204,7 +206,7 @@ def write_front(rows: Sequence[Mapping], baseline: Mapping, out_dir: str | os.Pa
         summary["reference_point"] = list(reference_point(baseline, max_dwer))
         summary["hypervolume"] = front_hypervolume(front, baseline, max_dwer)
     paths["pareto_json"].write_text(
-        json.dumps(_jsonable(summary), indent=2, ensure_ascii=False), encoding="utf-8")
+        json.dumps(jsonable(summary), indent=2, ensure_ascii=False), encoding="utf-8")
     return paths
 
 
