@@ -14,6 +14,7 @@ nothing: it runs the eager static step's ops.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -159,7 +160,7 @@ class _Scripted:
     torch; this stays a recipe choice the sweep measures, next to torch.compile."""
 
     def __init__(self, rt: Greedy):
-        self.rt, self.traces = rt, {}
+        self.traces: dict = {}
         # The traced module must own every tensor the step reads or writes: the decoder and
         # head (weights, packed int8 params) and the KV caches (updated in place each token).
         self.holder = nn.Module()
@@ -174,8 +175,6 @@ class _Scripted:
         key = (tuple(ids.shape), tuple(cross[0][0].shape), tuple(mask.shape))
         fn = self.traces.get(key)
         if fn is None:
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 fn = torch.jit.trace(self.holder, (ids, pos_t, cross, mask), check_trace=False)
