@@ -197,8 +197,8 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     from .recipe import Recipe
 
     killed = tracking.close_stale(uri, exp_id, name)
-    failed_ot = mark_stale_optuna(root, name)
     rows = tracking.sweep_rows(uri, exp_id, name)  # MLflow holds every finished trial
+    recovered_ot, failed_ot = mark_stale_optuna(root, name, rows, space)
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         tracking.retry(MlflowClient(uri).set_terminated, parent, status="FAILED")
@@ -227,6 +227,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
                "failed": len(rows) - len(ok), "front": len(front), "hypervolume": hv,
                "wall_s": wall, "trial_sum_s": trial_sum, "out": str(out),
                "stale_runs_killed": killed, "stale_optuna_failed": failed_ot,
+               "stale_optuna_recovered": recovered_ot,
                "knee": (pareto.knee(front, space.objectives) or {}).get("trial_id")}
     if args.eval_dataset and front:
         summary["eval"] = remeasure(args, front, out)
@@ -247,15 +248,39 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     return summary
 
 
-def mark_stale_optuna(root: Path, name: str) -> int:
-    """Optuna trials still RUNNING once Tune is done were asked for by a killed launcher."""
+def mark_stale_optuna(root: Path, name: str, rows: list[dict], space) -> tuple[int, int]:
+    """Optuna trials still RUNNING once Tune is done were asked for by a killed launcher.
+    One whose trial finished in MLflow before the kill (same sampled params, a FINISHED run no
+    COMPLETE trial holds) is told COMPLETE with that run's figures, so Optuna keeps every
+    measurement; the others become FAIL. Returns (recovered, failed)."""
     import optuna
 
     study = searcher_study(root, name)
-    stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    for t in stale:
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    return len(stale)
+    done = optuna.trial.TrialState.COMPLETE
+    linked = {t.user_attrs.get("run_id") for t in study.trials if t.state == done}
+    spare = [r for r in rows if r["status"] == "ok" and r.get("run_id") not in linked]
+    recovered = failed = 0
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.RUNNING:
+            continue
+        row = next((r for r in spare if all(str(r["recipe"].get(k)) == str(v)
+                                            for k, v in t.params.items())), None)
+        if row is None:
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            failed += 1
+            continue
+        spare.remove(row)
+        storage = study._storage
+        storage.set_trial_user_attr(t._trial_id, "run_id", row["run_id"])
+        if space.constraints:  # as HyperSearch tells a finished trial
+            live = optuna.trial.Trial(study, t._trial_id)
+            for key, value in zip(space.constraints,
+                                  space.violation(row, row.get("baseline") or {})):
+                live.set_constraint(key, value)
+        storage.set_trial_state_values(t._trial_id, done,
+                                       [float(row[m]) for m, _ in space.objectives])
+        recovered += 1
+    return recovered, failed
 
 
 def remeasure(args, front: list[dict], out: Path) -> list[dict]:

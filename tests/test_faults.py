@@ -275,3 +275,26 @@ def test_ui_listens_on_loopback_by_default(tmp_path):
     cmd = ui.command(tmp_path, "127.0.0.1", 5000)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert ui.main(["--root", str(tmp_path / "none")]) == 2
+
+
+def test_stale_optuna_trial_that_finished_in_mlflow_is_recovered(tmp_path):
+    """Killed between MLflow's FINISHED and Optuna's tell: the measurement reaches Optuna at the
+    end of the sweep (COMPLETE, its run id and constraint); a trial never measured is FAIL."""
+    from sweep.space import space_from_dict
+
+    space = space_from_dict({"params": {"quant.scheme": {"choice": ["none", "bf16"]}},
+                             "constraints": {"max_dwer": 0.1}})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage,
+                                directions=["minimize", "minimize"])
+    for scheme in ("bf16", "none"):  # both asked for, neither told: a killed launcher
+        study.enqueue_trial({"quant.scheme": scheme})
+        space.sample(study.ask())
+    rows = [{"status": "ok", "run_id": "r1", "wer": 0.30, "latency_median_s": 0.5, "dwer": 0.2,
+             "recipe": {"quant.scheme": "bf16"}, "baseline": {"wer": 0.25}}]
+    assert launch.mark_stale_optuna(tmp_path, "s", rows, space) == (1, 1)
+    measured, lost = optuna.load_study(study_name="s", storage=storage).trials
+    assert measured.state == optuna.trial.TrialState.COMPLETE
+    assert measured.values == [0.30, 0.5] and measured.user_attrs["run_id"] == "r1"
+    assert measured.constraints == {"max_dwer": pytest.approx(0.1)}  # dwer 0.2 over 0.1
+    assert lost.state == optuna.trial.TrialState.FAIL
