@@ -27,6 +27,7 @@ MIX = ("quant.enc_attn=bf16,quant.enc_mlp=bf16,quant.dec_self=dynamic_int8,"
        "quant.dec_cross=dynamic_int8,quant.dec_mlp=dynamic_int8,quant.head=dynamic_int8")
 GREEDY, STEP, SCRIPT = "decode.loop=greedy", "decode.compile=step", "decode.compile=script"
 WINDOW, NR4 = "encoder.window=auto", "decode.no_repeat_ngram=4"
+XBF16, FREEZE = "decode.cross_kv=bf16", "encoder.compile=freeze"
 VARIANTS = (
     ("baseline", "baseline", ""),
     ("fp32-greedy", "loop", GREEDY),
@@ -37,12 +38,17 @@ VARIANTS = (
     ("mix-greedy", "mix", f"{MIX},{GREEDY}"),
     ("mix-greedy-step", "mix", f"{MIX},{GREEDY},{STEP}"),
     ("mix-greedy-script", "mix", f"{MIX},{GREEDY},{SCRIPT}"),
+    ("mix-greedy-script-xbf16", "mix", f"{MIX},{GREEDY},{SCRIPT},{XBF16}"),
+    ("mix-greedy-script-xbf16-freeze", "mix", f"{MIX},{GREEDY},{SCRIPT},{XBF16},{FREEZE}"),
     ("mix-greedy-step-nr4", "mix", f"{MIX},{GREEDY},{STEP},{NR4}"),
     ("mix-greedy-step-window", "window", f"{MIX},{GREEDY},{STEP},{WINDOW}"),
     ("mix-greedy-step-window-nr4", "window", f"{MIX},{GREEDY},{STEP},{WINDOW},{NR4}"),
+    ("mix-fast-window-nr4", "window",
+     f"{MIX},{GREEDY},{SCRIPT},{XBF16},{FREEZE},{WINDOW},{NR4}"),
 )
 WINDOW_PAIRS = (("mix-greedy-step", "mix-greedy-step-window"),
                 ("mix-greedy-step-nr4", "mix-greedy-step-window-nr4"))
+# fast-window-nr4 has no full-window twin with nr4; its WER cost shows against the baseline
 THROUGHPUT = ("mix-greedy-step", "mix-greedy-step-window-nr4")
 
 
@@ -70,7 +76,7 @@ def decoder_ms_per_token(v: Variant, processor, clips, lang: str) -> dict:
     for u in clips:
         if isinstance(plan, decode.GreedyPlan):
             transcribe(model, processor, u, language=lang)
-            t = decode.Greedy.of(model, 1, plan.compiled, plan.scripted).last
+            t = decode.runtime(model).last
             per_tok.append(t.ms_per_token)
             enc.append(t.encode_s)
             continue

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import decode, kernels, structured
+from . import decode, kernels, structured, window
 from .recipe import (LAYER_TYPES, CompileConfig, DecodeConfig, EncoderConfig, PruneConfig,
                      QuantConfig, Recipe, StructConfig)
 
@@ -289,4 +289,11 @@ def _compile(model, cfg: CompileConfig, ctx: Context) -> None:
 
 # Decoding plan (greedy loop, compiled step, encoder window): stored on the model for transcribe.
 register(DecodeConfig)(decode.apply_plan)
-register(EncoderConfig)(decode.apply_plan)
+
+
+@register(EncoderConfig)
+def _encoder(model, cfg: EncoderConfig, ctx: Context) -> None:
+    if cfg.compile != "none":
+        window.compile_encoder(model, freeze=cfg.compile == "freeze")
+        ctx.notes.append(f"encoder: torch.compile ({cfg.compile})")
+    decode.apply_plan(model, cfg, ctx)

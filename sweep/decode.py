@@ -29,6 +29,7 @@ from .greedy import Greedy, Timing
 from .window import Window
 
 PLAN_ATTR = "hyper_decode"
+CROSS_DTYPES = {"model": None, "bf16": torch.bfloat16}  # decode.cross_kv -> dtype (None: same)
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,14 @@ class Plan:
     compiled: bool = False  # torch.compile of the decoding step (the greedy loop only)
     scripted: bool = False  # the same static step traced by TorchScript (the greedy loop only)
     no_repeat: int = 0  # HF's no_repeat_ngram_size: no n-gram twice (0 = off)
+    cross_kv: str = "model"  # dtype of the cached cross-attention K/V (the greedy loop only)
 
     def describe(self) -> str:
         w = self.window
         return (type(self).__name__.removesuffix("Plan").lower()
                 + (" compiled step" if self.compiled else "")
                 + (" scripted step" if self.scripted else "")
+                + (f", cross K/V {self.cross_kv}" if self.cross_kv != "model" else "")
                 + (f", no repeated {self.no_repeat}-gram" if self.no_repeat else "")
                 + ("" if w.mode == "full" else f", encoder window {w.mode} ({w.bucket_s} s)"))
 
@@ -53,6 +56,9 @@ class GeneratePlan(Plan):
         if self.compiled or self.scripted:
             raise ValueError("`decode.compile`=step|script needs decode.loop=greedy: generate() "
                              "runs its own Python loop")
+        if self.cross_kv != "model":
+            raise ValueError(f"`decode.cross_kv`={self.cross_kv} needs decode.loop=greedy: "
+                             "generate() keeps HF's own cache")
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ def plan_for(recipe) -> Plan:
     w = Window(recipe.encoder.window, recipe.encoder.bucket_s)
     d = recipe.decode
     return PLANS[d.loop](window=w, compiled=d.compile == "step", scripted=d.compile == "script",
-                         no_repeat=d.no_repeat_ngram)
+                         no_repeat=d.no_repeat_ngram, cross_kv=d.cross_kv)
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -148,7 +154,7 @@ def _greedy(plan, model, feats, language, task, cap):
     cap = min(cap, model.config.max_target_positions - len(prompt))
     t0 = time.perf_counter()
     enc = win.encode(model, feats)
-    rt = Greedy.of(model, enc.shape[0], plan.compiled, plan.scripted)
+    rt = runtime(model, enc.shape[0], plan)
     cross = rt.cross(enc)
     eos, t1 = model.generation_config.eos_token_id, time.perf_counter()
     ids = torch.tensor([prompt] * enc.shape[0], device=enc.device)
@@ -172,6 +178,12 @@ def _greedy(plan, model, feats, language, task, cap):
     rows = torch.stack(out, 1).tolist()
     rt.last = Timing(t1 - t0, time.perf_counter() - t1, t2 - t1, len(out))
     return [_cut(row, eos) for row in rows]
+
+
+def runtime(model, batch: int = 1, plan: Plan | None = None) -> Greedy:
+    """The greedy runtime `model`'s plan decodes a batch with (its `last` Timing)."""
+    plan = plan or plan_of(model)
+    return Greedy.of(model, batch, plan.compiled, plan.scripted, CROSS_DTYPES[plan.cross_kv])
 
 
 def _ban_repeats(mask: torch.Tensor, seqs: list[list[int]], n: int) -> torch.Tensor:

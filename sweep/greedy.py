@@ -44,15 +44,20 @@ class Greedy:
     preallocated self-attention cache, suppress masks, eager or compiled step."""
 
     @classmethod
-    def of(cls, model, batch: int, compiled: bool, scripted: bool = False) -> Greedy:
+    def of(cls, model, batch: int, compiled: bool, scripted: bool = False,
+           cross_dtype: torch.dtype | None = None) -> Greedy:
         per_model = _RUNTIMES.setdefault(model, {})
-        key = (batch, compiled, scripted)
+        key = (batch, compiled, scripted, cross_dtype)
         if key not in per_model:
-            per_model[key] = cls(model, batch, compiled, scripted)
+            per_model[key] = cls(model, batch, compiled, scripted, cross_dtype)
         return per_model[key]
 
-    def __init__(self, model, batch: int, compiled: bool, scripted: bool = False):
+    def __init__(self, model, batch: int, compiled: bool, scripted: bool = False,
+                 cross_dtype: torch.dtype | None = None):
         cfg, dec = model.config, model.model.decoder
+        # Cross-attention keys/values in another dtype (bf16: half the bytes read per token);
+        # None keeps the encoder output's.
+        self.cross_dtype = cross_dtype
         # Submodules only: a reference to `model` would keep it (the weak key) alive forever.
         self.dec, self.layers = dec, list(dec.layers)
         self.heads = cfg.decoder_attention_heads
@@ -96,8 +101,8 @@ class Greedy:
         out = []
         for layer in self.layers:
             a = layer.encoder_attn
-            kv = tuple(p(enc).view(shape).transpose(1, 2).contiguous()
-                       for p in (a.k_proj, a.v_proj))
+            kv = tuple(p(enc).view(shape).transpose(1, 2).to(self.cross_dtype or enc.dtype)
+                       .contiguous() for p in (a.k_proj, a.v_proj))
             for t in kv:  # encoder windows differ between clips: not a new graph each
                 torch._dynamo.maybe_mark_dynamic(t, 2)
             out.append(kv)
@@ -146,7 +151,11 @@ class Greedy:
         h = h + p["self_attn.out_proj"](o.transpose(1, 2).reshape(b, t, -1))
         x = layer.encoder_attn_layer_norm(h)
         q = (p["encoder_attn.q_proj"](x) * layer.encoder_attn.scaling).view(shape).transpose(1, 2)
-        o = nn.functional.scaled_dot_product_attention(q.contiguous(), *cross, scale=1.0)
+        if cross[0].dtype == q.dtype:
+            o = nn.functional.scaled_dot_product_attention(q.contiguous(), *cross, scale=1.0)
+        else:
+            o = nn.functional.scaled_dot_product_attention(
+                q.to(cross[0].dtype).contiguous(), *cross, scale=1.0).to(q.dtype)
         h = h + p["encoder_attn.out_proj"](o.transpose(1, 2).reshape(b, t, -1))
         x = layer.final_layer_norm(h)
         return h + p["fc2"](layer.activation_fn(p["fc1"](x)))

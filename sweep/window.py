@@ -10,6 +10,7 @@ shapes occur (caches, compiled graphs).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -62,18 +63,48 @@ def encode(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_window(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
-    """The encoder's layers on any window, position embeddings cut to its length."""
     enc = model.model.encoder
-    # What the module's cast hooks would do (bf16 encoder stack): inputs in the encoder's
-    # dtype, output in the decoder's.
+    fn = getattr(enc, COMPILED_WINDOW, None) or _window_layers
+    return fn(enc, feats).to(model.model.decoder.embed_tokens.weight.dtype)
+
+
+def _window_layers(enc: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """The encoder's layers on any window, position embeddings cut to its length, in the
+    encoder's dtype (what the module's cast hooks do for a bf16 encoder stack)."""
     x = feats.to(enc.conv1.weight.dtype)
     x = nn.functional.gelu(enc.conv1(x))
     x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
     x = x + enc.embed_positions.weight[: x.shape[1]]
     for layer in enc.layers:
         x = layer(x, None)
-    x = enc.layer_norm(x)
-    return x.to(model.model.decoder.embed_tokens.weight.dtype)
+    return enc.layer_norm(x)
+
+
+COMPILED_WINDOW = "hyper_compiled_window"
+
+
+def compile_encoder(model: nn.Module, freeze: bool) -> None:
+    """torch.compile the encoder (`encoder.compile`): the full window through HF's module
+    (cast hooks included), shorter windows through `_window_layers`. With `freeze`, inductor
+    folds the weights in as constants and prepacks them for oneDNN (inference only). Dynamo's
+    automatic dynamic shapes give shorter windows one graph for all sizes after the second."""
+    torch._dynamo.reset()  # no graphs of an earlier trial's model (guards on module ids)
+    wrap = _frozen if freeze else (lambda fn: fn)
+    enc = model.model.encoder
+    enc.compile()
+    enc._compiled_call_impl = wrap(enc._compiled_call_impl)  # what Module.__call__ runs
+    setattr(enc, COMPILED_WINDOW, wrap(torch.compile(_window_layers)))
+
+
+def _frozen(fn):
+    # Inductor reads `freezing` from its global config when a graph compiles, lazily at a call
+    # (torch.compile's `options` did not reach it: measured, same code as without): patch it
+    # around every call, so that no other compile in this process is frozen.
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with torch._inductor.config.patch(freezing=True):
+            return fn(*args, **kwargs)
+    return call
 
 
 def input_dtype(model: nn.Module) -> torch.dtype:

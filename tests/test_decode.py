@@ -86,14 +86,42 @@ def test_recipe_params_validate_and_round_trip():
         Recipe.parse("decode.lop=greedy")
 
 
+@pytest.mark.parametrize("text, rule", [
+    ("decode.compile=script", "`decode.compile`=script needs decode.loop=greedy"),
+    ("decode.cross_kv=bf16", "`decode.cross_kv`=bf16 needs decode.loop=greedy"),
+    ("decode.loop=greedy,decode.cross_kv=fp8", "`decode.cross_kv` must be one of model, bf16"),
+    ("encoder.compile=freeze,compile.mode=default",
+     "`encoder.compile`=freeze needs compile.mode=none.*compiles the encoder already"),
+    ("encoder.compile=max", "`encoder.compile` must be one of none, default, freeze"),
+])
+def test_speed_dimensions_refuse_bad_combinations_early(text, rule):
+    with pytest.raises(RecipeError, match=rule):
+        Recipe.parse(text)
+
+
+def test_speed_dimensions_reach_the_plan_and_the_description():
+    r = Recipe.parse("decode.loop=greedy,decode.compile=script,decode.cross_kv=bf16,"
+                     "encoder.compile=freeze")
+    assert decode.plan_for(r) == GreedyPlan(scripted=True, cross_kv="bf16")
+    assert Recipe.from_json(r.to_json()) == r and r.encoder.active
+    assert "cross K/V bf16" in r.decode.describe()
+    assert "encoder compiled (freeze)" in r.encoder.describe()
+    with pytest.raises(ValueError, match="cross_kv"):
+        GeneratePlan(cross_kv="bf16")
+
+
 @pytest.mark.parametrize("name", ["full", "cpu"])
 def test_spaces_search_the_new_dimensions(name):
     from sweep.space import load_space
 
     space = load_space(name)
     assert {"decode.loop", "decode.compile", "decode.no_repeat_ngram", "encoder.window",
-            "encoder.bucket_s"} <= set(space.params)
+            "encoder.bucket_s", "decode.cross_kv", "encoder.compile"} <= set(space.params)
     assert Recipe.from_flat(space.baseline()).is_baseline
+    # the fastest known mix is measured first, as a warm start
+    assert any(Recipe.from_flat(p).decode.cross_kv == "bf16"
+               and Recipe.from_flat(p).encoder.compile == "freeze"
+               for p in space.start_points({"cpu"}))
 
 
 def test_window_frames_and_refusals():
@@ -164,7 +192,7 @@ def test_compiled_step_identical_without_recompiles_tiny(tiny):
     got += _ids(comp, proc, clips[1:])
     assert got == ref
     assert recompile_count() == graphs  # clips of other lengths: no new graph
-    t = decode.Greedy.of(comp, 1, True).last
+    t = decode.runtime(comp).last
     assert t.steps == 12 and t.ms_per_token > 0
 
 
@@ -175,10 +203,53 @@ def test_scripted_step_identical_for_every_window_tiny(tiny):
         ref = _ids(_with_plan(model, GreedyPlan(w)), proc, clips)
         scripted = _with_plan(model, GreedyPlan(w, scripted=True))
         assert _ids(scripted, proc, clips) == ref, w
-        rt = decode.Greedy.of(scripted, 1, False, True)
+        rt = decode.runtime(scripted)
         # one trace for the prompt and one for the next tokens per encoder length, reused
         assert len(rt.step.traces) == 2 * len({k[1] for k in rt.step.traces})
         assert rt.last.steps == 12
+
+
+def test_bf16_cross_kv_is_stored_in_bf16_and_scripted_alike_tiny(tiny):
+    model, proc = tiny
+    clips = _clips(3)
+    enc = torch.randn(1, 1500, 64)
+    with torch.inference_mode():
+        ref_kv = decode.runtime(_with_plan(model, GreedyPlan())).cross(enc)
+    for w in (Window(), Window("auto", 5)):
+        eager = _with_plan(model, GreedyPlan(w, cross_kv="bf16"))
+        got = _ids(eager, proc, clips)
+        rt = decode.runtime(eager)
+        assert rt.cross_dtype is torch.bfloat16 and rt.last.steps == 12
+        with torch.inference_mode():
+            kv = rt.cross(enc)
+        for pair, ref_pair in zip(kv, ref_kv):
+            for t, r in zip(pair, ref_pair):
+                assert t.dtype == torch.bfloat16 and r.dtype == torch.float32
+                torch.testing.assert_close(t.float(), r, rtol=1e-2, atol=1e-2)
+        # the traced step runs the eager step's ops: the same tokens (the random tiny model
+        # has near ties everywhere, so tokens against fp32 K/V are the real model's test)
+        assert _ids(_with_plan(model, GreedyPlan(w, scripted=True, cross_kv="bf16")), proc,
+                    clips) == got, w
+
+
+@pytest.mark.parametrize("how", ["default", "freeze"])
+def test_compiled_encoder_close_for_full_and_short_windows_tiny(tiny, how):
+    import torch._inductor.config as inductor
+
+    model, proc = tiny
+    eager = _with_plan(model, GreedyPlan(Window("auto", 5)))
+    comp = apply_recipe(copy.deepcopy(model), Recipe.parse(
+        f"decode.loop=greedy,encoder.window=auto,encoder.compile={how}")).model
+    assert decode.plan_of(comp) == decode.plan_of(eager)
+    feats = torch.randn(1, 80, 3000)
+    with torch.inference_mode():
+        for frames in (3000, 500, 1000):
+            ref = window.encode(eager, feats[..., :frames])
+            got = window.encode(comp, feats[..., :frames])
+            assert got.shape == ref.shape
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    assert inductor.freezing is False  # patched around the encoder's calls only
+    assert _ids(comp, proc, _clips(2)) == _ids(eager, proc, _clips(2))
 
 
 def test_compiled_step_one_graph_for_every_window_tiny(tiny):
@@ -248,6 +319,24 @@ def _token_error_rate(ref: list[list[int]], got: list[list[int]]) -> float:
     def words(ids):
         return " ".join(map(str, ids)) or "<empty>"
     return jiwer.wer([words(r) for r in ref], [words(g) for g in got])
+
+
+@pytest.mark.slow
+def test_fast_mix_close_to_its_eager_self_real(real_model, real_clips):
+    """The fastest mix's numerics-changing levers (bf16 cross K/V, frozen compiled bf16
+    encoder) keep the eager mix's tokens on real speech, up to near ties."""
+    mix = ("quant.enc_attn=bf16,quant.enc_mlp=bf16,quant.dec_self=dynamic_int8,"
+           "quant.dec_cross=dynamic_int8,quant.dec_mlp=dynamic_int8,quant.head=dynamic_int8,"
+           "decode.loop=greedy")
+    proc = real_model.processor
+    ref = _content(apply_recipe(copy.deepcopy(real_model.model), Recipe.parse(mix)).model,
+                   proc, real_clips)
+    for extra in ("decode.cross_kv=bf16", "decode.compile=script,decode.cross_kv=bf16,"
+                  "encoder.compile=freeze"):
+        fast = apply_recipe(copy.deepcopy(real_model.model), Recipe.parse(f"{mix},{extra}"))
+        got = _content(fast.model, proc, real_clips)
+        assert _token_error_rate(ref, got) <= 0.1, (extra, ref, got)
+        assert sum(g == r for g, r in zip(got, ref)) >= len(ref) - 2, (extra, ref, got)
 
 
 @pytest.mark.slow
