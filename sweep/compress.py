@@ -296,4 +296,6 @@ def _encoder(model, cfg: EncoderConfig, ctx: Context) -> None:
     if cfg.compile != "none":
         window.compile_encoder(model, freeze=cfg.compile == "freeze")
         ctx.notes.append(f"encoder: torch.compile ({cfg.compile})")
+        for t in ("enc_attn", "enc_mlp"):  # inductor's kernels now, around the same matmuls
+            ctx.kernels[t] = f"{ctx.kernels.get(t, 'fp32')}, compiled ({cfg.compile})"
     decode.apply_plan(model, cfg, ctx)
