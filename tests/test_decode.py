@@ -286,7 +286,7 @@ def test_handler_stores_the_plan_and_notes_isa(tiny):
 # ---- real model (slow) --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def real_clips():
+def real_clips(shared_dir):
     return load_eval_set("shared", language="ru").utterances[:6]
 
 
