@@ -237,7 +237,8 @@ def verify(ck, row: dict, ns: Namespace, evalset, logged: dict | None) -> dict:
 def export(args) -> int:
     from mlflow.exceptions import MlflowException
 
-    from .checkpoint import save_checkpoint, split, write_metrics
+    from .card import write_metrics
+    from .checkpoint import save_checkpoint, split
     from .evaluate import _lang_of, set_threads, transcribe
     from .models import load_model
 

@@ -1,0 +1,122 @@
+"""The model card (README.md) and metrics.json of an exported checkpoint, and the exporting
+machine's description: what a reader of the checkpoint sees, apart from the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .recipe import TECHNIQUES, Recipe
+
+
+def write_metrics(out, metrics: dict) -> None:
+    """metrics.json and the model card (README.md) that shows them, rewritten together."""
+    out = Path(out)
+    info = json.loads((out / "recipe.json").read_text(encoding="utf-8"))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False,
+                                                 default=str) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(model_card(info, metrics), encoding="utf-8")
+
+
+def environment() -> dict:
+    """Hardware and library versions of the exporting machine (the figures hold for them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "missing"
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                if ln.startswith("model name")), platform.processor() or platform.machine())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "versions": {p: ver(p) for p in ("torch", "torchao", "transformers", "safetensors",
+                                             "hyper-sweep")}}
+
+
+# ---- model card ------------------------------------------------------------------------------
+
+_ROWS = (("WER", "wer", ".3f"), ("CER", "cer", ".3f"), ("latency, median (s)", "latency_median_s",
+         ".3f"), ("latency, p90 (s)", "latency_p90_s", ".3f"), ("real-time factor", "rtf", ".3f"),
+         ("size in memory (MB)", "param_mb", ".0f"))
+CARD = """# Whisper, {title} — exported by HYPER
+
+Base model `{model}`; trial `{run_id}` of sweep `{sweep}`.
+
+| figure | this checkpoint | baseline | change |
+|---|---:|---:|---:|
+{table}
+
+Measured on `{dataset}` ({n} utterances, language {language}) with {threads} threads on {cpu};
+{versions}.{verify}
+
+## Recipe
+
+{recipe}
+
+Device: {device}. Full recipe: `recipe.json`; figures, data set, hardware and versions:
+`metrics.json`.
+
+## Load
+
+```python
+import sweep
+from sweep.transcribe import transcribe_files
+
+ck = sweep.load("path/to/this/dir")  # checks recipe.json and file hashes, re-applies the rest
+print(transcribe_files(ck, ["audio.wav"])[0]["text"])  # also ck.model, ck.processor, ck.recipe
+```
+
+```bash
+python -m sweep.transcribe --checkpoint path/to/this/dir audio.wav
+```
+
+Plain `WhisperForConditionalGeneration.from_pretrained(dir)` {plain}.
+"""
+
+
+def _num(x, spec: str) -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else "—"
+
+
+def model_card(info: dict, metrics: dict) -> str:
+    """README.md: figures against the baseline (percent only here), the recipe, how to load."""
+    recipe = Recipe.from_json(json.dumps(info["recipe"]))
+    fig, base = metrics.get("figures") or {}, metrics.get("baseline") or {}
+    data, env, v = metrics.get("data") or {}, metrics.get("environment") or {}, metrics.get(
+        "verify")
+    rows = [f"| {label} | {_num(fig.get(k), spec)} | {_num(base.get(k), spec)} | " + (
+        f"{fig[k] / base[k] - 1:+.1%} |" if _num(fig.get(k), "") != "—" and _num(
+            base.get(k), "") != "—" and base[k] else "— |")
+        for label, k, spec in _ROWS if k in fig or k in base]
+    if "speedup" in fig:
+        rows.append(f"| speed-up | {_num(fig['speedup'], '.2f')}x | 1.00x | |")
+    from .checkpoint import HANDLING, REAPPLIED  # checkpoint writes cards: import at call
+
+    lines = [f"- **{getattr(recipe, p).describe()}** — {HANDLING.get(p, REAPPLIED).why}."
+             for p in TECHNIQUES if getattr(recipe, p).active] or ["- none: the base model."]
+    if info.get("calibration"):
+        lines.append("- static int8 scales are stored in `recipe.json`: no calibration at load.")
+    return CARD.format(
+        title=recipe.describe(), model=(metrics.get("model") or {}).get("spec", "?"),
+        run_id=(metrics.get("trial") or {}).get("run_id", "?"),
+        sweep=(metrics.get("trial") or {}).get("sweep", "?"), table="\n".join(rows),
+        dataset=data.get("dataset", "?"), n=data.get("n_utterances", "?"),
+        language=data.get("language") or "per utterance",
+        threads=_num(fig.get("threads"), ".0f").replace("—", "?"), cpu=env.get("cpu", "?"),
+        versions=", ".join(f"{k} {x}" for k, x in (env.get("versions") or {}).items()),
+        verify="" if not v else (
+            f"\n\nRe-measured after export: WER {_num(v.get('wer'), '.3f')}, CER "
+            f"{_num(v.get('cer'), '.3f')}, median latency {_num(v.get('latency_median_s'), '.3f')}"
+            f" s: {'identical transcripts' if v.get('match') else 'DIFFERS from the trial'}."),
+        recipe="\n".join(lines), device=recipe.device,
+        plain="is exactly the measured model" if not info["reapplied"] else
+        f"gives the baked weights only, without {' and '.join(info['reapplied'])}")
