@@ -1,0 +1,65 @@
+"""Which trial `python -m sweep.export` picks: by rule (--max-dwer, --max-latency, --knee)
+from a sweep's trial rows (pure: no MLflow)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import pareto, report
+
+SHOWN = 3  # closest trials listed when none meets the rule
+
+
+class ExportError(ValueError):
+    """Nothing to export as asked; the message says why (and lists the closest trials)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to pick a trial: its CLI flag, the figure the limit bounds, what is best inside."""
+    flag: str
+    bounded: str | None  # figure that must be <= the limit (None: the knee of the front)
+    best: tuple[str, str]  # minimised within the bound, then the other objective
+    text: str
+
+
+RULES = {
+    "max_dwer": Rule("--max-dwer", "dwer", ("latency_median_s", "wer"),
+                     "the fastest trial with dWER <= {limit:.1%}"),
+    "max_latency": Rule("--max-latency", "latency_median_s", ("wer", "latency_median_s"),
+                        "the most accurate trial with median latency <= {limit:g} s"),
+    "knee": Rule("--knee", None, ("wer", "latency_median_s"), "the knee of the sweep's front"),
+}
+
+
+def describe_row(r: dict) -> str:
+    figs = (f"WER {r.get('wer', float('nan')):.3f} (dWER {r.get('dwer', float('nan')):+.1%}), "
+            f"median latency {r.get('latency_median_s', float('nan')):.3f} s, speed-up "
+            f"{r.get('speedup', float('nan')):.2f}x")
+    return f"{r['run_id']}  {report.describe_recipe(r['recipe'])}: {figs}"
+
+
+def pick(rows: list[dict], rule: str, limit: float | None = None, *, objectives=None,
+         constraints=None, baseline=None) -> dict:
+    """The trial row `rule` picks; ExportError listing the closest trials when none fits."""
+    r = RULES[rule]
+    if not rows:
+        raise ExportError("the sweep has no finished trial with figures")
+    if r.bounded is None:
+        front = pareto.pareto_front(rows, objectives, constraints=constraints, baseline=baseline)
+        chosen = pareto.knee(front, objectives)
+        if chosen is not None:
+            return chosen
+        over = lambda row: sum(max(0.0, v) for v in pareto.constraint_values(  # noqa: E731
+            row, constraints, baseline))
+        why, shown = f"no trial meets the sweep's constraints {constraints}", "violation"
+    else:
+        inside = [x for x in rows if x.get(r.bounded, float("inf")) <= limit]
+        if inside:
+            return min(inside, key=lambda x: tuple(x[k] for k in r.best))
+        over = lambda row: row.get(r.bounded, float("inf")) - limit  # noqa: E731
+        why = f"no trial meets {r.flag} {limit:g} ({r.text.format(limit=limit)})"
+        shown = r.bounded
+    closest = sorted(rows, key=over)[:SHOWN]
+    raise ExportError(f"{why}; the closest ({shown} over the limit):\n" + "\n".join(
+        f"  +{over(x):.4g}  {describe_row(x)}" for x in closest))
