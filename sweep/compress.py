@@ -160,10 +160,12 @@ def _quantize(model, cfg: QuantConfig, ctx: Context) -> None:
     stats = _calibrate(model, {n: m for n, m in todo.items()
                                if plan[layer_type_of(n)] == "static_int8"}, ctx)
     chosen, measured = defaultdict(set), {}
+    scripted = ctx.recipe.decode.compile == "script"  # the decoder and head run traced
     for name, lin in todo.items():
         lt, rows = layer_type_of(name), _tokens(model, name)
         try:
-            impl, entry = kernels.choose(plan[lt], lin, rows, compiled=ctx.recipe.compile.active)
+            impl, entry = kernels.choose(plan[lt], lin, rows, compiled=ctx.recipe.compile.active,
+                                         traced=scripted and not lt.startswith("enc_"))
             _set_module(model, name, impl.build(lin, stats.get(name)).eval())
         except Exception as e:
             raise CompressError(f"`quant.{lt}`={plan[lt]} on {ctx.recipe.device}: {e}") from e

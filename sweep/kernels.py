@@ -36,14 +36,18 @@ class Impl:
     name: str
     build: Callable[[nn.Linear, dict | None], nn.Module]
     devices: tuple[str, ...] = ("cpu", "cuda")
+    # torch.jit.trace can record it (decode.compile=script); torchao's activation-quantizing
+    # tensor subclasses hit an internal assert of the tracer (torch 2.13, torchao 0.18)
+    traceable: bool = True
 
 
 IMPLS: dict[str, list[Impl]] = {}  # scheme -> candidates
 
 
-def impl(scheme: str, name: str, devices: tuple[str, ...] = ("cpu", "cuda")):
+def impl(scheme: str, name: str, devices: tuple[str, ...] = ("cpu", "cuda"),
+         traceable: bool = True):
     def deco(build):
-        IMPLS.setdefault(scheme, []).append(Impl(name, build, devices))
+        IMPLS.setdefault(scheme, []).append(Impl(name, build, devices, traceable))
         return build
     return deco
 
@@ -128,12 +132,13 @@ def _torchao(config: str, kwargs: Callable = lambda tq: {}):
 
 
 # set_inductor_config=False: it would change global inductor settings for later trials.
-impl("dynamic_int8", "torchao.Int8DynamicActivationInt8Weight")(_torchao(
+impl("dynamic_int8", "torchao.Int8DynamicActivationInt8Weight", traceable=False)(_torchao(
     "Int8DynamicActivationInt8WeightConfig", lambda tq: {"set_inductor_config": False}))
 impl("int8_weight_only", "torchao.Int8WeightOnly")(_torchao(
     "Int8WeightOnlyConfig", lambda tq: {"set_inductor_config": False}))
 for _packing in ("UNPACKED_TO_INT8", "OPAQUE_TORCHAO_AUTO"):  # the opaque one needs its C++ lib
-    impl("int8_act_int4_weight", f"torchao.Int8DynActInt4Weight(g32,{_packing.lower()})")(
+    impl("int8_act_int4_weight", f"torchao.Int8DynActInt4Weight(g32,{_packing.lower()})",
+         traceable=False)(
         _torchao("Int8DynamicActivationIntxWeightConfig", lambda tq, p=_packing: {
             "weight_dtype": torch.int4, "weight_granularity": tq.PerGroup(32),
             "intx_packing_format": getattr(tq.quant_api.IntxPackingFormat, p)}))
@@ -148,7 +153,7 @@ def _torchao_static(linear, stats):
         "set_inductor_config": False})(linear, stats)
 
 
-impl("static_int8", "torchao.Int8StaticActivationInt8Weight")(_torchao_static)
+impl("static_int8", "torchao.Int8StaticActivationInt8Weight", traceable=False)(_torchao_static)
 
 
 def _bnb(linear, nf4: bool):
@@ -252,16 +257,20 @@ def choose_cached(key: str, measure: Callable[[], dict], *, device: str = "cpu",
     return entry
 
 
-def choose(scheme: str, linear: nn.Linear, tokens: int, *,
-           compiled: bool = False) -> tuple[Impl, dict]:
-    """The fastest working implementation of `scheme` for `linear`'s shape on `tokens` rows,
-    and its cache entry (seconds and speed-ups vs fp32 of every candidate, failures)."""
+def choose(scheme: str, linear: nn.Linear, tokens: int, *, compiled: bool = False,
+           traced: bool = False) -> tuple[Impl, dict]:
+    """The fastest working implementation of `scheme` for `linear`'s shape on `tokens` rows
+    (`traced`: among those TorchScript can trace), and its cache entry (seconds and speed-ups
+    vs fp32 of every candidate, failures)."""
     device = linear.weight.device.type
-    cands = {i.name: i for i in IMPLS.get(scheme, []) if device in i.devices}
+    cands = {i.name: i for i in IMPLS.get(scheme, []) if device in i.devices
+             and (i.traceable or not traced)}
     if not cands:
-        raise KernelError(f"no implementation of {scheme} runs on {device}")
+        raise KernelError(f"no implementation of {scheme} runs on {device}" + (
+            " that TorchScript can trace (decode.compile=script)" if traced else ""))
     key = (f"{scheme}|{linear.in_features}x{linear.out_features}|t{tokens}"
-           f"|th{torch.get_num_threads()}|{device}|{'compiled' if compiled else 'eager'}")
+           f"|th{torch.get_num_threads()}|{device}|{'compiled' if compiled else 'eager'}"
+           + ("|traced" if traced else ""))
     entry = choose_cached(key, lambda: _measure(cands, linear, tokens, compiled), device=device,
                           valid=lambda e: set(e.get("tried", ())) == set(cands))  # same candidates
     if entry["choice"] is None:

@@ -244,6 +244,44 @@ def test_static_int8_needs_calibration_that_reaches_every_layer(tiny_model):
     assert all(not isinstance(m, Observer) for m in tiny_model.modules())  # observers removed
 
 
+@pytest.mark.parametrize("scheme, impl", [(s, i) for s, impls in kernels.IMPLS.items()
+                                          for i in impls if "cpu" in i.devices],
+                         ids=lambda x: getattr(x, "name", x))
+def test_traceable_flag_is_what_torchscript_does(scheme, impl):
+    """Impl.traceable decides which kernels a scripted decoding step may use: it must match
+    what torch.jit.trace really does with the built module (and its output)."""
+    import warnings
+
+    torch.manual_seed(0)
+    lin, x = nn.Linear(64, 64).eval(), torch.randn(1, 1, 64)
+    try:
+        mod = impl.build(lin, {"in_min": -3.0, "in_max": 3.0}).eval()
+    except Exception as e:  # e.g. torchao's opaque packing without its C++ library
+        pytest.skip(f"{impl.name} does not build here: {type(e).__name__}")
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            traced = torch.jit.trace(nn.Sequential(mod), (x,), check_trace=False)
+            ok = torch.equal(traced(x), mod(x))
+        except RuntimeError:
+            ok = False
+    assert ok == impl.traceable
+
+
+def test_scripted_step_uses_only_traceable_kernels(tiny_model):
+    script = "decode.loop=greedy,decode.compile=script"
+    with pytest.raises(CompressError, match="`quant.dec_self`=int8_act_int4_weight on cpu: no "
+                       "implementation .* TorchScript can trace"):
+        apply_recipe(copy.deepcopy(tiny_model), Recipe.parse(
+            f"quant.dec_self=int8_act_int4_weight,{script}"))
+    # the encoder is not traced: any kernel may serve it
+    applied = apply_recipe(copy.deepcopy(tiny_model), Recipe.parse(
+        f"quant.enc_mlp=int8_act_int4_weight,quant.dec_mlp=dynamic_int8,{script}"))
+    names = {i.name: i for impls in kernels.IMPLS.values() for i in impls}
+    assert names[applied.kernels["dec_mlp"]].traceable
+    assert applied.kernels["enc_mlp"].startswith("torchao.Int8DynActInt4Weight")
+
+
 def test_kernel_choice_cached_and_reused(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("HYPER_CACHE", str(tmp_path))
     recipe = Recipe.parse("quant.enc_mlp=dynamic_int8")
