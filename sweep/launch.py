@@ -16,7 +16,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from . import cli, pareto, report, report_html, tracking
-from .search import SAMPLERS
+from .search import SAMPLERS, mark_finished
 
 DATA_KEYS = ("dataset", "config", "split", "audio_column", "text_column", "max_samples",
              "language")
@@ -270,15 +270,9 @@ def mark_stale_optuna(root: Path, name: str, rows: list[dict], space) -> tuple[i
             failed += 1
             continue
         spare.remove(row)
-        storage = study._storage
-        storage.set_trial_user_attr(t._trial_id, "run_id", row["run_id"])
-        if space.constraints:  # as HyperSearch tells a finished trial
-            live = optuna.trial.Trial(study, t._trial_id)
-            for key, value in zip(space.constraints,
-                                  space.violation(row, row.get("baseline") or {})):
-                live.set_constraint(key, value)
-        storage.set_trial_state_values(t._trial_id, done,
-                                       [float(row[m]) for m, _ in space.objectives])
+        mark_finished(optuna.trial.Trial(study, t._trial_id), space, row)
+        study._storage.set_trial_state_values(t._trial_id, done,
+                                              [float(row[m]) for m, _ in space.objectives])
         recovered += 1
     return recovered, failed
 

@@ -90,15 +90,8 @@ class HyperSearch(OptunaSearch):
             # Told before the launcher was killed; Tune's older state re-ran it on resume.
             self._completed_trials.add(trial_id)
             return None
-        ok = bool(result) and result.get("status") == "ok"
-        if ok and self._space_obj is not None and self._space_obj.constraints:
-            base = result.get("baseline") or {}
-            values = self._space_obj.violation(result, base)
-            for key, value in zip(self._space_obj.constraints, values):
-                ot_trial.set_constraint(key, value)
-        if ok:
-            ot_trial.set_user_attr("run_id", result.get("run_id"))
-            ot_trial.set_user_attr("speedup", result.get("speedup"))
+        if bool(result) and result.get("status") == "ok":
+            mark_finished(ot_trial, self._space_obj, result)
             return super().on_trial_complete(trial_id, result, error)
         ot_trial.set_user_attr("error", str((result or {}).get("error", "error"))[:2000])
         # A pruned (too slow) trial tells TPE where not to look; a failed one is ignored.
@@ -106,6 +99,17 @@ class HyperSearch(OptunaSearch):
                  else optuna.trial.TrialState.FAIL)
         self._ot_study.tell(ot_trial, state=state)
         self._completed_trials.add(trial_id)
+
+
+def mark_finished(ot_trial, space, row: dict) -> None:
+    """What Optuna keeps of a finished trial besides its objectives: constraint values (<= 0
+    feasible; TPE and NSGA-II read them back) and the trial's MLflow run and speed-up."""
+    if space is not None and space.constraints:
+        for key, value in zip(space.constraints,
+                              space.violation(row, row.get("baseline") or {})):
+            ot_trial.set_constraint(key, value)
+    ot_trial.set_user_attr("run_id", row.get("run_id"))
+    ot_trial.set_user_attr("speedup", row.get("speedup"))
 
 
 class DefineByRun:
