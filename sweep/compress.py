@@ -75,6 +75,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *,
     if device != recipe.device:
         raise CompressError(f"recipe has device={recipe.device!r} but the model is on {device!r}")
     model.eval()
+    if recipe.compiles:  # graphs guard on module ids: none of an earlier trial's may be reused
+        torch._dynamo.reset()
     ctx = Context(recipe, calibrate)
     for cfg in recipe.configs():
         if cfg.STAGE == "compress" and cfg.active:
@@ -282,8 +284,6 @@ def _time_encoder_cast(layer: nn.Module, dtype: torch.dtype, config) -> dict:
 
 @register(CompileConfig)
 def _compile(model, cfg: CompileConfig, ctx: Context) -> None:
-    # Fresh dynamo state, so that graphs of an earlier trial in this worker are not reused.
-    torch._dynamo.reset()
     for stack in (model.model.encoder, model.model.decoder):  # not generate(): its loop is Python
         stack.compile(mode=None if cfg.mode == "default" else cfg.mode)
     ctx.notes.append(f"compile: encoder and decoder, mode={cfg.mode}")

@@ -86,8 +86,6 @@ def plan_of(model: nn.Module) -> Plan:
 def apply_plan(model: nn.Module, cfg, ctx) -> None:
     """Compress handler of DecodeConfig and EncoderConfig: both store the recipe's one plan."""
     plan = plan_for(ctx.recipe)
-    if plan.compiled:
-        torch._dynamo.reset()  # no graphs of an earlier trial's model (guards on module ids)
     setattr(model, PLAN_ATTR, plan)
     if not any(n.startswith("decode: ") for n in ctx.notes):
         ctx.notes += [f"decode: {plan.describe()}", f"isa: {isa_note()}"]

@@ -247,6 +247,9 @@ class Recipe:
 
     # True when nothing changes the model.
     is_baseline = property(lambda self: not any(cfg.active for cfg in self.configs()))
+    # torch.compile anywhere: the whole stacks, the encoder alone, or the greedy step
+    compiles = property(lambda self: self.compile.active or self.encoder.compile != "none"
+                        or self.decode.compile == "step")
 
     def describe(self) -> str:
         """Short text for tables and progress lines, e.g. "int8 dyn (enc+dec), prune l1 0.30"."""

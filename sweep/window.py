@@ -88,7 +88,6 @@ def compile_encoder(model: nn.Module, freeze: bool) -> None:
     (cast hooks included), shorter windows through `_window_layers`. With `freeze`, inductor
     folds the weights in as constants and prepacks them for oneDNN (inference only). Dynamo's
     automatic dynamic shapes give shorter windows one graph for all sizes after the second."""
-    torch._dynamo.reset()  # no graphs of an earlier trial's model (guards on module ids)
     wrap = _frozen if freeze else (lambda fn: fn)
     enc = model.model.encoder
     enc.compile()
