@@ -109,3 +109,21 @@ def test_a_trial_far_slower_than_the_baseline_is_stopped_early(tiny_checkpoint, 
     res, _ = evaluate.run_trial(lm.model, lm.processor, ev, Recipe.parse("prune.rate=0.1"),
                                 baseline=base, warmup=0, max_slowdown=1e6)
     assert res["n_utterances"] == 3
+
+
+@pytest.mark.parametrize("recipe, compiles", [
+    ("encoder.compile=default", True), ("decode.loop=greedy,decode.compile=step", True),
+    ("decode.loop=greedy,decode.compile=script", False), ("quant.scheme=dynamic_int8", False)])
+def test_compile_time_is_reported_for_every_compiling_recipe(tiny_checkpoint, small_manifest,
+                                                             recipe, compiles):
+    """compile_s (the warm-up pass beyond a steady one) for whatever torch.compile's: the
+    stacks, the encoder alone or the greedy step; 0 for eager recipes."""
+    from sweep.models import load_model
+
+    lm = load_model(tiny_checkpoint)
+    ev = load_eval_set(small_manifest)
+    ev.utterances = ev.utterances[:1]
+    r = Recipe.parse(recipe)
+    assert r.compiles is compiles
+    result, _ = evaluate.run_trial(lm.model, lm.processor, ev, r, threads=1)
+    assert (result["compile_s"] > 0) is compiles
