@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import os
 import sys
@@ -51,16 +50,20 @@ class Variant:
         if self.compute_type:
             self.runner = Peer(self.compute_type, threads)
         else:
+            from sweep.cli import needs_calibration
             from sweep.compress import apply_recipe
+            from sweep.data import calibration_set
+            from sweep.evaluate import calibrator
             from sweep.recipe import Recipe
 
             recipe = Recipe.parse(self.recipe)
             if recipe.is_baseline:
                 self.runner = loaded.model
-            else:
-                applied = apply_recipe(
-                    copy.deepcopy(loaded.model), recipe,
-                    calibrate=functools.partial(_calibrate, processor=loaded.processor))
+            else:  # static int8 calibrates on the embedded calibration clips, never timed here
+                calib = needs_calibration(recipe.to_flat()) and calibrator(
+                    loaded.processor, calibration_set("embedded"))
+                applied = apply_recipe(copy.deepcopy(loaded.model), recipe,
+                                       calibrate=calib or None)
                 self.runner, self.kernels = applied.model, applied.kernels
         self.prepare_s = time.perf_counter() - t0
 
@@ -75,15 +78,6 @@ class Variant:
         text, ids, secs, self.cpu_s = self.runner(utt.audio, lang, cap,
                                                   processor.tokenizer.eos_token_id)
         return text, ids, len(ids) >= cap, secs
-
-
-def _calibrate(model, processor) -> None:
-    """Static int8's calibration: the embedded calibration clips, never evaluated here."""
-    from sweep.data import calibration_set
-    from sweep.evaluate import transcribe
-
-    for u in calibration_set("embedded"):
-        transcribe(model, processor, u, language=u.lang)
 
 
 class Peer:

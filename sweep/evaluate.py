@@ -76,6 +76,15 @@ def transcribe(model, processor, utt: Utterance, *, language: str, task: str = "
     return text, content, cap_reached, seconds
 
 
+def calibrator(processor, clips, language: str | None = None, task: str = "transcribe"):
+    """Static int8's `calibrate(model)`: transcribe the calibration clips (never evaluated)
+    with `model`, so that its observers see real activations."""
+    def calibrate(model) -> None:
+        for u in clips:
+            transcribe(model, processor, u, language=_lang_of(u, language), task=task)
+    return calibrate
+
+
 def _lang_of(utt: Utterance, language: str | None) -> str:
     lang = language or utt.lang
     if not lang:
@@ -198,11 +207,8 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
         applied = Applied(model=model, kernels={}, sparsity=None,
                           notes=["baseline: the measurement every trial compares with"])
         return _result(recipe, applied, baseline, baseline, 0.0, {}, n_threads), baseline
-    calibrate = None
-    if calibration is not None:
-        def calibrate(m):
-            for u in calibration:
-                transcribe(m, processor, u, language=_lang_of(u, language), task=task)
+    calibrate = None if calibration is None else calibrator(processor, calibration,
+                                                             language, task)
     t0 = time.perf_counter()
     applied = apply_recipe(copy.deepcopy(model), recipe, calibrate=calibrate)
     prepare_s = time.perf_counter() - t0

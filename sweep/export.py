@@ -183,7 +183,7 @@ def export(args) -> int:
 
     from .card import write_metrics
     from .checkpoint import save_checkpoint, split
-    from .evaluate import _lang_of, set_threads, transcribe
+    from .evaluate import calibrator, set_threads
     from .models import load_model
 
     client, exp_id = _client(args)
@@ -224,12 +224,8 @@ def export(args) -> int:
                           f"here, the sweep measured {params['n_utterances']}: not the same data")
     loaded = load_model(ns.model, device=recipe.device)
     calibrate = None
-    if cli.needs_calibration(recipe.to_flat()):
-        calib, processor = cli.load_calibration(ns), loaded.processor
-
-        def calibrate(m):  # as sweep.evaluate.run_trial calibrates
-            for u in calib:
-                transcribe(m, processor, u, language=_lang_of(u, ns.language))
+    if cli.needs_calibration(recipe.to_flat()):  # as the trial was calibrated
+        calibrate = calibrator(loaded.processor, cli.load_calibration(ns), ns.language)
     langs = sorted({u.lang for u in evalset if u.lang}) if evalset else [ns.language]
     metrics = {
         "trial": {"run_id": row["run_id"], "trial_key": row.get("trial_key"), "sweep": sweep,
