@@ -149,9 +149,8 @@ class EncoderConfig(Technique):
             self.compile != "none" and f"encoder compiled ({self.compile})")))
 
 
-def _greedy(*values) -> Requires:
-    return Requires(values, key="decode.loop", equals="greedy",
-                    why="generate() runs its own Python loop")
+def _greedy(*values, why: str = "generate() runs its own Python loop") -> Requires:
+    return Requires(values, key="decode.loop", equals="greedy", why=why)
 
 
 @technique("decode")
@@ -171,7 +170,7 @@ class DecodeConfig(Technique):
         # Per token the 6 layers' cross-attention reads 1500 encoder positions of keys and
         # values: 1.0 ms in fp32, 0.34 ms in bf16 on this CPU (of ~5 ms per token).
         "decode.cross_kv": Param("choice", "model", choices=("model", "bf16"),
-                                 requires=(_greedy("bf16"),),
+                                 requires=(_greedy("bf16", why="generate() keeps HF's own cache"),),
                                  help="dtype of the greedy loop's cached cross-attention keys "
                                  "and values: model = the decoder's own; bf16 halves what each "
                                  "token reads (queries cast, output cast back)"),
