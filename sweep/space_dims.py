@@ -104,22 +104,19 @@ class Dim:
         return f"{self.kind} [{self.lo:g}, {self.hi:g}]{extra}"
 
 
-_UNSET = object()
-
-
 @dataclass(frozen=True)
 class Condition:
     """`child` is sampled only when `parent`'s value is in `values`; else it is `otherwise`
-    (or left to the recipe default when no `else` is given)."""
+    when `has_else` (the YAML gave `else:`), or left to the recipe default.
+
+    "No else" is a plain flag, not an identity sentinel: a condition crosses pickles (Tune saves
+    the searcher, Ray ships it) and a sentinel compared with `is` does not survive them."""
 
     child: str
     parent: str
     values: tuple
-    otherwise: Any = _UNSET
-
-    @property
-    def has_else(self) -> bool:
-        return self.otherwise is not _UNSET
+    otherwise: Any = None  # the child's value while inactive; read only when has_else
+    has_else: bool = False
 
     def text(self) -> str:
         tail = f", else {self.otherwise!r}" if self.has_else else ""

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import pareto
 from .recipe import PARAMS, Param
-from .space_dims import _UNSET, DEFAULT_OBJECTIVES, Condition, Dim, _Checker, _near
+from .space_dims import DEFAULT_OBJECTIVES, Condition, Dim, _Checker, _near
 
 DIM_KINDS = ("float", "int", "choice", "value")
 DIM_EXTRA = {"float": ("step", "log"), "int": ("step", "log"), "choice": (), "value": ()}
@@ -238,14 +238,14 @@ def _check_conditions(ck: _Checker, raw: Any, dims: dict[str, Dim]) -> dict[str,
                 bad = True
             else:
                 vals.append(v)
-        otherwise = _UNSET
+        otherwise = None
         if "else" in spec:
             otherwise = _coerce(PARAMS[child], spec["else"])
             if msg := PARAMS[child].validate(otherwise):
                 ck.err(f"{key}.else", msg + _sexagesimal_hint(otherwise, PARAMS[child].choices))
                 bad = True
         if not bad:
-            out[child] = Condition(child, parent, tuple(vals), otherwise)
+            out[child] = Condition(child, parent, tuple(vals), otherwise, "else" in spec)
     return out
 
 
