@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from argparse import Namespace
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import cli, pareto, report, report_html, tracking
@@ -112,6 +113,19 @@ def _restore_args(args) -> Namespace:
                         or saved.get("time_budget")})
 
 
+@contextmanager
+def _parent_ends(uri: str, parent: str):
+    """Whatever breaks once the parent run began (a crash, Ctrl-C), it ends FAILED, never left
+    RUNNING; `--resume` sets it RUNNING again."""
+    try:
+        yield
+    except BaseException:
+        from mlflow.tracking import MlflowClient
+
+        tracking.retry(MlflowClient(uri).set_terminated, parent, status="FAILED")
+        raise
+
+
 def run(args) -> dict:
     import ray
     from ray import tune
@@ -166,29 +180,62 @@ def run(args) -> dict:
     total = args.num_samples + 1
     print(f"sweep {name}: {total} trials ({args.num_samples} + baseline) of space "
           f"{args.space} on {cpus} CPUs, {per_trial} per trial; MLflow {uri}", file=sys.stderr)
-    t0 = time.time()
-    if args.resume:
-        tuner = tune.Tuner.restore(str(sweep_dir / name), trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        searcher = search.make_searcher(space, sampler=args.sampler, seed=args.seed,
-                                        storage=f"sqlite:///{root / 'optuna.db'}",
-                                        study_name=name, devices=devices)
-        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=total, max_concurrent_trials=args.max_concurrent,
-            time_budget_s=args.time_budget, reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=name, storage_path=str(sweep_dir), verbose=0,
-                callbacks=[search.Progress(total, args.time_budget, space.objectives,
-                                           space.constraints)],
-                # A lost node's trial runs again elsewhere; a recipe's own failure does not
-                # raise (it is reported as a failed trial), so it is never retried.
-                failure_config=tune.FailureConfig(max_failures=2)))
-        (sweep_dir / name).mkdir(parents=True, exist_ok=True)
-        saved = {k: v for k, v in vars(args).items() if k != "resume"}
-        (sweep_dir / name / SAVED).write_text(json.dumps(saved, indent=1, default=str))
-    tuner.fit()
-    return finish(args, space, name, time.time() - t0, uri, exp_id, parent, root, evalset)
+    with _parent_ends(uri, parent):
+        t0 = time.time()
+        if args.resume:
+            tuner = tune.Tuner.restore(str(sweep_dir / name), trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            searcher = search.make_searcher(space, sampler=args.sampler, seed=args.seed,
+                                            storage=f"sqlite:///{root / 'optuna.db'}",
+                                            study_name=name, devices=devices)
+            tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+                search_alg=searcher, num_samples=total, max_concurrent_trials=args.max_concurrent,
+                time_budget_s=args.time_budget, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=str(sweep_dir), verbose=0,
+                    callbacks=[search.Progress(total, args.time_budget, space.objectives,
+                                               space.constraints)],
+                    # A lost node's trial runs again elsewhere; a recipe's own failure does not
+                    # raise (it is reported as a failed trial), so it is never retried.
+                    failure_config=tune.FailureConfig(max_failures=2)))
+            (sweep_dir / name).mkdir(parents=True, exist_ok=True)
+            saved = {k: v for k, v in vars(args).items() if k != "resume"}
+            (sweep_dir / name / SAVED).write_text(json.dumps(saved, indent=1, default=str))
+        tuner.fit()
+        return finish(args, space, name, time.time() - t0, uri, exp_id, parent, root,
+                      evalset)
+
+
+def screen_rows(rows: list[dict], objectives) -> list[str]:
+    """Mark rows the front cannot use and say why: an `ok` row missing a finite figure it is
+    ranked or reported on becomes `unreadable`. Returns one warning per unusable row, naming
+    its trial (failed and pruned trials are ordinary and not warned about)."""
+    need = dict.fromkeys([m for m, _ in objectives] + ["wer", "cer", "latency_median_s"])
+    for r in rows:
+        if r["status"] == "ok":
+            bad = [m for m in need if pareto._num(r.get(m)) is None]
+            if bad:
+                r.update(status="unreadable", error=f"no finite {', '.join(bad)} in its run")
+    return [f"warning: trial {r.get('trial_id')} (MLflow run {r.get('run_id')}) skipped: "
+            f"{r.get('error')}" for r in rows if r["status"] == "unreadable"]
+
+
+def interrupted(rows: list[dict]) -> dict:
+    """Trials whose attempt was killed mid-trial (the launcher or its node died): re-run when a
+    later attempt of the same trial finished or failed, else lost (counted, never measured)."""
+    killed = {r["trial_id"] for r in rows if r["status"] == "killed"}
+    ended = {r["trial_id"] for r in rows if r["status"] != "killed"}
+    return {"interrupted": len(killed), "interrupted_rerun": len(killed & ended),
+            "interrupted_lost": len(killed - ended)}
+
+
+def _guarded(what: str, fn, *args, **kwargs) -> None:
+    """One output file that cannot be made must not cost the others (or the summary)."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported, the remaining files still get written
+        print(f"warning: could not write {what}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
@@ -198,12 +245,17 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
 
     killed = tracking.close_stale(uri, exp_id, name)
     rows = tracking.sweep_rows(uri, exp_id, name)  # MLflow holds every finished trial
+    for line in screen_rows(rows, space.objectives):
+        print(line, file=sys.stderr)
     recovered_ot, failed_ot = mark_stale_optuna(root, name, rows, space)
     ok = [r for r in rows if r["status"] == "ok"]
+    # A killed attempt is not a trial of its own: its trial is counted once, by its last word.
+    trials = {r["trial_id"]: r for r in rows if r["status"] != "killed"}
+    trials.update({r["trial_id"]: r for r in rows if r["trial_id"] not in trials})
     if not ok:
         tracking.retry(MlflowClient(uri).set_terminated, parent, status="FAILED")
         errors = sorted({str(r["error"]) for r in rows})
-        raise SweepFailed(f"sweep {name}: none of its {len(rows)} trials finished; "
+        raise SweepFailed(f"sweep {name}: none of its {len(trials)} trials finished; "
                           f"{len(errors)} distinct errors, first: {errors[:2]} "
                           f"(tracebacks in MLflow, run `python -m sweep.ui`)")
     baseline = next((r for r in ok if Recipe.from_flat(r["recipe"]).is_baseline), None)
@@ -217,17 +269,19 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{r['run_id']}"
              for r in ok}
     report.write_front(rows, base_figs, out, space.objectives, constraints=space.constraints)
-    report.plot_front(ok, front, base_figs, out / "pareto.png", title=f"HYPER sweep {name}")
-    report_html.write_report_html(rows, front, base_figs, out / "report.html", links,
-                             title=f"HYPER sweep {name}")
-    write_importances(searcher_study(root, name), out)
+    _guarded("pareto.png", report.plot_front, ok, front, base_figs, out / "pareto.png",
+             title=f"HYPER sweep {name}")
+    _guarded("report.html", report_html.write_report_html, rows, front, base_figs,
+             out / "report.html", links, title=f"HYPER sweep {name}")
+    _guarded("importances.json", lambda: write_importances(searcher_study(root, name), out))
     hv = pareto.front_hypervolume(front, base_figs, max_dwer=max_dwer)
     trial_sum = sum(float(r.get("trial_s") or 0) for r in rows)
-    summary = {"sweep": name, "trials": len(rows), "ok": len(ok),
-               "failed": len(rows) - len(ok), "front": len(front), "hypervolume": hv,
+    summary = {"sweep": name, "trials": len(trials), "ok": len(ok),
+               "failed": len(trials) - len(ok), "front": len(front), "hypervolume": hv,
                "wall_s": wall, "trial_sum_s": trial_sum, "out": str(out),
-               "stale_runs_killed": killed, "stale_optuna_failed": failed_ot,
-               "stale_optuna_recovered": recovered_ot,
+               "unreadable": sum(r["status"] == "unreadable" for r in rows),
+               **interrupted(rows), "stale_runs_killed": killed,
+               "stale_optuna_failed": failed_ot, "stale_optuna_recovered": recovered_ot,
                "knee": (pareto.knee(front, space.objectives) or {}).get("trial_id")}
     if args.eval_dataset and front:
         summary["eval"] = remeasure(args, front, out)
@@ -242,8 +296,10 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     if not front:
         print(f"no finished trial meets the constraints {dict(space.constraints)}; "
               f"see {out / 'trials.csv'} for all {len(ok)} of them")
-    print(f"\n{len(ok)}/{len(rows)} trials ok, front of {len(front)}, hypervolume {hv:.4f}; "
-          f"wall {wall:.0f}s for {trial_sum:.0f}s of trials. Files: {out}")
+    lost = (f"; {summary['interrupted']} interrupted by a kill ({summary['interrupted_rerun']} "
+            f"re-run, {summary['interrupted_lost']} lost)" if summary["interrupted"] else "")
+    print(f"\n{len(ok)}/{len(trials)} trials ok{lost}, front of {len(front)}, hypervolume "
+          f"{hv:.4f}; wall {wall:.0f}s for {trial_sum:.0f}s of trials. Files: {out}")
     print(f"Compare trials in MLflow: python -m sweep.ui --root {root}")
     return summary
 

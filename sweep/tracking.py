@@ -205,25 +205,33 @@ def fail_trial(uri: str, run_id: str, exc: BaseException, status: str = "failed"
 
 def sweep_rows(uri: str, exp_id: str, sweep: str) -> list[dict]:
     """Every trial of a sweep as a row, read back from MLflow: the record that survives a
-    killed launcher, so the front covers all finished trials, resumed or not."""
+    killed launcher, so the front covers all finished trials, resumed or not. A run that cannot
+    be decoded (a recipe value no parameter allows, a broken tag) becomes a row with status
+    `unreadable` and the reason in `error`, never an exception: one bad row must not take the
+    end of the sweep down."""
+    client = MlflowClient(uri)
+    runs = find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.kind": "trial"})
+    return sorted((_row(r) for r in runs), key=lambda row: row["start_time"])
+
+
+def _row(r) -> dict:
     from .recipe import Recipe
 
-    client = MlflowClient(uri)
-    rows = []
-    for r in find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.kind": "trial"}):
-        m, tags = dict(r.data.metrics), r.data.tags
-        status = {"FINISHED": "ok", "FAILED": tags.get("status", "failed")}.get(
-            r.info.status, r.info.status.lower())
-        rows.append({
-            **{k: v for k, v in m.items() if not k.startswith("baseline_")},
-            "baseline": {k[len("baseline_"):]: v for k, v in m.items()
-                         if k.startswith("baseline_")},
-            "status": status, "trial_id": tags.get("hyper.trial_key"),
-            "run_id": r.info.run_id, "device": tags.get("device"),
-            "error": tags.get("error"), "kernels": json.loads(tags.get("kernels", "{}")),
-            "recipe": Recipe.from_flat(dict(r.data.params)).to_flat(),
-            "start_time": r.info.start_time})
-    return sorted(rows, key=lambda row: row["start_time"])
+    m, tags = dict(r.data.metrics), r.data.tags
+    status = {"FINISHED": "ok", "FAILED": tags.get("status", "failed")}.get(
+        r.info.status, r.info.status.lower())
+    row = {**{k: v for k, v in m.items() if not k.startswith("baseline_")},
+           "baseline": {k[len("baseline_"):]: v for k, v in m.items()
+                        if k.startswith("baseline_")},
+           "status": status, "trial_id": tags.get("hyper.trial_key"),
+           "run_id": r.info.run_id, "device": tags.get("device"), "error": tags.get("error"),
+           "kernels": {}, "recipe": dict(r.data.params), "start_time": r.info.start_time}
+    try:
+        row["recipe"] = Recipe.from_flat(dict(r.data.params)).to_flat()
+        row["kernels"] = json.loads(tags.get("kernels", "{}"))
+    except ValueError as e:  # RecipeError and JSONDecodeError are ValueErrors
+        row.update(status="unreadable", error=f"{type(e).__name__}: {e}")
+    return row
 
 
 def close_stale(uri: str, exp_id: str, sweep: str) -> int:
