@@ -38,7 +38,7 @@ def time_ray_init() -> float:
 def time_mlflow(n: int = 5, n_utts: int = 8) -> dict[str, list[float]]:
     """Seconds of begin_trial and of finish_trial for one trial with a realistic result (the
     trial's clock, trial_s, includes begin_trial but stops before finish_trial)."""
-    from sweep import tracking
+    from sweep import figures, tracking
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -48,7 +48,7 @@ def time_mlflow(n: int = 5, n_utts: int = 8) -> dict[str, list[float]]:
         utts = [{"id": f"u{i}", "lang": "ru", "reference": "повтори еще раз",
                  "hypothesis": "Повтори еще раз.", "latency_s": 0.5, "tokens": 8, "loop": False}
                 for i in range(n_utts)]
-        result = {k: 0.5 for k in tracking.METRICS} | {
+        result = {f.name: 0.5 for f in figures.FIGURES if f.kind != "pair"} | {
             "dwer_ci95": [0.0, 0.1], "baseline": {"wer": 0.5, "latency_median_s": 0.8},
             "kernels": {"enc_attn": "fp32"}, "device": "cpu", "utterances": utts}
         secs = {"begin": [], "finish": []}
@@ -86,7 +86,7 @@ def run_sweep(root: Path, name: str, concurrency: int, args) -> tuple[dict, list
     uri = tracking.default_uri(root)
     rows = tracking.sweep_rows(uri, tracking.ensure_experiment(uri, root / "artifacts"), name)
     tune = tune_results(root / "sweeps" / name)
-    for r in rows:  # Tune's record has what MLflow lacks (worker_prepare_s; failed trials' s)
+    for r in rows:  # Tune's record has what MLflow lacks (a failed trial's worker_prepare_s)
         for k in ("worker_prepare_s", "trial_s"):
             if r.get(k) is None:
                 r[k] = tune.get(r["trial_id"], {}).get(k)

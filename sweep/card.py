@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import figures
 from .recipe import TECHNIQUES, Recipe
 
 
@@ -44,9 +45,9 @@ def environment() -> dict:
 
 # ---- model card ------------------------------------------------------------------------------
 
-_ROWS = (("WER", "wer", ".3f"), ("CER", "cer", ".3f"), ("latency, median (s)", "latency_median_s",
-         ".3f"), ("latency, p90 (s)", "latency_p90_s", ".3f"), ("real-time factor", "rtf", ".3f"),
-         ("size in memory (MB)", "param_mb", ".0f"))
+# The card's figures (`sweep.figures`, destination `card`): measured ones against the baseline,
+# then relative ones against what the baseline scores on them (speed-up 1.00x).
+CARD_FIGURES = [figures.BY_NAME[n] for n in figures.names("card")]
 CARD = """# Whisper, {title} — exported by HYPER
 
 Base model `{model}`; trial `{run_id}` of sweep `{sweep}`.
@@ -93,12 +94,12 @@ def model_card(info: dict, metrics: dict) -> str:
     fig, base = metrics.get("figures") or {}, metrics.get("baseline") or {}
     data, env, v = metrics.get("data") or {}, metrics.get("environment") or {}, metrics.get(
         "verify")
-    rows = [f"| {label} | {_num(fig.get(k), spec)} | {_num(base.get(k), spec)} | " + (
-        f"{fig[k] / base[k] - 1:+.1%} |" if _num(fig.get(k), "") != "—" and _num(
-            base.get(k), "") != "—" and base[k] else "— |")
-        for label, k, spec in _ROWS if k in fig or k in base]
-    if "speedup" in fig:
-        rows.append(f"| speed-up | {_num(fig['speedup'], '.2f')}x | 1.00x | |")
+    rows = [f"| {f.text} | {_num(fig.get(f.name), f.fmt)} | {_num(base.get(f.name), f.fmt)} | "
+            + (f"{fig[f.name] / base[f.name] - 1:+.1%} |" if _num(fig.get(f.name), "") != "—"
+               and _num(base.get(f.name), "") != "—" and base[f.name] else "— |")
+            for f in CARD_FIGURES if not f.relative and (f.name in fig or f.name in base)]
+    rows += [f"| {f.text} | {_num(fig[f.name], f.fmt)}{f.unit} | {_num(f.neutral, f.fmt)}{f.unit}"
+             " | |" for f in CARD_FIGURES if f.relative and f.name in fig]
     from .checkpoint import HANDLING, REAPPLIED  # checkpoint writes cards: import at call
 
     lines = [f"- **{getattr(recipe, p).describe()}** — {HANDLING.get(p, REAPPLIED).why}."

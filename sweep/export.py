@@ -21,12 +21,15 @@ import tempfile
 from argparse import Namespace
 from pathlib import Path
 
-from . import cli
+from . import cli, figures, rows
 from .pick import RULES, ExportError, describe_row, pick
 from .recipe import Recipe
+from .sweepspec import DATA_KEYS, SweepSpec
 
-DATA_KEYS = ("dataset", "config", "split", "audio_column", "text_column", "max_samples",
-             "language", "numbers", "warmup")
+# The sweep's data options recorded in metrics.json (beside `dataset` and `n_utterances`).
+DATA_OUT = (*DATA_KEYS[1:], "numbers", "warmup")
+# What --verify measures again: the card's measured figures (not those relative to a baseline).
+VERIFIED = [f for f in figures.FIGURES if "card" in f.to and not f.relative]
 
 
 # ---- MLflow -----------------------------------------------------------------------------------
@@ -68,22 +71,11 @@ def find_sweep(client, exp_id: str, sweep: str):
 
 
 def trial_rows(client, exp_id: str, parent_id: str) -> list[dict]:
-    """Finished, successful child runs as `sweep.pareto` rows (run id as trial_id)."""
+    """The sweep's finished, successful trials as rows (`rows.from_run`, as the sweep read
+    them); `pick` skips those lacking a figure its rule ranks on."""
     runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
                               "tags.`hyper.kind` = 'trial'", max_results=5000)
-    rows = []
-    for run in runs:
-        m = run.data.metrics
-        if run.info.status != "FINISHED" or run.data.tags.get("status") != "ok" or not {
-                "wer", "latency_median_s"} <= set(m):
-            continue
-        rows.append({**{k: v for k, v in m.items() if not k.startswith("baseline_")},
-                     "baseline": {k[9:]: v for k, v in m.items() if k.startswith("baseline_")},
-                     "status": "ok", "trial_id": run.info.run_id, "run_id": run.info.run_id,
-                     "trial_key": run.data.tags.get("hyper.trial_key"),
-                     "device": run.data.tags.get("device"), "recipe": dict(run.data.params),
-                     "kernels": json.loads(run.data.tags.get("kernels") or "{}")})
-    return rows
+    return [row for row in map(rows.from_run, runs) if row["status"] == "ok"]
 
 
 def front_settings(client, parent) -> tuple:
@@ -96,24 +88,6 @@ def front_settings(client, parent) -> tuple:
                 data.get("baseline") or None)
     except Exception:  # noqa: BLE001 - an unfinished sweep has no front file yet
         return None, None, None
-
-
-def sweep_data(params: dict) -> Namespace:
-    """The sweep's data options: its parent run's params (`data.<key>`, else `<key>`), else
-    its logged command line (e.g. --warmup)."""
-    ap = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-    cli.add_model_data_args(ap)
-    ap.add_argument("--warmup", type=int, default=1)
-    try:
-        ns, _ = ap.parse_known_args(params.get("command", "").split()[1:])
-    except (argparse.ArgumentError, SystemExit):
-        ns, _ = ap.parse_known_args([])
-    for key in DATA_KEYS + ("model",):
-        name = next((n for n in (f"data.{key}", key) if n in params), None)
-        if name is not None:
-            v = None if params[name] == "None" else params[name]
-            setattr(ns, key, int(v) if key in ("max_samples", "warmup") and v else v)
-    return ns
 
 
 def log_export(client, run, out: Path, sweep: str, recipe: Recipe) -> str:
@@ -153,7 +127,7 @@ def _trial_hypotheses(client, run_id: str) -> dict | None:
         return None
 
 
-def verify(ck, row: dict, ns: Namespace, evalset, logged: dict | None) -> dict:
+def verify(ck, row: dict, ns: SweepSpec, evalset, logged: dict | None) -> dict:
     """Re-measure the loaded checkpoint on the sweep's data; print it next to the trial."""
     from .evaluate import measure
 
@@ -164,17 +138,15 @@ def verify(ck, row: dict, ns: Namespace, evalset, logged: dict | None) -> dict:
         logged.get(u["id"]) != u["hypothesis"] for u in m.utterances)
     match = f["wer"] == row["wer"] and f["cer"] == row["cer"] and not differ
     print(f"{'':22}{'trial':>10}{'checkpoint':>12}")
-    for label, key, spec in (("WER", "wer", ".4f"), ("CER", "cer", ".4f"),
-                             ("latency median (s)", "latency_median_s", ".3f"),
-                             ("latency p90 (s)", "latency_p90_s", ".3f")):
-        t = row.get(key)
-        print(f"{label:22}{'—' if t is None else format(t, spec):>10}{f[key]:>12{spec}}")
+    for fig in VERIFIED:
+        t = row.get(fig.name)
+        print(f"{fig.text:22}{'—' if t is None else format(t, fig.fmt):>10}"
+              f"{f[fig.name]:>12{fig.fmt}}")
     if differ is not None:
         print(f"transcripts differing from the trial's: {differ} of {len(m.utterances)}")
     print("verify: " + ("WER and CER equal the trial's" if match else
                         "MISMATCH: the checkpoint does not reproduce the trial"))
-    return {"wer": f["wer"], "cer": f["cer"], "latency_median_s": f["latency_median_s"],
-            "latency_p90_s": f["latency_p90_s"], "n_utterances": f["n_utterances"],
+    return {**{fig.name: f[fig.name] for fig in VERIFIED}, "n_utterances": f["n_utterances"],
             "differing_transcripts": differ, "match": match}
 
 
@@ -187,6 +159,7 @@ def export(args) -> int:
     from .models import load_model
 
     client, exp_id = _client(args)
+    objectives = None  # the sweep's, from its front file, when picking by rule
     rule = next((k for k in RULES if getattr(args, k) not in (None, False)), None)
     if args.run:
         try:
@@ -214,8 +187,8 @@ def export(args) -> int:
         run = client.get_run(row["run_id"])
         how = RULES[rule].text.format(limit=getattr(args, rule))
     sweep, params = parent.data.tags.get("hyper.sweep", "?"), dict(parent.data.params)
-    recipe, ns = Recipe.from_flat(row["recipe"]), sweep_data(params)
-    print(f"picked {describe_row(row)}\n  ({how}; sweep {sweep})", file=sys.stderr)
+    recipe, ns = Recipe.from_flat(row["recipe"]), SweepSpec.from_params(params, sweep)
+    print(f"picked {describe_row(row, objectives)}\n  ({how}; sweep {sweep})", file=sys.stderr)
     # Kernels are chosen per thread count: use the trial's so the same ones run.
     threads = set_threads(int(row["threads"]) if row.get("threads") else None)
     evalset = cli.load_data(ns) if args.verify or not ns.language else None
@@ -228,12 +201,12 @@ def export(args) -> int:
         calibrate = calibrator(loaded.processor, cli.load_calibration(ns), ns.language)
     langs = sorted({u.lang for u in evalset if u.lang}) if evalset else [ns.language]
     metrics = {
-        "trial": {"run_id": row["run_id"], "trial_key": row.get("trial_key"), "sweep": sweep,
+        "trial": {"run_id": row["run_id"], "trial_key": row["trial_id"], "sweep": sweep,
                   "parent_run_id": parent.info.run_id, "picked": how},
-        "figures": {k: v for k, v in row.items() if isinstance(v, float | int)},
+        "figures": figures.flatten(row),
         "baseline": row["baseline"], "model": {"spec": ns.model, "source": loaded.source},
         "data": {"dataset": ns.dataset, "n_utterances": int(params.get("n_utterances", 0)) or
-                 None, **{k: getattr(ns, k) for k in DATA_KEYS[1:]}, "languages": langs},
+                 None, **{k: getattr(ns, k) for k in DATA_OUT}, "languages": langs},
         "sweep_host": {k[5:]: v for k, v in params.items() if k.startswith("host.")},
         "sweep_versions": {k[8:]: v for k, v in params.items() if k.startswith("version.")},
     }

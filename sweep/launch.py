@@ -16,11 +16,9 @@ from argparse import Namespace
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import cli, pareto, report, report_html, tracking
+from . import cli, figures, pareto, report, report_html, tracking
 from .search import SAMPLERS, mark_finished
-
-DATA_KEYS = ("dataset", "config", "split", "audio_column", "text_column", "max_samples",
-             "language")
+from .sweepspec import DATA_KEYS, FILE, SweepSpec
 
 
 def parse_args(argv=None) -> Namespace:
@@ -99,18 +97,16 @@ class SweepFailed(RuntimeError):
     """Every trial failed: nothing to build a front from (the errors are in MLflow)."""
 
 
-SAVED = "hyper.json"  # beside Tune's experiment state: what --resume needs to rebuild a sweep
-
-
 def _restore_args(args) -> Namespace:
-    """The original command's options for `--resume NAME` (only --time-budget may change)."""
-    path = Path(args.root).resolve() / "sweeps" / args.resume / SAVED
-    if not path.is_file():
-        raise ValueError(f"`--resume` must name a sweep under {path.parent.parent}, got "
-                         f"{args.resume!r} (no {SAVED} there)")
-    saved = json.loads(path.read_text())
-    return Namespace(**{**saved, "resume": args.resume, "time_budget": args.time_budget
-                        or saved.get("time_budget")})
+    """The original command's options for `--resume NAME`, from its saved `SweepSpec` (only
+    --time-budget may change)."""
+    sweep_dir = Path(args.root).resolve() / "sweeps" / args.resume
+    if not (sweep_dir / FILE).is_file():
+        raise ValueError(f"`--resume` must name a sweep under {sweep_dir.parent}, got "
+                         f"{args.resume!r} (no {FILE} there)")
+    spec = SweepSpec.load(sweep_dir)
+    return Namespace(**{**vars(spec), "resume": args.resume, "inject": {},
+                        "time_budget": args.time_budget or spec.time_budget})
 
 
 @contextmanager
@@ -153,6 +149,7 @@ def run(args) -> dict:
     if "cuda" not in devices and space.mentions("cuda"):
         print("note: the cluster has no GPU, so cuda points are not searched", file=sys.stderr)
     exp_id = tracking.ensure_experiment(uri, root / "artifacts")
+    spec = SweepSpec.from_args(args, name)  # what --resume and export read back
     parent = tracking.start_parent(uri, exp_id, name, {
         "space": args.space, "model": args.model, "dataset": evalset.name,
         "n_utterances": len(evalset), "skipped_utterances": evalset.skipped,
@@ -161,7 +158,7 @@ def run(args) -> dict:
         "sampler": args.sampler, "seed": args.seed, "num_samples": args.num_samples,
         "max_concurrent": args.max_concurrent, "cpus_per_trial": per_trial,
         "trial_timeout": args.trial_timeout, "warmup": args.warmup,
-        "command": tracking.safe_argv(sys.argv),
+        "command": tracking.safe_argv(sys.argv), "spec": spec.to_json(),
         **{f"version.{k}": v for k, v in tracking.versions().items()},
         **{f"host.{k}": v for k, v in tracking.host_info().items()},
     }, {"git_commit": tracking.git_commit()})
@@ -169,7 +166,7 @@ def run(args) -> dict:
         print(f"note: {evalset.skipped} utterances skipped: {evalset.skipped_reasons[:3]}",
               file=sys.stderr)
     ctx = worker.SweepContext(
-        sweep=name, model=args.model, data={k: getattr(args, k) for k in DATA_KEYS},
+        sweep=name, model=args.model, data=spec.data(),
         language=args.language, numbers=args.numbers, tracking_uri=uri,
         experiment_id=exp_id, parent_run_id=parent, cpus_per_trial=per_trial,
         warmup=args.warmup, trial_timeout=args.trial_timeout,
@@ -200,8 +197,7 @@ def run(args) -> dict:
                     # raise (it is reported as a failed trial), so it is never retried.
                     failure_config=tune.FailureConfig(max_failures=2)))
             (sweep_dir / name).mkdir(parents=True, exist_ok=True)
-            saved = {k: v for k, v in vars(args).items() if k != "resume"}
-            (sweep_dir / name / SAVED).write_text(json.dumps(saved, indent=1, default=str))
+            spec.save(sweep_dir / name)
         tuner.fit()
         return finish(args, space, name, time.time() - t0, uri, exp_id, parent, root,
                       evalset)
@@ -209,9 +205,10 @@ def run(args) -> dict:
 
 def screen_rows(rows: list[dict], objectives) -> list[str]:
     """Mark rows the front cannot use and say why: an `ok` row missing a finite figure it is
-    ranked or reported on becomes `unreadable`. Returns one warning per unusable row, naming
-    its trial (failed and pruned trials are ordinary and not warned about)."""
-    need = dict.fromkeys([m for m, _ in objectives] + ["wer", "cer", "latency_median_s"])
+    ranked or plotted on (the objectives, `report.axes`) becomes `unreadable`. Returns one
+    warning per unusable row, naming its trial (failed and pruned trials are ordinary and not
+    warned about)."""
+    need = dict.fromkeys([m for m, _ in objectives] + list(report.axes(objectives)))
     for r in rows:
         if r["status"] == "ok":
             bad = [m for m in need if pareto._num(r.get(m)) is None]
@@ -260,21 +257,23 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
                           f"(tracebacks in MLflow, run `python -m sweep.ui`)")
     baseline = next((r for r in ok if Recipe.from_flat(r["recipe"]).is_baseline), None)
     base_figs = dict(ok[0]["baseline"])
-    if baseline is not None:
-        base_figs.update({k: baseline[k] for k in ("wer", "cer", "latency_median_s")})
-    max_dwer = (space.constraints or {}).get("max_dwer")
+    objs, constraints = space.objectives, space.constraints
+    if baseline is not None:  # the baseline trial's own measurement of the baseline figures
+        base_figs.update({k: baseline[k] for k in [*base_figs, *(m for m, _ in objs)]
+                          if k in baseline})
     front = pareto.pareto_front(ok, space.objectives, constraints=space.constraints,
                                 baseline=base_figs)
     out = Path(args.out) if args.out else root / "sweeps" / name / "results"
     links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{r['run_id']}"
              for r in ok}
-    report.write_front(rows, base_figs, out, space.objectives, constraints=space.constraints)
+    report.write_front(rows, base_figs, out, objs, constraints=constraints)
     _guarded("pareto.png", report.plot_front, ok, front, base_figs, out / "pareto.png",
-             title=f"HYPER sweep {name}")
+             title=f"HYPER sweep {name}", objectives=objs)
     _guarded("report.html", report_html.write_report_html, rows, front, base_figs,
-             out / "report.html", links, title=f"HYPER sweep {name}")
-    _guarded("importances.json", lambda: write_importances(searcher_study(root, name), out))
-    hv = pareto.front_hypervolume(front, base_figs, max_dwer=max_dwer)
+             out / "report.html", links, title=f"HYPER sweep {name}", objectives=objs)
+    _guarded("importances.json",
+             lambda: write_importances(searcher_study(root, name), out, objs))
+    hv = pareto.front_hypervolume(front, base_figs, None, objs, constraints=constraints)
     trial_sum = sum(float(r.get("trial_s") or 0) for r in rows)
     summary = {"sweep": name, "trials": len(trials), "ok": len(ok),
                "failed": len(trials) - len(ok), "front": len(front), "hypervolume": hv,
@@ -282,9 +281,9 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
                "unreadable": sum(r["status"] == "unreadable" for r in rows),
                **interrupted(rows), "stale_runs_killed": killed,
                "stale_optuna_failed": failed_ot, "stale_optuna_recovered": recovered_ot,
-               "knee": (pareto.knee(front, space.objectives) or {}).get("trial_id")}
+               "knee": (pareto.knee(front, objs) or {}).get("trial_id")}
     if args.eval_dataset and front:
-        summary["eval"] = remeasure(args, front, out)
+        summary["eval"] = remeasure(args, front, out, objs)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     client = MlflowClient(uri)
     for k in ("hypervolume", "wall_s", "trial_sum_s", "front", "ok", "failed"):
@@ -292,7 +291,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     for f in Path(out).iterdir():
         tracking.retry(client.log_artifact, parent, str(f), "front")
     tracking.retry(client.set_terminated, parent, status="FINISHED")
-    print(report.format_table(front, base_figs))
+    print(report.format_table(front, base_figs, objectives=objs))
     if not front:
         print(f"no finished trial meets the constraints {dict(space.constraints)}; "
               f"see {out / 'trials.csv'} for all {len(ok)} of them")
@@ -333,7 +332,7 @@ def mark_stale_optuna(root: Path, name: str, rows: list[dict], space) -> tuple[i
     return recovered, failed
 
 
-def remeasure(args, front: list[dict], out: Path) -> list[dict]:
+def remeasure(args, front: list[dict], out: Path, objectives=None) -> list[dict]:
     """The front's recipes measured again on `--eval-dataset`, so the front is not judged only
     on the data it was searched on."""
     from .evaluate import measure, run_trial
@@ -349,10 +348,9 @@ def remeasure(args, front: list[dict], out: Path) -> list[dict]:
         res, _ = run_trial(lm.model, lm.processor, ev, Recipe.from_flat(r["recipe"]),
                            baseline=base, language=args.language, numbers=args.numbers)
         rows.append({"trial_id": r["trial_id"], "recipe": r["recipe"], "status": "ok",
-                     **{k: res[k] for k in ("wer", "cer", "dwer", "dcer", "latency_median_s",
-                                            "speedup", "loops")}})
+                     **figures.flatten(res)})
     print(f"\nthe front re-measured on {ev.name} ({len(ev)} utterances):")
-    print(report.format_table(rows, base.figures))
+    print(report.format_table(rows, base.figures, objectives=objectives))
     (out / "front_eval.json").write_text(json.dumps(
         {"dataset": ev.name, "baseline": base.figures, "rows": rows}, indent=1, default=str))
     return rows
@@ -364,14 +362,15 @@ def searcher_study(root: Path, name: str):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'optuna.db'}")
 
 
-def write_importances(study, out: Path) -> None:
-    """Optuna's parameter importances per objective (fANOVA needs enough finished trials)."""
+def write_importances(study, out: Path, objectives=pareto.DEFAULT_OBJECTIVES) -> None:
+    """Optuna's parameter importances per objective, in the space's order as the study's
+    values (fANOVA needs enough finished trials)."""
     import optuna
 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     imp = {}
     if len(done) >= 4:
-        for i, name in enumerate(("wer", "latency_median_s")[:len(study.directions)]):
+        for i, (name, _) in enumerate(list(objectives)[:len(study.directions)]):
             try:
                 imp[name] = optuna.importance.get_param_importances(
                     study, target=lambda t, i=i: t.values[i])

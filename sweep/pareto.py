@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from .figures import BY_NAME, names
+from .figures import DEFAULT_OBJECTIVES as DEFAULT_OBJECTIVES  # the one default, re-exported
+
 # Metrics a search may optimise, and the constraint keys (`Space` validates against these).
-METRICS = ("wer", "cer", "latency_median_s", "latency_mean_s", "latency_p90_s", "model_size_mb")
+METRICS = names("objective")
 DIRECTIONS = ("min", "max")
-DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (("wer", "min"), ("latency_median_s", "min"))
 CONSTRAINTS = ("max_dwer", "max_dcer", "max_latency_s", "min_speedup")
 # Reference point's relative WER allowance when no `max_dwer` constraint is given.
 DEFAULT_REF_DWER = 0.5
@@ -51,20 +53,20 @@ def _num(x: Any) -> float | None:
 
 
 def _figure(row: Mapping, key: str, baseline: Mapping | None) -> float | None:
-    """`dwer`, `dcer`, `speedup` from the row (measured against the baseline of the same
-    process), else derived from the absolute figures and `baseline`."""
+    """A figure from the row; a relative one (`dwer`, `dcer`, `speedup`: measured against the
+    baseline of the same process) missing there is derived from its absolute figure (`of`) and
+    `baseline`: a ratio base / trial when higher is better (speed-up), else a relative change."""
     v = _num(row.get(key))
-    if v is not None:
+    fig = BY_NAME.get(key)
+    if v is not None or fig is None or fig.of is None:
         return v
     base = baseline or row.get("baseline") or {}
-    if key in ("dwer", "dcer"):
-        metric = key[1:]
-        t, b = _num(row.get(metric)), _num(base.get(metric))
-        return None if t is None or b is None else _relative(t, b)
-    if key == "speedup":
-        t, b = _num(row.get("latency_median_s")), _num(base.get("latency_median_s"))
-        return None if not t or b is None else b / t
-    return None
+    t, b = _num(row.get(fig.of)), _num(base.get(fig.of))
+    if t is None or b is None:
+        return None
+    if fig.better == "max":
+        return b / t if t else None
+    return _relative(t, b)
 
 
 def constraint_values(row: Mapping, constraints: Mapping[str, float] | None,
@@ -255,19 +257,33 @@ def hypervolume(points: Iterable[Sequence[float]], ref: Sequence[float]) -> floa
     return float(compute_hypervolume(pts, ref_arr))
 
 
-def reference_point(baseline: Mapping, max_dwer: float | None = None) -> tuple[float, float]:
-    """(wer, latency_median_s) bounding the hypervolume: the baseline's WER allowed to grow by
-    `max_dwer` (relative; DEFAULT_REF_DWER when None) and the baseline's latency."""
-    allowance = DEFAULT_REF_DWER if max_dwer is None else float(max_dwer)
-    return (float(baseline["wer"]) * (1.0 + allowance), float(baseline["latency_median_s"]))
+def reference_point(baseline: Mapping, max_dwer: float | None = None,
+                    objectives: Objectives | None = None, *,
+                    constraints: Mapping[str, float] | None = None) -> tuple[float, ...]:
+    """The point bounding the hypervolume, one value per objective (as `loss_vector`): the
+    baseline's figure, an accuracy figure allowed to grow by its constraint (`max_dwer` for
+    wer, `max_dcer` for cer; DEFAULT_REF_DWER when none). Default objectives: (wer,
+    latency_median_s). KeyError when the baseline lacks an objective's figure."""
+    limits = dict(constraints or {})
+    if max_dwer is not None:
+        limits["max_dwer"] = max_dwer
+    out = []
+    for metric, direction in _norm_objectives(objectives):
+        fig = BY_NAME.get(metric)
+        slack = 0.0 if fig is None or fig.allowance is None else float(
+            limits.get(fig.allowance, DEFAULT_REF_DWER))
+        v = float(baseline[metric]) * (1.0 + slack)
+        out.append(-v if direction == "max" else v)
+    return tuple(out)
 
 
 def front_hypervolume(front: Iterable[Mapping], baseline: Mapping,
-                      max_dwer: float | None = None) -> float:
-    """Hypervolume of rows in (wer, latency_median_s) against `reference_point`."""
-    pts = [(r["wer"], r["latency_median_s"]) for r in front
-           if _num(r.get("wer")) is not None and _num(r.get("latency_median_s")) is not None]
-    return hypervolume(pts, reference_point(baseline, max_dwer))
+                      max_dwer: float | None = None, objectives: Objectives | None = None, *,
+                      constraints: Mapping[str, float] | None = None) -> float:
+    """Hypervolume of rows in the objectives against `reference_point`."""
+    pts = [v for v in (loss_vector(r, objectives) for r in front) if v is not None]
+    return hypervolume(pts, reference_point(baseline, max_dwer, objectives,
+                                            constraints=constraints))
 
 
 def knee(front: Sequence[Mapping], objectives: Objectives | None = None) -> Row | None:

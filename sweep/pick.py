@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import pareto, report
+from .figures import BY_NAME
 
 SHOWN = 3  # closest trials listed when none meets the rule
+_DESCRIBED = ("wer", "dwer", "latency_median_s", "speedup")  # always in `describe_row`
 
 
 class ExportError(ValueError):
@@ -32,10 +34,13 @@ RULES = {
 }
 
 
-def describe_row(r: dict) -> str:
+def describe_row(r: dict, objectives=None) -> str:
+    """One line: run id, recipe, the study's figures and any other objective of the sweep."""
     figs = (f"WER {r.get('wer', float('nan')):.3f} (dWER {r.get('dwer', float('nan')):+.1%}), "
             f"median latency {r.get('latency_median_s', float('nan')):.3f} s, speed-up "
             f"{r.get('speedup', float('nan')):.2f}x")
+    figs += "".join(f", {m} {report._fmt(r.get(m), BY_NAME[m].fmt)}"
+                    for m, _ in objectives or () if m in BY_NAME and m not in _DESCRIBED)
     return f"{r['run_id']}  {report.describe_recipe(r['recipe'])}: {figs}"
 
 
@@ -54,7 +59,8 @@ def pick(rows: list[dict], rule: str, limit: float | None = None, *, objectives=
             row, constraints, baseline))
         why, shown = f"no trial meets the sweep's constraints {constraints}", "violation"
     else:
-        inside = [x for x in rows if x.get(r.bounded, float("inf")) <= limit]
+        ranked = [x for x in rows if all(pareto._num(x.get(k)) is not None for k in r.best)]
+        inside = [x for x in ranked if x.get(r.bounded, float("inf")) <= limit]
         if inside:
             return min(inside, key=lambda x: tuple(x[k] for k in r.best))
         over = lambda row: row.get(r.bounded, float("inf")) - limit  # noqa: E731
@@ -62,4 +68,4 @@ def pick(rows: list[dict], rule: str, limit: float | None = None, *, objectives=
         shown = r.bounded
     closest = sorted(rows, key=over)[:SHOWN]
     raise ExportError(f"{why}; the closest ({shown} over the limit):\n" + "\n".join(
-        f"  +{over(x):.4g}  {describe_row(x)}" for x in closest))
+        f"  +{over(x):.4g}  {describe_row(x, objectives)}" for x in closest))

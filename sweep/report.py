@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import figures
 from .pareto import (Objectives, _figure, _norm_objectives, _num, front_hypervolume, knee,
                      pareto_front, reference_point)
 
@@ -64,15 +65,34 @@ def _fmt(x: Any, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+_STUDY = ("wer", "dwer", "cer", "dcer", "latency_median_s")  # the study's own table columns
+
+
+def _extra(objectives: Objectives | None) -> list[figures.Figure]:
+    """Objectives the study's table does not show already: a column each."""
+    return [figures.BY_NAME[m] for m, _ in _norm_objectives(objectives)
+            if m not in _STUDY and m in figures.BY_NAME]
+
+
+def _cell(fig: figures.Figure, v) -> str:
+    return "—" if _num(v) is None else format(_num(v), fig.fmt) + (
+        f" {fig.unit}" if fig.unit in ("s", "MB") else fig.unit)
+
+
 def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
-                 base_recipe: Mapping | None = None) -> str:
+                 base_recipe: Mapping | None = None,
+                 objectives: Objectives | None = None) -> str:
     """A fixed-width table like the study's, the baseline first: Configuration, WER, dWER, CER,
-    dCER, time per audio, delta. dWER/dCER are relative changes and delta the relative latency
-    change, printed in percent (the only place percentages appear)."""
-    head = ("Configuration", "WER", "dWER", "CER", "dCER", "time per audio", "delta")
+    dCER, time per audio, delta, then one column per objective not among them. dWER/dCER are
+    relative changes and delta the relative latency change, printed in percent (the only place
+    percentages appear)."""
+    extra = _extra(objectives)
+    head = ("Configuration", "WER", "dWER", "CER", "dCER", "time per audio", "delta",
+            *(f.name for f in extra))
     base_recipe = base_recipe if base_recipe is not None else baseline.get("recipe")
     body = [("baseline", _fmt(baseline.get("wer"), ".3f"), "—", _fmt(baseline.get("cer"), ".3f"),
-             "—", _fmt(baseline.get("latency_median_s"), ".3f") + " s", "—")]
+             "—", _fmt(baseline.get("latency_median_s"), ".3f") + " s", "—",
+             *(_cell(f, baseline.get(f.name)) for f in extra))]
     base_lat = _num(baseline.get("latency_median_s"))
     for row in rows:
         label = describe_recipe(row.get("recipe"), base_recipe)
@@ -86,6 +106,7 @@ def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
             _fmt(row.get("wer"), ".3f"), _pct(_figure(row, "dwer", baseline)),
             _fmt(row.get("cer"), ".3f"), _pct(_figure(row, "dcer", baseline)),
             "—" if lat is None else f"{lat:.3f} s", _pct(delta),
+            *(_cell(f, row.get(f.name)) for f in extra),
         ))
     widths = [max(len(r[i]) for r in (head, *body)) for i in range(len(head))]
 
@@ -98,9 +119,8 @@ def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
     return "\n".join([line(head), sep, *(line(r) for r in body)])
 
 
-FRONT_FIRST = ("wer", "latency_median_s")
-_ROW_ORDER = ("cer", "dwer", "dcer", "speedup", "latency_mean_s", "latency_p90_s",
-              "model_size_mb", "device", "status", "trial_id")
+# After the objectives, the reported figures (`sweep.figures`, destination `report`), then these.
+_ROW_FIELDS = ("device", "status", "trial_id")
 
 
 def recipe_string(recipe: Mapping | None) -> str:
@@ -118,12 +138,9 @@ def _csv_value(v: Any) -> Any:
 
 
 def _columns(rows: Sequence[Mapping], objectives: Objectives | None) -> list[str]:
-    cols = list(FRONT_FIRST)
-    for metric, _ in _norm_objectives(objectives):
-        if metric not in cols:
-            cols.append(metric)
+    cols = list(dict.fromkeys(m for m, _ in _norm_objectives(objectives)))
     present = set().union(*(r.keys() for r in rows)) if rows else set()
-    cols += [c for c in _ROW_ORDER if c in present and c not in cols]
+    cols += [c for c in (*figures.keys("report"), *_ROW_FIELDS) if c in present and c not in cols]
     cols += sorted(k for k in present if k not in cols and k not in ("recipe", "utterances"))
     cols.append("recipe")
     rkeys: list[str] = []
@@ -179,9 +196,10 @@ def jsonable(x: Any) -> Any:
 def write_front(rows: Sequence[Mapping], baseline: Mapping, out_dir: str | os.PathLike,
                 objectives: Objectives | None = None, *,
                 constraints: Mapping[str, float] | None = None) -> dict[str, Path]:
-    """Write `pareto.csv` (front rows; `wer`, `latency_median_s` first), `trials.csv` (every
-    row) and `pareto.json` (objectives, constraints, baseline, reference point, hypervolume,
-    knee, front). Returns the paths by name. Per-utterance details are left out."""
+    """Write `pareto.csv` (front rows; the objectives first: `wer`, `latency_median_s` by
+    default), `trials.csv` (every row) and `pareto.json` (objectives, constraints, baseline,
+    reference point, hypervolume, knee, front). Returns the paths by name. Per-utterance details
+    are left out."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
@@ -201,46 +219,68 @@ def write_front(rows: Sequence[Mapping], baseline: Mapping, out_dir: str | os.Pa
         "front": [{k_: v for k_, v in r.items() if k_ != "utterances"} for r in front],
         "knee": None if k is None else k.get("trial_id"),
     }
-    if _num(baseline.get("wer")) is not None and _num(baseline.get("latency_median_s")):
-        max_dwer = (constraints or {}).get("max_dwer")
-        summary["reference_point"] = list(reference_point(baseline, max_dwer))
-        summary["hypervolume"] = front_hypervolume(front, baseline, max_dwer)
+    if all(_num(baseline.get(m)) for m, _ in objs):  # a baseline on every objective
+        summary["reference_point"] = list(reference_point(baseline, None, objs,
+                                                          constraints=constraints))
+        summary["hypervolume"] = front_hypervolume(front, baseline, None, objs,
+                                                   constraints=constraints)
     paths["pareto_json"].write_text(
         json.dumps(jsonable(summary), indent=2, ensure_ascii=False), encoding="utf-8")
     return paths
 
 
+def axes(objectives: Objectives | None = None) -> tuple[str, str]:
+    """(y, x) of the front's plots: the first two objectives, a single one paired with a
+    default objective (y = wer, x = latency_median_s by default)."""
+    ms = list(dict.fromkeys([m for m, _ in _norm_objectives(objectives)]
+                            + [m for m, _ in figures.DEFAULT_OBJECTIVES]))
+    return ms[0], ms[1]
+
+
+def axis_label(metric: str) -> str:
+    fig = figures.BY_NAME.get(metric)
+    if metric in ("wer", "cer") or fig is None:
+        return metric.upper() if fig else metric
+    return f"{metric} ({fig.unit} per audio)" if fig.unit == "s" else (
+        f"{metric} ({fig.unit})" if fig.unit else metric)
+
+
 def plot_front(rows: Sequence[Mapping], front: Sequence[Mapping], baseline: Mapping,
-               path: str | os.PathLike, *, title: str | None = None) -> Path:
+               path: str | os.PathLike, *, title: str | None = None,
+               objectives: Objectives | None = None) -> Path:
     """PNG: every ok trial grey, the front highlighted and connected as a staircase, the
-    baseline a star, the knee circled. x = latency_median_s, y = wer."""
+    baseline a star, the knee circled. y, x = the first two objectives (`axes`): wer and
+    latency_median_s by default."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy; Agg, no display
     from matplotlib.figure import Figure
 
+    ym, xm = axes(objectives)
     fig = Figure(figsize=(7.5, 5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    pts = [(r["latency_median_s"], r["wer"]) for r in rows
-           if r.get("status", "ok") == "ok" and _num(r.get("wer")) is not None
-           and _num(r.get("latency_median_s")) is not None]
+    def drawn(rs):  # rows with both plotted figures (a 1-objective front may lack one)
+        return [r for r in rs if r.get("status", "ok") == "ok" and _num(r.get(ym)) is not None
+                and _num(r.get(xm)) is not None]
+
+    pts = [(r[xm], r[ym]) for r in drawn(rows)]
     if pts:
         xs, ys = zip(*pts)
         ax.scatter(xs, ys, s=18, c="#b0b0b0", label=f"trials ({len(pts)})", zorder=2)
-    fpts = sorted((r["latency_median_s"], r["wer"]) for r in front)
+    fpts = sorted((r[xm], r[ym]) for r in drawn(front))
     if fpts:
         fx, fy = zip(*fpts)
         ax.step(fx, fy, where="post", c="#d62728", lw=1.3, zorder=3)
         ax.scatter(fx, fy, s=36, c="#d62728", label=f"Pareto front ({len(fpts)})", zorder=4)
-        k = knee(front)
-        if k is not None:
-            ax.scatter([k["latency_median_s"]], [k["wer"]], s=160, facecolors="none",
+        k = knee(front, objectives)
+        if k is not None and drawn([k]):
+            ax.scatter([k[xm]], [k[ym]], s=160, facecolors="none",
                        edgecolors="#1f77b4", linewidths=1.8, label="knee", zorder=5)
-    if _num(baseline.get("wer")) is not None and _num(baseline.get("latency_median_s")):
-        ax.scatter([baseline["latency_median_s"]], [baseline["wer"]], marker="*", s=220,
+    if _num(baseline.get(ym)) is not None and _num(baseline.get(xm)):
+        ax.scatter([baseline[xm]], [baseline[ym]], marker="*", s=220,
                    c="#2ca02c", edgecolors="black", label="baseline", zorder=6)
-    ax.set_xlabel("latency_median_s (s per audio)")
-    ax.set_ylabel("WER")
-    ax.set_title(title or "HYPER: WER vs latency")
+    ax.set_xlabel(axis_label(xm))
+    ax.set_ylabel(axis_label(ym))
+    ax.set_title(title or f"HYPER: {axis_label(ym)} vs {xm}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

@@ -5,7 +5,6 @@ Only the sweep's driver and workers import this module; the evaluation core neve
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -18,11 +17,11 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from . import figures, rows
+
 EXPERIMENT = "hyper"
-# Per-trial figures logged as MLflow metrics (fractions and seconds, one name per figure).
-METRICS = ("wer", "cer", "dwer", "dcer", "latency_mean_s", "latency_median_s", "latency_p90_s",
-           "speedup", "rtf", "model_size_mb", "param_mb", "sparsity", "loops", "compile_s",
-           "recompiles", "prepare_s", "peak_rss_mb", "threads", "trial_s")
+# Per-trial figures logged as MLflow metrics (fractions and seconds; `sweep.figures` decides).
+METRICS = figures.keys("mlflow")
 # Never logged, whatever the environment holds.
 _SECRET_HINTS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL", "AUTH")
 
@@ -146,40 +145,34 @@ def start_parent(uri: str, exp_id: str, sweep: str, params: dict, tags: dict) ->
 
 def begin_trial(uri: str, exp_id: str, parent: str, sweep: str, key: str, recipe: dict,
                 tags: dict) -> tuple[str, dict | None]:
-    """Create the trial's child run: (run_id, None); or (run_id, its metrics) when an earlier
-    attempt of this trial already finished, so a resumed sweep neither re-runs nor re-logs it.
+    """Create the trial's child run: (run_id, None); or (run_id, its row, `rows.from_run`) when
+    an earlier attempt of this trial already finished, so a resumed sweep neither re-runs nor
+    re-logs it. `tags`: row fields (`rows.tags` encodes them) and any other plain values.
 
     A RUNNING run left by a killed attempt is marked KILLED, so nothing is counted twice.
     """
     client = MlflowClient(uri)
     for r in find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.trial_key": key}):
         if r.info.status == "FINISHED":
-            return r.info.run_id, dict(r.data.metrics)
+            return r.info.run_id, rows.from_run(r)
         if r.info.status == "RUNNING":
             retry(client.set_terminated, r.info.run_id, status="KILLED")
     run = retry(client.create_run, exp_id, run_name=key, tags={
         "mlflow.parentRunId": parent, "hyper.sweep": sweep, "hyper.kind": "trial",
-        "hyper.trial_key": key, "status": "running", **{k: str(v) for k, v in tags.items()}})
+        "hyper.trial_key": key, "status": "running",
+        **{k: str(v) for k, v in tags.items()}, **rows.tags(tags)})
     retry(client.log_batch, run.info.run_id,
-          params=[Param(k, str(v)) for k, v in sorted(recipe.items())])
+          params=[Param(k, v) for k, v in rows.params(recipe).items()])
     return run.info.run_id, None
 
 
 def finish_trial(uri: str, run_id: str, result: dict) -> None:
+    """Log a finished trial's result (`rows.to_mlflow`), its transcripts, and end the run."""
     client = MlflowClient(uri)
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(result[k]), now, 0) for k in METRICS
-               if isinstance(result.get(k), (int, float))]
-    ci = result.get("dwer_ci95")
-    if ci:
-        metrics += [Metric("dwer_ci95_lo", float(ci[0]), now, 0),
-                    Metric("dwer_ci95_hi", float(ci[1]), now, 0)]
-    for k, v in (result.get("baseline") or {}).items():
-        if isinstance(v, (int, float)):
-            metrics.append(Metric(f"baseline_{k}", float(v), now, 0))
-    tags = [RunTag("status", "ok"), RunTag("kernels", json.dumps(result.get("kernels", {}))),
-            RunTag("device", str(result.get("device", "")))]
-    retry(client.log_batch, run_id, metrics=metrics, tags=tags)
+    metrics, tags = rows.to_mlflow(result)
+    retry(client.log_batch, run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+          tags=[RunTag(k, v) for k, v in tags.items()])
     if result.get("utterances"):
         cols = ("id", "lang", "reference", "hypothesis", "latency_s", "tokens", "loop")
         table = {c: [u.get(c) for u in result["utterances"]] for c in cols}
@@ -211,27 +204,7 @@ def sweep_rows(uri: str, exp_id: str, sweep: str) -> list[dict]:
     end of the sweep down."""
     client = MlflowClient(uri)
     runs = find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.kind": "trial"})
-    return sorted((_row(r) for r in runs), key=lambda row: row["start_time"])
-
-
-def _row(r) -> dict:
-    from .recipe import Recipe
-
-    m, tags = dict(r.data.metrics), r.data.tags
-    status = {"FINISHED": "ok", "FAILED": tags.get("status", "failed")}.get(
-        r.info.status, r.info.status.lower())
-    row = {**{k: v for k, v in m.items() if not k.startswith("baseline_")},
-           "baseline": {k[len("baseline_"):]: v for k, v in m.items()
-                        if k.startswith("baseline_")},
-           "status": status, "trial_id": tags.get("hyper.trial_key"),
-           "run_id": r.info.run_id, "device": tags.get("device"), "error": tags.get("error"),
-           "kernels": {}, "recipe": dict(r.data.params), "start_time": r.info.start_time}
-    try:
-        row["recipe"] = Recipe.from_flat(dict(r.data.params)).to_flat()
-        row["kernels"] = json.loads(tags.get("kernels", "{}"))
-    except ValueError as e:  # RecipeError and JSONDecodeError are ValueErrors
-        row.update(status="unreadable", error=f"{type(e).__name__}: {e}")
-    return row
+    return sorted((rows.from_run(r) for r in runs), key=lambda row: row["start_time"])
 
 
 def close_stale(uri: str, exp_id: str, sweep: str) -> int:

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import tracking
+from . import rows, tracking
 
 # Per worker process: (model, data, threads, device) -> (loaded, evalset, calibration, baseline).
 _CACHE: dict = {}
@@ -152,12 +152,9 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
     run_id, done = tracking.begin_trial(
         ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep, trial_key, flat,
         {"device": device, "node": os.uname().nodename, "node_id": _node_id(),
-         "gpu_ids": ",".join(gpus), "cpus": cpus})
-    if done is not None:  # finished by an earlier attempt: keep its figures, do not log twice
-        base = {k[len("baseline_"):]: v for k, v in done.items() if k.startswith("baseline_")}
-        return {**{k: v for k, v in done.items() if not k.startswith("baseline_")},
-                "status": STATUS_OK, "run_id": run_id, "trial_key": trial_key, "device": device,
-                "baseline": base, "restored": True}
+         "gpu_ids": gpus, "cpus": cpus})
+    if done is not None:  # finished by an earlier attempt: its row as logged, not run twice
+        return {**reported(done, run_id, trial_key), "restored": True}
     try:
         recipe = Recipe.from_flat(flat)
         _check_device(device, gpus)
@@ -183,15 +180,13 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
         msg = tracking.fail_trial(ctx.tracking_uri, run_id, e, status=status, trial_s=trial_s)
         return {"status": status, "error": msg, "run_id": run_id, "trial_key": trial_key,
                 "trial_s": trial_s}
-    keep = ("wer", "cer", "dwer", "dcer", "latency_mean_s", "latency_median_s", "latency_p90_s",
-            "speedup", "rtf", "loops", "model_size_mb", "sparsity", "compile_s", "recompiles",
-            "threads", "device", "trial_s", "worker_prepare_s", "prepare_s", "node", "node_id",
-            "gpu_ids",
-            "kernels", "dwer_ci95")
-    out = {k: result[k] for k in keep if k in result}
-    out.update(status=STATUS_OK, run_id=run_id, trial_key=trial_key,
-               baseline={k: v for k, v in result["baseline"].items()})
-    return out
+    return reported(rows.from_result(result), run_id, trial_key)
+
+
+def reported(row: dict, run_id: str, trial_key: str) -> dict:
+    """What Tune and Optuna get of a finished trial's row: the same whether it was measured
+    now or restored from MLflow after a kill (`rows.from_result` == `rows.from_run`)."""
+    return {**rows.tune_row(row), "status": STATUS_OK, "run_id": run_id, "trial_key": trial_key}
 
 
 def trainable(config: dict, ctx: SweepContext) -> None:

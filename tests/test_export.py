@@ -207,15 +207,17 @@ def store(tmp_path_factory, tiny, tiny_checkpoint, small_manifest):
     really measured on the tiny checkpoint (dynamic int8), and a failed one."""
     from sweep import tracking
     from sweep.data import load_eval_set
+    from sweep.sweepspec import SweepSpec
 
     root = tmp_path_factory.mktemp("sweep-root")
     uri = tracking.default_uri(root)
     exp = tracking.ensure_experiment(uri, root / "artifacts")
+    spec = SweepSpec(name="t", model=tiny_checkpoint, dataset=small_manifest, max_samples=3,
+                     warmup=0)  # as launch logs it
     parent = tracking.start_parent(uri, exp, "t", {
         "model": tiny_checkpoint, "dataset": small_manifest, "n_utterances": 3,
         "data.max_samples": 3, "data.language": None, "numbers": "auto",
-        "command": f"launch.py --space quick --model {tiny_checkpoint} --dataset "
-                   f"{small_manifest} --warmup 0"}, {})
+        "spec": spec.to_json()}, {})
     ids = {}
     for key, (text, wer, lat) in FAKE.items():
         ids[key], _ = tracking.begin_trial(uri, exp, parent, "t", key,
@@ -277,7 +279,7 @@ def test_export_by_run_verifies_and_logs_to_mlflow(store, tmp_path, capsys):
     assert "WER and CER equal the trial's" in out and "differing from the trial's: 0 of 3" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["verify"]["match"] and metrics["trial"]["sweep"] == "t"
-    assert (metrics["data"]["max_samples"], metrics["data"]["warmup"]) == (3, 0)  # params, argv
+    assert (metrics["data"]["max_samples"], metrics["data"]["warmup"]) == (3, 0)  # the spec
     assert "identical transcripts" in (tmp_path / "out" / "README.md").read_text()
     client = MlflowClient(tracking.default_uri(root))
     files = {f.path for f in client.list_artifacts(ids["real"], "export")}

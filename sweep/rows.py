@@ -1,0 +1,93 @@
+"""One codec for a trial's row: what a trial's result becomes in MLflow, and the row read back
+from its run. Used by `tracking` (logging, `sweep_rows`), the worker (a resumed trial's row)
+and `export`. MLflow's entities come in as plain arguments: nothing here imports MLflow.
+
+A *row* is a flat dict: every figure under its row key (`figures.flatten`), `baseline` (the
+baseline's figures), `device`, `kernels` (layer type -> implementation), `node`, `node_id`,
+`gpu_ids`, and, read back from a run, `recipe`, `status`, `error`, `trial_id`, `run_id`,
+`start_time`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from . import figures
+
+BASE = "baseline_"  # MLflow metric prefix of the baseline's figures
+# Row fields kept as run tags, and how each is written and read back.
+_TAGS = {
+    "device": (str, str),
+    "kernels": (lambda v: json.dumps(v or {}, sort_keys=True), json.loads),
+    "node": (str, str),
+    "node_id": (str, str),
+    "gpu_ids": (lambda v: ",".join(map(str, v)), lambda s: [g for g in s.split(",") if g]),
+}
+# What the worker reports to Tune besides the figures (and its own status/run/trial keys).
+TUNE_FIELDS = ("baseline", *_TAGS)
+
+
+def tags(fields: Mapping) -> dict[str, str]:
+    """Run tags of the row fields present in `fields` (others are left to the caller)."""
+    return {k: enc(fields[k]) for k, (enc, _) in _TAGS.items() if fields.get(k) is not None}
+
+
+def params(recipe: Mapping) -> dict[str, str]:
+    """The flat recipe as run params (MLflow keeps text; `Recipe.from_flat` reads it back)."""
+    return {k: str(v) for k, v in sorted(recipe.items())}
+
+
+def to_mlflow(result: Mapping) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, tags) of a finished trial's result: its figures, the baseline's figures as
+    `baseline_<name>`, and status/kernels/device/node tags."""
+    metrics = {k: float(v) for k, v in figures.flatten(result).items()}
+    metrics.update({BASE + k: float(v) for k, v in figures.flatten(
+        result.get("baseline") or {}).items()})
+    return metrics, {"status": "ok", **tags({"kernels": {}, **result})}
+
+
+def from_result(result: Mapping) -> dict:
+    """The row of a trial measured in this process: exactly what `from_mlflow` reads back
+    once `to_mlflow`'s output is logged."""
+    return {**figures.flatten(result), "baseline": figures.flatten(result.get("baseline") or {}),
+            **{k: dec(enc(result[k])) for k, (enc, dec) in _TAGS.items()
+               if result.get(k) is not None}}
+
+
+def tune_row(row: Mapping) -> dict:
+    """What a trial reports to Tune (and Optuna) of its row: every figure and TUNE_FIELDS."""
+    return {k: v for k, v in row.items()
+            if k in TUNE_FIELDS or "tune" in getattr(figures.of_key(k), "to", ())}
+
+
+def _status(run_status: str, tag: str | None) -> str:
+    return {"FINISHED": "ok", "FAILED": tag or "failed"}.get(run_status, run_status.lower())
+
+
+def from_mlflow(info: Any, metrics: Mapping[str, float], tags_: Mapping[str, str],
+                params_: Mapping[str, str]) -> dict:
+    """The row of one trial run (`run.info`, `run.data.metrics/tags/params`). Never raises on
+    a bad run: a recipe no parameter allows or a broken tag gives status `unreadable` and the
+    reason in `error`, so one bad row cannot take the end of a sweep down."""
+    from .recipe import Recipe  # lazily: the techniques may move, this module stays pure
+
+    row = {**{k: figures.cast(k, v) for k, v in metrics.items() if not k.startswith(BASE)},
+           "baseline": {k[len(BASE):]: figures.cast(k[len(BASE):], v)
+                        for k, v in metrics.items() if k.startswith(BASE)},
+           "status": _status(info.status, tags_.get("status")),
+           "trial_id": tags_.get("hyper.trial_key"), "run_id": info.run_id,
+           "device": tags_.get("device"), "error": tags_.get("error"), "kernels": {},
+           "recipe": dict(params_), "start_time": info.start_time}
+    try:
+        row.update({k: dec(tags_[k]) for k, (_, dec) in _TAGS.items() if k in tags_})
+        row["recipe"] = Recipe.from_flat(dict(params_)).to_flat()
+    except ValueError as e:  # RecipeError and JSONDecodeError are ValueErrors
+        row.update(status="unreadable", error=f"{type(e).__name__}: {e}")
+    return row
+
+
+def from_run(run: Any) -> dict:
+    """`from_mlflow` of an MLflow `Run` object."""
+    return from_mlflow(run.info, run.data.metrics, run.data.tags, run.data.params)

@@ -1,0 +1,212 @@
+"""One registry of figures, one codec for a trial's row, one saved sweep spec: every figure the
+evaluator produces reaches MLflow, Tune and trials.csv; a space's objectives make the front; a
+restored trial's row is the row recorded before the kill, field for field."""
+
+import csv
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("mlflow")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from sweep import figures, launch, pareto, rows, tracking, worker  # noqa: E402
+from sweep.sweepspec import SweepSpec  # noqa: E402
+
+# What the evaluator returns besides figures, and where each goes instead.
+NOT_FIGURES = {"recipe": "params", "baseline": "baseline_* metrics", "kernels": "tag",
+               "device": "tag", "utterances": "transcripts.json", "notes": "the evaluate JSON",
+               "numbers": "the sweep's --numbers"}
+
+
+@pytest.fixture(scope="module")
+def result(tiny_checkpoint, small_manifest):
+    """A real trial result of the tiny model on one clip, as the worker completes it."""
+    from sweep.data import load_eval_set
+    from sweep.evaluate import run_trial
+    from sweep.models import load_model
+    from sweep.recipe import Recipe
+
+    lm = load_model(tiny_checkpoint)
+    res, _ = run_trial(lm.model, lm.processor, load_eval_set(small_manifest, max_samples=1),
+                       Recipe.parse("prune.rate=0.25"), warmup=0)
+    return {**res, "trial_s": 2.5, "worker_prepare_s": 1.25, "node": os.uname().nodename,
+            "node_id": "node-x", "gpu_ids": []}
+
+
+def test_every_list_of_figures_is_derived_from_the_registry():
+    assert tracking.METRICS == figures.keys("mlflow")
+    assert pareto.METRICS == figures.names("objective")
+    assert pareto.DEFAULT_OBJECTIVES is figures.DEFAULT_OBJECTIVES
+    assert {m for m, _ in figures.DEFAULT_OBJECTIVES} <= set(pareto.METRICS)
+    for f in figures.FIGURES:
+        assert set(figures.RECORDED) <= set(f.to), f  # the rule: MLflow, Tune and trials.csv
+        assert f.better or "objective" not in f.to, f
+        assert f.of is None or f.of in figures.BY_NAME, f
+    with pytest.raises(ValueError, match="kind='list'.*allowed: float, int, pair"):
+        figures.Figure("x", kind="list")
+
+
+def test_every_figure_the_evaluator_produces_is_registered(result):
+    numeric = {k for k, v in result.items() if figures._number(v)}
+    pairs = {k for k, v in result.items() if isinstance(v, list) and len(v) == 2
+             and all(map(figures._number, v))}
+    assert numeric | pairs <= set(figures.BY_NAME), (numeric | pairs) - set(figures.BY_NAME)
+    assert set(figures.BY_NAME) <= set(result), set(figures.BY_NAME) - set(result)
+    rest = set(result) - set(figures.BY_NAME) - {"node", "node_id", "gpu_ids"}
+    assert rest <= set(NOT_FIGURES), rest - set(NOT_FIGURES)
+
+
+def _store(tmp_path):
+    uri = tracking.default_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, tmp_path / "artifacts")
+    parent = tracking.start_parent(uri, exp, "s", {"space": "x"}, {})
+    return uri, exp, parent
+
+
+def test_restored_row_equals_the_recorded_one_field_for_field(result, tmp_path, monkeypatch):
+    from ray import tune
+
+    uri, exp, parent = _store(tmp_path)
+    flat, key = result["recipe"], "trial-1"
+    tags = {"device": "cpu", "node": result["node"], "node_id": "node-x", "gpu_ids": [],
+            "cpus": 1}
+    run_id, done = tracking.begin_trial(uri, exp, parent, "s", key, flat, tags)
+    assert done is None
+    tracking.finish_trial(uri, run_id, result)
+    first = worker.reported(rows.from_result(result), run_id, key)  # what Tune got first
+    assert {"dwer_ci95_lo", "dwer_ci95_hi", "kernels", "worker_prepare_s", "param_mb",
+            "peak_rss_mb"} <= set(first)
+
+    # The worker's restore path, as after a kill: begin_trial finds the FINISHED run.
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: key))
+    monkeypatch.setattr(worker, "_assigned", lambda: (1, []))
+    monkeypatch.setattr(worker, "_node_id", lambda: "node-x")
+    ctx = worker.SweepContext(sweep="s", model="unused", data={}, language=None,
+                              numbers="auto", tracking_uri=uri, experiment_id=exp,
+                              parent_run_id=parent, cpus_per_trial=1)
+    restored = worker.run_one(dict(flat), ctx)
+    assert restored.pop("restored") is True
+    assert restored == first
+    assert {k: type(v) for k, v in restored.items()} == {k: type(v) for k, v in first.items()}
+
+    (row,) = tracking.sweep_rows(uri, exp, "s")
+    assert row["trial_id"] == key and row["recipe"] == flat
+    assert {k: row[k] for k in first if k != "trial_key"} == {
+        k: v for k, v in first.items() if k != "trial_key"}
+
+
+def test_an_undecodable_run_is_an_unreadable_row(tmp_path):
+    uri, exp, parent = _store(tmp_path)
+    run_id, _ = tracking.begin_trial(uri, exp, parent, "s", "bad",
+                                     {"quant.scheme": "int3"}, {"device": "cpu"})
+    tracking.finish_trial(uri, run_id, {"wer": 0.1})
+    (row,) = tracking.sweep_rows(uri, exp, "s")
+    assert row["status"] == "unreadable" and "int3" in row["error"]
+    info = SimpleNamespace(status="FINISHED", run_id="r", start_time=0)
+    bad = rows.from_mlflow(info, {"wer": 0.1}, {"kernels": "{not json"}, {})
+    assert bad["status"] == "unreadable" and "JSONDecodeError" in bad["error"]
+
+
+# ---- a real tiny sweep whose space ranks on cer and latency_p90_s ---------------------------
+
+SPACE = """
+params:
+  quant.scheme: {choice: [none, bf16]}
+  prune.rate: {float: [0.0, 0.5], step: 0.25}
+objectives: {cer: min, latency_p90_s: min}
+starts:
+  - {quant.scheme: none, prune.rate: 0.25}
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_checkpoint, small_manifest):
+    tmp = tmp_path_factory.mktemp("figsweep")
+    (tmp / "space.yaml").write_text(SPACE)
+    root = tmp / "root"
+    args = launch.parse_args(["--space", str(tmp / "space.yaml"), "--model", tiny_checkpoint,
+                              "--dataset", small_manifest, "--root", str(root), "--name", "o",
+                              "--num-samples", "1", "--max-slowdown", "0", "--seed", "0"])
+    try:
+        summary = launch.run(args)
+    finally:
+        ray.shutdown()
+    client = MlflowClient(tracking.default_uri(root))
+    exp = client.get_experiment_by_name("hyper").experiment_id
+    runs = [r for r in client.search_runs([exp]) if r.data.tags.get("hyper.kind") == "trial"]
+    return root, summary, runs
+
+
+def test_every_figure_reaches_mlflow_tune_and_trials_csv(sweep):
+    root, summary, runs = sweep
+    ok = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(ok) == summary["ok"] == 2
+    for r in ok:
+        assert set(figures.keys("mlflow")) <= set(r.data.metrics), \
+            set(figures.keys("mlflow")) - set(r.data.metrics)
+    tune = [json.loads(p.read_text().splitlines()[-1])
+            for p in (root / "sweeps" / "o").glob("*/result.json")]
+    assert len(tune) == 2
+    for res in tune:
+        assert set(figures.keys("tune")) <= set(res), set(figures.keys("tune")) - set(res)
+    with open(root / "sweeps" / "o" / "results" / "trials.csv", newline="") as fh:
+        head = next(csv.reader(fh))
+    assert set(figures.keys("csv")) <= set(head), set(figures.keys("csv")) - set(head)
+
+
+def test_the_front_is_on_the_spaces_objectives(sweep):
+    root, summary, runs = sweep
+    out = root / "sweeps" / "o" / "results"
+    objs = [("cer", "min"), ("latency_p90_s", "min")]
+    data = json.loads((out / "pareto.json").read_text())
+    assert [tuple(o) for o in data["objectives"]] == objs
+    assert (out / "pareto.csv").read_text().splitlines()[0].startswith("cer,latency_p90_s,")
+    logged = [(r.data.metrics["cer"], r.data.metrics["latency_p90_s"]) for r in runs
+              if r.info.status == "FINISHED"]
+    front = data["front"]
+    assert front
+    for row in front:
+        c, t = row["cer"], row["latency_p90_s"]
+        assert not any(c2 <= c and t2 <= t and (c2, t2) != (c, t) for c2, t2 in logged)
+    assert summary["knee"] == data["knee"] == pareto.knee(front, objs)["trial_id"]
+    base = data["baseline"]
+    assert data["reference_point"] == pytest.approx([base["cer"] * 1.5, base["latency_p90_s"]])
+    assert summary["hypervolume"] == pytest.approx(data["hypervolume"])
+
+
+def test_the_saved_spec_is_read_by_resume_and_export(sweep):
+    root, _, _ = sweep
+    spec = SweepSpec.load(root / "sweeps" / "o")
+    assert spec.name == "o" and spec.num_samples == 1 and spec.max_slowdown == 0
+    client = MlflowClient(tracking.default_uri(root))
+    exp = client.get_experiment_by_name("hyper").experiment_id
+    (parent,) = [r for r in client.search_runs([exp]) if r.data.tags.get("hyper.kind") == "sweep"]
+    assert SweepSpec.from_params(parent.data.params, "o") == spec
+    args = launch._restore_args(launch.parse_args(["--root", str(root), "--resume", "o",
+                                                   "--time-budget", "9"]))
+    assert (args.resume, args.time_budget, args.dataset) == ("o", 9, spec.dataset)
+
+
+def test_spec_defaults_are_the_cli_defaults_and_old_files_still_read(tmp_path):
+    cli = vars(launch.parse_args([]))
+    assert set(SweepSpec.fields()) == set(cli) - {"resume", "inject"}
+    assert {k: getattr(SweepSpec(name="x"), k) for k in cli if k in SweepSpec.fields()} == {
+        **{k: v for k, v in cli.items() if k in SweepSpec.fields()}, "name": "x"}
+    old = {**cli, "name": None, "resume": None, "inject": {}, "num_samples": 3}  # vars(args)
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "hyper.json").write_text(json.dumps(old))
+    assert SweepSpec.load(tmp_path / "s1") == SweepSpec(name="s1", num_samples=3)
+    legacy = {"model": "m", "data.dataset": "/d.jsonl", "dataset": "d", "data.max_samples": "3",
+              "data.language": "None", "numbers": "words", "warmup": "0"}
+    spec = SweepSpec.from_params(legacy, "s")
+    assert (spec.model, spec.dataset, spec.max_samples, spec.language, spec.numbers,
+            spec.warmup) == ("m", "/d.jsonl", 3, None, "words", 0)
+    with pytest.raises(ValueError, match="needs its `name`"):
+        SweepSpec.from_dict({})
+    assert Path(SweepSpec(name="x").save(tmp_path)).name == "hyper.json"
