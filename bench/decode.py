@@ -61,7 +61,7 @@ def prepare(v: Variant, loaded, threads: int) -> None:
 
     t0 = time.perf_counter()
     applied = apply_recipe(copy.deepcopy(loaded.model), Recipe.parse(v.recipe))
-    v.runner, v.prepare_s = applied.model, time.perf_counter() - t0
+    v.runner, v.prepare_s, v.options = applied.model, time.perf_counter() - t0, applied.options
     v.kernels, v.notes = applied.kernels, applied.notes
 
 
@@ -71,17 +71,16 @@ def decoder_ms_per_token(v: Variant, processor, clips, lang: str) -> dict:
     from sweep import decode
     from sweep.evaluate import transcribe
 
-    model, per_tok, enc = v.runner, [], []
-    plan = decode.plan_of(model)
+    model, plan, per_tok, enc = v.runner, v.options or decode.Plan.default(), [], []
     for u in clips:
         if isinstance(plan, decode.GreedyPlan):
-            transcribe(model, processor, u, language=lang)
-            t = decode.runtime(model).last
+            transcribe(model, processor, u, language=lang, options=plan)
+            t = decode.runtime(model, plan).last
             per_tok.append(t.ms_per_token)
             enc.append(t.encode_s)
             continue
-        marks, end = _timed_generate(model, lambda u=u: transcribe(model, processor, u,
-                                                                    language=lang))
+        marks, end = _timed_generate(model, lambda u=u: transcribe(
+            model, processor, u, language=lang, options=plan))
         per_tok.append(1000 * (end - marks["dec1"][0]) / max(1, len(marks["dec1"]) - 1))
         enc.append(marks["enc1"][0] - marks["enc0"][0] if "enc1" in marks else float("nan"))
     return {"ms_per_token": float(np.median(per_tok)), "encoder_s": float(np.nanmedian(enc))}
@@ -109,14 +108,15 @@ def throughput(v: Variant, processor, clips, lang: str, batch: int) -> float:
     shares a window); the texts are not scored here (see the tests: same as one by one)."""
     from sweep import decode, scoring
 
+    plan = v.options or decode.Plan.default()
     order = sorted(clips, key=lambda u: u.duration_s)
     groups = [order[i:i + batch] for i in range(0, len(order), batch)]
     for g in {len(g): g for g in groups}.values():  # warm: a compiled step per batch size
-        decode.transcribe_batch(v.runner, processor, g, language=lang, cap=8)
+        decode.transcribe_batch(v.runner, processor, g, plan, language=lang, cap=8)
     t0 = time.perf_counter()
     for g in groups:
         cap = max(scoring.max_new_tokens_for(u.duration_s) for u in g)
-        decode.transcribe_batch(v.runner, processor, g, language=lang, cap=cap)
+        decode.transcribe_batch(v.runner, processor, g, plan, language=lang, cap=cap)
     return (time.perf_counter() - t0) / len(clips)
 
 

@@ -44,6 +44,7 @@ class Variant:
     prepare_s: float = 0.0
     cpu_s: float | None = None  # CPU seconds of the last call, when not spent in this process
     kernels: dict | None = None  # layer type -> implementation that ran (HF variants)
+    options: object = None  # decoding options of the applied recipe (HF variants)
 
     def prepare(self, loaded, threads: int) -> None:
         t0 = time.perf_counter()
@@ -65,6 +66,7 @@ class Variant:
                 applied = apply_recipe(copy.deepcopy(loaded.model), recipe,
                                        calibrate=calib or None)
                 self.runner, self.kernels = applied.model, applied.kernels
+                self.options = applied.options
         self.prepare_s = time.perf_counter() - t0
 
     def run(self, processor, utt, lang: str):
@@ -73,7 +75,7 @@ class Variant:
         from sweep.evaluate import transcribe
 
         if not self.compute_type:
-            return transcribe(self.runner, processor, utt, language=lang)
+            return transcribe(self.runner, processor, utt, language=lang, options=self.options)
         cap = scoring.max_new_tokens_for(utt.duration_s)
         text, ids, secs, self.cpu_s = self.runner(utt.audio, lang, cap,
                                                   processor.tokenizer.eos_token_id)

@@ -100,10 +100,9 @@ def model_card(info: dict, metrics: dict) -> str:
             for f in CARD_FIGURES if not f.relative and (f.name in fig or f.name in base)]
     rows += [f"| {f.text} | {_num(fig[f.name], f.fmt)}{f.unit} | {_num(f.neutral, f.fmt)}{f.unit}"
              " | |" for f in CARD_FIGURES if f.relative and f.name in fig]
-    from .checkpoint import HANDLING, REAPPLIED  # checkpoint writes cards: import at call
-
-    lines = [f"- **{getattr(recipe, p).describe()}** — {HANDLING.get(p, REAPPLIED).why}."
-             for p in TECHNIQUES if getattr(recipe, p).active] or ["- none: the base model."]
+    lines = [f"- **{getattr(recipe, p).describe()}** — {cls.STORAGE.why}."
+             for p, cls in TECHNIQUES.items() if getattr(recipe, p).active] or [
+        "- none: the base model."]
     if info.get("calibration"):
         lines.append("- static int8 scales are stored in `recipe.json`: no calibration at load.")
     return CARD.format(

@@ -16,13 +16,14 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .card import environment, write_metrics
+from .decode import plan_for
 from .recipe import TECHNIQUES, Recipe, RecipeError
 
 FORMAT_VERSION = 1
@@ -40,32 +41,6 @@ class CheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
-class Handling:
-    """How one technique survives export: `baked` into the saved weights, and/or `reapplied`
-    at load (a predicate on its config), and why."""
-    baked: bool
-    reapplied: Callable[[object], bool]
-    why: str
-
-
-# Techniques whose effect is saved in the weights, and those re-applied for a reason worth
-# saying. Any other technique is re-applied at load from recipe.json (always exact: it runs on
-# the same weights as in the trial, after the baked ones, which come first in recipe order).
-HANDLING: dict[str, Handling] = {
-    "struct": Handling(True, lambda cfg: False, "neurons removed from the weights; config.json "
-                       "records the new FFN widths, so plain `from_pretrained` loads it"),
-    # Re-pruning 2:4 weights picks the same zeros again; it restores the sparse (CUDA) storage.
-    "prune": Handling(True, lambda cfg: cfg.pattern == "2:4", "zeros saved in the weights"
-                      " (2:4: also re-applied at load for the semi-structured sparse storage)"),
-    "quant": Handling(False, lambda cfg: True, "re-applied at load: quantized modules are not "
-                      "plain safetensors and the fastest kernel is chosen per machine"),
-    "compile": Handling(False, lambda cfg: True, "re-applied at load: compiled graphs cannot be "
-                        "saved; the first call compiles"),
-}
-REAPPLIED = Handling(False, lambda cfg: True, "re-applied at load from recipe.json")
-
-
-@dataclass(frozen=True)
 class Checkpoint:
     """What `load` returns; `model`/`processor` like `sweep.models.LoadedModel`."""
     model: nn.Module
@@ -78,19 +53,21 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)  # metrics.json
     spec: str = ""
     source: str = ""
+    options: object = None  # decoding options (sweep.decode.Plan): pass them to transcription
 
 
 def split(recipe: Recipe) -> tuple[Recipe, Recipe, list[str], list[str]]:
-    """(recipe of the baked parts, recipe re-applied at load, baked names, re-applied names)."""
+    """(recipe of the baked parts, recipe re-applied at load, baked names, re-applied names),
+    by each technique's declared `STORAGE`."""
     baked, again, bake_parts, load_parts = [], [], {}, {}
     for prefix, cls in TECHNIQUES.items():
-        cfg, how = getattr(recipe, prefix), HANDLING.get(prefix, REAPPLIED)
+        cfg, how = getattr(recipe, prefix), cls.STORAGE
         baked += [prefix] if cfg.active and how.baked else []
         again += [prefix] if cfg.active and how.reapplied(cfg) else []
         bake_parts[prefix] = cfg if how.baked else cls()
         load_parts[prefix] = cfg if cfg.active and how.reapplied(cfg) else cls()
-    return (Recipe(device=recipe.device, **bake_parts), Recipe(device=recipe.device, **load_parts),
-            baked, again)
+    return (Recipe(recipe.device, **bake_parts), Recipe(recipe.device, **load_parts), baked,
+            again)
 
 
 def sha256(path: Path) -> str:
@@ -128,7 +105,7 @@ def _capture_calibration(model, recipe: Recipe, calibrate) -> dict:
         stats.update({n: {k: o.calls if k == "calls" else o.stats[k] for k in _STATS}
                       for n, o in m.named_modules() if isinstance(o, Observer)})
 
-    apply_recipe(copy.deepcopy(model), replace(recipe, compile=type(recipe.compile)()),
+    apply_recipe(copy.deepcopy(model), recipe.replace(compile=type(recipe.compile)()),
                  calibrate=observe)
     return stats
 
@@ -256,7 +233,7 @@ def load(path, device: str | None = None) -> Checkpoint:
     check_files(path, info)
     if device is not None and device != recipe.device:
         try:
-            recipe = replace(recipe, device=device)
+            recipe = recipe.replace(device=device)
         except RecipeError as e:
             raise CheckpointError(f"`device`={device!r} cannot run this recipe: {e}") from None
     with _no_progress_bars():
@@ -281,4 +258,5 @@ def load(path, device: str | None = None) -> Checkpoint:
     mfile = path / "metrics.json"
     metrics = json.loads(mfile.read_text(encoding="utf-8")) if mfile.is_file() else {}
     return Checkpoint(applied.model, processor, recipe, path, dict(applied.kernels), notes, info,
-                      metrics, spec=str(path), source=f"HYPER checkpoint {path.resolve()}")
+                      metrics, spec=str(path), source=f"HYPER checkpoint {path.resolve()}",
+                      options=plan_for(recipe))

@@ -1,25 +1,25 @@
-"""Apply a Recipe to a HF Whisper model: struct -> prune -> quantize -> compile.
+"""Apply a Recipe to a HF Whisper model: each active technique's `apply`, in registration order
+(struct -> prune -> quant -> compile -> encoder -> decode), and the decoding options they set.
 
-One handler per technique config type (`@register(PruneConfig)`); quantization replaces Linear
-modules per layer type with the implementation `sweep.kernels` measured fastest here.
+The techniques live in `sweep.techniques`; this module is the torch side they share: layer
+types of Whisper's Linear layers, module swaps, static int8 calibration, the encoder stack cast.
 """
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from . import decode, kernels, structured, window
-from .recipe import (LAYER_TYPES, CompileConfig, DecodeConfig, EncoderConfig, PruneConfig,
-                     QuantConfig, Recipe, StructConfig)
+from . import kernels
+from .decode import Plan, plan_for
+from .recipe import LAYER_TYPES, Recipe
 
 __all__ = ["LAYER_TYPES", "Applied", "CompressError", "apply_recipe", "layer_type_of",
-           "recompile_count", "register"]
+           "recompile_count"]
 
 _TYPE_RULES = [(re.compile(p), t) for p, t in (
     (r"model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj", "enc_attn"),
@@ -47,6 +47,7 @@ class Applied:
     kernels: dict[str, str]  # layer type -> implementation that runs it ("fp32" = untouched)
     sparsity: float | None  # share of zero weights in Linear layers, before quantization
     notes: list[str] = field(default_factory=list)
+    options: Plan = field(default_factory=Plan.default)  # hand to transcription, with the model
 
 
 @dataclass
@@ -56,16 +57,6 @@ class Context:
     kernels: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     sparsity: float | None = None
-
-
-HANDLERS: dict[type, Callable] = {}
-
-
-def register(config_type: type):
-    def deco(fn):
-        HANDLERS[config_type] = fn
-        return fn
-    return deco
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe, *,
@@ -79,13 +70,16 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *,
         torch._dynamo.reset()
     ctx = Context(recipe, calibrate)
     for cfg in recipe.configs():
-        if cfg.STAGE == "compress" and cfg.active:
-            if type(cfg) not in HANDLERS:
-                raise CompressError(f"no compress handler registered for {type(cfg).__name__}")
-            HANDLERS[type(cfg)](model, cfg, ctx)
+        if cfg.active:
+            cfg.apply(model, ctx)
+    options = plan_for(recipe)
+    if options != Plan.default():
+        from .decode import isa_note
+
+        ctx.notes += [f"decode: {options.describe()}", f"isa: {isa_note()}"]
     sparsity = ctx.sparsity if ctx.sparsity is not None else linear_sparsity(model)
     return Applied(model, {t: ctx.kernels.get(t, "fp32") for t in LAYER_TYPES}, sparsity,
-                   ctx.notes)
+                   ctx.notes, options)
 
 
 def linear_sparsity(model: nn.Module) -> float:
@@ -108,82 +102,14 @@ def recompile_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _linears(model, types) -> dict[str, nn.Linear]:
+def linears_of(model, types) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and layer_type_of(n) in types}
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-@register(StructConfig)
-def _struct(model, cfg: StructConfig, ctx: Context) -> None:
-    stacks = ("encoder", "decoder") if cfg.stacks == "both" else (cfg.stacks,)
-    ctx.notes += structured.shrink_ffn(model, cfg.ffn_rate, stacks)
-
-
-@register(PruneConfig)
-def _prune(model, cfg: PruneConfig, ctx: Context) -> None:
-    linears = _linears(model, cfg.layer_types)
-    structured.magnitude_prune(list(linears.values()), rate=cfg.rate, norm=cfg.norm,
-                               scope=cfg.scope, pattern=cfg.pattern)
-    ctx.sparsity = linear_sparsity(model)  # before sparse storage or quantization hide zeros
-    ctx.notes.append(f"{cfg.describe()}: {len(linears)} Linear layers")
-    if "head" in cfg.layer_types:
-        ctx.notes.append("prune: head is tied to the token embeddings; both are pruned")
-    if cfg.pattern == "2:4":
-        _semi_structured(model, linears, ctx)
-
-
-def _semi_structured(model, linears: dict[str, nn.Linear], ctx: Context) -> None:
-    """Store 2:4-pruned weights in the sparse format (CUDA); layers quantized later stay dense."""
-    plan = ctx.recipe.quant.by_layer_type()
-    for name, lin in linears.items():
-        if plan[layer_type_of(name)] != "none":
-            continue
-        try:
-            sparse = torch.sparse.to_sparse_semi_structured(lin.weight.detach())
-            lin.weight = nn.Parameter(sparse, requires_grad=False)
-            ctx.kernels[layer_type_of(name)] = "semi-structured 2:4"
-        except Exception as e:  # shape/dtype limits of the sparse kernels: keep dense zeros
-            ctx.notes.append(f"prune 2:4: {name} kept dense ({type(e).__name__}: {e})")
-
-
-@register(QuantConfig)
-def _quantize(model, cfg: QuantConfig, ctx: Context) -> None:
-    if ctx.sparsity is None:  # quantized weights hide their zeros
-        ctx.sparsity = linear_sparsity(model)
-    plan = cfg.by_layer_type()
-    todo = _linears(model, [t for t, s in plan.items() if s != "none"])
-    for name in _cast_encoder_stack(model, plan, ctx):
-        todo.pop(name)
-    stats = _calibrate(model, {n: m for n, m in todo.items()
-                               if plan[layer_type_of(n)] == "static_int8"}, ctx)
-    chosen, measured = defaultdict(set), {}
-    scripted = ctx.recipe.decode.compile == "script"  # the decoder and head run traced
-    for name, lin in todo.items():
-        lt, rows = layer_type_of(name), _tokens(model, name)
-        try:
-            impl, entry = kernels.choose(plan[lt], lin, rows, compiled=ctx.recipe.compile.active,
-                                         traced=scripted and not lt.startswith("enc_"))
-            _set_module(model, name, impl.build(lin, stats.get(name)).eval())
-        except Exception as e:
-            raise CompressError(f"`quant.{lt}`={plan[lt]} on {ctx.recipe.device}: {e}") from e
-        chosen[lt].add(impl.name)
-        shape = f"{lin.in_features}x{lin.out_features} on {rows} rows"
-        measured[lt, shape] = f"{impl.name} {entry['speedup'][impl.name]:.2f}x"
-    ctx.kernels.update({lt: "+".join(sorted(names)) for lt, names in chosen.items()})
-    ctx.notes += [f"{plan[lt]} {lt} {shape}: {what} vs fp32"
-                  for (lt, shape), what in measured.items()]
-
-
-def _tokens(model, name: str) -> int:
-    """Rows a Linear sees per call in greedy decoding: the encoder and the cross-attention
-    keys/values see every audio frame, the rest of the decoder one token per step."""
-    frames = model.config.max_source_positions
-    return frames if ".encoder." in name or re.search(r"encoder_attn\.[kv]_proj", name) else 1
 
 
 class Observer(nn.Module):
@@ -205,7 +131,7 @@ class Observer(nn.Module):
         return y
 
 
-def _calibrate(model, linears: dict[str, nn.Linear], ctx: Context) -> dict[str, dict]:
+def calibrate_linears(model, linears: dict[str, nn.Linear], ctx: Context) -> dict[str, dict]:
     """Observe `linears` while `ctx.calibrate(model)` runs calibration audio; their stats."""
     if not linears:
         return {}
@@ -214,13 +140,13 @@ def _calibrate(model, linears: dict[str, nn.Linear], ctx: Context) -> dict[str, 
                             "calibrate=fn), fn(model) running audio disjoint from the eval set")
     observers = {name: Observer(lin) for name, lin in linears.items()}
     for name, obs in observers.items():
-        _set_module(model, name, obs)
+        set_module(model, name, obs)
     try:
         with torch.inference_mode():
             ctx.calibrate(model)
     finally:
         for name, lin in linears.items():
-            _set_module(model, name, lin)
+            set_module(model, name, lin)
     blind = sorted({layer_type_of(n) for n, o in observers.items() if not o.calls})
     if blind:
         raise CompressError(f"static_int8: calibrate() ran no data through {', '.join(blind)}")
@@ -230,7 +156,7 @@ def _calibrate(model, linears: dict[str, nn.Linear], ctx: Context) -> dict[str, 
     return {name: obs.stats for name, obs in observers.items()}
 
 
-def _cast_encoder_stack(model, plan: dict[str, str], ctx: Context) -> list[str]:
+def cast_encoder_stack(model, plan: dict[str, str], ctx: Context) -> list[str]:
     """With the whole encoder cast (enc_attn and enc_mlp both bf16 or both fp16), casting the
     stack once at its boundary can beat casting around every Linear: measured, cached.
     Returns the names of the Linear layers it took care of."""
@@ -254,7 +180,7 @@ def _cast_encoder_stack(model, plan: dict[str, str], ctx: Context) -> list[str]:
         with_kwargs=True)
     enc.register_forward_hook(lambda m, args, out: _cast_output(out, out_dtype))
     ctx.kernels.update(enc_attn=f"{scheme} encoder stack", enc_mlp=f"{scheme} encoder stack")
-    return list(_linears(model, ("enc_attn", "enc_mlp")))
+    return list(linears_of(model, ("enc_attn", "enc_mlp")))
 
 
 def _cast(x, dtype):
@@ -275,29 +201,8 @@ def _time_encoder_cast(layer: nn.Module, dtype: torch.dtype, config) -> dict:
     per_linear, stack = copy.deepcopy(layer), copy.deepcopy(layer).to(dtype)
     for name, mod in list(per_linear.named_modules()):
         if isinstance(mod, nn.Linear):
-            _set_module(per_linear, name, kernels.CastLinear(mod, dtype))
+            set_module(per_linear, name, kernels.CastLinear(mod, dtype))
     secs = kernels.time_calls({"fp32": lambda: layer(x, None), "per-linear": lambda: per_linear(
         x, None), "stack": lambda: _cast_output((stack(x.to(dtype), None),), x.dtype)})
     return {"choice": min(("per-linear", "stack"), key=secs.get), "seconds": secs,
             "speedup": {k: secs["fp32"] / secs[k] for k in ("per-linear", "stack")}}
-
-
-@register(CompileConfig)
-def _compile(model, cfg: CompileConfig, ctx: Context) -> None:
-    for stack in (model.model.encoder, model.model.decoder):  # not generate(): its loop is Python
-        stack.compile(mode=None if cfg.mode == "default" else cfg.mode)
-    ctx.notes.append(f"compile: encoder and decoder, mode={cfg.mode}")
-
-
-# Decoding plan (greedy loop, compiled step, encoder window): stored on the model for transcribe.
-register(DecodeConfig)(decode.apply_plan)
-
-
-@register(EncoderConfig)
-def _encoder(model, cfg: EncoderConfig, ctx: Context) -> None:
-    if cfg.compile != "none":
-        window.compile_encoder(model, freeze=cfg.compile == "freeze")
-        ctx.notes.append(f"encoder: torch.compile ({cfg.compile})")
-        for t in ("enc_attn", "enc_mlp"):  # inductor's kernels now, around the same matmuls
-            ctx.kernels[t] = f"{ctx.kernels.get(t, 'fp32')}, compiled ({cfg.compile})"
-    decode.apply_plan(model, cfg, ctx)

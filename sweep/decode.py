@@ -1,8 +1,8 @@
-"""Decoding plans: how `sweep.evaluate.transcribe` turns features into tokens.
+"""Decoding options: how `sweep.evaluate.transcribe` turns features into tokens.
 
-A recipe's `decode.*` and `encoder.*` parameters become one frozen plan stored on the model
-(`model.hyper_decode`, by `apply_plan`, the compress handler of both configs); `decode()`
-dispatches on the plan's type through `RUNNERS`. A model without a plan decodes as before.
+The techniques' `decoding()` fields make one frozen `Plan` (`plan_for(recipe)`), handed
+explicitly to transcription next to the model, as whisper's DecodingOptions are: nothing is
+stored on the model. `decode()` dispatches on the plan's type through `RUNNERS`.
 
 - `GeneratePlan`: HF `generate` (greedy, language and task given, no timestamps).
 - `GreedyPlan`: a lean greedy loop with generate's tokens (its step: `sweep.greedy`): the
@@ -28,7 +28,6 @@ from . import window as win
 from .greedy import Greedy, Timing
 from .window import Window
 
-PLAN_ATTR = "hyper_decode"
 CROSS_DTYPES = {"model": None, "bf16": torch.bfloat16}  # decode.cross_kv -> dtype (None: same)
 
 
@@ -39,6 +38,12 @@ class Plan:
     scripted: bool = False  # the same static step traced by TorchScript (the greedy loop only)
     no_repeat: int = 0  # HF's no_repeat_ngram_size: no n-gram twice (0 = off)
     cross_kv: str = "model"  # dtype of the cached cross-attention K/V (the greedy loop only)
+    max_new_tokens: int = 0  # at most this many tokens per clip (0: the caller's cap)
+
+    @staticmethod
+    def default() -> Plan:
+        """What an unchanged model decodes with: HF generate over the 30 s window."""
+        return GeneratePlan()
 
     def describe(self) -> str:
         w = self.window
@@ -47,6 +52,7 @@ class Plan:
                 + (" scripted step" if self.scripted else "")
                 + (f", cross K/V {self.cross_kv}" if self.cross_kv != "model" else "")
                 + (f", no repeated {self.no_repeat}-gram" if self.no_repeat else "")
+                + (f", at most {self.max_new_tokens} tokens" if self.max_new_tokens else "")
                 + ("" if w.mode == "full" else f", encoder window {w.mode} ({w.bucket_s} s)"))
 
 
@@ -72,44 +78,41 @@ RUNNERS: dict[type, Callable] = {}
 
 
 def plan_for(recipe) -> Plan:
-    """The plan of a Recipe (its `decode` and `encoder` configs)."""
-    w = Window(recipe.encoder.window, recipe.encoder.bucket_s)
-    d = recipe.decode
-    return PLANS[d.loop](window=w, compiled=d.compile == "step", scripted=d.compile == "script",
-                         no_repeat=d.no_repeat_ngram, cross_kv=d.cross_kv)
+    """The decoding options of a Recipe: the `decoding()` fields of its active techniques. Two
+    techniques setting one field to different values is a recipe error."""
+    from .techniques import RecipeError
+
+    fields, by = {}, {}
+    for cfg in recipe.configs():
+        for key, value in (cfg.decoding() if cfg.active else {}).items():
+            if key in fields and fields[key] != value:
+                raise RecipeError(f"decoding option `{key}` is set by both {by[key]} "
+                                  f"({fields[key]!r}) and {cfg.PREFIX} ({value!r})")
+            fields[key], by[key] = value, cfg.PREFIX
+    return PLANS[fields.pop("loop", "generate")](**fields)
 
 
-def plan_of(model: nn.Module) -> Plan:
-    return getattr(model, PLAN_ATTR, None) or GeneratePlan()
-
-
-def apply_plan(model: nn.Module, cfg, ctx) -> None:
-    """Compress handler of DecodeConfig and EncoderConfig: both store the recipe's one plan."""
-    plan = plan_for(ctx.recipe)
-    setattr(model, PLAN_ATTR, plan)
-    if not any(n.startswith("decode: ") for n in ctx.notes):
-        ctx.notes += [f"decode: {plan.describe()}", f"isa: {isa_note()}"]
-
-
-def features(model, processor, audios, durations) -> torch.Tensor:
+def features(model, processor, audios, durations, plan: Plan) -> torch.Tensor:
     """Log-mel features of clips, cut to the plan's encoder window (the longest clip's)."""
     full = win.full_frames(model)
-    frames = max(plan_of(model).window.frames(d, full) for d in durations)
+    frames = max(plan.window.frames(d, full) for d in durations)
     return win.features(model, processor, audios, frames)
 
 
-def decode(model, feats: torch.Tensor, *, language: str, task: str, cap: int) -> list[list[int]]:
-    """Token ids per clip (prompt and end-of-text left out), by the model's plan."""
-    plan = plan_of(model)
+def decode(model, feats: torch.Tensor, plan: Plan, *, language: str, task: str,
+           cap: int) -> list[list[int]]:
+    """Token ids per clip (prompt and end-of-text left out), decoded as `plan` says."""
+    cap = min(cap, plan.max_new_tokens) if plan.max_new_tokens else cap
     with torch.inference_mode():
         return RUNNERS[type(plan)](plan, model, feats, language, task, cap)
 
 
-def transcribe_batch(model, processor, utts, *, language: str, task: str = "transcribe",
-                     cap: int) -> list[str]:
+def transcribe_batch(model, processor, utts, plan: Plan, *, language: str,
+                     task: str = "transcribe", cap: int) -> list[str]:
     """Texts of several clips decoded as one batch (throughput; a shared encoder window)."""
-    feats = features(model, processor, [u.audio for u in utts], [u.duration_s for u in utts])
-    ids = decode(model, feats, language=language, task=task, cap=cap)
+    feats = features(model, processor, [u.audio for u in utts], [u.duration_s for u in utts],
+                     plan)
+    ids = decode(model, feats, plan, language=language, task=task, cap=cap)
     return processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
@@ -152,7 +155,7 @@ def _greedy(plan, model, feats, language, task, cap):
     cap = min(cap, model.config.max_target_positions - len(prompt))
     t0 = time.perf_counter()
     enc = win.encode(model, feats)
-    rt = runtime(model, enc.shape[0], plan)
+    rt = runtime(model, plan, enc.shape[0])
     cross = rt.cross(enc)
     eos, t1 = model.generation_config.eos_token_id, time.perf_counter()
     ids = torch.tensor([prompt] * enc.shape[0], device=enc.device)
@@ -178,9 +181,8 @@ def _greedy(plan, model, feats, language, task, cap):
     return [_cut(row, eos) for row in rows]
 
 
-def runtime(model, batch: int = 1, plan: Plan | None = None) -> Greedy:
-    """The greedy runtime `model`'s plan decodes a batch with (its `last` Timing)."""
-    plan = plan or plan_of(model)
+def runtime(model, plan: Plan, batch: int = 1) -> Greedy:
+    """The greedy runtime `plan` decodes a batch of `model` with (its `last` Timing)."""
     return Greedy.of(model, batch, plan.compiled, plan.scripted, CROSS_DTYPES[plan.cross_kv])
 
 

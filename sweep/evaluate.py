@@ -55,18 +55,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def transcribe(model, processor, utt: Utterance, *, language: str, task: str = "transcribe"):
-    """Decode one utterance greedily, by the decoding plan a recipe stored on the model (HF
-    generate over the 30 s window without one, see sweep.decode); returns (text, token ids,
-    cap_reached, seconds)."""
+def transcribe(model, processor, utt: Utterance, *, language: str, task: str = "transcribe",
+               options=None):
+    """Decode one utterance greedily as the decoding `options` say (a `sweep.decode.Plan`, the
+    `options` of an applied recipe; default HF generate over the 30 s window); returns (text,
+    token ids, cap_reached, seconds)."""
     from . import decode
 
+    options = options or decode.Plan.default()
     device = _device_of(model)
     cap = scoring.max_new_tokens_for(utt.duration_s)
     _sync(device)
     t0 = time.perf_counter()
-    feats = decode.features(model, processor, [utt.audio], [utt.duration_s])
-    ids = decode.decode(model, feats, language=language, task=task, cap=cap)[0]
+    feats = decode.features(model, processor, [utt.audio], [utt.duration_s], options)
+    ids = decode.decode(model, feats, options, language=language, task=task, cap=cap)[0]
     _sync(device)
     seconds = time.perf_counter() - t0
     eos = processor.tokenizer.eos_token_id
@@ -121,21 +123,23 @@ def zero_share(model) -> float:
 
 def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
             task: str = "transcribe", warmup: int = 1, numbers: str = "auto",
-            progress=None, on_warmed=None, check=None) -> Measurement:
-    """Transcribe every utterance once, timed after `warmup` untimed passes over the first."""
+            progress=None, on_warmed=None, check=None, options=None) -> Measurement:
+    """Transcribe every utterance once, timed after `warmup` untimed passes over the first;
+    `options`: the decoding options (sweep.decode.Plan) the model is measured with."""
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}, got {task=}")
     if not len(evalset):
         raise ValueError(f"evaluation set {evalset.name!r} is empty: nothing to measure")
     langs = [_lang_of(u, language) for u in evalset]  # fail before any decoding
     first = evalset.utterances[0]
-    warm = [transcribe(model, processor, first, language=langs[0], task=task)[3]
+    warm = [transcribe(model, processor, first, language=langs[0], task=task, options=options)[3]
             for _ in range(max(0, warmup))]
     if on_warmed:
         on_warmed()
     rows, refs, hyps = [], [], []
     for i, (utt, lang) in enumerate(zip(evalset, langs)):
-        text, ids, cap_reached, secs = transcribe(model, processor, utt, language=lang, task=task)
+        text, ids, cap_reached, secs = transcribe(model, processor, utt, language=lang, task=task,
+                                                  options=options)
         ref = scoring.normalize(utt.text, lang, numbers)
         hyp = scoring.normalize(text, lang, numbers)
         loop = scoring.count_loop(ids, cap_reached)
@@ -216,7 +220,7 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
     trial = measure(applied.model, processor, evalset, language=language, task=task,
                     warmup=warmup, numbers=numbers, progress=progress,
                     on_warmed=lambda: graphs.setdefault("warm", recompile_count()),
-                    check=_slowdown_check(baseline, max_slowdown))
+                    check=_slowdown_check(baseline, max_slowdown), options=applied.options)
     return _result(recipe, applied, trial, baseline, prepare_s, graphs, n_threads), baseline
 
 

@@ -131,8 +131,8 @@ def verify(ck, row: dict, ns: SweepSpec, evalset, logged: dict | None) -> dict:
     """Re-measure the loaded checkpoint on the sweep's data; print it next to the trial."""
     from .evaluate import measure
 
-    m = measure(ck.model, ck.processor, evalset, language=ns.language, warmup=ns.warmup,
-                numbers=ns.numbers, progress=cli.progress("verify", sys.stderr))
+    m = measure(ck.model, ck.processor, evalset, options=ck.options, language=ns.language,
+                warmup=ns.warmup, numbers=ns.numbers, progress=cli.progress("verify", sys.stderr))
     f = m.figures
     differ = None if logged is None else sum(
         logged.get(u["id"]) != u["hypothesis"] for u in m.utterances)

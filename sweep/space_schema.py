@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import pareto
-from .recipe import PARAMS, Param
+from .recipe import PARAMS
+from .techniques import Param
 from .space_dims import DEFAULT_OBJECTIVES, Condition, Dim, _Checker, _near
 
 DIM_KINDS = ("float", "int", "choice", "value")

@@ -89,7 +89,8 @@ def transcribe_files(checkpoint, paths, *, language: str | None = None,
         if dur <= WINDOW_S:
             text, _, cap, secs = transcribe(ck.model, ck.processor,
                                             Utterance(path, audio, "", lang, dur),
-                                            language=lang, task=task)
+                                            language=lang, task=task,
+                                            options=getattr(ck, "options", None))
         else:
             t0 = time.perf_counter()
             text, cap = _long_form(ck.model, ck.processor, audio, language=lang, task=task), None

@@ -4,6 +4,7 @@ recipe dimensions validate, batches give the texts of clip-by-clip decoding."""
 
 import copy
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -51,17 +52,26 @@ def _clips(n, seed=0):
                       "", "ru", d) for i, d in enumerate([1.2, 3.7, 6.1, 2.4][:n])]
 
 
-def _with_plan(model, plan):
-    m = copy.deepcopy(model)
-    setattr(m, decode.PLAN_ATTR, plan)
-    return m
+class M(NamedTuple):
+    """A model and the decoding options it is run with, as `apply_recipe` hands them over."""
+    model: torch.nn.Module
+    options: decode.Plan
 
 
-def _ids(model, processor, clips, cap=12):
+def _with_plan(model, plan) -> M:
+    return M(copy.deepcopy(model), plan)
+
+
+def _pair(m) -> M:  # a bare model decodes with the default options
+    return M(m.model, m.options) if hasattr(m, "options") else M(m, decode.Plan.default())
+
+
+def _ids(m, processor, clips, cap=12):
+    model, plan = _pair(m)
     out = []
     for u in clips:
-        feats = decode.features(model, processor, [u.audio], [u.duration_s])
-        out += decode.decode(model, feats, language="ru", task="transcribe", cap=cap)
+        feats = decode.features(model, processor, [u.audio], [u.duration_s], plan)
+        out += decode.decode(model, feats, plan, language="ru", task="transcribe", cap=cap)
     return out
 
 
@@ -160,7 +170,7 @@ def test_no_repeat_ngram_greedy_equals_generate_tiny(tiny, n):
 
 def test_window_full_is_the_hf_encoder_and_trims_positions(tiny):
     model, proc = tiny
-    feats = decode.features(model, proc, [_clips(1)[0].audio], [1.2])
+    feats = decode.features(model, proc, [_clips(1)[0].audio], [1.2], decode.Plan.default())
     with torch.inference_mode():
         hf = model.model.encoder(feats).last_hidden_state
         assert torch.equal(window.encode(model, feats), hf)
@@ -192,7 +202,7 @@ def test_compiled_step_identical_without_recompiles_tiny(tiny):
     got += _ids(comp, proc, clips[1:])
     assert got == ref
     assert recompile_count() == graphs  # clips of other lengths: no new graph
-    t = decode.runtime(comp).last
+    t = decode.runtime(*comp).last
     assert t.steps == 12 and t.ms_per_token > 0
 
 
@@ -203,7 +213,7 @@ def test_scripted_step_identical_for_every_window_tiny(tiny):
         ref = _ids(_with_plan(model, GreedyPlan(w)), proc, clips)
         scripted = _with_plan(model, GreedyPlan(w, scripted=True))
         assert _ids(scripted, proc, clips) == ref, w
-        rt = decode.runtime(scripted)
+        rt = decode.runtime(*scripted)
         # one trace for the prompt and one for the next tokens per encoder length, reused
         assert len(rt.step.traces) == 2 * len({k[1] for k in rt.step.traces})
         assert rt.last.steps == 12
@@ -214,11 +224,11 @@ def test_bf16_cross_kv_is_stored_in_bf16_and_scripted_alike_tiny(tiny):
     clips = _clips(3)
     enc = torch.randn(1, 1500, 64)
     with torch.inference_mode():
-        ref_kv = decode.runtime(_with_plan(model, GreedyPlan())).cross(enc)
+        ref_kv = decode.runtime(model, GreedyPlan()).cross(enc)
     for w in (Window(), Window("auto", 5)):
         eager = _with_plan(model, GreedyPlan(w, cross_kv="bf16"))
         got = _ids(eager, proc, clips)
-        rt = decode.runtime(eager)
+        rt = decode.runtime(*eager)
         assert rt.cross_dtype is torch.bfloat16 and rt.last.steps == 12
         with torch.inference_mode():
             kv = rt.cross(enc)
@@ -239,13 +249,13 @@ def test_compiled_encoder_close_for_full_and_short_windows_tiny(tiny, how):
     model, proc = tiny
     eager = _with_plan(model, GreedyPlan(Window("auto", 5)))
     comp = apply_recipe(copy.deepcopy(model), Recipe.parse(
-        f"decode.loop=greedy,encoder.window=auto,encoder.compile={how}")).model
-    assert decode.plan_of(comp) == decode.plan_of(eager)
+        f"decode.loop=greedy,encoder.window=auto,encoder.compile={how}"))
+    assert comp.options == eager.options
     feats = torch.randn(1, 80, 3000)
     with torch.inference_mode():
         for frames in (3000, 500, 1000):
-            ref = window.encode(eager, feats[..., :frames])
-            got = window.encode(comp, feats[..., :frames])
+            ref = window.encode(eager.model, feats[..., :frames])
+            got = window.encode(comp.model, feats[..., :frames])
             assert got.shape == ref.shape
             torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
     assert inductor.freezing is False  # patched around the encoder's calls only
@@ -270,17 +280,20 @@ def test_batch_gives_clip_by_clip_texts_tiny(tiny):
     clips = _clips(3)
     greedy = _with_plan(model, GreedyPlan())
     one = [proc.tokenizer.decode(i, skip_special_tokens=True) for i in _ids(greedy, proc, clips)]
-    assert decode.transcribe_batch(greedy, proc, clips, language="ru", cap=12) == one
+    assert decode.transcribe_batch(greedy.model, proc, clips, greedy.options, language="ru",
+                                   cap=12) == one
 
 
-def test_handler_stores_the_plan_and_notes_isa(tiny):
+def test_recipe_hands_over_its_decoding_options_and_notes_isa(tiny):
+    """The options travel with the applied recipe, explicitly: nothing is set on the model."""
     model, _ = tiny
+    before = set(vars(model))
     applied = apply_recipe(copy.deepcopy(model), Recipe.parse(
         "decode.loop=greedy,encoder.window=auto"))
-    assert decode.plan_of(applied.model) == GreedyPlan(Window("auto", 5))
+    assert applied.options == GreedyPlan(Window("auto", 5))
+    assert set(vars(applied.model)) == before
     assert any(n.startswith("isa: aten") for n in applied.notes)
-    assert decode.plan_of(apply_recipe(copy.deepcopy(model), Recipe()).model) == GeneratePlan()
-    assert not hasattr(model, decode.PLAN_ATTR)
+    assert apply_recipe(copy.deepcopy(model), Recipe()).options == GeneratePlan()
 
 
 # ---- real model (slow) --------------------------------------------------------------------------
@@ -290,15 +303,17 @@ def real_clips(shared_dir):
     return load_eval_set("shared", language="ru").utterances[:6]
 
 
-def _content(model, processor, clips):
-    return [evaluate.transcribe(model, processor, u, language="ru")[1] for u in clips]
+def _content(m, processor, clips):
+    model, plan = _pair(m)
+    return [evaluate.transcribe(model, processor, u, language="ru", options=plan)[1]
+            for u in clips]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["", "quant.scheme=dynamic_int8"])
 def test_greedy_and_compiled_step_equal_generate_real(real_model, real_clips, recipe):
     base = apply_recipe(copy.deepcopy(real_model.model), Recipe.parse(recipe)).model
-    ref = _content(base, real_model.processor, real_clips)
+    ref = _content(base, real_model.processor, real_clips)  # generate
     for plan in (GreedyPlan(), GreedyPlan(compiled=True), GreedyPlan(scripted=True)):
         torch._dynamo.reset()
         got = _content(_with_plan(base, plan), real_model.processor, real_clips)
@@ -329,12 +344,12 @@ def test_fast_mix_close_to_its_eager_self_real(real_model, real_clips):
            "quant.dec_cross=dynamic_int8,quant.dec_mlp=dynamic_int8,quant.head=dynamic_int8,"
            "decode.loop=greedy")
     proc = real_model.processor
-    ref = _content(apply_recipe(copy.deepcopy(real_model.model), Recipe.parse(mix)).model,
-                   proc, real_clips)
+    ref = _content(apply_recipe(copy.deepcopy(real_model.model), Recipe.parse(mix)), proc,
+                   real_clips)
     for extra in ("decode.cross_kv=bf16", "decode.compile=script,decode.cross_kv=bf16,"
                   "encoder.compile=freeze"):
         fast = apply_recipe(copy.deepcopy(real_model.model), Recipe.parse(f"{mix},{extra}"))
-        got = _content(fast.model, proc, real_clips)
+        got = _content(fast, proc, real_clips)
         assert _token_error_rate(ref, got) <= 0.1, (extra, ref, got)
         assert sum(g == r for g, r in zip(got, ref)) >= len(ref) - 2, (extra, ref, got)
 
@@ -343,5 +358,7 @@ def test_fast_mix_close_to_its_eager_self_real(real_model, real_clips):
 def test_batch_texts_real(real_model, real_clips):
     m = _with_plan(real_model.model, GreedyPlan())
     proc = real_model.processor
-    one = [evaluate.transcribe(m, proc, u, language="ru")[0] for u in real_clips[:4]]
-    assert decode.transcribe_batch(m, proc, real_clips[:4], language="ru", cap=120) == one
+    one = [evaluate.transcribe(m.model, proc, u, language="ru", options=m.options)[0]
+           for u in real_clips[:4]]
+    assert decode.transcribe_batch(m.model, proc, real_clips[:4], m.options, language="ru",
+                                   cap=120) == one

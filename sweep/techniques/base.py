@@ -1,13 +1,22 @@
-"""Parameters and techniques: how a technique declares its dotted parameters once (kind,
-default, range or choices, requirements on other parameters) and validates them (pure)."""
+"""What a technique is: its dotted parameters (kind, default, range or choices, requirements on
+other parameters), how it is applied, stored at export and what it changes at decoding time,
+all declared on one frozen config class registered by `@technique`. Pure (no torch): a
+technique's `apply` imports what it runs lazily."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+# Whisper's Linear layers by role (sweep.compress.layer_type_of maps module names to these).
+LAYER_TYPES = ("enc_attn", "enc_mlp", "dec_self", "dec_cross", "dec_mlp", "head")
+# Every subset in canonical order, so that a search space may list any of them as a choice.
+TARGETS = ("all",) + tuple("+".join(c) for n in range(1, len(LAYER_TYPES))
+                           for c in itertools.combinations(LAYER_TYPES, n))
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -80,14 +89,30 @@ class Param:
 
 
 DEVICE = Param("choice", "cpu", choices=("cpu", "cuda"), help="device to run on", name="device")
-TECHNIQUES: dict[str, type] = {}  # prefix -> config class, in registration order
+# The registries everything else derives from: prefix -> config class in application order, and
+# every parameter by dotted name (what spaces, Optuna, MLflow and recipe.json use). Filled by
+# @technique as modules are imported, plugins included (sweep.techniques.load_plugins).
+TECHNIQUES: dict[str, type] = {}
+PARAMS: dict[str, Param] = {"device": DEVICE}
 
 
-def technique(prefix: str, *, stage: str = "compress"):
+@dataclass(frozen=True)
+class Storage:
+    """How a technique survives export: `baked` into the saved weights, and/or `reapplied` at
+    load from recipe.json (a predicate on its config), and why (the model card says it)."""
+    baked: bool = False
+    reapplied: Callable[[Any], bool] = lambda cfg: True
+    why: str = "re-applied at load from recipe.json"
+
+
+def technique(prefix: str):
     """Make `cls` a frozen dataclass whose fields (and defaults) are its PARAMS `prefix.*`, and
-    register it. `stage`: who applies it ("compress" needs a handler in sweep.compress)."""
+    register it: recipes, spaces, compress, export and decoding then know it, nothing else to
+    edit. Registration order is application order."""
 
     def deco(cls):
+        if prefix in TECHNIQUES and TECHNIQUES[prefix].__qualname__ != cls.__qualname__:
+            raise TypeError(f"technique prefix `{prefix}` is taken by {TECHNIQUES[prefix]}")
         cls.PARAMS = {name: dataclasses.replace(p, name=name) for name, p in cls.PARAMS.items()}
         cls.__annotations__ = dict(cls.__dict__.get("__annotations__", {}))  # not the base's
         for name, p in cls.PARAMS.items():
@@ -96,16 +121,21 @@ def technique(prefix: str, *, stage: str = "compress"):
                 raise TypeError(f"{cls.__name__}: `{name}` is not {prefix}.* or its default is bad")
             cls.__annotations__[short] = {"choice": "str"}.get(p.kind, p.kind)
             setattr(cls, short, p.default)
-        cls.PREFIX, cls.STAGE, TECHNIQUES[prefix] = prefix, stage, cls
+        cls.PREFIX, TECHNIQUES[prefix] = prefix, cls
+        PARAMS.update(cls.PARAMS)
         return dataclass(frozen=True)(cls)
 
     return deco
 
 
 class Technique:
-    """Validates every field against PARAMS; subclasses define `active` and `describe()`."""
+    """One technique's frozen config. Validates every field against PARAMS. Subclasses override
+    what applies to them: `apply` (change the model), `decoding` (options handed to
+    transcription), `STORAGE`, `canonical` (what counts as "no change"), `compiles`, `describe`.
+    """
 
-    PARAMS: ClassVar[dict[str, Param]] = {}  # @technique adds PREFIX and STAGE
+    PARAMS: ClassVar[dict[str, Param]] = {}  # @technique adds PREFIX
+    STORAGE: ClassVar[Storage] = Storage()
 
     def __post_init__(self):
         self._normalize()
@@ -118,3 +148,28 @@ class Technique:
         self._check()
 
     _normalize = _check = lambda self: None  # hooks: canonical spelling; own-field combinations
+
+    def canonical(self) -> Any:
+        """This config with settings that change nothing reset to their defaults (e.g. a norm
+        while the rate is 0). Default: itself, so any non-default value counts as a change."""
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Changes the model or its decoding: derived from the defaults, never a hand list."""
+        return self.canonical() != type(self)().canonical()
+
+    # torch.compile somewhere (the recipe then starts from a clean dynamo cache)
+    compiles = property(lambda self: False)
+
+    def apply(self, model, ctx) -> None:
+        """Change `model` in place (`ctx`: sweep.compress.Context, the recipe, kernels chosen,
+        notes). Called in registration order, only when active."""
+
+    def decoding(self) -> dict:
+        """Fields of the decoding options (sweep.decode.Plan) this config sets when active."""
+        return {}
+
+    def describe(self) -> str:
+        return ", ".join(f"{n.split('.', 1)[1]}={getattr(self, n.split('.', 1)[1])}"
+                         for n in self.PARAMS)

@@ -1,0 +1,51 @@
+"""The encoder's own levers: the mel window it sees, and torch.compile of the encoder alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .base import Param, Requires, Technique, technique
+
+
+@technique("encoder")
+class EncoderConfig(Technique):
+    PARAMS = {
+        "encoder.window": Param("choice", "full", choices=("full", "auto"), help="mel window the "
+                                "encoder sees: full = Whisper's 30 s; auto = the clip rounded up "
+                                "to encoder.bucket_s (trimmed position embeddings; WER measured)"),
+        "encoder.bucket_s": Param("int", 5, 1, 30, help="auto window step in seconds (few "
+                                  "distinct shapes); unused with encoder.window=full"),
+        # The encoder is 88% of whisper-base's FLOPs: in bf16 on AMX, eager spends a fifth of
+        # its time in unfused copies, adds and GELUs around the matmuls.
+        "encoder.compile": Param("choice", "none", choices=("none", "default", "freeze"),
+                                 requires=(Requires(("default", "freeze"), key="compile.mode",
+                                                    equals="none", why="compile.mode compiles "
+                                                    "the encoder already"),),
+                                 help="torch.compile of the encoder alone: default = inductor; "
+                                 "freeze = inductor with freezing (weights become constants, "
+                                 "prepacked for oneDNN; inference only); none = eager"),
+    }
+
+    def canonical(self):  # the bucket means nothing on the full window
+        return self if self.window != "full" else dataclasses.replace(self, bucket_s=5)
+
+    compiles = property(lambda self: self.compile != "none")
+
+    def apply(self, model, ctx) -> None:
+        from .. import window
+
+        if self.compile != "none":
+            window.compile_encoder(model, freeze=self.compile == "freeze")
+            ctx.notes.append(f"encoder: torch.compile ({self.compile})")
+            for t in ("enc_attn", "enc_mlp"):  # inductor's kernels now, around the same matmuls
+                ctx.kernels[t] = f"{ctx.kernels.get(t, 'fp32')}, compiled ({self.compile})"
+
+    def decoding(self) -> dict:
+        from ..window import Window
+
+        return {"window": Window(self.window, self.bucket_s)}
+
+    def describe(self) -> str:
+        return ", ".join(filter(None, (
+            self.window != "full" and f"window auto/{self.bucket_s}s",
+            self.compile != "none" and f"encoder compiled ({self.compile})")))
