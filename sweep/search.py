@@ -40,20 +40,26 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
     """Join `address` or start a local Ray; returns the cluster's resources."""
     import ray
 
+    from .techniques import PLUGINS_ENV
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return ray.cluster_resources()
+    # Workers must know the same techniques as the driver, on every node of a cluster too.
+    plugins = os.environ.get(PLUGINS_ENV)
+    runtime_env = {"env_vars": {PLUGINS_ENV: plugins}} if plugins else None
     if address:
         check_address(address)
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"`--address` {address} is not a running Ray cluster "
                                f"(start one with `ray start --head`): {e}") from None
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 _temp_dir=RAY_TMP, log_to_driver=False, configure_logging=False)
+                 _temp_dir=RAY_TMP, log_to_driver=False, configure_logging=False,
+                 runtime_env=runtime_env)
     return ray.cluster_resources()
 
 

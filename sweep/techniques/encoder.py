@@ -43,7 +43,7 @@ class EncoderConfig(Technique):
     def decoding(self) -> dict:
         from ..window import Window
 
-        return {"window": Window(self.window, self.bucket_s)}
+        return {"window": Window(self.window, self.bucket_s) if self.window != "full" else Window()}
 
     def describe(self) -> str:
         return ", ".join(filter(None, (
