@@ -10,13 +10,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import kernels
 from .decode import Plan, plan_for
-from .recipe import LAYER_TYPES, Recipe
+from .techniques.base import LAYER_TYPES
+
+if TYPE_CHECKING:  # the techniques call back into this module: no run-time import of recipes
+    from .recipe import Recipe
 
 __all__ = ["LAYER_TYPES", "Applied", "CompressError", "apply_recipe", "layer_type_of",
            "recompile_count"]

@@ -80,7 +80,7 @@ RUNNERS: dict[type, Callable] = {}
 def plan_for(recipe) -> Plan:
     """The decoding options of a Recipe: the `decoding()` fields of its active techniques. Two
     techniques setting one field to different values is a recipe error."""
-    from .techniques import RecipeError
+    from .techniques.base import RecipeError
 
     fields, by = {}, {}
     for cfg in recipe.configs():
