@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.machinery
 import importlib.util
 import json
 import os
@@ -43,7 +42,6 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 import wave
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -225,36 +223,7 @@ def versions() -> dict:
     return out
 
 
-def _stub_missing(name: str, why: str) -> str | None:
-    """A stand-in module failing on use, for a package the core imports at top
-    level but this run never calls (soundfile: sweep.data decodes audio with it; the clips here
-    are WAV read with `wave`)."""
-    try:
-        if importlib.util.find_spec(name) is not None:
-            return None
-    except ValueError:  # blocked by sys.modules[name] = None (the CPU test)
-        pass
-    stub = types.ModuleType(name)
-    # a spec, as a real module has: transformers probes packages with find_spec
-    stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
-
-    def missing(attr):  # AttributeError: what hasattr() and inspect expect of a module
-        raise AttributeError(f"{name}.{attr}: {name} is not installed on this machine ({why})")
-    stub.__getattr__ = missing
-    sys.modules[name] = stub
-    return f"{name}: not installed, stubbed ({why})"
-
-
 # ---- models and clips -------------------------------------------------------------------
-
-def _english_only(base):
-    class EnglishOnlyWhisper(base):
-        """HF generate refuses `language=`/`task=` for English-only models while sweep.decode
-        passes them always (its greedy prompt already leaves them out): drop them here."""
-        def generate(self, *args, language=None, task=None, **kwargs):
-            return super().generate(*args, **kwargs)
-    return EnglishOnlyWhisper
-
 
 def load_carried(carry: Path, device: str):
     """The carried checkpoint, int8 dequantized to fp32 (the accuracy baseline)."""
@@ -274,10 +243,8 @@ def load_carried(carry: Path, device: str):
                            pad_token_id=ids["eot"], decoder_start_token_id=ids["sot"],
                            suppress_tokens=meta["suppress_tokens"],
                            begin_suppress_tokens=meta["begin_suppress_tokens"])
-    cls = WhisperForConditionalGeneration
-    cls = _english_only(cls) if meta["english_only"] else cls
     with torch.device("meta"):
-        model = cls(config)
+        model = WhisperForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if set(missing) != {"proj_out.weight"} or unexpected:
         raise ValueError(f"carried weights must match Whisper's, got {missing=} {unexpected=}")
@@ -412,16 +379,11 @@ def latency(model, plan, processor, clips, batch: int, opts: Options) -> dict:
     return row
 
 
-# sweep.decode is moving from a plan stored on the model (`plan_of(model)`) to a plan handed
-# beside it (`Applied.options`); both are served until one of them is gone.
 def decode_ids(model, plan, processor, utts, cap: int) -> list[list[int]]:
     """Token ids per clip from HYPER's own features + decode, by the recipe's plan."""
     from sweep import decode
 
     audios, secs = [u.audio for u in utts], [u.duration_s for u in utts]
-    if hasattr(decode, "plan_of"):
-        feats = decode.features(model, processor, audios, secs)
-        return decode.decode(model, feats, language="en", task="transcribe", cap=cap)
     plan = plan or decode.Plan.default()
     feats = decode.features(model, processor, audios, secs, plan)
     return decode.decode(model, feats, plan, language="en", task="transcribe", cap=cap)
@@ -431,11 +393,9 @@ def greedy_runtime(model, plan, batch: int):
     """The greedy loop's runtime (its last Timing) when the plan is the greedy loop."""
     from sweep import decode
 
-    old = hasattr(decode, "plan_of")
-    plan = decode.plan_of(model) if old else plan
     if not isinstance(plan, decode.GreedyPlan):
         return None
-    return decode.runtime(model, batch) if old else decode.runtime(model, plan, batch)
+    return decode.runtime(model, plan, batch)
 
 
 def fixed_length(model) -> None:
@@ -478,7 +438,6 @@ class Run:
         from bench import common
         from sweep import kernels
 
-        stubs = [s for s in [_stub_missing("soundfile", "clips are WAV read with wave")] if s]
         # One implementation per scheme on cuda: its 1.5 s timing per shape buys nothing.
         orig = kernels.time_calls
         kernels.time_calls = lambda fns, **kw: orig(fns, **({"budget_s": self.opts.kernel_budget_s,
@@ -488,7 +447,7 @@ class Run:
         carry = json.loads((self.opts.carry / "CARRY.json").read_text("utf-8"))
         self.doc |= {"date": stamp["date"], "commit": stamp["commit"], "gpu": gpu,
                      "driver": gpu["driver"], "versions": versions(), "machine": stamp["machine"],
-                     "carry": carry, "stubs": stubs}
+                     "carry": carry}
 
     def accuracy_task(self, task: Task) -> list[dict]:
         from sweep import evaluate

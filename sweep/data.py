@@ -17,7 +17,6 @@ from math import gcd
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 SAMPLE_RATE = 16_000
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
@@ -89,6 +88,8 @@ def to_mono_16k(audio: np.ndarray, sr: int) -> np.ndarray:
 
 
 def _decode(source: str | Path | bytes) -> np.ndarray:
+    import soundfile as sf  # here: a bare GPU machine has none, and reads .npy clips
+
     data, sr = sf.read(io.BytesIO(source) if isinstance(source, bytes) else str(source),
                        dtype="float32", always_2d=True)
     if data.shape[0] == 0:

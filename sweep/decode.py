@@ -137,7 +137,10 @@ def _cut(row: list[int], eos: int) -> list[int]:
 
 
 def _generate(plan, model, feats, language, task, cap):
-    kwargs = dict(language=language, task=task, max_new_tokens=cap, num_beams=1, do_sample=False)
+    kwargs = dict(max_new_tokens=cap, num_beams=1, do_sample=False)
+    if getattr(model.generation_config, "is_multilingual", True):
+        # always told, never detected; an English-only model's generate refuses both
+        kwargs.update(language=language, task=task)
     if plan.no_repeat:
         kwargs["no_repeat_ngram_size"] = plan.no_repeat
     if feats.shape[-1] == win.full_frames(model):

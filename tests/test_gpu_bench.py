@@ -59,7 +59,6 @@ def test_dry_run_on_cpu_without_the_missing_packages(carry, tmp_path):
     doc = json.loads((out / "gpu-dryrun-cpu.json").read_text())
     assert {"gpu", "driver", "versions", "rows", "study_comparison", "models"} <= set(doc)
     assert doc["kind"].startswith("cpu dry run") and doc["gpu"]["device"] == "cpu"
-    assert any(s.startswith("soundfile") for s in doc["stubs"])
     rows = {(r["variant"], r["part"], r["batch"]): r for r in doc["rows"]}
     names = [v.name for v in gpu.variants("gpu")]
     for name in names:  # every recipe value: an accuracy row, a latency row per batch size
