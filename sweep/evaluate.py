@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import scoring
+from . import figures, scoring
 from .data import EvalSet, Utterance
 
 TASKS = ("transcribe", "translate")
-# Figures compared against the baseline; also the keys copied under `baseline` in results.
-FIGURES = ("wer", "cer", "latency_mean_s", "latency_median_s", "latency_p90_s", "rtf", "loops",
-           "model_size_mb", "param_mb", "sparsity")
+FIGURES = figures.names("baseline")  # the keys copied under `baseline` in results
 
 
 class TooSlow(RuntimeError):

@@ -8,7 +8,8 @@ is one entry here plus the code that measures it (`sweep.evaluate` or `sweep.wor
 Destinations (`to`): `mlflow` (a metric of the trial's run), `tune` (the result Tune and Optuna
 see), `csv` (a column of trials.csv/pareto.csv and a key of pareto.json's rows), `report` (front
 files' leading columns), `card` (the exported checkpoint's model card and `export --verify`),
-`objective` (a space may optimise it).
+`objective` (a space may optimise it), `baseline` (copied under a result's `baseline`, the
+figures of the same process's unchanged model).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 RECORDED = ("mlflow", "tune", "csv")  # every figure of a trial reaches all three (tested)
-DESTINATIONS = (*RECORDED, "report", "card", "objective")
+DESTINATIONS = (*RECORDED, "report", "card", "objective", "baseline")
 KINDS = ("float", "int", "pair")
 
 
@@ -57,7 +58,7 @@ class Figure:
         return self.label or self.name
 
 
-_OBJ = (*RECORDED, "report", "objective")
+_OBJ = (*RECORDED, "report", "objective", "baseline")
 FIGURES: tuple[Figure, ...] = (
     Figure("wer", "min", to=(*_OBJ, "card"), label="WER", allowance="max_dwer",
            help="corpus word error rate (fraction)"),
@@ -77,13 +78,15 @@ FIGURES: tuple[Figure, ...] = (
            help="median seconds per clip (features + generate)"),
     Figure("latency_p90_s", "min", "s", to=(*_OBJ, "card"), label="latency, p90 (s)",
            help="90th percentile of seconds per clip"),
-    Figure("rtf", "min", to=(*RECORDED, "card"), label="real-time factor",
+    Figure("rtf", "min", to=(*RECORDED, "card", "baseline"), label="real-time factor",
            help="seconds of compute per second of audio"),
     Figure("model_size_mb", "min", "MB", ".1f", to=_OBJ, help="size on disk after the recipe"),
-    Figure("param_mb", "min", "MB", ".0f", to=(*RECORDED, "card"), label="size in memory (MB)",
+    Figure("param_mb", "min", "MB", ".0f", to=(*RECORDED, "card", "baseline"),
+           label="size in memory (MB)",
            help="parameters and buffers in memory"),
-    Figure("sparsity", fmt=".3f", help="share of zero weights"),
-    Figure("loops", "min", fmt="d", kind="int", help="decodes that hit the token cap or looped"),
+    Figure("sparsity", fmt=".3f", to=(*RECORDED, "baseline"), help="share of zero weights"),
+    Figure("loops", "min", fmt="d", kind="int", to=(*RECORDED, "baseline"),
+           help="decodes that hit the token cap or looped"),
     Figure("compile_s", unit="s", fmt=".1f", help="compilation paid in the warm-up pass"),
     Figure("recompiles", "min", fmt="d", kind="int", help="graphs built while timing"),
     Figure("warmup_s", unit="s", fmt=".1f", help="the untimed warm-up pass"),

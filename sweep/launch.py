@@ -219,12 +219,20 @@ def screen_rows(rows: list[dict], objectives) -> list[str]:
 
 
 def interrupted(rows: list[dict]) -> dict:
-    """Trials whose attempt was killed mid-trial (the launcher or its node died): re-run when a
-    later attempt of the same trial finished or failed, else lost (counted, never measured)."""
-    killed = {r["trial_id"] for r in rows if r["status"] == "killed"}
-    ended = {r["trial_id"] for r in rows if r["status"] != "killed"}
-    return {"interrupted": len(killed), "interrupted_rerun": len(killed & ended),
-            "interrupted_lost": len(killed - ended)}
+    """Trials whose attempt was killed mid-trial (the launcher or its node died). Re-run: a
+    later attempt of the same trial, or of the same recipe, ended (Tune re-runs a trial its last
+    saved state knew; one it did not know yet is asked of the searcher again, a warm start under
+    a new id). Lost: neither (counted here, never measured)."""
+    def key(r):
+        return json.dumps(r.get("recipe"), sort_keys=True, default=str)
+
+    killed = [r for r in rows if r["status"] == "killed"]
+    ended = [r for r in rows if r["status"] != "killed"]
+    ids, recipes = {r["trial_id"] for r in ended}, {key(r) for r in ended}
+    trials = {r["trial_id"]: r["trial_id"] in ids or key(r) in recipes for r in killed}
+    rerun = sum(trials.values())
+    return {"interrupted": len(trials), "interrupted_rerun": rerun,
+            "interrupted_lost": len(trials) - rerun}
 
 
 def _guarded(what: str, fn, *args, **kwargs) -> None:

@@ -173,8 +173,8 @@ class Progress(tune.Callback):
         left = elapsed / self.done * (self.total - self.done)
         if self.budget:
             left = min(left, max(0.0, self.budget - elapsed))
-        what = (f"wer {result['wer']:.3f} latency {result['latency_median_s']:.3f}s "
-                f"speedup {result['speedup']:.2f}x" if ok else
+        what = (" ".join(_shown(result, m) for m in dict.fromkeys(
+            [m for m, _ in self.objectives] + ["speedup"])) if ok else
                 f"FAILED {str(result.get('error', ''))[:80]}")
         sys.stderr.write(
             f"[{self.done}/{self.total}] running {max(0, running)} failed {self.failed} "
@@ -187,3 +187,11 @@ class Progress(tune.Callback):
         base = result.get("baseline") or None
         return len(pareto_front(self.rows, self.objectives,
                                 constraints=self.constraints or None, baseline=base))
+
+
+def _shown(result: dict, name: str) -> str:
+    """`name value` in its figure's unit and format, for the progress line."""
+    from .figures import BY_NAME
+
+    f, v = BY_NAME[name], result.get(name)
+    return f"{name} {'?' if v is None else format(v, f.fmt)}{f.unit}"

@@ -49,7 +49,9 @@ def test_manifest_key_error_comes_before_any_audio_read(tmp_path, monkeypatch):
         {"audio": "ok.flac", "txt": "typo"},
     ])
     read = []
-    monkeypatch.setattr(data.sf, "read", lambda *a, **k: read.append(a) or (_ for _ in ()).throw(
+    import soundfile  # sweep.data imports it where audio is decoded
+
+    monkeypatch.setattr(soundfile, "read", lambda *a, **k: read.append(a) or (_ for _ in ()).throw(
         AssertionError("audio read before validation")))
     with pytest.raises(DataError) as e:
         load_eval_set(str(m))

@@ -245,3 +245,14 @@ def test_parent_run_ends_failed_when_the_end_of_sweep_breaks(tmp_path, tiny_chec
     with pytest.raises(RuntimeError, match="disk full"):
         launch.run(args)
     assert [p.info.status for p in _trial_runs(root, "p")[1]] == ["FAILED"]
+
+
+def test_interrupted_trials_are_rerun_by_id_or_recipe_else_lost():
+    from sweep.launch import interrupted
+
+    def row(tid, status, **recipe):
+        return {"trial_id": tid, "status": status, "recipe": recipe}
+    rows = [row("a", "killed", x=1), row("a", "ok", x=1),  # Tune re-ran the trial itself
+            row("b", "killed", x=2), row("c", "ok", x=2),  # the searcher asked for it again
+            row("d", "killed", x=3), row("e", "failed", x=4)]  # never measured
+    assert interrupted(rows) == {"interrupted": 3, "interrupted_rerun": 2, "interrupted_lost": 1}
