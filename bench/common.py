@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sweep.report import jsonable
+from sweep.results.report import jsonable
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -56,8 +56,8 @@ def prepare(v: Variant, loaded, threads: int) -> None:
     """bench.recipes' preparation, keeping the kernels map and notes of HF variants."""
     if v.compute_type:
         return v.prepare(loaded, threads)
-    from sweep.compress import apply_recipe
-    from sweep.recipe import Recipe
+    from sweep.measure.compress import apply_recipe
+    from sweep.techniques.recipe import Recipe
 
     t0 = time.perf_counter()
     applied = apply_recipe(copy.deepcopy(loaded.model), Recipe.parse(v.recipe))
@@ -68,8 +68,8 @@ def prepare(v: Variant, loaded, threads: int) -> None:
 def decoder_ms_per_token(v: Variant, processor, clips, lang: str) -> dict:
     """Median over clips of decoder ms per generated token after the prompt step, and of
     encoder seconds (incl. cross-attention K/V for the greedy loop)."""
-    from sweep import decode
-    from sweep.evaluate import transcribe
+    from sweep.measure import decode
+    from sweep.measure.evaluate import transcribe
 
     model, plan, per_tok, enc = v.runner, v.options or decode.Plan.default(), [], []
     for u in clips:
@@ -106,7 +106,7 @@ def _timed_generate(model, run) -> tuple[dict, float]:
 def throughput(v: Variant, processor, clips, lang: str, batch: int) -> float:
     """Seconds per audio decoding `clips` in batches of `batch` (sorted by length so a batch
     shares a window); the texts are not scored here (see the tests: same as one by one)."""
-    from sweep import decode, scoring
+    from sweep.measure import decode, scoring
 
     plan = v.options or decode.Plan.default()
     order = sorted(clips, key=lambda u: u.duration_s)
@@ -122,7 +122,7 @@ def throughput(v: Variant, processor, clips, lang: str, batch: int) -> float:
 
 def window_costs(rows: list[dict], timed: dict, clips, lang: str) -> list[dict]:
     """WER of each recipe with the auto window against itself on the full window."""
-    from sweep import scoring
+    from sweep.measure import scoring
 
     refs = [scoring.normalize(u.text, lang) for u in clips]
     out = []
@@ -182,10 +182,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from sweep import cli, decode
-    from sweep.data import EvalSet, load_eval_set
-    from sweep.evaluate import set_threads
-    from sweep.models import load_model
+    from sweep.inputs import cli
+    from sweep.measure import decode
+    from sweep.inputs.data import EvalSet, load_eval_set
+    from sweep.measure.evaluate import set_threads
+    from sweep.inputs.models import load_model
 
     sets = [load_eval_set("shared", language="ru", max_samples=args.max_samples),
             load_eval_set("embedded", language="ru", max_samples=args.max_samples)]

@@ -9,8 +9,9 @@ killed run still leaves what it measured). A CPU dry run of the same code, on ti
 
     python -m bench.gpu --device cpu --tiny --carry gpu_carry
 
-It runs HYPER's evaluation core (`sweep.models`, `sweep.compress.apply_recipe`,
-`sweep.decode`, `sweep.evaluate.measure/run_trial`), on each recipe value of the `gpu` search
+It runs HYPER's evaluation core (`sweep.inputs.models`, `sweep.measure.compress.apply_recipe`,
+`sweep.measure.decode`, `sweep.measure.evaluate.measure/run_trial`), on each recipe value
+of the `gpu` search
 space (one change at a time on top of the fp32 eager baseline), its warm starts, and the
 greedy loop with its compiled step (CUDA graphs on cuda) and the study's pruning 0.81:
 
@@ -78,7 +79,8 @@ class Options:
     clips: int = 0  # accuracy clips (0 = all carried)
     time_budget: float = 480.0
     row_timeout: float = 180.0
-    kernel_budget_s: float = 0.2  # sweep.kernels' timing per shape (1.5 s there; one candidate)
+    # sweep.measure.kernels' timing per shape (1.5 s there; cuda has one candidate per scheme)
+    kernel_budget_s: float = 0.2
     only: tuple[str, ...] = ()
     space: str = "gpu"
 
@@ -111,8 +113,8 @@ class DeviceTime(Exception):
 
 def variants(space_name: str) -> list[Variant]:
     """The baseline, each value of each searched parameter alone, the warm starts, EXTRAS."""
-    from sweep.recipe import PARAMS, Recipe
-    from sweep.space import load_space
+    from sweep.techniques.recipe import PARAMS, Recipe
+    from sweep.search.space import load_space
 
     space = load_space(space_name)
     fixed = {n: d.value for n, d in space.params.items() if d.kind == "value" and n != "device"}
@@ -147,7 +149,7 @@ def plan(vs: list[Variant]) -> list[Task]:
 
 def why_not(task: Task, opts: Options) -> tuple[str, str] | None:
     """(category, reason) when the task cannot run here, before spending any time on it."""
-    from sweep.recipe import Recipe, RecipeError
+    from sweep.techniques.recipe import Recipe, RecipeError
 
     v = task.variant
     try:
@@ -232,7 +234,7 @@ def load_carried(carry: Path, device: str):
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration, WhisperProcessor)
 
-    from sweep import ct2
+    from sweep.inputs import ct2
 
     meta = json.loads((carry / "model" / "hyper.json").read_text("utf-8"))
     raw = load_file(str(carry / "model" / "weights.safetensors"))
@@ -267,9 +269,9 @@ def load_carried(carry: Path, device: str):
 @contextmanager
 def carried_tokenizer_data(carry: Path):
     """`random:<size>` builds its tokenizer from the embedded whisper-base's package data,
-    absent on the GPU machine: point sweep.models at the carried copy (here too, so that the
+    absent on the GPU machine: point sweep.inputs.models at the carried copy (here too, so that the
     dry run takes the device's path)."""
-    from sweep import models
+    from sweep.inputs import models
 
     saved = models._embedded_sources
     models._embedded_sources = lambda: ([], carry / "embedded_data")
@@ -280,7 +282,7 @@ def carried_tokenizer_data(carry: Path):
 
 
 def load_clips(carry: Path, limit: int = 0):
-    from sweep.data import EvalSet, Utterance
+    from sweep.inputs.data import EvalSet, Utterance
 
     utts = []
     for line in (carry / "clips" / "manifest.jsonl").read_text("utf-8").splitlines():
@@ -325,13 +327,13 @@ def _free(device: str) -> None:
 
 
 def _recipe(v: Variant, device: str):
-    from sweep.recipe import Recipe
+    from sweep.techniques.recipe import Recipe
 
     return Recipe.from_flat({"device": device, **v.flat})
 
 
 def accuracy(model, processor, evalset, base, v: Variant, device: str) -> dict:
-    from sweep import evaluate
+    from sweep.measure import evaluate
 
     recipe = _recipe(v, device)
     _peak_reset(device)
@@ -381,7 +383,7 @@ def latency(model, plan, processor, clips, batch: int, opts: Options) -> dict:
 
 def decode_ids(model, plan, processor, utts, cap: int) -> list[list[int]]:
     """Token ids per clip from HYPER's own features + decode, by the recipe's plan."""
-    from sweep import decode
+    from sweep.measure import decode
 
     audios, secs = [u.audio for u in utts], [u.duration_s for u in utts]
     plan = plan or decode.Plan.default()
@@ -391,7 +393,7 @@ def decode_ids(model, plan, processor, utts, cap: int) -> list[list[int]]:
 
 def greedy_runtime(model, plan, batch: int):
     """The greedy loop's runtime (its last Timing) when the plan is the greedy loop."""
-    from sweep import decode
+    from sweep.measure import decode
 
     if not isinstance(plan, decode.GreedyPlan):
         return None
@@ -436,7 +438,7 @@ class Run:
 
     def setup(self) -> None:
         from bench import common
-        from sweep import kernels
+        from sweep.measure import kernels
 
         # One implementation per scheme on cuda: its 1.5 s timing per shape buys nothing.
         orig = kernels.time_calls
@@ -450,7 +452,7 @@ class Run:
                      "carry": carry}
 
     def accuracy_task(self, task: Task) -> list[dict]:
-        from sweep import evaluate
+        from sweep.measure import evaluate
 
         if self.small is None:
             model, proc, meta = load_carried(self.opts.carry, self.opts.device)
@@ -471,8 +473,8 @@ class Run:
         return [accuracy(model, proc, self.clips, self.base, task.variant, self.opts.device)]
 
     def latency_rows(self, task: Task) -> list[dict]:
-        from sweep import models
-        from sweep.compress import apply_recipe
+        from sweep.inputs import models
+        from sweep.measure.compress import apply_recipe
 
         if self.large is None:
             with carried_tokenizer_data(self.opts.carry):

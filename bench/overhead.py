@@ -28,7 +28,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "
 
 def time_ray_init() -> float:
     """`ray.init` of a local 2-CPU Ray, in a fresh process (as the launcher does it)."""
-    code = ("import time, ray\nfrom sweep.search import init_ray\nt = time.perf_counter()\n"
+    code = ("import time, ray\nfrom sweep.search.sampler import init_ray\nt = time.perf_counter()\n"
             "init_ray(None)\nprint(time.perf_counter() - t)\nray.shutdown()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, **ENV}, cwd=common.REPO, timeout=300, check=True)
@@ -38,7 +38,7 @@ def time_ray_init() -> float:
 def time_mlflow(n: int = 5, n_utts: int = 8) -> dict[str, list[float]]:
     """Seconds of begin_trial and of finish_trial for one trial with a realistic result (the
     trial's clock, trial_s, includes begin_trial but stops before finish_trial)."""
-    from sweep import figures, tracking
+    from sweep.results import figures, tracking
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -65,7 +65,7 @@ def time_mlflow(n: int = 5, n_utts: int = 8) -> dict[str, list[float]]:
 
 def run_sweep(root: Path, name: str, concurrency: int, args) -> tuple[dict, list[dict], float]:
     """(summary.json, trial rows, command seconds) of one real sweep."""
-    from sweep import tracking
+    from sweep.results import tracking
 
     cmd = [sys.executable, "-m", "sweep.launch", "--space", args.space, "--num-samples",
            str(args.num_samples), "--max-concurrent", str(concurrency), "--root", str(root),

@@ -51,11 +51,11 @@ class Variant:
         if self.compute_type:
             self.runner = Peer(self.compute_type, threads)
         else:
-            from sweep.cli import needs_calibration
-            from sweep.compress import apply_recipe
-            from sweep.data import calibration_set
-            from sweep.evaluate import calibrator
-            from sweep.recipe import Recipe
+            from sweep.inputs.cli import needs_calibration
+            from sweep.measure.compress import apply_recipe
+            from sweep.inputs.data import calibration_set
+            from sweep.measure.evaluate import calibrator
+            from sweep.techniques.recipe import Recipe
 
             recipe = Recipe.parse(self.recipe)
             if recipe.is_baseline:
@@ -71,8 +71,8 @@ class Variant:
 
     def run(self, processor, utt, lang: str):
         """(text, content token ids, cap reached, seconds incl. feature extraction)."""
-        from sweep import scoring
-        from sweep.evaluate import transcribe
+        from sweep.measure import scoring
+        from sweep.measure.evaluate import transcribe
 
         if not self.compute_type:
             return transcribe(self.runner, processor, utt, language=lang, options=self.options)
@@ -94,7 +94,7 @@ class Peer:
     def __init__(self, compute_type: str, threads: int):
         import multiprocessing as mp
 
-        from sweep.models import embedded_ct2_dir
+        from sweep.inputs.models import embedded_ct2_dir
 
         self.conn, child = mp.get_context("spawn").Pipe()
         self.proc = mp.get_context("spawn").Process(
@@ -152,7 +152,7 @@ def front_picks(path: str | Path, max_dwer: float = MAX_DWER) -> list[tuple[str,
     """(name, flat recipe, figures where it was chosen) from a sweep's pareto.json or a
     bench.search grid cache: the fastest front point with dwer <= max_dwer, the fastest with
     dwer <= 0.1 and the knee, without repeats."""
-    from sweep import pareto, report
+    from sweep.results import pareto, report
 
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if "front" in data:
@@ -209,7 +209,7 @@ def timed_pass(variants, processor, clips, langs, repeats: int, progress=None) -
 def summarize(variants, timed: dict, clips, langs, numbers: str = "auto") -> list[dict]:
     """Rows (fractions and seconds) scored on the same references, ratios against the first
     variant (the baseline) per repeat; dwer interval by paired bootstrap over clips."""
-    from sweep import scoring
+    from sweep.measure import scoring
 
     refs = [scoring.normalize(u.text, lang, numbers) for u, lang in zip(clips, langs)]
     base = variants[0].name
@@ -248,7 +248,7 @@ def summarize(variants, timed: dict, clips, langs, numbers: str = "auto") -> lis
 def _label(v: Variant) -> str:
     if v.compute_type:
         return f"faster-whisper {v.compute_type}"
-    from sweep.recipe import Recipe
+    from sweep.techniques.recipe import Recipe
 
     return Recipe.parse(v.recipe).describe()
 
@@ -276,7 +276,7 @@ def build_variants(args) -> list[Variant]:
     vs = [Variant("baseline", "baseline", "")]
     if not args.no_hand:
         vs += [Variant(n, "hand", r) for n, r in HAND]
-    from sweep import report
+    from sweep.results import report
 
     for i, path in enumerate(args.front or ()):
         tag = "" if len(args.front) == 1 else f"#{i + 1}"
@@ -318,10 +318,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip faster-whisper")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
-    from sweep import cli
-    from sweep.data import load_eval_set, shared_dir
-    from sweep.evaluate import _lang_of, set_threads
-    from sweep.models import load_model
+    from sweep.inputs import cli
+    from sweep.inputs.data import load_eval_set, shared_dir
+    from sweep.measure.evaluate import _lang_of, set_threads
+    from sweep.inputs.models import load_model
 
     spec, language = args.dataset, args.language
     if spec == "default":

@@ -52,11 +52,12 @@ def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: fl
              model: str = "embedded:whisper-base", dataset: str = "embedded",
              threads: int | None = None, grid: dict = GRID, log=print) -> dict:
     """Measure the grid points not yet cached, `block` at a time, until done or out of budget."""
-    from sweep import cli, report
-    from sweep.data import load_eval_set
-    from sweep.evaluate import _lang_of, set_threads
-    from sweep.models import load_model
-    from sweep.recipe import Recipe
+    from sweep.inputs import cli
+    from sweep.results import report
+    from sweep.inputs.data import load_eval_set
+    from sweep.measure.evaluate import _lang_of, set_threads
+    from sweep.inputs.models import load_model
+    from sweep.techniques.recipe import Recipe
 
     from .recipes import Variant, summarize, timed_pass
 
@@ -174,8 +175,8 @@ def replay(pts: dict, base: dict, grid: dict, sampler: str, seed: int, n_trials:
     sweep enqueues it), then the sampler's picks looked up in the cache."""
     import optuna
 
-    from sweep import pareto
-    from sweep.search import make_sampler
+    from sweep.results import pareto
+    from sweep.search.sampler import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():  # TPE's `group` is "experimental": the sweep uses it anyway
@@ -202,7 +203,7 @@ def replay(pts: dict, base: dict, grid: dict, sampler: str, seed: int, n_trials:
 def run_replays(cache: dict, *, samplers=SAMPLERS, seeds: int = 10, n_trials: int = 80,
                 max_dwer: float = MAX_DWER, log=print) -> dict:
     """Curves per sampler and seed, their median/IQR, and trials to reach random's final HV."""
-    from sweep import pareto
+    from sweep.results import pareto
 
     grid = cache["grid"]
     pts, base = points_of(cache)

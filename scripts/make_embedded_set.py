@@ -1,4 +1,4 @@
-"""Regenerate sweep/embedded/: short Russian voice commands synthesized with festival.
+"""Regenerate sweep/inputs/embedded/: short Russian voice commands synthesized with festival.
 
 Needs Debian's `festival` and `festvox-ru` (voice msu_ru_nsh_clunits); CI neither has them nor
 runs this: the FLAC files and manifests it writes are committed. Re-running it rewrites them.
@@ -21,7 +21,7 @@ import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from sweep.data import EMBEDDED_DIR, SAMPLE_RATE, to_mono_16k  # noqa: E402
+from sweep.inputs.data import EMBEDDED_DIR, SAMPLE_RATE, to_mono_16k  # noqa: E402
 
 VOICE = "msu_ru_nsh_clunits"
 SOURCE = f"festival festvox-ru ({VOICE})"

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def load(path, device=None):
     """An exported checkpoint (`python -m sweep.export`): `.model`, `.processor`, `.recipe`.
-    Lazy, so `import sweep` stays light; see `sweep.checkpoint.load`."""
-    from .checkpoint import load as _load
+    Lazy, so `import sweep` stays light; see `sweep.ship.checkpoint.load`."""
+    from .ship.checkpoint import load as _load
 
     return _load(path, device=device)

@@ -6,7 +6,7 @@
 
 The trial comes from MLflow (the parent run of a sweep and its finished child runs): by run id,
 or from the sweep's results by rule. Its recipe is rebuilt from the run's params and applied to
-the base model named by the parent run; the checkpoint (`sweep.checkpoint`) is logged back as
+the base model named by the parent run; the checkpoint (`sweep.ship.checkpoint`) is logged back as
 artifacts of the trial's run and as a version of the registered model `hyper-<sweep>`.
 """
 
@@ -21,10 +21,11 @@ import tempfile
 from argparse import Namespace
 from pathlib import Path
 
-from . import cli, figures, rows
-from .pick import RULES, ExportError, describe_row, pick
-from .recipe import Recipe
-from .sweepspec import DATA_KEYS, SweepSpec
+from .inputs import cli
+from .results import figures, rows
+from .ship.pick import RULES, ExportError, describe_row, pick
+from .techniques.recipe import Recipe
+from .search.sweepspec import DATA_KEYS, SweepSpec
 
 # The sweep's data options recorded in metrics.json (beside `dataset` and `n_utterances`).
 DATA_OUT = (*DATA_KEYS[1:], "numbers", "warmup")
@@ -38,7 +39,7 @@ VERIFIED = [f for f in figures.FIGURES if "card" in f.to and not f.relative]
 def _client(args):
     from mlflow.tracking import MlflowClient
 
-    from . import tracking
+    from .results import tracking
 
     root = Path(args.root).resolve()
     if args.tracking_uri is None and not (root / "mlflow.db").is_file():
@@ -94,7 +95,7 @@ def log_export(client, run, out: Path, sweep: str, recipe: Recipe) -> str:
     """Artifacts on the trial's run, and a version of registered model `hyper-<sweep>`."""
     from mlflow.exceptions import MlflowException
 
-    from .tracking import retry
+    from .results.tracking import retry
 
     run_id = run.info.run_id
     retry(client.log_artifacts, run_id, str(out), "export")
@@ -129,7 +130,7 @@ def _trial_hypotheses(client, run_id: str) -> dict | None:
 
 def verify(ck, row: dict, ns: SweepSpec, evalset, logged: dict | None) -> dict:
     """Re-measure the loaded checkpoint on the sweep's data; print it next to the trial."""
-    from .evaluate import measure
+    from .measure.evaluate import measure
 
     m = measure(ck.model, ck.processor, evalset, options=ck.options, language=ns.language,
                 warmup=ns.warmup, numbers=ns.numbers, progress=cli.progress("verify", sys.stderr))
@@ -153,10 +154,10 @@ def verify(ck, row: dict, ns: SweepSpec, evalset, logged: dict | None) -> dict:
 def export(args) -> int:
     from mlflow.exceptions import MlflowException
 
-    from .card import write_metrics
-    from .checkpoint import save_checkpoint, split
-    from .evaluate import calibrator, set_threads
-    from .models import load_model
+    from .ship.card import write_metrics
+    from .ship.checkpoint import save_checkpoint, split
+    from .measure.evaluate import calibrator, set_threads
+    from .inputs.models import load_model
 
     client, exp_id = _client(args)
     objectives = None  # the sweep's, from its front file, when picking by rule
@@ -220,7 +221,7 @@ def export(args) -> int:
           f"{', '.join(baked) or 'nothing'}; re-applied at load: {', '.join(again) or 'nothing'}")
     code = 0
     if args.verify:
-        from .checkpoint import load
+        from .ship.checkpoint import load
 
         ck = load(out)
         metrics["verify"] = verify(ck, row, ns, evalset, _trial_hypotheses(client, run.info.run_id))

@@ -16,9 +16,10 @@ from argparse import Namespace
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import cli, figures, pareto, report, report_html, tracking
-from .search import SAMPLERS, mark_finished
-from .sweepspec import DATA_KEYS, FILE, SweepSpec
+from .inputs import cli
+from .results import figures, pareto, report, report_html, tracking
+from .search.sampler import SAMPLERS, mark_finished
+from .search.sweepspec import DATA_KEYS, FILE, SweepSpec
 
 
 def parse_args(argv=None) -> Namespace:
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> Namespace:
 
 def validate(args) -> tuple:
     """All cheap checks, before Ray or a model: space, data, model spec, tracking store."""
-    from .space import load_space
+    from .search.space import load_space
 
     space = load_space(args.space)
     # Ray workers run in other directories: a relative manifest path must not reach them.
@@ -80,11 +81,11 @@ def validate(args) -> tuple:
     if args.max_concurrent < 1:
         raise ValueError(f"`--max-concurrent` must be >= 1, got {args.max_concurrent}")
     evalset = cli.load_data(args)  # raises DataError naming the problem
-    from .models import check_spec
+    from .inputs.models import check_spec
 
     check_spec(args.model)
     if args.address:
-        from .search import check_address
+        from .search.sampler import check_address
 
         check_address(args.address)
     root = Path(args.root).resolve()
@@ -126,7 +127,7 @@ def run(args) -> dict:
     import ray
     from ray import tune
 
-    from . import search, worker
+    from .search import sampler as search, worker
 
     # A failed trial reports no objectives; HyperSearch tells Optuna it failed.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -246,7 +247,7 @@ def _guarded(what: str, fn, *args, **kwargs) -> None:
 def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from .recipe import Recipe
+    from .techniques.recipe import Recipe
 
     killed = tracking.close_stale(uri, exp_id, name)
     rows = tracking.sweep_rows(uri, exp_id, name)  # MLflow holds every finished trial
@@ -343,9 +344,9 @@ def mark_stale_optuna(root: Path, name: str, rows: list[dict], space) -> tuple[i
 def remeasure(args, front: list[dict], out: Path, objectives=None) -> list[dict]:
     """The front's recipes measured again on `--eval-dataset`, so the front is not judged only
     on the data it was searched on."""
-    from .evaluate import measure, run_trial
-    from .models import load_model
-    from .recipe import Recipe
+    from .measure.evaluate import measure, run_trial
+    from .inputs.models import load_model
+    from .techniques.recipe import Recipe
 
     cli.quiet_transformers()
     ev = cli.load_data(Namespace(**{**vars(args), "dataset": args.eval_dataset}))

@@ -2,8 +2,9 @@
 checkpoint, as its users would in production (torch + transformers only).
 
 Audio is read with soundfile and averaged/resampled to 16 kHz mono like every evaluation set
-(`sweep.data.to_mono_16k`). Clips up to 30 s are decoded exactly as the trial measured them
-(`sweep.evaluate.transcribe`: greedy, `language=` and `task=` always passed); longer files use
+(`sweep.inputs.data.to_mono_16k`). Clips up to 30 s are decoded exactly as the trial measured them
+(`sweep.measure.evaluate.transcribe`: greedy, `language=` and `task=` always passed); longer
+files use
 Whisper's sequential long-form decoding with the same greedy settings.
 """
 
@@ -18,9 +19,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .data import SAMPLE_RATE, Utterance, to_mono_16k
-from .evaluate import TASKS, transcribe
-from .scoring import max_new_tokens_for
+from .inputs.data import SAMPLE_RATE, Utterance, to_mono_16k
+from .measure.evaluate import TASKS, transcribe
+from .measure.scoring import max_new_tokens_for
 
 WINDOW_S = 30.0  # Whisper's input window; longer audio is decoded window by window
 
@@ -73,7 +74,7 @@ def transcribe_files(checkpoint, paths, *, language: str | None = None,
     path, text, language, task, duration_s, seconds, cap_reached (None for long files)."""
     import time
 
-    from .checkpoint import load
+    from .ship.checkpoint import load
 
     if task not in TASKS:
         raise TranscribeError(f"`task` must be one of {TASKS}, got {task=}")

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .tracking import default_uri
+from .results.tracking import default_uri
 
 
 def command(root: Path, host: str, port: int, uri: str | None = None) -> list[str]:

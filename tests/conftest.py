@@ -53,7 +53,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def real_model():
     """The real embedded whisper-base (converted once, cached) and its processor."""
-    from sweep.models import load_model
+    from sweep.inputs.models import load_model
 
     return load_model("embedded:whisper-base")
 
@@ -64,7 +64,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from sweep.models import load_model
+    from sweep.inputs.models import load_model
 
     proc = load_model("random:tiny").processor
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def small_manifest(tmp_path_factory) -> str:
     """Three clips of the embedded set as a manifest (absolute audio paths)."""
     import json
 
-    src = REPO / "sweep" / "embedded" / "manifest.jsonl"
+    src = REPO / "sweep" / "inputs" / "embedded" / "manifest.jsonl"
     lines = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines()[:3]]
     out = tmp_path_factory.mktemp("manifest") / "small.jsonl"
     with out.open("w", encoding="utf-8") as f:

@@ -34,8 +34,8 @@ SMALL = {"quant.enc_attn": ["none", "dynamic_int8"], "quant.scheme": ["none", "d
 
 
 def test_grid_is_fixed_distinct_and_inside_cpu_space():
-    from sweep.recipe import Recipe
-    from sweep.space import load_space
+    from sweep.techniques.recipe import Recipe
+    from sweep.search.space import load_space
 
     pts = search.grid_points()
     assert len(pts) >= 200 and pts == search.grid_points()

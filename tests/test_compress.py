@@ -1,4 +1,5 @@
-"""sweep.compress on a tiny random Whisper: each handler changes the right layers and no others."""
+"""sweep.measure.compress on a tiny random Whisper: each technique changes the right layers and
+no others."""
 
 import copy
 import functools
@@ -9,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from sweep import kernels, structured
-from sweep.compress import (LAYER_TYPES, CompressError, Observer, apply_recipe, layer_type_of,
-                            linear_sparsity, recompile_count)
-from sweep.recipe import Recipe, RecipeError
+from sweep.measure import kernels, structured
+from sweep.measure.compress import (LAYER_TYPES, CompressError, Observer, apply_recipe,
+                                    layer_type_of, linear_sparsity, recompile_count)
+from sweep.techniques.recipe import Recipe, RecipeError
 
 PROMPT = torch.tensor([[50258, 50259, 50359, 50363]])  # sot, lang, transcribe, notimestamps
 

@@ -1,4 +1,5 @@
-"""sweep.data: manifests, HF datasets on disk, resampling, skips, embedded and shared sets."""
+"""sweep.inputs.data: manifests, HF datasets on disk, resampling, skips, embedded and shared
+sets."""
 
 import json
 from pathlib import Path
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sweep import data
-from sweep.data import DataError, calibration_set, load_eval_set
+from sweep.inputs import data
+from sweep.inputs.data import DataError, calibration_set, load_eval_set
 
 
 def tone(path: Path, seconds=1.0, sr=16000, freq=440.0, channels=1) -> Path:

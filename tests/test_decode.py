@@ -1,4 +1,5 @@
-"""sweep.decode / sweep.window: the greedy loop and its compiled step give generate's tokens,
+"""sweep.measure.decode / sweep.measure.window: the greedy loop and its compiled step give
+generate's tokens,
 the encoder window runs on trimmed positions (and is the HF encoder on the full window), the
 recipe dimensions validate, batches give the texts of clip-by-clip decoding."""
 
@@ -10,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from sweep import decode, evaluate, kernels, window
-from sweep.compress import apply_recipe, recompile_count
-from sweep.data import Utterance, load_eval_set
-from sweep.decode import GeneratePlan, GreedyPlan
-from sweep.recipe import PARAMS, Recipe, RecipeError
-from sweep.window import Window
+from sweep.measure import decode, evaluate, kernels, window
+from sweep.measure.compress import apply_recipe, recompile_count
+from sweep.inputs.data import Utterance, load_eval_set
+from sweep.measure.decode import GeneratePlan, GreedyPlan
+from sweep.techniques.recipe import PARAMS, Recipe, RecipeError
+from sweep.measure.window import Window
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,7 @@ def tiny():
     init_std 0.3 so that tokens depend on the audio (at 0.02 one token repeats for any input)."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from sweep.models import load_model
+    from sweep.inputs.models import load_model
 
     lm = load_model("random:tiny")
     torch.manual_seed(0)
@@ -122,7 +123,7 @@ def test_speed_dimensions_reach_the_plan_and_the_description():
 
 @pytest.mark.parametrize("name", ["full", "cpu"])
 def test_spaces_search_the_new_dimensions(name):
-    from sweep.space import load_space
+    from sweep.search.space import load_space
 
     space = load_space(name)
     assert {"decode.loop", "decode.compile", "decode.no_repeat_ngram", "encoder.window",

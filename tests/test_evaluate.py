@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from sweep import evaluate
-from sweep.data import load_eval_set
-from sweep.recipe import Recipe
+from sweep.measure import evaluate
+from sweep.inputs.data import load_eval_set
+from sweep.techniques.recipe import Recipe
 
 FIGURE_KEYS = {"wer", "cer", "dwer", "dcer", "latency_mean_s", "latency_median_s", "speedup",
                "loops", "kernels", "recipe", "baseline", "latency_p90_s", "rtf",
@@ -25,7 +25,7 @@ def _real_ru(manifest):
 
 
 def test_measure_tiny_model_reports_every_figure(tiny_checkpoint, small_manifest):
-    from sweep.models import load_model
+    from sweep.inputs.models import load_model
 
     lm = load_model(tiny_checkpoint)
     ev = load_eval_set(small_manifest)
@@ -40,8 +40,8 @@ def test_measure_tiny_model_reports_every_figure(tiny_checkpoint, small_manifest
 
 
 def test_language_is_required_when_utterances_lack_it(tiny_model, tmp_path):
-    from sweep.data import EvalSet, Utterance
-    from sweep.models import load_model
+    from sweep.inputs.data import EvalSet, Utterance
+    from sweep.inputs.models import load_model
 
     ev = EvalSet(name="x", utterances=[Utterance("a", __import__("numpy").zeros(16000, "float32"),
                                                  "да", None, 1.0)], skipped=0, skipped_reasons=[])
@@ -95,7 +95,7 @@ def test_real_model_dynamic_int8_keeps_wer(real_model, speech_manifest):
 
 
 def test_a_trial_far_slower_than_the_baseline_is_stopped_early(tiny_checkpoint, small_manifest):
-    from sweep.models import load_model
+    from sweep.inputs.models import load_model
 
     lm = load_model(tiny_checkpoint)
     ev = load_eval_set(small_manifest)
@@ -118,7 +118,7 @@ def test_compile_time_is_reported_for_every_compiling_recipe(tiny_checkpoint, sm
                                                              recipe, compiles):
     """compile_s (the warm-up pass beyond a steady one) for whatever torch.compile's: the
     stacks, the encoder alone or the greedy step; 0 for eager recipes."""
-    from sweep.models import load_model
+    from sweep.inputs.models import load_model
 
     lm = load_model(tiny_checkpoint)
     ev = load_eval_set(small_manifest)

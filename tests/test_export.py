@@ -9,22 +9,23 @@ import pytest
 import torch
 
 import sweep
-from sweep import evaluate, transcribe
-from sweep.checkpoint import CheckpointError, save_checkpoint
-from sweep.compress import apply_recipe
-from sweep.recipe import Recipe
+from sweep.measure import evaluate
+from sweep import transcribe
+from sweep.ship.checkpoint import CheckpointError, save_checkpoint
+from sweep.measure.compress import apply_recipe
+from sweep.techniques.recipe import Recipe
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
-    from sweep.models import load_model
+    from sweep.inputs.models import load_model
 
     return load_model(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
 def clips(small_manifest):
-    from sweep.data import load_eval_set
+    from sweep.inputs.data import load_eval_set
 
     # One clip: a random model decodes up to its token cap, and the logits are compared too.
     return load_eval_set(small_manifest, max_samples=1)
@@ -32,7 +33,7 @@ def clips(small_manifest):
 
 @pytest.fixture(scope="module")
 def calibrate(tiny):
-    from sweep.data import calibration_set
+    from sweep.inputs.data import calibration_set
 
     calib = calibration_set("embedded", n=1)
     return lambda m: [evaluate.transcribe(m, tiny.processor, u, language="ru") for u in calib]
@@ -203,11 +204,11 @@ FAKE = {"baseline": ("", 0.20, 0.050), "acc": ("struct.ffn_rate=0.1", 0.20, 0.04
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny, tiny_checkpoint, small_manifest):
-    """A sweep-like tracking store made with sweep.tracking: the made-up trials, one trial
+    """A sweep-like tracking store made with sweep.results.tracking: the made-up trials, one trial
     really measured on the tiny checkpoint (dynamic int8), and a failed one."""
-    from sweep import tracking
-    from sweep.data import load_eval_set
-    from sweep.sweepspec import SweepSpec
+    from sweep.results import tracking
+    from sweep.inputs.data import load_eval_set
+    from sweep.search.sweepspec import SweepSpec
 
     root = tmp_path_factory.mktemp("sweep-root")
     uri = tracking.default_uri(root)
@@ -271,7 +272,7 @@ def test_no_trial_meets_the_rule_lists_the_closest(store, tmp_path, capsys, args
 def test_export_by_run_verifies_and_logs_to_mlflow(store, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from sweep import tracking
+    from sweep.results import tracking
 
     root, ids = store
     assert _export(root, tmp_path, "--run", ids["real"], "--verify") == 0, capsys.readouterr()
@@ -305,7 +306,7 @@ def test_export_refuses_unknown_sweeps_and_runs(store, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def real_clips():
-    from sweep.data import load_eval_set
+    from sweep.inputs.data import load_eval_set
 
     return load_eval_set("embedded", max_samples=3)
 
@@ -330,7 +331,7 @@ def test_real_model_serves_long_audio(real_model, tmp_path):
     import numpy as np
     import soundfile as sf
 
-    from sweep.data import load_eval_set
+    from sweep.inputs.data import load_eval_set
 
     clips = load_eval_set("embedded", max_samples=24)
     audio = np.concatenate([np.concatenate([u.audio, np.zeros(8000, np.float32)]) for u in clips])

@@ -19,7 +19,8 @@ optuna = pytest.importorskip("optuna")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from sweep import launch, tracking  # noqa: E402
+from sweep import launch  # noqa: E402
+from sweep.results import tracking  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = """
@@ -280,7 +281,7 @@ def test_ui_listens_on_loopback_by_default(tmp_path):
 def test_stale_optuna_trial_that_finished_in_mlflow_is_recovered(tmp_path):
     """Killed between MLflow's FINISHED and Optuna's tell: the measurement reaches Optuna at the
     end of the sweep (COMPLETE, its run id and constraint); a trial never measured is FAIL."""
-    from sweep.space import space_from_dict
+    from sweep.search.space import space_from_dict
 
     space = space_from_dict({"params": {"quant.scheme": {"choice": ["none", "bf16"]}},
                              "constraints": {"max_dwer": 0.1}})

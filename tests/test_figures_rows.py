@@ -15,8 +15,10 @@ pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from sweep import figures, launch, pareto, rows, tracking, worker  # noqa: E402
-from sweep.sweepspec import SweepSpec  # noqa: E402
+from sweep.results import figures, pareto, rows, tracking  # noqa: E402
+from sweep import launch  # noqa: E402
+from sweep.search import worker  # noqa: E402
+from sweep.search.sweepspec import SweepSpec  # noqa: E402
 
 # What the evaluator returns besides figures, and where each goes instead.
 NOT_FIGURES = {"recipe": "params", "baseline": "baseline_* metrics", "kernels": "tag",
@@ -27,10 +29,10 @@ NOT_FIGURES = {"recipe": "params", "baseline": "baseline_* metrics", "kernels": 
 @pytest.fixture(scope="module")
 def result(tiny_checkpoint, small_manifest):
     """A real trial result of the tiny model on one clip, as the worker completes it."""
-    from sweep.data import load_eval_set
-    from sweep.evaluate import run_trial
-    from sweep.models import load_model
-    from sweep.recipe import Recipe
+    from sweep.inputs.data import load_eval_set
+    from sweep.measure.evaluate import run_trial
+    from sweep.inputs.models import load_model
+    from sweep.techniques.recipe import Recipe
 
     lm = load_model(tiny_checkpoint)
     res, _ = run_trial(lm.model, lm.processor, load_eval_set(small_manifest, max_samples=1),

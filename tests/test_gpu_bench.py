@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench import gpu, gpu_prepare
-from sweep import scoring
-from sweep.data import shared_dir
+from sweep.measure import scoring
+from sweep.inputs.data import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # Absent on the GPU machine: importing any of them there fails, so here too.

@@ -10,7 +10,8 @@ mlflow = pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from sweep import launch, report  # noqa: E402
+from sweep import launch  # noqa: E402
+from sweep.results import report  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

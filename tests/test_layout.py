@@ -98,8 +98,9 @@ def test_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-PURE = ["sweep.recipe", "sweep.techniques", "sweep.space", "sweep.pareto", "sweep.figures",
-        "sweep.rows", "sweep.scoring"]
+PURE = ["sweep.techniques.recipe", "sweep.techniques", "sweep.search.space", "sweep.results.pareto",
+        "sweep.results.figures",
+        "sweep.results.rows", "sweep.measure.scoring"]
 
 
 @pytest.mark.parametrize("mod", PURE)

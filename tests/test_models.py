@@ -1,4 +1,5 @@
-"""sweep.models / sweep.ct2: the embedded whisper-base against CTranslate2, cache, specs."""
+"""sweep.inputs.models / sweep.inputs.ct2: the embedded whisper-base against CTranslate2, cache,
+specs."""
 
 import json
 import logging
@@ -10,15 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from sweep import ct2
-from sweep.cache import atomic_dir
-from sweep.models import (
-    RANDOM_SIZES,
-    ModelSpecError,
-    check_spec,
-    embedded_ct2_dir,
-    load_model,
-)
+from sweep.inputs import ct2
+from sweep.inputs.cache import atomic_dir
+from sweep.inputs.models import (RANDOM_SIZES, ModelSpecError, check_spec, embedded_ct2_dir,
+                                 load_model)
 
 SOT, EOT, NO_TIMESTAMPS, TRANSCRIBE = 50258, 50257, 50363, 50359
 N_CLIPS = 5  # greedy-decoded on both sides: ~4 s per clip on 2 cores
@@ -170,7 +166,7 @@ def _conversions(caplog):
 
 @pytest.mark.slow
 def test_cache_reused_and_bad_cache_rebuilt(tmp_path, caplog, real_model):
-    caplog.set_level(logging.INFO, logger="sweep.models")
+    caplog.set_level(logging.INFO, logger="sweep.inputs.models")
     first = load_model(cache_dir=tmp_path)
     assert _conversions(caplog) == 1
     (hf_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("embedded-whisper-base-")
@@ -180,7 +176,7 @@ def test_cache_reused_and_bad_cache_rebuilt(tmp_path, caplog, real_model):
 
     second = load_model(cache_dir=tmp_path)  # from the cache: no conversion
     assert _conversions(caplog) == 1 and weights.stat().st_mtime_ns == mtime
-    ours = [r.getMessage() for r in caplog.records if r.name == "sweep.models"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "sweep.inputs.models"]
     assert "from cache" in ours[-1] and " s" in ours[-1]  # the load time is logged
     w = "model.decoder.layers.0.fc1.weight"
     assert torch.equal(first.model.state_dict()[w], second.model.state_dict()[w])

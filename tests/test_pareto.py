@@ -1,4 +1,4 @@
-"""sweep.pareto: fronts, hypervolume, knee, constraints and the written reports."""
+"""sweep.results.pareto: fronts, hypervolume, knee, constraints and the written reports."""
 
 import csv
 import itertools
@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from sweep import pareto, report, report_html
+from sweep.results import pareto, report, report_html
 
 BASE = {"wer": 0.5, "cer": 0.2, "latency_median_s": 1.0, "recipe": {"quant.scheme": "none"}}
 

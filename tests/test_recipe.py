@@ -1,4 +1,5 @@
-"""sweep.recipe: parameters declared once, round trips, and every refusal naming its key."""
+"""sweep.techniques.recipe: parameters declared once, round trips, and every refusal naming its
+key."""
 
 import dataclasses
 import json
@@ -7,9 +8,9 @@ import sys
 
 import pytest
 
-from sweep.recipe import (LAYER_TYPES, PARAMS, SCHEMES, TECHNIQUES, CompileConfig,
-                          DecodeConfig, EncoderConfig, PruneConfig, QuantConfig, Recipe,
-                          RecipeError, StructConfig)
+from sweep.techniques.recipe import (LAYER_TYPES, PARAMS, SCHEMES, TECHNIQUES, CompileConfig,
+                                     DecodeConfig, EncoderConfig, PruneConfig, QuantConfig, Recipe,
+                                     RecipeError, StructConfig)
 from sweep.techniques import Param
 
 EXAMPLES = [
@@ -180,5 +181,6 @@ def test_is_baseline():
 
 
 def test_recipe_module_is_pure():
-    code = "import sys, sweep.recipe; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, sweep.techniques.recipe; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

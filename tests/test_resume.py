@@ -19,9 +19,9 @@ pytest.importorskip("ray")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from sweep import search  # noqa: E402
-from sweep.recipe import PARAMS  # noqa: E402
-from sweep.space import available_spaces, load_space  # noqa: E402
+from sweep.search import sampler as search  # noqa: E402
+from sweep.techniques.recipe import PARAMS  # noqa: E402
+from sweep.search.space import available_spaces, load_space  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("quick", "cpu", "full")
@@ -192,7 +192,8 @@ def test_unreadable_trial_row_is_skipped_with_a_warning(tmp_path, tiny_checkpoin
     """One bad row never takes the launcher down: a trial run whose recipe no parameter allows
     (what the sentinel bug logged) and one without figures are skipped with a warning naming
     them; the launcher exits 0 with the front of the rest."""
-    from sweep import launch, tracking
+    from sweep import launch
+    from sweep.results import tracking
 
     space = tmp_path / "space.yaml"
     space.write_text("params:\n  quant.scheme: {choice: [none, bf16]}\n")

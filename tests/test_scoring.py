@@ -2,7 +2,7 @@
 
 import pytest
 
-from sweep import scoring
+from sweep.measure import scoring
 
 
 def test_normalize_russian_rules():

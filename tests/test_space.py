@@ -1,4 +1,4 @@
-"""sweep.space: shipped spaces load, bad spaces are refused with every error, sampling obeys
+"""sweep.search.space: shipped spaces load, bad spaces are refused with every error, sampling obeys
 conditions and the available devices, baseline and constraint values."""
 
 import math
@@ -8,9 +8,9 @@ import optuna
 import pytest
 import yaml
 
-from sweep import space as sp
-from sweep.recipe import PARAMS, Recipe
-from sweep.space import SpaceError, load_space, space_from_dict
+from sweep.search import space as sp
+from sweep.techniques.recipe import PARAMS, Recipe
+from sweep.search.space import SpaceError, load_space, space_from_dict
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SHIPPED = sp.available_spaces()

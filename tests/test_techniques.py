@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sweep import decode
-from sweep.compress import Context, apply_recipe
-from sweep.recipe import PARAMS, Recipe, RecipeError
+from sweep.measure import decode
+from sweep.measure.compress import Context, apply_recipe
+from sweep.techniques.recipe import PARAMS, Recipe, RecipeError
 from sweep.techniques import TECHNIQUES, load_plugins
 
 TOY = Path(__file__).with_name("toy_technique.py")
@@ -101,8 +101,9 @@ def test_toy_technique_flows_through_the_whole_pipeline(toy, tmp_path, tiny_chec
     from mlflow.tracking import MlflowClient
 
     import sweep
-    from sweep import export, launch, tracking
-    from sweep.space import SpaceError, space_from_dict
+    from sweep import export, launch
+    from sweep.results import tracking
+    from sweep.search.space import SpaceError, space_from_dict
 
     with pytest.raises(SpaceError, match="toy.scale"):  # validated like any parameter
         space_from_dict({"params": {"toy.scale": {"float": [0.5, 9.0]}}})
@@ -147,7 +148,7 @@ def test_toy_technique_flows_through_the_whole_pipeline(toy, tmp_path, tiny_chec
     ck = sweep.load(ck_dir)
     assert ck.recipe.toy == toy(scale=2.0, max_tokens=3)
     assert ck.options.max_new_tokens == 3
-    from sweep.models import load_model
+    from sweep.inputs.models import load_model
 
     base = load_model(tiny_checkpoint).model.model.decoder.layer_norm.weight
     assert torch.allclose(ck.model.model.decoder.layer_norm.weight, 2 * base)

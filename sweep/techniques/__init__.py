@@ -4,7 +4,7 @@ options and description), registered on import in application order.
 Plugins: `$HYPER_TECHNIQUES` lists more technique modules, comma-separated, as import paths
 (`mypkg.mytech`) or file paths (`/abs/mytech.py`). They are imported right after the built-in
 ones, in every process that imports this package: the launcher, Ray's workers (the local Ray
-inherits the environment; `sweep.search.init_ray` passes the variable to a cluster's
+inherits the environment; `sweep.search.sampler.init_ray` passes the variable to a cluster's
 workers), export and `sweep.load`. A plugin module defines a `@technique("prefix")` config
 class; nothing else in HYPER needs an edit.
 """
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from . import struct, prune, quant, compile, encoder, decode  # noqa: F401 - registers, in order
-from .base import (DEVICE, LAYER_TYPES, PARAMS, TARGETS, TECHNIQUES, Param, RecipeError,
-                   Requires, Storage, Technique, technique)
+from .base import (DEVICE, LAYER_TYPES, PARAMS, TARGETS, TECHNIQUES, Param, RecipeError, Requires,
+                   Storage, Technique, technique)
 
 PLUGINS_ENV = "HYPER_TECHNIQUES"
 __all__ = ["DEVICE", "LAYER_TYPES", "PARAMS", "PLUGINS_ENV", "TARGETS", "TECHNIQUES", "Param",

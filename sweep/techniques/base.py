@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-# Whisper's Linear layers by role (sweep.compress.layer_type_of maps module names to these).
+# Whisper's Linear layers by role (sweep.measure.compress.layer_type_of maps module names to these).
 LAYER_TYPES = ("enc_attn", "enc_mlp", "dec_self", "dec_cross", "dec_mlp", "head")
 # Every subset in canonical order, so that a search space may list any of them as a choice.
 TARGETS = ("all",) + tuple("+".join(c) for n in range(1, len(LAYER_TYPES))
@@ -163,11 +163,12 @@ class Technique:
     compiles = property(lambda self: False)
 
     def apply(self, model, ctx) -> None:
-        """Change `model` in place (`ctx`: sweep.compress.Context, the recipe, kernels chosen,
+        """Change `model` in place (`ctx`: sweep.measure.compress.Context, the recipe, kernels
+        chosen,
         notes). Called in registration order, only when active."""
 
     def decoding(self) -> dict:
-        """Fields of the decoding options (sweep.decode.Plan) this config sets when active."""
+        """Fields of the decoding options (sweep.measure.decode.Plan) it sets when active."""
         return {}
 
     def describe(self) -> str:

@@ -32,7 +32,7 @@ class EncoderConfig(Technique):
     compiles = property(lambda self: self.compile != "none")
 
     def apply(self, model, ctx) -> None:
-        from .. import window
+        from ..measure import window
 
         if self.compile != "none":
             window.compile_encoder(model, freeze=self.compile == "freeze")
@@ -41,7 +41,7 @@ class EncoderConfig(Technique):
                 ctx.kernels[t] = f"{ctx.kernels.get(t, 'fp32')}, compiled ({self.compile})"
 
     def decoding(self) -> dict:
-        from ..window import Window
+        from ..measure.window import Window
 
         return {"window": Window(self.window, self.bucket_s) if self.window != "full" else Window()}
 

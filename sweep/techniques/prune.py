@@ -45,8 +45,8 @@ class PruneConfig(Technique):
                            else tuple(self.targets.split("+")))
 
     def apply(self, model, ctx) -> None:
-        from .. import structured
-        from ..compress import linear_sparsity, linears_of
+        from ..measure import structured
+        from ..measure.compress import linear_sparsity, linears_of
 
         linears = linears_of(model, self.layer_types)
         structured.magnitude_prune(list(linears.values()), rate=self.rate, norm=self.norm,
@@ -69,7 +69,7 @@ def _semi_structured(linears: dict, ctx) -> None:
     import torch
     from torch import nn
 
-    from ..compress import layer_type_of
+    from ..measure.compress import layer_type_of
 
     plan = ctx.recipe.quant.by_layer_type()
     for name, lin in linears.items():

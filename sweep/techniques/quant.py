@@ -1,6 +1,6 @@
 """Quantization per layer type: int8 (dynamic, static, weight-only), int8-activation/int4-weight,
 bf16/fp16 casts or autocast, bitsandbytes on CUDA. Each Linear gets the implementation of its
-scheme that `sweep.kernels` measured fastest on this machine."""
+scheme that `sweep.measure.kernels` measured fastest on this machine."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class QuantConfig(Technique):
         return self.by_layer_type()
 
     def apply(self, model, ctx) -> None:
-        from .. import compress, kernels
+        from ..measure import compress, kernels
 
         if ctx.sparsity is None:  # quantized weights hide their zeros
             ctx.sparsity = compress.linear_sparsity(model)

@@ -22,7 +22,7 @@ class StructConfig(Technique):
         return self if self.ffn_rate > 0 else dataclasses.replace(self, stacks="both")
 
     def apply(self, model, ctx) -> None:
-        from .. import structured
+        from ..measure import structured
 
         stacks = ("encoder", "decoder") if self.stacks == "both" else (self.stacks,)
         ctx.notes += structured.shrink_ffn(model, self.ffn_rate, stacks)

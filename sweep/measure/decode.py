@@ -1,11 +1,11 @@
-"""Decoding options: how `sweep.evaluate.transcribe` turns features into tokens.
+"""Decoding options: how `sweep.measure.evaluate.transcribe` turns features into tokens.
 
 The techniques' `decoding()` fields make one frozen `Plan` (`plan_for(recipe)`), handed
 explicitly to transcription next to the model, as whisper's DecodingOptions are: nothing is
 stored on the model. `decode()` dispatches on the plan's type through `RUNNERS`.
 
 - `GeneratePlan`: HF `generate` (greedy, language and task given, no timestamps).
-- `GreedyPlan`: a lean greedy loop with generate's tokens (its step: `sweep.greedy`): the
+- `GreedyPlan`: a lean greedy loop with generate's tokens (its step: `sweep.measure.greedy`): the
   encoder once, then per token only the decoder layers; optionally a compiled or a
   TorchScript-traced step.
 """
@@ -80,7 +80,7 @@ RUNNERS: dict[type, Callable] = {}
 def plan_for(recipe) -> Plan:
     """The decoding options of a Recipe: the `decoding()` fields of its active techniques. Two
     techniques setting one field to different values is a recipe error."""
-    from .techniques.base import RecipeError
+    from ..techniques.base import RecipeError
 
     fields, by = {}, {}
     for cfg in recipe.configs():

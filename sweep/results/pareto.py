@@ -5,9 +5,10 @@ A *row* is a plain dict for one trial with at least `trial_id`, `wer`, `cer`, `d
 `status` is not "ok" (failed, timed out, looped...) never reach a front.
 
 Units: fractions everywhere (`dwer` 0.05 = 5% relatively worse than the baseline, as
-`sweep.scoring.relative` computes it); percentages appear only in `sweep.report`'s printed tables.
+`sweep.measure.scoring.relative` computes it); percentages appear only in
+`sweep.results.report`'s printed tables.
 
-Imports neither Ray, MLflow nor torch. Tables, files and plots are in `sweep.report`.
+Imports neither Ray, MLflow nor torch. Tables, files and plots are in `sweep.results.report`.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ Objectives = Sequence[tuple[str, str]]
 
 
 # ---------------------------------------------------------------------------------------------
-# constraints (shared with `sweep.space.Space.violation`)
+# constraints (shared with `sweep.search.space.Space.violation`)
 
 
 def _relative(value: float, base: float) -> float:
-    """Same definition as `sweep.scoring.relative`: relative change, absolute when base is 0."""
+    """Same definition as `sweep.measure.scoring.relative`: relative change, absolute when base
+    is 0."""
     return value / base - 1.0 if base > 0 else value - base
 
 

@@ -4,7 +4,7 @@ exactly as the trial did. torch + transformers only (no MLflow, no Ray): serving
 A checkpoint is the Hugging Face layout (safetensors weights, config, generation config,
 processor) plus `recipe.json`, `metrics.json` and a model card `README.md`. What changes weights
 (FFN shrinking, pruning) is baked into them; what cannot be saved as plain weights (quantized
-modules, compiled graphs) is re-applied at load from `recipe.json` by `sweep.compress`.
+modules, compiled graphs) is re-applied at load from `recipe.json` by `sweep.measure.compress`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .card import environment, write_metrics
-from .decode import plan_for
-from .recipe import TECHNIQUES, Recipe, RecipeError
+from ..measure.decode import plan_for
+from ..techniques.recipe import TECHNIQUES, Recipe, RecipeError
 
 FORMAT_VERSION = 1
 KNOWN = (1,)  # recipe.json layouts this version reads
@@ -42,7 +42,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What `load` returns; `model`/`processor` like `sweep.models.LoadedModel`."""
+    """What `load` returns; `model`/`processor` like `sweep.inputs.models.LoadedModel`."""
     model: nn.Module
     processor: object
     recipe: Recipe
@@ -53,7 +53,7 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)  # metrics.json
     spec: str = ""
     source: str = ""
-    options: object = None  # decoding options (sweep.decode.Plan): pass them to transcription
+    options: object = None  # decoding options (a Plan): hand them to transcription
 
 
 def split(recipe: Recipe) -> tuple[Recipe, Recipe, list[str], list[str]]:
@@ -96,7 +96,7 @@ def _densify(model: nn.Module) -> None:
 def _capture_calibration(model, recipe: Recipe, calibrate) -> dict:
     """Run calibration once (as the trial did) and keep every observed layer's min/max, so
     loading needs no audio and gets the very same static int8 scales."""
-    from .compress import Observer, apply_recipe
+    from ..measure.compress import Observer, apply_recipe
 
     stats = {}
 
@@ -112,7 +112,7 @@ def _capture_calibration(model, recipe: Recipe, calibrate) -> dict:
 
 def _replay(stats: dict):
     def calibrate(model):
-        from .compress import Observer
+        from ..measure.compress import Observer
 
         for name, obs in model.named_modules():
             if isinstance(obs, Observer):
@@ -130,7 +130,7 @@ def save_checkpoint(base_model: nn.Module, processor, recipe: Recipe, out_dir, *
     write the checkpoint to `out_dir`. `calibrate(model)` runs calibration audio (static int8
     only); `metrics` (trial figures, baseline, data...) goes to metrics.json and the card;
     `overwrite` replaces an earlier checkpoint there (never another kind of folder)."""
-    from .compress import apply_recipe
+    from ..measure.compress import apply_recipe
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -225,8 +225,8 @@ def load(path, device: str | None = None) -> Checkpoint:
     default the recipe's; another one is allowed when the recipe is valid there."""
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from .compress import apply_recipe
-    from .models import _no_progress_bars
+    from ..measure.compress import apply_recipe
+    from ..inputs.models import _no_progress_bars
 
     path = Path(path).expanduser()
     info, recipe = read_info(path)

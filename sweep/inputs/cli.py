@@ -1,4 +1,4 @@
-"""Command-line options shared by `sweep.evaluate` and `sweep.launch`, and their loading."""
+"""Command-line options shared by `sweep.measure.evaluate` and `sweep.launch`, and their loading."""
 
 from __future__ import annotations
 

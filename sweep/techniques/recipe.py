@@ -10,13 +10,13 @@ import difflib
 import json
 from typing import ClassVar
 
-from .techniques import DEVICE, LAYER_TYPES, PARAMS, TARGETS, TECHNIQUES, RecipeError, Technique
-from .techniques.compile import CompileConfig
-from .techniques.decode import DecodeConfig
-from .techniques.encoder import EncoderConfig
-from .techniques.prune import PruneConfig
-from .techniques.quant import SCHEMES, SHORT, QuantConfig
-from .techniques.struct import StructConfig
+from . import DEVICE, LAYER_TYPES, PARAMS, TARGETS, TECHNIQUES, RecipeError, Technique
+from .compile import CompileConfig
+from .decode import DecodeConfig
+from .encoder import EncoderConfig
+from .prune import PruneConfig
+from .quant import SCHEMES, SHORT, QuantConfig
+from .struct import StructConfig
 
 __all__ = ["LAYER_TYPES", "PARAMS", "SCHEMES", "SHORT", "TARGETS", "TECHNIQUES", "CompileConfig",
            "DecodeConfig", "EncoderConfig", "PruneConfig", "QuantConfig", "Recipe",

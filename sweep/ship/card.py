@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from . import figures
-from .recipe import TECHNIQUES, Recipe
+from ..results import figures
+from ..techniques.recipe import TECHNIQUES, Recipe
 
 
 def write_metrics(out, metrics: dict) -> None:
@@ -45,7 +45,8 @@ def environment() -> dict:
 
 # ---- model card ------------------------------------------------------------------------------
 
-# The card's figures (`sweep.figures`, destination `card`): measured ones against the baseline,
+# The card's figures (`sweep.results.figures`, destination `card`): measured ones against the
+# baseline,
 # then relative ones against what the baseline scores on them (speed-up 1.00x).
 CARD_FIGURES = [figures.BY_NAME[n] for n in figures.names("card")]
 CARD = """# Whisper, {title} — exported by HYPER

@@ -67,7 +67,7 @@ class EvalSet:
 
 def shared_dir() -> Path | None:
     """The read-only shared data folder: $HYPER_SHARED, else `shared/` beside the checkout."""
-    for cand in (os.environ.get("HYPER_SHARED"), Path(__file__).resolve().parents[2] / "shared"):
+    for cand in (os.environ.get("HYPER_SHARED"), Path(__file__).resolve().parents[3] / "shared"):
         if cand and (Path(cand) / "speech" / "manifest.jsonl").is_file():
             return Path(cand)
     return None
@@ -259,7 +259,7 @@ def calibration_set(eval_set_spec: str = "embedded", n: int = 8, *,
                     language: str | None = None) -> EvalSet:
     """Utterances never in the evaluation set, for static int8 calibration. The rule:
 
-    - `embedded`: the first `n` of `sweep/embedded/calibration.jsonl` (other sentences);
+    - `embedded`: the first `n` of `sweep/inputs/embedded/calibration.jsonl` (other sentences);
     - `calibration_split` given: its first `n` utterances;
     - else, when the evaluation uses `eval_max_samples`: the `n` usable utterances after them;
     - else (evaluation takes everything) a HF dataset uses its first other split among

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from . import figures, rows
 
 EXPERIMENT = "hyper"
-# Per-trial figures logged as MLflow metrics (fractions and seconds; `sweep.figures` decides).
+# Per-trial figures logged as MLflow metrics (fractions and seconds; sweep.results.figures
+# decides).
 METRICS = figures.keys("mlflow")
 # Never logged, whatever the environment holds.
 _SECRET_HINTS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL", "AUTH")

@@ -71,7 +71,7 @@ def from_mlflow(info: Any, metrics: Mapping[str, float], tags_: Mapping[str, str
     """The row of one trial run (`run.info`, `run.data.metrics/tags/params`). Never raises on
     a bad run: a recipe no parameter allows or a broken tag gives status `unreadable` and the
     reason in `error`, so one bad row cannot take the end of a sweep down."""
-    from .recipe import Recipe  # lazily: the techniques may move, this module stays pure
+    from ..techniques.recipe import Recipe  # lazily: plugins register by then
 
     row = {**{k: figures.cast(k, v) for k, v in metrics.items() if not k.startswith(BASE)},
            "baseline": {k[len(BASE):]: figures.cast(k[len(BASE):], v)

@@ -28,7 +28,7 @@ from transformers import (
     WhisperProcessor,
 )
 
-from sweep import cache, ct2
+from sweep.inputs import cache, ct2
 
 logger = logging.getLogger(__name__)
 

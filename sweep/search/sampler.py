@@ -11,7 +11,7 @@ import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from .pareto import pareto_front
+from ..results.pareto import pareto_front
 
 SAMPLERS = ("tpe", "nsga2", "random")
 RAY_TMP = "/tmp/hyper-ray"  # short: Ray's unix socket paths must stay under 107 bytes
@@ -40,7 +40,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
     """Join `address` or start a local Ray; returns the cluster's resources."""
     import ray
 
-    from .techniques import PLUGINS_ENV
+    from ..techniques import PLUGINS_ENV
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -191,7 +191,7 @@ class Progress(tune.Callback):
 
 def _shown(result: dict, name: str) -> str:
     """`name value` in its figure's unit and format, for the progress line."""
-    from .figures import BY_NAME
+    from ..results.figures import BY_NAME
 
     f, v = BY_NAME[name], result.get(name)
     return f"{name} {'?' if v is None else format(v, f.fmt)}{f.unit}"

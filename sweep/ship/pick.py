@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import pareto, report
-from .figures import BY_NAME
+from ..results import pareto, report
+from ..results.figures import BY_NAME
 
 SHOWN = 3  # closest trials listed when none meets the rule
 _DESCRIBED = ("wer", "dwer", "latency_median_s", "speedup")  # always in `describe_row`

@@ -3,7 +3,8 @@ whether it is relative to the baseline. Pure: no Ray, MLflow or torch.
 
 Every list of figure names elsewhere is derived from `FIGURES` (`tracking.METRICS`, what the
 worker reports to Tune, `pareto.METRICS`, the report's and the card's columns). Adding a figure
-is one entry here plus the code that measures it (`sweep.evaluate` or `sweep.worker`).
+is one entry here plus the code that measures it (`sweep.measure.evaluate` or
+`sweep.search.worker`).
 
 Destinations (`to`): `mlflow` (a metric of the trial's run), `tune` (the result Tune and Optuna
 see), `csv` (a column of trials.csv/pareto.csv and a key of pareto.json's rows), `report` (front
@@ -33,7 +34,7 @@ class Figure:
     relative: bool = False  # measured against the baseline of the same process
     kind: str = "float"  # "pair": the evaluator gives [lo, hi], stored as <name>_lo, <name>_hi
     label: str = ""  # card and table text (default: the name)
-    by: str = "evaluate"  # who produces it: sweep.evaluate, or sweep.worker around it
+    by: str = "evaluate"  # who produces it: sweep.measure.evaluate, or the worker around it
     of: str | None = None  # a relative figure's absolute one (dwer of wer), to derive it
     allowance: str | None = None  # constraint widening the hypervolume's reference point
     neutral: float | None = None  # what the baseline scores on a relative figure

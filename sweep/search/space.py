@@ -1,4 +1,4 @@
-"""Search spaces as data: YAML files validated against `sweep.recipe.PARAMS`. Pure.
+"""Search spaces as data: YAML files validated against `sweep.techniques.recipe.PARAMS`. Pure.
 
 A space file (see `search_spaces/*.yaml`)::
 
@@ -43,11 +43,11 @@ from typing import Any
 
 import yaml
 
-from . import pareto
-from .recipe import PARAMS, Recipe, RecipeError
-from .techniques import Param
+from ..results import pareto
+from ..techniques.recipe import PARAMS, Recipe, RecipeError
+from ..techniques import Param
 
-DEFAULT_OBJECTIVES = dict(pareto.DEFAULT_OBJECTIVES)  # the one default, from sweep.figures
+DEFAULT_OBJECTIVES = dict(pareto.DEFAULT_OBJECTIVES)  # the one default, from sweep.results.figures
 
 
 class SpaceError(ValueError):
@@ -751,7 +751,7 @@ def check_starts(ck: _Checker, raw: Any, params: Mapping[str, Dim],
     return out
 
 
-SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 TOP_KEYS = ("name", "description", "params", "conditions", "objectives", "constraints",
             "starts")
 
@@ -853,7 +853,7 @@ class Space:
 
     def violation(self, metrics: Mapping, baseline: Mapping | None = None) -> list[float]:
         """Optuna-style constraint values (<= 0 feasible), one per constraint in file order;
-        see `sweep.pareto.constraint_values`."""
+        see `sweep.results.pareto.constraint_values`."""
         return pareto.constraint_values(metrics, self.constraints, baseline)
 
     def feasible(self, metrics: Mapping, baseline: Mapping | None = None) -> bool:

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import rows, tracking
+from ..results import rows, tracking
 
 # Per worker process: (model, data, threads, device) -> (loaded, evalset, calibration, baseline).
 _CACHE: dict = {}
@@ -85,9 +85,9 @@ def _prepare(ctx: SweepContext, device: str, threads: int):
     """Load model, data and baseline once per worker; returns the cache entry and its cost."""
     from argparse import Namespace
 
-    from . import cli
-    from .evaluate import measure, set_threads
-    from .models import load_model
+    from ..inputs import cli
+    from ..measure.evaluate import measure, set_threads
+    from ..inputs.models import load_model
 
     key = (ctx.model, tuple(sorted(ctx.data.items())), threads, device)
     if key in _CACHE:
@@ -141,8 +141,8 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
     """Measure one recipe and log it; returns the figures Tune and Optuna see."""
     from ray import tune
 
-    from .evaluate import run_trial
-    from .recipe import Recipe
+    from ..measure.evaluate import run_trial
+    from ..techniques.recipe import Recipe
 
     t0 = time.perf_counter()
     flat = {k: v for k, v in config.items()}
@@ -173,7 +173,7 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
                       node=os.uname().nodename, node_id=_node_id(), gpu_ids=gpus)
         tracking.finish_trial(ctx.tracking_uri, run_id, result)
     except Exception as e:  # noqa: BLE001 - a recipe's failure is a failed trial, not a dead sweep
-        from .evaluate import TooSlow
+        from ..measure.evaluate import TooSlow
 
         status = "pruned" if isinstance(e, TooSlow) else STATUS_FAILED
         trial_s = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from .pareto import (Objectives, _figure, _norm_objectives, _num, front_hypervol
 
 def _recipe_defaults() -> dict[str, Any]:
     try:
-        from .recipe import PARAMS
+        from ..techniques.recipe import PARAMS
     except ImportError:  # recipe not importable: show every key
         return {}
     return {name: p.default for name, p in PARAMS.items()}
@@ -33,7 +33,7 @@ def describe_recipe(recipe: Mapping | None, base_recipe: Mapping | None = None) 
     recipe defaults)."""
     recipe = dict(recipe or {})
     try:
-        from .recipe import Recipe, RecipeError
+        from ..techniques.recipe import Recipe, RecipeError
     except ImportError:
         pass
     else:
@@ -119,7 +119,8 @@ def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
     return "\n".join([line(head), sep, *(line(r) for r in body)])
 
 
-# After the objectives, the reported figures (`sweep.figures`, destination `report`), then these.
+# After the objectives, the reported figures (`sweep.results.figures`, destination `report`),
+# then these.
 _ROW_FIELDS = ("device", "status", "trial_id")
 
 

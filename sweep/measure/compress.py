@@ -17,10 +17,10 @@ from torch import nn
 
 from . import kernels
 from .decode import Plan, plan_for
-from .techniques.base import LAYER_TYPES
+from ..techniques.base import LAYER_TYPES
 
 if TYPE_CHECKING:  # the techniques call back into this module: no run-time import of recipes
-    from .recipe import Recipe
+    from ..techniques.recipe import Recipe
 
 __all__ = ["LAYER_TYPES", "Applied", "CompressError", "apply_recipe", "layer_type_of",
            "recompile_count"]

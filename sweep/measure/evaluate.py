@@ -1,0 +1,325 @@
+"""One trial, measured honestly: transcribe an evaluation set, score it, time it.
+
+`measure` times one model; `run_trial` applies a recipe to a copy of the base model and
+measures it next to the base model's own figures taken in the same process with the same
+threads, so `speedup`, `dwer` and `dcer` are ratios that survive a noisy machine.
+Imports neither Ray nor MLflow (it also runs on a bare GPU machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import resource
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..results import figures
+from . import scoring
+from ..inputs.data import EvalSet, Utterance
+
+TASKS = ("transcribe", "translate")
+FIGURES = figures.names("baseline")  # the keys copied under `baseline` in results
+
+
+class TooSlow(RuntimeError):
+    """A trial already far slower than the baseline on the same clips: not worth finishing."""
+
+
+@dataclass
+class Measurement:
+    """Figures of one model on one set (fractions and seconds), plus per-utterance detail."""
+
+    figures: dict
+    utterances: list[dict]
+    errors: list[scoring.UttErrors] = field(repr=False, default_factory=list)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _input_dtype(model) -> torch.dtype:
+    # Casting recipes change the conv front-end's dtype; features must follow it.
+    from .window import input_dtype
+
+    return input_dtype(model)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def transcribe(model, processor, utt: Utterance, *, language: str, task: str = "transcribe",
+               options=None):
+    """Decode one utterance greedily as the decoding `options` say (a `sweep.measure.decode.Plan`,
+    the
+    `options` of an applied recipe; default HF generate over the 30 s window); returns (text,
+    token ids, cap_reached, seconds)."""
+    from . import decode
+
+    options = options or decode.Plan.default()
+    device = _device_of(model)
+    cap = scoring.max_new_tokens_for(utt.duration_s)
+    _sync(device)
+    t0 = time.perf_counter()
+    feats = decode.features(model, processor, [utt.audio], [utt.duration_s], options)
+    ids = decode.decode(model, feats, options, language=language, task=task, cap=cap)[0]
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    eos = processor.tokenizer.eos_token_id
+    cap_reached = eos not in ids and len(ids) >= cap
+    text = processor.tokenizer.decode(ids, skip_special_tokens=True)
+    content = [t for t in ids if t < eos]
+    return text, content, cap_reached, seconds
+
+
+def calibrator(processor, clips, language: str | None = None, task: str = "transcribe"):
+    """Static int8's `calibrate(model)`: transcribe the calibration clips (never evaluated)
+    with `model`, so that its observers see real activations."""
+    def calibrate(model) -> None:
+        for u in clips:
+            transcribe(model, processor, u, language=_lang_of(u, language), task=task)
+    return calibrate
+
+
+def _lang_of(utt: Utterance, language: str | None) -> str:
+    lang = language or utt.lang
+    if not lang:
+        raise ValueError(f"utterance {utt.id!r} has no `lang` and no `language` was given: "
+                         "pass --language (e.g. ru, en) so generate() gets language= and task=")
+    return lang
+
+
+def model_sizes(model) -> tuple[float, float]:
+    """(serialized state_dict MB, in-memory parameter+buffer MB); packed int8 counted as stored."""
+    buf = io.BytesIO()
+    try:
+        torch.save(model.state_dict(), buf)
+        disk = buf.tell() / 1e6
+    except Exception:  # noqa: BLE001 - some tensor subclasses refuse pickling; size is optional
+        disk = float("nan")
+    tensors = list(model.parameters()) + list(model.buffers())
+    mem = sum(t.numel() * t.element_size() for t in tensors)
+    return disk, mem / 1e6
+
+
+def zero_share(model) -> float:
+    """Share of exactly-zero weights in the Linear layers that are still plain float tensors."""
+    zeros = total = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        # Quantized tensor subclasses (torchao) do not support `== 0`; they hold no pruning.
+        plain = type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_floating_point()
+        if isinstance(mod, torch.nn.Linear) and plain:
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total if total else 0.0
+
+
+def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
+            task: str = "transcribe", warmup: int = 1, numbers: str = "auto",
+            progress=None, on_warmed=None, check=None, options=None) -> Measurement:
+    """Transcribe every utterance once, timed after `warmup` untimed passes over the first;
+    `options`: the decoding options (sweep.measure.decode.Plan) the model is measured with."""
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {TASKS}, got {task=}")
+    if not len(evalset):
+        raise ValueError(f"evaluation set {evalset.name!r} is empty: nothing to measure")
+    langs = [_lang_of(u, language) for u in evalset]  # fail before any decoding
+    first = evalset.utterances[0]
+    warm = [transcribe(model, processor, first, language=langs[0], task=task, options=options)[3]
+            for _ in range(max(0, warmup))]
+    if on_warmed:
+        on_warmed()
+    rows, refs, hyps = [], [], []
+    for i, (utt, lang) in enumerate(zip(evalset, langs)):
+        text, ids, cap_reached, secs = transcribe(model, processor, utt, language=lang, task=task,
+                                                  options=options)
+        ref = scoring.normalize(utt.text, lang, numbers)
+        hyp = scoring.normalize(text, lang, numbers)
+        loop = scoring.count_loop(ids, cap_reached)
+        refs.append(ref)
+        hyps.append(hyp)
+        rows.append({"id": utt.id, "lang": lang, "reference": utt.text, "hypothesis": text,
+                     "ref_norm": ref, "hyp_norm": hyp, "latency_s": secs, "tokens": len(ids),
+                     "duration_s": utt.duration_s, "loop": loop})
+        if progress:
+            progress(i + 1, len(evalset))
+        if check:
+            check(rows)
+    sc = scoring.score(refs, hyps)
+    lat = np.array([r["latency_s"] for r in rows])
+    disk_mb, mem_mb = model_sizes(model)
+    figures = {
+        "wer": sc.wer, "cer": sc.cer,
+        "latency_mean_s": float(lat.mean()), "latency_median_s": float(np.median(lat)),
+        "latency_p90_s": float(np.quantile(lat, 0.9)),
+        "rtf": float(lat.sum() / sum(u.duration_s for u in evalset)),
+        "loops": int(sum(r["loop"] for r in rows)),
+        "model_size_mb": disk_mb, "param_mb": mem_mb, "sparsity": zero_share(model),
+        "warmup_s": float(warm[0]) if warm else 0.0,
+        "n_utterances": len(rows), "dropped_empty_refs": sc.dropped_empty_refs,
+        "numbers": sorted({scoring.number_mode(lang, numbers) for lang in langs}),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    # Empty references are dropped from scoring; keep the error list aligned with scored rows.
+    return Measurement(figures=figures, utterances=rows, errors=sc.per_utt)
+
+
+def compare(trial: Measurement, base: Measurement) -> dict:
+    """Ratios of a trial against the baseline measured in the same process."""
+    t, b = trial.figures, base.figures
+    lo, hi = scoring.bootstrap_dwer(base.errors, trial.errors)
+    return {
+        "dwer": scoring.relative(t["wer"], b["wer"]),
+        "dcer": scoring.relative(t["cer"], b["cer"]),
+        "dwer_ci95": [lo, hi],
+        "speedup": b["latency_median_s"] / t["latency_median_s"],
+    }
+
+
+def set_threads(threads: int | None) -> int:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"`threads` must be >= 1, got {threads=}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measurement | None = None,
+              language: str | None = None, task: str = "transcribe", threads: int | None = None,
+              calibration: EvalSet | None = None, warmup: int = 1, numbers: str = "auto",
+              progress=None, max_slowdown: float | None = None) -> tuple[dict, Measurement]:
+    """Apply `recipe` to a copy of `model`, measure it and the baseline; returns (result, base).
+
+    Pass the returned baseline Measurement back in to reuse it across trials of one worker.
+    """
+    from .compress import Applied, apply_recipe, recompile_count
+
+    n_threads = set_threads(threads)
+    if baseline is None:
+        baseline = measure(model, processor, evalset, language=language, task=task,
+                           warmup=warmup, numbers=numbers)
+    if recipe.is_baseline:
+        # The baseline trial is the measurement every other trial is compared with: measuring
+        # the same unchanged model again would only cost a full pass over the data.
+        applied = Applied(model=model, kernels={}, sparsity=None,
+                          notes=["baseline: the measurement every trial compares with"])
+        return _result(recipe, applied, baseline, baseline, 0.0, {}, n_threads), baseline
+    calibrate = None if calibration is None else calibrator(processor, calibration,
+                                                             language, task)
+    t0 = time.perf_counter()
+    applied = apply_recipe(copy.deepcopy(model), recipe, calibrate=calibrate)
+    prepare_s = time.perf_counter() - t0
+    graphs = {}
+    trial = measure(applied.model, processor, evalset, language=language, task=task,
+                    warmup=warmup, numbers=numbers, progress=progress,
+                    on_warmed=lambda: graphs.setdefault("warm", recompile_count()),
+                    check=_slowdown_check(baseline, max_slowdown), options=applied.options)
+    return _result(recipe, applied, trial, baseline, prepare_s, graphs, n_threads), baseline
+
+
+def _slowdown_check(baseline: Measurement, limit: float | None, after: int = 2):
+    """Stop a trial whose first clips already took `limit` times the baseline's on the same
+    clips (schemes with no fast kernel here can be 5-20x slower; finishing them only burns
+    the sweep's time)."""
+    if not limit:
+        return None
+    base = [u["latency_s"] for u in baseline.utterances]
+
+    def check(rows):
+        if len(rows) >= after:
+            ratio = sum(r["latency_s"] for r in rows) / sum(base[:len(rows)])
+            if ratio > limit:
+                raise TooSlow(f"{ratio:.1f}x slower than the baseline on the first "
+                              f"{len(rows)} clips (limit --max-slowdown {limit:g})")
+    return check
+
+
+def _result(recipe, applied, trial: Measurement, baseline: Measurement, prepare_s: float,
+            graphs: dict, n_threads: int) -> dict:
+    from .compress import recompile_count
+
+    steady = trial.utterances[0]["latency_s"]
+    compiled = recipe.compiles  # its first (warm-up) pass paid for the compilation
+    return {
+        **{k: v for k, v in trial.figures.items()},
+        **compare(trial, baseline),
+        "sparsity": applied.sparsity if applied.sparsity is not None else trial.figures["sparsity"],
+        "prepare_s": prepare_s,
+        "compile_s": max(0.0, trial.figures["warmup_s"] - steady) if compiled else 0.0,
+        # The warm-up pass compiles; any graph built while timing means shapes were not stable.
+        "recompiles": recompile_count() - graphs.get("warm", recompile_count()),
+        "threads": n_threads,
+        "device": str(_device_of(applied.model).type),
+        "kernels": dict(applied.kernels),
+        "notes": list(applied.notes),
+        "recipe": recipe.to_flat(),
+        "baseline": {k: baseline.figures[k] for k in FIGURES},
+        "utterances": trial.utterances,
+    }
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+
+    from ..inputs import cli
+    from ..techniques.recipe import Recipe
+
+    ap = argparse.ArgumentParser(prog="python -m sweep.evaluate", description=(
+        "Measure WER, CER and latency of a Whisper model, optionally compressed by a recipe, "
+        "next to its baseline measured in the same process."))
+    cli.add_model_data_args(ap)
+    ap.add_argument("--recipe", default=None,
+                    help="recipe as dotted key=value pairs, e.g. quant.scheme=dynamic_int8,"
+                         "prune.rate=0.3 (omit to evaluate the base model alone)")
+    ap.add_argument("--json", default=None, help="write the figures as JSON to this file")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed passes before timing")
+    args = ap.parse_args(argv)
+    try:
+        recipe = Recipe.parse(args.recipe or "")
+        if args.recipe is None and args.device != "cpu":
+            recipe = Recipe.parse(f"device={args.device}")
+        loaded, evalset, calib = cli.load_model_data(args, recipe)
+    except ValueError as e:  # every bad input is a ValueError subclass with a clear message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    threads = set_threads(args.threads)
+    print(f"evaluating {loaded.spec} on {evalset.name} ({len(evalset)} utterances, "
+          f"{evalset.skipped} skipped, {threads} threads)", file=sys.stderr)
+    base = measure(loaded.model, loaded.processor, evalset, language=args.language,
+                   warmup=args.warmup, numbers=args.numbers, progress=cli.progress("baseline"))
+    out = {**base.figures, "dwer": 0.0, "dcer": 0.0, "dwer_ci95": [0.0, 0.0], "speedup": 1.0,
+           "kernels": {}, "recipe": recipe.to_flat(), "compile_s": 0.0, "recompiles": 0,
+           "threads": threads, "utterances": base.utterances}
+    rows = []  # format_table adds the baseline row itself
+    if not recipe.is_baseline:
+        out, _ = run_trial(loaded.model, loaded.processor, evalset, recipe, baseline=base,
+                           language=args.language, threads=args.threads, calibration=calib,
+                           warmup=args.warmup, numbers=args.numbers,
+                           progress=cli.progress(recipe.describe()))
+        rows.append({"name": recipe.describe(), **out})
+    out["baseline"] = {k: base.figures[k] for k in FIGURES}
+    out.update(model=loaded.spec, dataset=evalset.name, skipped=evalset.skipped,
+               skipped_reasons=evalset.skipped_reasons)
+    from ..results.report import format_table
+
+    print(format_table(rows, base.figures))
+    if out.get("kernels"):
+        print("kernels: " + ", ".join(f"{k}={v}" for k, v in out["kernels"].items()))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, ensure_ascii=False, indent=1, default=str)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Export and serving: checkpoints, model cards, picking the trial to ship."""
