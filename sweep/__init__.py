@@ -4,7 +4,10 @@ The evaluation core (models, data, recipe, compress, scoring, evaluate) imports 
 MLflow, so it runs on a bare GPU machine with only torch and transformers.
 """
 
+from . import console
+
 __version__ = "0.1.0"
+console.install()  # before torch, transformers or torchao load, in every process (Ray's too)
 
 
 def load(path, device=None):

@@ -21,6 +21,7 @@ import tempfile
 from argparse import Namespace
 from pathlib import Path
 
+from . import console
 from .inputs import cli
 from .results import figures, rows
 from .ship.pick import RULES, ExportError, describe_row, pick
@@ -160,6 +161,7 @@ def export(args) -> int:
     from .inputs.models import load_model
 
     client, exp_id = _client(args)
+    console.no_progress_bars()
     objectives = None  # the sweep's, from its front file, when picking by rule
     rule = next((k for k in RULES if getattr(args, k) not in (None, False)), None)
     if args.run:
@@ -253,6 +255,8 @@ def parse_args(argv=None) -> Namespace:
     ap.add_argument("--no-log", action="store_true", help="do not log the export to MLflow")
     ap.add_argument("--root", default="mlruns", help="the sweep root holding mlflow.db")
     ap.add_argument("--tracking-uri", default=None, help="default sqlite:///<root>/mlflow.db")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show third-party output HYPER filters as known noise")
     return ap.parse_args(argv)
 
 
@@ -260,6 +264,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = parse_args(argv)
+    if args.verbose:
+        console.set_verbose()
     try:
         return export(args)
     except ExportError as e:

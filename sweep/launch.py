@@ -16,6 +16,7 @@ from argparse import Namespace
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import console
 from .inputs import cli
 from .results import figures, pareto, report, report_html, tracking
 from .search.sampler import SAMPLERS, mark_finished
@@ -62,6 +63,9 @@ def parse_args(argv=None) -> Namespace:
     ap.add_argument("--resume", default=None, metavar="SWEEP",
                     help="continue a killed sweep by name: finished trials are kept, "
                          "unfinished ones run again")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show third-party output HYPER filters as known noise (torchao, torch, "
+                         "Optuna, Tune's console) on this machine and in the workers")
     cli.add_model_data_args(ap)
     args = ap.parse_args(argv)
     args.inject = {}  # fault injection for the failure tests (Python API only)
@@ -199,7 +203,8 @@ def run(args) -> dict:
                     failure_config=tune.FailureConfig(max_failures=2)))
             (sweep_dir / name).mkdir(parents=True, exist_ok=True)
             spec.save(sweep_dir / name)
-        tuner.fit()
+        with console.quiet_tune():
+            tuner.fit()
         return finish(args, space, name, time.time() - t0, uri, exp_id, parent, root,
                       evalset)
 
@@ -379,10 +384,11 @@ def write_importances(study, out: Path, objectives=pareto.DEFAULT_OBJECTIVES) ->
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     imp = {}
     if len(done) >= 4:
-        for i, (name, _) in enumerate(list(objectives)[:len(study.directions)]):
+        for i, (name, way) in enumerate(list(objectives)[:len(study.directions)]):
+            sign = -1.0 if way == "max" else 1.0  # PED-ANOVA ranks what makes `target` low
             try:
                 imp[name] = optuna.importance.get_param_importances(
-                    study, target=lambda t, i=i: t.values[i])
+                    study, target=lambda t, i=i, sign=sign: sign * t.values[i])
             except (RuntimeError, ValueError, ZeroDivisionError) as e:
                 imp[name] = {"error": str(e)}
     (out / "importances.json").write_text(json.dumps(imp, indent=1))
@@ -391,6 +397,8 @@ def write_importances(study, out: Path, objectives=pareto.DEFAULT_OBJECTIVES) ->
 def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = parse_args(argv)
+    if args.verbose:
+        console.set_verbose()
     try:
         run(args)
     except ValueError as e:  # bad input of any kind: one clear message, nothing ran

@@ -61,10 +61,13 @@ def load_calibration(args):
 
 def quiet_transformers() -> None:
     """Per-call generate() warnings (max_length vs max_new_tokens, suppress_tokens) drown the
-    progress lines; errors still show."""
+    progress lines; errors still show. `--verbose` (`sweep.console`) keeps them."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+    from .. import console
+
+    if not console.verbose():
+        hf_logging.set_verbosity_error()
 
 
 def load_model_data(args, recipe=None):

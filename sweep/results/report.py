@@ -79,35 +79,56 @@ def _cell(fig: figures.Figure, v) -> str:
         f" {fig.unit}" if fig.unit in ("s", "MB") else fig.unit)
 
 
+def is_baseline_recipe(recipe: Mapping | None) -> bool:
+    """The recipe changes nothing (`Recipe.is_baseline`); False when it is no valid recipe."""
+    try:
+        from ..techniques.recipe import Recipe
+
+        return Recipe.from_flat(dict(recipe or {})).is_baseline
+    except (ImportError, TypeError, ValueError):
+        return False
+
+
+def baseline_row(rows: Iterable[Mapping]) -> Mapping | None:
+    """The finished trial that measured the unmodified model, if `rows` hold one: shown as the
+    baseline, never a second time under its recipe's name ("fp32")."""
+    return next((r for r in rows if r.get("status", "ok") == "ok"
+                 and is_baseline_recipe(r.get("recipe"))), None)
+
+
 def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
                  base_recipe: Mapping | None = None,
                  objectives: Objectives | None = None) -> str:
     """A fixed-width table like the study's, the baseline first: Configuration, WER, dWER, CER,
     dCER, time per audio, delta, then one column per objective not among them. dWER/dCER are
     relative changes and delta the relative latency change, printed in percent (the only place
-    percentages appear)."""
+    percentages appear). A row measuring the baseline itself (on the front) is that first line,
+    labelled so, not a row of its own."""
     extra = _extra(objectives)
     head = ("Configuration", "WER", "dWER", "CER", "dCER", "time per audio", "delta",
             *(f.name for f in extra))
     base_recipe = base_recipe if base_recipe is not None else baseline.get("recipe")
-    body = [("baseline", _fmt(baseline.get("wer"), ".3f"), "—", _fmt(baseline.get("cer"), ".3f"),
-             "—", _fmt(baseline.get("latency_median_s"), ".3f") + " s", "—",
-             *(_cell(f, baseline.get(f.name)) for f in extra))]
     base_lat = _num(baseline.get("latency_median_s"))
-    for row in rows:
-        label = describe_recipe(row.get("recipe"), base_recipe)
-        status = row.get("status", "ok")
-        if status != "ok":
-            label += f" ({status})"
+
+    def cells(label, row, relative=True):
         lat = _num(row.get("latency_median_s"))
         delta = None if lat is None or not base_lat else lat / base_lat - 1.0
-        body.append((
-            label,
-            _fmt(row.get("wer"), ".3f"), _pct(_figure(row, "dwer", baseline)),
-            _fmt(row.get("cer"), ".3f"), _pct(_figure(row, "dcer", baseline)),
-            "—" if lat is None else f"{lat:.3f} s", _pct(delta),
-            *(_cell(f, row.get(f.name)) for f in extra),
-        ))
+        rel = _pct if relative else (lambda x: "—")
+        return (label, _fmt(row.get("wer"), ".3f"), rel(_figure(row, "dwer", baseline)),
+                _fmt(row.get("cer"), ".3f"), rel(_figure(row, "dcer", baseline)),
+                "—" if lat is None else f"{lat:.3f} s", rel(delta),
+                *(_cell(f, row.get(f.name)) for f in extra))
+
+    rows = list(rows)
+    own = baseline_row(rows)
+    body = [cells("baseline", baseline, relative=False) if own is None else
+            cells("baseline (on the front)", own)]
+    for row in rows:
+        if row is own:
+            continue
+        label = describe_recipe(row.get("recipe"), base_recipe)
+        status = row.get("status", "ok")
+        body.append(cells(label + ("" if status == "ok" else f" ({status})"), row))
     widths = [max(len(r[i]) for r in (head, *body)) for i in range(len(head))]
 
     def line(cells):
@@ -117,6 +138,19 @@ def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(head), sep, *(line(r) for r in body)])
+
+
+def resolution(rows: Iterable[Mapping]) -> tuple[float, int] | None:
+    """(median half-width of the finished trials' 95% dWER intervals, how many): below it, two
+    trials' WER differ by noise of the data, not by their recipes. None without intervals."""
+    half = sorted((hi - lo) / 2 for r in rows if r.get("status", "ok") == "ok"
+                  and not is_baseline_recipe(r.get("recipe"))
+                  and (lo := _num(r.get("dwer_ci95_lo"))) is not None
+                  and (hi := _num(r.get("dwer_ci95_hi"))) is not None)
+    if not half:
+        return None
+    n = len(half)
+    return (half[n // 2] if n % 2 else (half[n // 2 - 1] + half[n // 2]) / 2), n
 
 
 # After the objectives, the reported figures (`sweep.results.figures`, destination `report`),
@@ -246,27 +280,72 @@ def axis_label(metric: str) -> str:
         f"{metric} ({fig.unit})" if fig.unit else metric)
 
 
+# Share of an axis' span left free on each side of what it is chosen for.
+PAD = 0.12
+
+
+def axis_range(values: Iterable[Any], log: bool = False) -> tuple[float, float, bool]:
+    """(lo, hi, log) of one axis chosen for `values` (the front and the baseline): their span
+    padded by PAD on each side, in log10 when asked and every value is positive (else linear).
+    A single value gets +-10% of itself around it."""
+    vs = [v for v in map(_num, values) if v is not None]
+    log = log and bool(vs) and min(vs) > 0
+    ts = [math.log10(v) for v in vs] if log else vs
+    lo, hi = (min(ts), max(ts)) if ts else (0.0, 1.0)
+    span = (hi - lo) or (0.04 if log else abs(hi) * 0.2) or 0.1
+    lo, hi = lo - span * PAD, hi + span * PAD
+    return (10 ** lo, 10 ** hi, True) if log else (lo, hi, False)
+
+
+def front_view(front: Sequence[Mapping], baseline: Mapping, objectives: Objectives | None = None,
+               log: bool = False) -> dict[str, tuple[float, float, bool]]:
+    """Axes chosen for the front: {"y": (lo, hi, log), "x": ...} of `axes(objectives)`, spanning
+    the front and the baseline only, so that a broken trial (WER 1.5) cannot squash the front
+    into a line; points beyond are drawn at the edge, marked (`beyond`)."""
+    ym, xm = axes(objectives)
+    return {k: axis_range([*(r.get(m) for r in front), baseline.get(m)], log)
+            for k, m in (("y", ym), ("x", xm))}
+
+
+def beyond(v: Any, rng: tuple[float, float, bool]) -> float:
+    """`v` moved onto the axis' range (a point beyond it is drawn at its edge)."""
+    return min(max(float(v), rng[0]), rng[1])
+
+
 def plot_front(rows: Sequence[Mapping], front: Sequence[Mapping], baseline: Mapping,
                path: str | os.PathLike, *, title: str | None = None,
-               objectives: Objectives | None = None) -> Path:
+               objectives: Objectives | None = None, log: bool = False) -> Path:
     """PNG: every ok trial grey, the front highlighted and connected as a staircase, the
     baseline a star, the knee circled. y, x = the first two objectives (`axes`): wer and
-    latency_median_s by default."""
+    latency_median_s by default, their ranges chosen for the front (`front_view`; log10 with
+    `log`); trials beyond them are hollow triangles at the edge. The ranges are in the PNG's
+    `HYPER axes` text (JSON)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy; Agg, no display
     from matplotlib.figure import Figure
 
     ym, xm = axes(objectives)
+    view = front_view(front, baseline, objectives, log)
     fig = Figure(figsize=(7.5, 5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+
     def drawn(rs):  # rows with both plotted figures (a 1-objective front may lack one)
         return [r for r in rs if r.get("status", "ok") == "ok" and _num(r.get(ym)) is not None
                 and _num(r.get(xm)) is not None]
 
-    pts = [(r[xm], r[ym]) for r in drawn(rows)]
+    def inside(r):
+        return beyond(r[xm], view["x"]) == r[xm] and beyond(r[ym], view["y"]) == r[ym]
+
+    pts = [(r[xm], r[ym]) for r in drawn(rows) if inside(r)]
+    out = [(beyond(r[xm], view["x"]), beyond(r[ym], view["y"])) for r in drawn(rows)
+           if not inside(r)]
     if pts:
         xs, ys = zip(*pts)
-        ax.scatter(xs, ys, s=18, c="#b0b0b0", label=f"trials ({len(pts)})", zorder=2)
+        ax.scatter(xs, ys, s=18, c="#b0b0b0", label=f"trials ({len(drawn(rows))})", zorder=2)
+    if out:
+        xs, ys = zip(*out)
+        ax.scatter(xs, ys, s=44, marker="^", facecolors="none", edgecolors="#555", zorder=2,
+                   clip_on=False, label=f"beyond the axes, at the edge ({len(out)})")
     fpts = sorted((r[xm], r[ym]) for r in drawn(front))
     if fpts:
         fx, fy = zip(*fpts)
@@ -279,13 +358,18 @@ def plot_front(rows: Sequence[Mapping], front: Sequence[Mapping], baseline: Mapp
     if _num(baseline.get(ym)) is not None and _num(baseline.get(xm)):
         ax.scatter([baseline[xm]], [baseline[ym]], marker="*", s=220,
                    c="#2ca02c", edgecolors="black", label="baseline", zorder=6)
+    for k, setlim, setscale in (("x", ax.set_xlim, ax.set_xscale),
+                                ("y", ax.set_ylim, ax.set_yscale)):
+        setscale("log" if view[k][2] else "linear")
+        setlim(view[k][0], view[k][1])
     ax.set_xlabel(axis_label(xm))
     ax.set_ylabel(axis_label(ym))
     ax.set_title(title or f"HYPER: {axis_label(ym)} vs {xm}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", metadata={"HYPER axes": json.dumps(
+        {"y": [ym, *view["y"]], "x": [xm, *view["x"]]})})
+    return path

@@ -11,8 +11,11 @@ import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from ..results.pareto import pareto_front
+from .. import console
+from ..results.pareto import feasible, pareto_front
 
+# TPE's `multivariate`/`group` are Optuna "experimental" arguments we choose on purpose.
+console.ignore_warning(optuna.exceptions.ExperimentalWarning)
 SAMPLERS = ("tpe", "nsga2", "random")
 RAY_TMP = "/tmp/hyper-ray"  # short: Ray's unix socket paths must stay under 107 bytes
 
@@ -46,9 +49,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return ray.cluster_resources()
-    # Workers must know the same techniques as the driver, on every node of a cluster too.
-    plugins = os.environ.get(PLUGINS_ENV)
-    runtime_env = {"env_vars": {PLUGINS_ENV: plugins}} if plugins else None
+    # Workers must know the same techniques (and --verbose) as the driver, on every node too.
+    env = {k: os.environ[k] for k in (PLUGINS_ENV, console.VERBOSE_ENV) if os.environ.get(k)}
+    runtime_env = {"env_vars": env} if env else None
     if address:
         check_address(address)
         try:
@@ -151,22 +154,24 @@ def resources_for(cpus_per_trial: int):
 
 
 class Progress(tune.Callback):
-    """One line per finished trial: done/running/failed, size of the front the sweep will
-    report (feasible rows only, as in the final table), time left."""
+    """One line per finished trial: done/running/failed/pruned (stopped early as too slow), size
+    of the front the sweep will report and best speed-up within the constraints (feasible rows
+    only, as in the final table), time left."""
 
     def __init__(self, total: int, time_budget: float | None, objectives,
                  constraints: dict | None = None):
         # Plain data only: Tune pickles callbacks with its experiment state.
         self.total, self.budget, self.objectives = total, time_budget, list(objectives)
         self.constraints = dict(constraints or {})
-        self.t0, self.done, self.failed = time.time(), 0, 0
+        self.t0, self.done, self.failed, self.pruned = time.time(), 0, 0, 0
         self.rows: list[dict] = []
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.done += 1
-        ok = result.get("status") == "ok"
-        self.failed += not ok
-        if ok:
+        status = result.get("status")
+        self.failed += status not in ("ok", "pruned")
+        self.pruned += status == "pruned"
+        if status == "ok":
             self.rows.append({**result, "recipe": dict(trial.config), "trial_id": trial.trial_id})
         running = sum(t.status == "RUNNING" for t in trials) - 1
         elapsed = time.time() - self.t0
@@ -174,17 +179,20 @@ class Progress(tune.Callback):
         if self.budget:
             left = min(left, max(0.0, self.budget - elapsed))
         what = (" ".join(_shown(result, m) for m in dict.fromkeys(
-            [m for m, _ in self.objectives] + ["speedup"])) if ok else
-                f"FAILED {str(result.get('error', ''))[:80]}")
+            [m for m, _ in self.objectives] + ["speedup"])) if status == "ok" else
+                f"{'PRUNED' if status == 'pruned' else 'FAILED'} "
+                f"{str(result.get('error', ''))[:80]}")
+        base = result.get("baseline") or None
+        best = max((r["speedup"] for r in self.rows if r.get("speedup") is not None
+                    and feasible(r, self.constraints or None, base)), default=None)
         sys.stderr.write(
             f"[{self.done}/{self.total}] running {max(0, running)} failed {self.failed} "
-            f"front {self._front_size(result)} | {elapsed:.0f}s, "
-            f"~{left:.0f}s left | "
+            f"pruned {self.pruned} front {self._front_size(base)} best "
+            f"{'—' if best is None else f'{best:.2f}x'} | {elapsed:.0f}s, ~{left:.0f}s left | "
             f"{trial.trial_id}: {what}\n")
         sys.stderr.flush()
 
-    def _front_size(self, result) -> int:
-        base = result.get("baseline") or None
+    def _front_size(self, base) -> int:
         return len(pareto_front(self.rows, self.objectives,
                                 constraints=self.constraints or None, baseline=base))
 
