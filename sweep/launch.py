@@ -98,6 +98,10 @@ def validate(args) -> tuple:
     return space, evalset, root, uri
 
 
+# What to type in the MLflow UI's search box to list the front's trial runs (`log_front`).
+FRONT_FILTER = 'tags.hyper.front = "true"'
+
+
 class SweepFailed(RuntimeError):
     """Every trial failed: nothing to build a front from (the errors are in MLflow)."""
 
@@ -304,6 +308,8 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
         tracking.retry(client.log_metric, parent, k, float(summary[k]))
     for f in Path(out).iterdir():
         tracking.retry(client.log_artifact, parent, str(f), "front")
+    _guarded("the front to MLflow", log_front, client, uri, exp_id, name, parent, front,
+             base_figs, objs, out)
     tracking.retry(client.set_terminated, parent, status="FINISHED")
     print(report.format_table(front, base_figs, objectives=objs))
     if not front:
@@ -313,8 +319,31 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
             f"re-run, {summary['interrupted_lost']} lost)" if summary["interrupted"] else "")
     print(f"\n{len(ok)}/{len(trials)} trials ok{lost}, front of {len(front)}, hypervolume "
           f"{hv:.4f}; wall {wall:.0f}s for {trial_sum:.0f}s of trials. Files: {out}")
-    print(f"Compare trials in MLflow: python -m sweep.ui --root {root}")
+    if (res := report.resolution(rows)) is not None:
+        print(f"dWER resolution of this data: +-{res[0]:.3f} (median half-width of the 95% "
+              f"intervals of {res[1]} trials); smaller differences are noise")
+    print(f"The front in MLflow: python -m sweep.ui --root {root}, then open {front_url(exp_id)}")
+
     return summary
+
+
+def front_url(exp_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's run list of the experiment, searched for the front's runs."""
+    from urllib.parse import quote
+
+    return f"{host}/#/experiments/{exp_id}?searchFilter={quote(FRONT_FILTER)}"
+
+
+def log_front(client, uri, exp_id, name, parent, front, base_figs, objs, out: Path) -> None:
+    """The front inside MLflow: its trial runs tagged (`hyper.front`, `hyper.knee`), the parent
+    run's `report.html` at its top (the UI previews it) and the front as an MLflow table."""
+    k = pareto.knee(front, objs)
+    tracking.mark_front(uri, exp_id, name, [r["run_id"] for r in front if r.get("run_id")],
+                        (k or {}).get("run_id"))
+    tracking.retry(client.log_table, parent, data=report.front_columns(front, base_figs, k),
+                   artifact_file="front_table.json")
+    if (out / "report.html").is_file():
+        tracking.retry(client.log_artifact, parent, str(out / "report.html"))
 
 
 def mark_stale_optuna(root: Path, name: str, rows: list[dict], space) -> tuple[int, int]:

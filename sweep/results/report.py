@@ -140,6 +140,26 @@ def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
     return "\n".join([line(head), sep, *(line(r) for r in body)])
 
 
+def front_columns(front: Sequence[Mapping], baseline: Mapping,
+                  knee_row: Mapping | None = None) -> dict[str, list]:
+    """The front as columns (MLflow's `log_table`): each recipe in `describe`'s words and in
+    full, the knee marked, figures as fractions."""
+    own = baseline_row(front)
+    cols = {"trial_id": [], "recipe": [], "knee": [], "wer": [], "dwer": [], "dwer_ci95_lo": [],
+            "dwer_ci95_hi": [], "latency_median_s": [], "speedup": [], "device": [],
+            "run_id": [], "full_recipe": []}
+    for r in front:
+        for k, v in (("trial_id", str(r.get("trial_id"))), ("recipe", "baseline" if r is own
+                     else describe_recipe(r.get("recipe"))), ("knee", r is knee_row),
+                     ("dwer", _figure(r, "dwer", baseline)),
+                     ("speedup", _figure(r, "speedup", baseline)),
+                     ("full_recipe", recipe_string(r.get("recipe")))):
+            cols[k].append(v)
+        for k in ("wer", "dwer_ci95_lo", "dwer_ci95_hi", "latency_median_s", "device", "run_id"):
+            cols[k].append(r.get(k))
+    return cols
+
+
 def resolution(rows: Iterable[Mapping]) -> tuple[float, int] | None:
     """(median half-width of the finished trials' 95% dWER intervals, how many): below it, two
     trials' WER differ by noise of the data, not by their recipes. None without intervals."""

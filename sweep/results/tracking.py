@@ -217,3 +217,21 @@ def close_stale(uri: str, exp_id: str, sweep: str) -> int:
     for r in stale:
         retry(client.set_terminated, r.info.run_id, status="KILLED")
     return len(stale)
+
+
+FRONT_TAGS = ("hyper.front", "hyper.knee")
+
+
+def mark_front(uri: str, exp_id: str, sweep: str, front: list[str], knee: str | None) -> None:
+    """Tag the front's trial runs `hyper.front=true` and the knee's `hyper.knee=true`, so that
+    `tags.hyper.front = "true"` in the UI's search box lists them; a run a resumed sweep no
+    longer counts on the front loses its tags."""
+    client = MlflowClient(uri)
+    want = {rid: {"hyper.front"} | ({"hyper.knee"} if rid == knee else set()) for rid in front}
+    for key in FRONT_TAGS:
+        for r in find_runs(client, exp_id, **{"hyper.sweep": sweep, key: "true"}):
+            if key not in want.get(r.info.run_id, ()):
+                retry(client.delete_tag, r.info.run_id, key)
+    for rid, keys in want.items():
+        retry(client.log_batch, rid, tags=[RunTag(k, "true") for k in sorted(keys)])
+
