@@ -56,7 +56,7 @@ def test_html_axes_fit_the_front_and_mark_the_broken_trial(tmp_path, front):
     assert (max(fy) - min(fy)) / height > 0.7  # the front spans most of the plot's height
     broken = next(p for p in pts if p["data-y"] == "1.55")
     assert broken["data-beyond"] == "1" and float(broken["cy"]) == report_html.T  # top edge
-    assert "1 trials lie beyond the axes" in page
+    assert "Trials beyond the axes, which are chosen for the front: 1," in page
     views = json.loads(re.search(r'id="views">(.*?)</script>', page).group(1))
     assert views["log"]["y"][2] is True and 'id="logscale"' in page  # the log-scale option
     # the table: recipes in describe's words, the whole recipe one click away, baseline once

@@ -194,8 +194,8 @@ def write_report_html(rows: Sequence[Mapping], front: Sequence[Mapping], baselin
                 else f"Resolution of this data: the 95 percent intervals of dWER have a median "
                 f"half-width of {res[0]:.3f} over {res[1]} trials; trials whose dWER differ by "
                 "less than that are not told apart by it.")
-    beyond_text = (f" {n_out} trials lie beyond the axes, which are chosen for the front: "
-                   "they are drawn hollow at the edge (hover for their figures)." if n_out else "")
+    beyond_text = (f" Trials beyond the axes, which are chosen for the front: {n_out}, drawn "
+                   "hollow at the edge (hover for their figures)." if n_out else "")
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
