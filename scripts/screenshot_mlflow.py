@@ -50,7 +50,7 @@ def shoot(browser: str, url: str, png: Path, wait_ms: int) -> None:
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                         "--hide-scrollbars", f"--user-data-dir={profile}",
-                        "--window-size=1600,1000", f"--virtual-time-budget={wait_ms}",
+                        "--window-size=1900,1000", f"--virtual-time-budget={wait_ms}",
                         f"--screenshot={png}", url], check=True, capture_output=True,
                        timeout=180)
     print(f"{png}: {url}")
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         wait_for(host)
         shoot(browser, front_url(exp, host), out / "front.png", args.wait_ms)
         shoot(browser, f"{host}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/"
-              "report.html", out / "report.png", args.wait_ms)
+              "report.html?workflowType=machine_learning", out / "report.png", args.wait_ms)
     finally:
         os.killpg(ui.pid, signal.SIGTERM)  # the UI we started and its workers, nothing else
         ui.wait(timeout=30)
