@@ -170,7 +170,8 @@ class Progress(tune.Callback):
         self.done += 1
         status = result.get("status")
         self.failed += status not in ("ok", "pruned")
-        self.pruned += status == "pruned"
+        # getattr: a sweep resumed from before `pruned` was counted restores a callback without it
+        self.pruned = getattr(self, "pruned", 0) + (status == "pruned")
         if status == "ok":
             self.rows.append({**result, "recipe": dict(trial.config), "trial_id": trial.trial_id})
         running = sum(t.status == "RUNNING" for t in trials) - 1
