@@ -1,12 +1,9 @@
-"""A sweep survives failing recipes, hung trials, a killed launcher, a lost node and bad input,
-and never loses a measured trial. Real Ray, real Optuna storage, real MLflow sqlite."""
+"""A sweep survives failing recipes, hung trials, a lost node and bad input, and never loses a
+measured trial (a SIGKILLed launcher: tests/test_resume.py). Real Ray, real Optuna storage, real
+MLflow sqlite."""
 
 import json
 import multiprocessing as mp
-import os
-import signal
-import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +19,6 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from sweep import launch  # noqa: E402
 from sweep.results import tracking  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 SPACE = """
 params:
   quant.scheme: {choice: [none, dynamic_int8, bf16]}
@@ -88,58 +84,6 @@ def test_failing_and_hung_recipes_become_failed_trials(tmp_path, tiny_checkpoint
     assert summary["trial_sum_s"] == pytest.approx(
         sum(r.data.metrics["trial_s"] for r in runs if "trial_s" in r.data.metrics))
     assert summary["trial_sum_s"] > 20
-
-
-def _launch_proc(argv, log):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "sweep.launch", *argv], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _finished_count(root: Path) -> int:
-    db = root / "mlflow.db"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db) as con:
-            return con.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid"
-                               " where t.key = 'hyper.kind' and t.value = 'trial' and "
-                               "r.status = 'FINISHED'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
-def _kill_when(proc, root, finished, timeout=400):
-    t0 = time.time()
-    while _finished_count(root) < finished:
-        assert proc.poll() is None, "the sweep ended before it could be killed"
-        assert time.time() - t0 < timeout, "no progress"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the local Ray it started
-    proc.wait()
-
-
-def test_sigkill_twice_then_resume_loses_and_duplicates_nothing(tmp_path, tiny_checkpoint,
-                                                                small_manifest):
-    root = tmp_path / "root"
-    argv = _argv(tmp_path, tiny_checkpoint, small_manifest, "--num-samples", "6")
-    with open(tmp_path / "log", "w") as log:
-        _kill_when(_launch_proc(argv, log), root, finished=2)  # mid-sweep
-        resume = ["--root", str(root), "--resume", "f"]
-        first = _finished_count(root)
-        _kill_when(_launch_proc(resume, log), root, finished=first + 1)  # another moment
-        done = _launch_proc(resume, log)
-        assert done.wait(timeout=600) == 0, (tmp_path / "log").read_text()[-3000:]
-    runs = _runs(root)
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    keys = [r.data.tags["hyper.trial_key"] for r in finished]
-    assert len(keys) == len(set(keys)), "a trial was logged twice"
-    complete = [t for t in _study(root).trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(finished) == len(complete) >= 7
-    assert {t.user_attrs["run_id"] for t in complete} == {r.info.run_id for r in finished}
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-    summary = json.loads((root / "sweeps" / "f" / "results" / "summary.json").read_text())
-    assert summary["ok"] == len(finished)
 
 
 def test_lost_node_trial_is_retried_elsewhere_without_duplicates(tmp_path, tiny_checkpoint,

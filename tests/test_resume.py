@@ -142,6 +142,10 @@ def _check_resumed(root: Path, space_name: str, log: Path) -> dict:
         assert t.state != optuna.trial.TrialState.RUNNING
         for k, v in t.params.items():
             assert in_space(space, k, v), (k, v)
+    # Optuna keeps every measurement, once: its COMPLETE trials are MLflow's FINISHED runs
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert {t.user_attrs["run_id"] for t in complete} == {
+        r.info.run_id for r in trials if r.info.status == "FINISHED"}
     out = root / "sweeps" / "k" / "results"
     for f in ("pareto.csv", "pareto.json", "trials.csv", "summary.json", "report.html"):
         assert (out / f).is_file(), f

@@ -356,3 +356,33 @@ def test_shipped_starts_are_valid_recipes(name):
     assert len(points) == len(space.starts) >= 1
     for point in points:
         assert Recipe.from_flat(point).device in devices
+
+
+def test_conditions_the_requires_imply_need_not_be_written():
+    """decode.compile/cross_kv need the greedy loop and encoder.compile needs compile.mode=none
+    (their Requires): a space listing them without conditions samples them only then, and
+    never a recipe the techniques refuse."""
+    space = space_from_dict({"params": {
+        "decode.loop": {"choice": ["generate", "greedy"]},
+        "decode.compile": {"choice": ["none", "step", "script"]},
+        "decode.cross_kv": {"choice": ["model", "bf16"]},
+        "compile.mode": {"choice": ["none", "default"]},
+        "encoder.compile": {"choice": ["none", "freeze"]}}})
+    assert {k: (c.parent, c.values) for k, c in space.conditions.items()} == {
+        "decode.compile": ("decode.loop", ("greedy",)),
+        "decode.cross_kv": ("decode.loop", ("greedy",)),
+        "encoder.compile": ("compile.mode", ("none",))}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        flat = space.sample(study.ask())
+        Recipe.from_flat(flat)  # valid
+        seen.add((flat["decode.loop"], flat.get("decode.compile", "none")))
+    assert ("greedy", "script") in seen and ("generate", "none") in seen
+    assert not any(loop == "generate" and c != "none" for loop, c in seen)
+    # written conditions still win
+    own = space_from_dict({"params": {"decode.loop": {"choice": ["generate", "greedy"]},
+                                      "decode.compile": {"choice": ["none", "step"]}},
+                           "conditions": {"decode.compile": {"param": "decode.loop",
+                                                             "in": ["greedy"], "else": "none"}}})
+    assert own.conditions["decode.compile"].has_else

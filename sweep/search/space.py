@@ -20,10 +20,12 @@ A space file (see `search_spaces/*.yaml`)::
 
 A conditioned parameter is sampled only when its parent's value is in `in`; otherwise it takes
 its `else` value when one is given, else the recipe default (it is then left out of the
-recipe). An inactive parent counts with the value it then has. `load_space` checks everything
-(names, ranges against each Param, choices, conditions, device requirements such as CUDA-only
-choices, pairs of values the recipe refuses together, objectives, constraints) and raises one
-`SpaceError` listing every problem. Imports neither Ray, MLflow nor torch; optuna is only
+recipe). A condition that a technique's own `Requires` implies (decode.compile needs
+decode.loop=greedy) need not be written: `implied_conditions` adds it. An inactive parent
+counts with the value it then has. `load_space` checks everything (names, ranges against each
+Param, choices, conditions, device requirements such as CUDA-only choices, pairs of values the
+recipe refuses together, objectives, constraints) and raises one `SpaceError` listing every
+problem. Imports neither Ray, MLflow nor torch; optuna is only
 touched through the trial passed to `Space.sample`.
 
 One module, in reading order: the vocabulary (`Dim`, `Condition`, `SpaceError`), the checks of
@@ -408,6 +410,23 @@ def _check_conditions(ck: _Checker, raw: Any, dims: dict[str, Dim]) -> dict[str,
                 bad = True
         if not bad:
             out[child] = Condition(child, parent, tuple(vals), otherwise, "else" in spec)
+    return out
+
+
+def implied_conditions(dims: dict[str, Dim], given: dict[str, Condition]) -> dict[str, Condition]:
+    """The conditions a space need not write: a searched parameter whose other values require a
+    searched parent's value (`decode.compile`=step needs decode.loop=greedy) is sampled only
+    when the parent has it, else left at its default, as the technique's own `Requires` says.
+    Device requirements are not among them (choices the cluster cannot run are dropped)."""
+    out = {}
+    for name, dim in dims.items():
+        reqs = {(r.key, r.equals) for r in PARAMS[name].requires if r.key != "device"}
+        if name in given or dim.kind == "value" or len(reqs) != 1:
+            continue
+        (key, equals), = reqs
+        parent = dims.get(key)
+        if parent is not None and parent.kind != "value" and parent.contains(equals):
+            out[name] = Condition(name, key, (equals,))
     return out
 
 
@@ -963,6 +982,7 @@ def space_from_dict(data: Any, *, source: str = "", default_name: str = "space")
 
     dims = _check_params(ck, data.get("params"))
     conditions = _check_conditions(ck, data.get("conditions"), dims)
+    conditions = {**implied_conditions(dims, conditions), **conditions}
     objectives = _check_objectives(ck, data.get("objectives", DEFAULT_OBJECTIVES))
     constraints = _check_constraints(ck, data.get("constraints"))
     n_before = len(ck.errors)
