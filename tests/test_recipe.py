@@ -8,10 +8,14 @@ import sys
 
 import pytest
 
-from sweep.techniques.recipe import (LAYER_TYPES, PARAMS, SCHEMES, TECHNIQUES, CompileConfig,
-                                     DecodeConfig, EncoderConfig, PruneConfig, QuantConfig, Recipe,
-                                     RecipeError, StructConfig)
-from sweep.techniques import Param
+from sweep.techniques import LAYER_TYPES, Param
+from sweep.techniques.compile import CompileConfig
+from sweep.techniques.decode import DecodeConfig
+from sweep.techniques.encoder import EncoderConfig
+from sweep.techniques.prune import PruneConfig
+from sweep.techniques.quant import SCHEMES, QuantConfig
+from sweep.techniques.recipe import PARAMS, TECHNIQUES, Recipe, RecipeError
+from sweep.techniques.struct import StructConfig
 
 EXAMPLES = [
     "",

@@ -10,17 +10,10 @@ import difflib
 import json
 from typing import ClassVar
 
-from . import DEVICE, LAYER_TYPES, PARAMS, TARGETS, TECHNIQUES, RecipeError, Technique
-from .compile import CompileConfig
-from .decode import DecodeConfig
-from .encoder import EncoderConfig
-from .prune import PruneConfig
-from .quant import SCHEMES, SHORT, QuantConfig
-from .struct import StructConfig
+from . import DEVICE, PARAMS, TECHNIQUES, RecipeError, Technique
 
-__all__ = ["LAYER_TYPES", "PARAMS", "SCHEMES", "SHORT", "TARGETS", "TECHNIQUES", "CompileConfig",
-           "DecodeConfig", "EncoderConfig", "PruneConfig", "QuantConfig", "Recipe",
-           "RecipeError", "StructConfig", "Technique"]
+__all__ = ["PARAMS", "TECHNIQUES", "Recipe", "RecipeError"]
+
 
 class Recipe:
     """A point of the search space: the device and one config per registered technique, by
