@@ -319,7 +319,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
             f"re-run, {summary['interrupted_lost']} lost)" if summary["interrupted"] else "")
     print(f"\n{len(ok)}/{len(trials)} trials ok{lost}, front of {len(front)}, hypervolume "
           f"{hv:.4f}; wall {wall:.0f}s for {trial_sum:.0f}s of trials. Files: {out}")
-    if (res := report.resolution(rows)) is not None:
+    if (res := report.resolution(rows, front)) is not None:
         print(f"dWER resolution of this data: +-{res[0]:.3f} (median half-width of the 95% "
               f"intervals of {res[1]} trials); smaller differences are noise")
     print(f"The front in MLflow: python -m sweep.ui --root {root}, then open {front_url(exp_id)}")

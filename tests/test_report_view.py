@@ -63,8 +63,10 @@ def test_html_axes_fit_the_front_and_mark_the_broken_trial(tmp_path, front):
     table = page[page.index("<table>"):]
     assert "<summary>int8 dyn (all)</summary>" in table and "quant.scheme=dynamic_int8" in table
     assert table.count("<summary>baseline</summary>") == 1 and "fp32" not in table
-    # resolution: median half-width of the trials' dWER intervals (0.06, 0.1, 1.0 -> 0.1)
-    assert "median half-width of 0.100 over 3 trials" in page
+    # resolution: median half-width of the front's dWER intervals (0.06, 0.1 -> 0.08), not
+    # widened by the broken trial's (1.0)
+    assert "median half-width of 0.080 over 2 trials" in page
+    assert report.resolution(ROWS) == (pytest.approx(0.1), 3)  # no front: every trial
     assert "%" not in page.replace("%;", "")
 
 

@@ -160,13 +160,18 @@ def front_columns(front: Sequence[Mapping], baseline: Mapping,
     return cols
 
 
-def resolution(rows: Iterable[Mapping]) -> tuple[float, int] | None:
-    """(median half-width of the finished trials' 95% dWER intervals, how many): below it, two
-    trials' WER differ by noise of the data, not by their recipes. None without intervals."""
-    half = sorted((hi - lo) / 2 for r in rows if r.get("status", "ok") == "ok"
-                  and not is_baseline_recipe(r.get("recipe"))
-                  and (lo := _num(r.get("dwer_ci95_lo"))) is not None
-                  and (hi := _num(r.get("dwer_ci95_hi"))) is not None)
+def resolution(rows: Iterable[Mapping], front: Iterable[Mapping] = ()) -> tuple[float, int] | None:
+    """(median half-width of the 95% dWER intervals, how many trials): two recipes whose dWER
+    differ by less are not told apart by this data. Over the front's trials besides the
+    baseline (a relative interval widens with the change, so broken trials would overstate
+    it), else over every finished trial; None without intervals."""
+    def halves(rs):
+        return sorted((hi - lo) / 2 for r in rs if r.get("status", "ok") == "ok"
+                      and not is_baseline_recipe(r.get("recipe"))
+                      and (lo := _num(r.get("dwer_ci95_lo"))) is not None
+                      and (hi := _num(r.get("dwer_ci95_hi"))) is not None)
+
+    half = halves(front) or halves(rows)
     if not half:
         return None
     n = len(half)

@@ -189,10 +189,10 @@ def write_report_html(rows: Sequence[Mapping], front: Sequence[Mapping], baselin
              "<th>dWER [95 percent interval]</th><th>latency s</th><th>speedup</th>"
              + "".join(f"<th>{f.name}</th>" for f in more)
              + "<th>device</th></tr>" + "".join(trs) + "</table>")
-    res = resolution(rows)
+    res = resolution(rows, front)
     res_text = ("No trial has a dWER interval, so the data's resolution is unknown." if res is None
                 else f"Resolution of this data: the 95 percent intervals of dWER have a median "
-                f"half-width of {res[0]:.3f} over {res[1]} trials; trials whose dWER differ by "
+                f"half-width of {res[0]:.3f} over {res[1]} trials; recipes whose dWER differ by "
                 "less than that are not told apart by it.")
     beyond_text = (f" Trials beyond the axes, which are chosen for the front: {n_out}, drawn "
                    "hollow at the edge (hover for their figures)." if n_out else "")
