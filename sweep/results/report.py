@@ -323,13 +323,15 @@ def axis_range(values: Iterable[Any], log: bool = False) -> tuple[float, float, 
 
 
 def front_view(front: Sequence[Mapping], baseline: Mapping, objectives: Objectives | None = None,
-               log: bool = False) -> dict[str, tuple[float, float, bool]]:
-    """Axes chosen for the front: {"y": (lo, hi, log), "x": ...} of `axes(objectives)`, spanning
-    the front and the baseline only, so that a broken trial (WER 1.5) cannot squash the front
-    into a line; points beyond are drawn at the edge, marked (`beyond`)."""
+               log: bool = False, rows: Sequence[Mapping] = ()) -> dict[str, tuple]:
+    """The plots' axes: {"y": (lo, hi, log), "x": ...} of `axes(objectives)`. Linear: chosen for
+    the front, spanning the front and the baseline only, so that a broken trial (WER 1.5)
+    cannot squash the front into a line; points beyond are drawn at the edge, marked. Log
+    (the option): every finished trial of `rows` too, on log10 axes that keep the front
+    apart from them."""
     ym, xm = axes(objectives)
-    return {k: axis_range([*(r.get(m) for r in front), baseline.get(m)], log)
-            for k, m in (("y", ym), ("x", xm))}
+    shown = [*front, baseline, *(r for r in rows if log and r.get("status", "ok") == "ok")]
+    return {k: axis_range([r.get(m) for r in shown], log) for k, m in (("y", ym), ("x", xm))}
 
 
 def beyond(v: Any, rng: tuple[float, float, bool]) -> float:
@@ -342,14 +344,14 @@ def plot_front(rows: Sequence[Mapping], front: Sequence[Mapping], baseline: Mapp
                objectives: Objectives | None = None, log: bool = False) -> Path:
     """PNG: every ok trial grey, the front highlighted and connected as a staircase, the
     baseline a star, the knee circled. y, x = the first two objectives (`axes`): wer and
-    latency_median_s by default, their ranges chosen for the front (`front_view`; log10 with
-    `log`); trials beyond them are hollow triangles at the edge. The ranges are in the PNG's
-    `HYPER axes` text (JSON)."""
+    latency_median_s by default, their ranges chosen for the front (`front_view`; with `log`,
+    every trial on log10 axes); trials beyond them are hollow triangles at the edge. The ranges
+    are in the PNG's `HYPER axes` text (JSON)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy; Agg, no display
     from matplotlib.figure import Figure
 
     ym, xm = axes(objectives)
-    view = front_view(front, baseline, objectives, log)
+    view = front_view(front, baseline, objectives, log, rows)
     fig = Figure(figsize=(7.5, 5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

@@ -132,10 +132,11 @@ def write_report_html(rows: Sequence[Mapping], front: Sequence[Mapping], baselin
                       title: str = "HYPER sweep", objectives: Objectives | None = None) -> Path:
     """A self-contained HTML page (inline SVG and JS, nothing fetched): the first two
     objectives (WER vs latency by default) on ranges chosen for the front (a broken trial is a
-    hollow point at the edge; a box switches to log scale), hover a point for its recipe and
-    figures, click it to open its MLflow run (`run_links` maps trial_id -> URL); the data's
-    resolution (median dWER interval); then the front as a table, each recipe in the words of
-    `Recipe.describe` (what differs from the baseline), the full recipe a click away."""
+    hollow point at the edge; a box switches to log axes holding every trial); hover a point
+    for its recipe and figures, click it to open its MLflow run (`run_links` maps trial_id ->
+    URL); the data's resolution (median dWER interval); then the front as a table, each recipe
+    in the words of `Recipe.describe` (what differs from the baseline), the full recipe a click
+    away."""
     ym, xm = axes(objectives)
     more = [figures.BY_NAME[m] for m, _ in _norm_objectives(objectives)
             if m not in _SHOWN and m in figures.BY_NAME]  # objectives shown beside the study's
@@ -163,7 +164,7 @@ def write_report_html(rows: Sequence[Mapping], front: Sequence[Mapping], baselin
         return "\n".join(lines)
 
     views = {"lin": front_view(front, baseline, objectives),
-             "log": front_view(front, baseline, objectives, log=True),
+             "log": front_view(front, baseline, objectives, log=True, rows=pts),
              "g": {"W": W, "H": H, "L": L, "R": R, "T": T, "B": B}}
     svg, n_out = _svg(pts, front_keys, baseline, views["lin"], ym, xm, links, info)
     k = knee(front, objectives)
@@ -194,8 +195,9 @@ def write_report_html(rows: Sequence[Mapping], front: Sequence[Mapping], baselin
                 else f"Resolution of this data: the 95 percent intervals of dWER have a median "
                 f"half-width of {res[0]:.3f} over {res[1]} trials; recipes whose dWER differ by "
                 "less than that are not told apart by it.")
-    beyond_text = (f" Trials beyond the axes, which are chosen for the front: {n_out}, drawn "
-                   "hollow at the edge (hover for their figures)." if n_out else "")
+    beyond_text = (f" The linear axes are chosen for the front: {n_out} trials beyond them are "
+                   "drawn hollow at the edge (hover for their figures); the log scale shows "
+                   "every trial." if n_out else "")
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
