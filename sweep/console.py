@@ -37,8 +37,13 @@ NOISE = {
 # importing their library. Optuna's ExperimentalWarning is Optuna's own class:
 # `ignore_warning` adds it where Optuna is imported (`sweep.search.sampler`).
 WARNINGS = [
-    # Importances per objective need `target=`; launch.write_importances orients max objectives.
+    # Optuna's PED-ANOVA importances (importances.json, a side file): per objective they need
+    # `target=` (launch.write_importances orients max objectives), and on a small sweep they say
+    # that few trials make them coarse.
     (UserWarning, r"PedAnovaImportanceEvaluator computes the importances of params to achieve"),
+    (UserWarning, r"Target and region quantiles select the same set of trials"),
+    (UserWarning, r"Some regimes for parameter `[^`]*` have less than"),
+    (UserWarning, r"The number of trials is too small to compute importances"),
 ]
 # Tune's legacy console engine honours RunConfig(verbose=0); the default engine prints its
 # configuration box and a TensorBoard hint whatever `verbose` says (ray 2.60).

@@ -19,7 +19,8 @@ NOISE = {
     "torchao": re.compile(r"Failed to load .*torchao"),
     "_pytree": re.compile(r"_pytree"),
     "optuna experimental": re.compile(r"ExperimentalWarning"),
-    "optuna importance": re.compile(r"PedAnova"),
+    "optuna importance": re.compile(r"PedAnova|importances will be equal|Some regimes for "
+                                    r"parameter|too small to compute importances"),
     "tune box": re.compile(r"Configuration for experiment|Search algorithm +\w+"),
     "tensorboard": re.compile(r"(?i)tensorboard"),
     "max_new_tokens": re.compile(r"Both `max_new_tokens`"),
@@ -115,10 +116,11 @@ import optuna
 from pathlib import Path
 from sweep import launch
 study = optuna.create_study(directions=["minimize", "maximize"])
-for i in range(8):
+for i in range(8):  # few trials, one parameter only sampled under a condition: coarse notes
     t = study.ask()
     x, y = t.suggest_float("x", 0, 1), t.suggest_categorical("y", ["a", "b"])
-    study.tell(t, [x + (y == "a"), 1 - x])
+    z = t.suggest_int("z", 0, 3) if y == "a" else 0
+    study.tell(t, [x + (y == "a") + z, 1 - x])
 launch.write_importances(study, Path(sys.argv[1]), [("wer", "min"), ("speedup", "max")])
 print(json.dumps(json.loads((Path(sys.argv[1]) / "importances.json").read_text())))
 """
