@@ -27,10 +27,10 @@ class RecipeError(ValueError):
 @dataclass(frozen=True)
 class Requires:
     """`values` of a parameter are only valid when parameter `key` equals `equals`."""
-    values: tuple
-    key: str = "device"
-    equals: Any = "cuda"
-    why: str = ""
+    values: tuple  # the values that need it
+    key: str = "device"  # the other parameter (a space derives a condition on it when searched)
+    equals: Any = "cuda"  # the value it must have
+    why: str = ""  # said in the refusal
 
 
 @dataclass(frozen=True)
