@@ -108,13 +108,14 @@ class SweepFailed(RuntimeError):
 
 def _restore_args(args) -> Namespace:
     """The original command's options for `--resume NAME`, from its saved `SweepSpec` (only
-    --time-budget may change)."""
+    --time-budget and --verbose may change)."""
     sweep_dir = Path(args.root).resolve() / "sweeps" / args.resume
     if not (sweep_dir / FILE).is_file():
         raise ValueError(f"`--resume` must name a sweep under {sweep_dir.parent}, got "
                          f"{args.resume!r} (no {FILE} there)")
     spec = SweepSpec.load(sweep_dir)
     return Namespace(**{**vars(spec), "resume": args.resume, "inject": {},
+                        "verbose": getattr(args, "verbose", False),
                         "time_budget": args.time_budget or spec.time_budget})
 
 
