@@ -44,6 +44,9 @@ WARNINGS = [
     (UserWarning, r"Target and region quantiles select the same set of trials"),
     (UserWarning, r"Some regimes for parameter `[^`]*` have less than"),
     (UserWarning, r"The number of trials is too small to compute importances"),
+    # Tune times our define-by-run sampling and warns past 1 s; on a loaded 2-core machine the
+    # space's walk (conditions, TPE) can take that long, and no trial work happens there.
+    (UserWarning, r"Define-by-run function passed in the `space` argument took"),
 ]
 # Tune's legacy console engine honours RunConfig(verbose=0); the default engine prints its
 # configuration box and a TensorBoard hint whatever `verbose` says (ray 2.60).
