@@ -169,3 +169,19 @@ class _Both:
     def configs(self):
         a, b = TECHNIQUES["toy"](max_tokens=3), TECHNIQUES["toy"](max_tokens=4)
         return [a, b]
+
+
+@pytest.mark.parametrize("command", [["sweep.evaluate", "--recipe", "quant.scheme=bf16"],
+                                     ["sweep.launch", "--space", "quick"]])
+def test_bad_plugin_variable_is_one_clear_error_not_a_traceback(command, tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "HYPER_TECHNIQUES": str(tmp_path / "missing.py")}
+    proc = subprocess.run([sys.executable, "-m", *command, "--root", str(tmp_path)]
+                          if command[0] == "sweep.launch" else [sys.executable, "-m", *command],
+                          env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "`HYPER_TECHNIQUES` must list importable modules or .py files" in proc.stderr

@@ -23,7 +23,8 @@ from .base import (DEVICE, LAYER_TYPES, PARAMS, TARGETS, TECHNIQUES, Param, Reci
 
 PLUGINS_ENV = "HYPER_TECHNIQUES"
 __all__ = ["DEVICE", "LAYER_TYPES", "PARAMS", "PLUGINS_ENV", "TARGETS", "TECHNIQUES", "Param",
-           "RecipeError", "Requires", "Storage", "Technique", "load_plugins", "technique"]
+           "RecipeError", "Requires", "Storage", "Technique", "load_plugins", "plugin_error",
+           "technique"]
 
 
 def load_plugins(spec: str | None = None) -> list[str]:
@@ -52,4 +53,15 @@ def load_plugins(spec: str | None = None) -> list[str]:
     return names
 
 
-load_plugins()
+def plugin_error() -> RecipeError | None:
+    """Why `$HYPER_TECHNIQUES` could not be loaded at import, if it could not."""
+    return _failed[0] if _failed else None
+
+
+# A bad variable must not be a traceback at import: it is raised where a recipe is first built,
+# inside the commands' own error handling (one clear line, exit 2).
+_failed: list[RecipeError] = []
+try:
+    load_plugins()
+except RecipeError as e:
+    _failed.append(e)

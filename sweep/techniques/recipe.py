@@ -10,7 +10,7 @@ import difflib
 import json
 from typing import ClassVar
 
-from . import DEVICE, PARAMS, TECHNIQUES, RecipeError, Technique
+from . import DEVICE, PARAMS, TECHNIQUES, RecipeError, Technique, plugin_error
 
 __all__ = ["PARAMS", "TECHNIQUES", "Recipe", "RecipeError"]
 
@@ -23,6 +23,8 @@ class Recipe:
     FORMAT_VERSION: ClassVar[int] = 1
 
     def __init__(self, device: str = DEVICE.default, **parts: Technique):
+        if err := plugin_error():
+            raise err
         for key in [k for k in parts if k not in TECHNIQUES][:1]:
             raise RecipeError(f"unknown technique `{key}`; known: {', '.join(TECHNIQUES)}")
         object.__setattr__(self, "device", device)
