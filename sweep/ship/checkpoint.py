@@ -53,7 +53,11 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)  # metrics.json
     spec: str = ""
     source: str = ""
-    options: object = None  # decoding options (a Plan): hand them to transcription
+
+    @property
+    def options(self):
+        """The recipe's decoding options (a Plan), to hand to transcription with the model."""
+        return plan_for(self.recipe)
 
 
 def split(recipe: Recipe) -> tuple[Recipe, Recipe, list[str], list[str]]:
@@ -258,5 +262,4 @@ def load(path, device: str | None = None) -> Checkpoint:
     mfile = path / "metrics.json"
     metrics = json.loads(mfile.read_text(encoding="utf-8")) if mfile.is_file() else {}
     return Checkpoint(applied.model, processor, recipe, path, dict(applied.kernels), notes, info,
-                      metrics, spec=str(path), source=f"HYPER checkpoint {path.resolve()}",
-                      options=plan_for(recipe))
+                      metrics, spec=str(path), source=f"HYPER checkpoint {path.resolve()}")
