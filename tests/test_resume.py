@@ -1,6 +1,6 @@
 """Resume as users kill things: the space and the searcher survive a pickle and Tune's own
-save/restore unchanged, and a real sweep on each shipped space, SIGKILLed with its whole process
-group during a trial, resumes to a finished parent run, in-space parameters and front files."""
+save/restore unchanged, and a real sweep on each shipped space, SIGKILLed with its whole session
+(launcher and Ray) during a trial, resumes to a finished parent run, in-space parameters and front files."""
 
 import json
 import os
@@ -80,19 +80,18 @@ def test_condition_without_else_is_plain_data():
 # SIGKILL on the whole process group during a trial, then --resume
 
 
-def _count(root: Path, status: str) -> int:
+def _runs(root: Path, status: str) -> set[str]:
     """Trial runs of that MLflow status (read straight from sqlite: no client in the loop)."""
     db = root / "mlflow.db"
     if not db.exists():
-        return 0
+        return set()
     try:
         with sqlite3.connect(db) as con:
-            return con.execute(
-                "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid where "
-                "t.key = 'hyper.kind' and t.value = 'trial' and r.status = ?", (status,)
-            ).fetchone()[0]
+            return {row[0] for row in con.execute(
+                "select r.run_uuid from runs r join tags t on r.run_uuid = t.run_uuid where "
+                "t.key = 'hyper.kind' and t.value = 'trial' and r.status = ?", (status,))}
     except sqlite3.Error:
-        return 0
+        return set()
 
 
 def _launch(argv, log):
@@ -101,16 +100,43 @@ def _launch(argv, log):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _kill_during_trial(proc, root: Path, finished: int, timeout=600) -> None:
-    """SIGKILL the launcher and the local Ray it started once `finished` trials are in MLflow
-    and the next one is under way (a RUNNING trial run), as a preempted node or OOM kill would."""
+def _session(sid: int) -> list[int]:
+    """Every process of session `sid`: Ray's workers run in process groups of their own, so a
+    kill of the launcher's group alone leaves them to finish (and log) the trial."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _kill_during_trial(proc, root: Path, finished: int, timeout=600) -> set[str]:
+    """SIGKILL the launcher and the local Ray it started (its whole session) once `finished`
+    trials are in MLflow and the next one is under way (a RUNNING trial run), as a preempted node
+    or an OOM kill would. Returns the trial runs the kill left RUNNING (read once every process
+    is gone): a trial may still end in the moment between the look and the kill."""
     t0 = time.time()
-    while _count(root, "FINISHED") < finished or not _count(root, "RUNNING"):
+    while len(_runs(root, "FINISHED")) < finished or not _runs(root, "RUNNING"):
         assert proc.poll() is None, "the sweep ended before it could be killed"
         assert time.time() - t0 < timeout, "no progress"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for _ in range(50):
+        pids = _session(proc.pid)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
     proc.wait()
+    assert not _session(proc.pid), "processes of the killed sweep survived"
+    return _runs(root, "RUNNING")
 
 
 def _trial_runs(root: Path, sweep: str):
@@ -124,7 +150,7 @@ def _trial_runs(root: Path, sweep: str):
     return trials, parent
 
 
-def _check_resumed(root: Path, space_name: str, log: Path) -> dict:
+def _check_resumed(root: Path, space_name: str, log: Path, left_running: set) -> dict:
     space = load_space(space_name)
     trials, parent = _trial_runs(root, "k")
     text = log.read_text()[-4000:]
@@ -153,10 +179,11 @@ def _check_resumed(root: Path, space_name: str, log: Path) -> dict:
     keys = [r.data.tags["hyper.trial_key"] for r in trials if r.info.status == "FINISHED"]
     assert len(keys) == len(set(keys)), "a trial was logged twice"
     assert summary["ok"] == len(keys)
-    # The trial the kill interrupted: its run was closed as KILLED and the summary counts it,
-    # with whether it was measured again after the resume.
+    # The trials the kills interrupted: each run a kill left RUNNING was closed as KILLED and the
+    # summary counts its trial, with whether it was measured again after the resume.
     killed = [r for r in trials if r.info.status == "KILLED"]
-    assert summary["interrupted"] == len(killed) >= 1
+    assert {r.info.run_id for r in killed} == left_running
+    assert summary["interrupted"] == len({r.data.tags["hyper.trial_key"] for r in killed})
     assert summary["interrupted_rerun"] + summary["interrupted_lost"] == len(killed)
     return summary
 
@@ -182,12 +209,13 @@ def test_shipped_space_survives_sigkill_and_resumes(case, tmp_path, tiny_checkpo
     resume = ["--root", str(root), "--resume", "k"]
     log = tmp_path / "log"
     with open(log, "w") as f:
-        _kill_during_trial(_launch(argv, f), root, finished=kills[0])
+        left = _kill_during_trial(_launch(argv, f), root, finished=kills[0])
         for at in kills[1:]:
-            _kill_during_trial(_launch(resume, f), root, finished=at)
+            left |= _kill_during_trial(_launch(resume, f), root, finished=at)
+        assert left, "no kill caught a trial under way"
         done = _launch(resume, f)
         assert done.wait(timeout=1200) == 0, log.read_text()[-4000:]
-    summary = _check_resumed(root, space_name, log)
+    summary = _check_resumed(root, space_name, log, left)
     assert summary["trials"] >= samples + 1 - summary["failed"]
 
 
