@@ -71,9 +71,7 @@ def transcribe_files(checkpoint, paths, *, language: str | None = None,
                      task: str = "transcribe", device: str | None = None) -> list[dict]:
     """Transcribe audio files with `checkpoint` (a directory, or what `sweep.load` returned).
     `language` defaults to the one the checkpoint was measured in. One dict per file:
-    path, text, language, task, duration_s, seconds, cap_reached (None for long files)."""
-    import time
-
+    path and what `transcribe_audio` gives."""
     from .ship.checkpoint import load
 
     if task not in TASKS:
@@ -84,21 +82,30 @@ def transcribe_files(checkpoint, paths, *, language: str | None = None,
         raise TranscribeError("`language` is needed (e.g. ru, en): this checkpoint was not "
                               "measured on a single language, and Whisper must be told which")
     audios = [(str(p), read_audio(p)) for p in paths]  # every file readable before decoding
-    rows = []
-    for path, audio in audios:
-        dur = audio.size / SAMPLE_RATE
-        if dur <= WINDOW_S:
-            text, _, cap, secs = transcribe(ck.model, ck.processor,
-                                            Utterance(path, audio, "", lang, dur),
-                                            language=lang, task=task,
-                                            options=getattr(ck, "options", None))
-        else:
-            t0 = time.perf_counter()
-            text, cap = _long_form(ck.model, ck.processor, audio, language=lang, task=task), None
-            secs = time.perf_counter() - t0
-        rows.append({"path": path, "text": text.strip(), "language": lang, "task": task,
-                     "duration_s": dur, "seconds": secs, "cap_reached": cap})
-    return rows
+    rows = [{"path": path, **transcribe_audio(ck, audio, language=lang, task=task)}
+            for path, audio in audios]
+    return [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
+
+
+def transcribe_audio(ck, audio: np.ndarray, *, language: str, task: str = "transcribe",
+                     name: str = "audio") -> dict:
+    """One float32 16 kHz mono clip with a loaded checkpoint (`sweep.serve` uses it too):
+    text, language, task, duration_s, seconds, cap_reached (None for long files) and tokens
+    (the content token ids; empty for long files)."""
+    import time
+
+    dur = audio.size / SAMPLE_RATE
+    if dur <= WINDOW_S:
+        text, tokens, cap, secs = transcribe(ck.model, ck.processor,
+                                             Utterance(name, audio, "", language, dur),
+                                             language=language, task=task,
+                                             options=getattr(ck, "options", None))
+    else:
+        t0 = time.perf_counter()
+        text = _long_form(ck.model, ck.processor, audio, language=language, task=task)
+        tokens, cap, secs = [], None, time.perf_counter() - t0
+    return {"text": text.strip(), "language": language, "task": task, "duration_s": dur,
+            "seconds": secs, "cap_reached": cap, "tokens": list(tokens)}
 
 
 def main(argv=None) -> int:
