@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -20,7 +21,13 @@ from . import console
 from .inputs import cli
 from .results import figures, pareto, report, report_html, tracking
 from .search.sampler import SAMPLERS, mark_finished
+from .measure import stopping
 from .search.sweepspec import DATA_KEYS, FILE, SweepSpec
+
+# A 95% dWER interval's half-width is about this over sqrt(clips) on whisper-base speech
+# (measured: +-15-25% on 19 Russian clips, +-11-15% on 71): the clips a budget needs before a
+# sweep has measured anything. The summary replaces it with this sweep's own intervals.
+HALFWIDTH_SQRT_N = 1.0
 
 
 def parse_args(argv=None) -> Namespace:
@@ -55,11 +62,23 @@ def parse_args(argv=None) -> Namespace:
     ap.add_argument("--out", default=None,
                     help="folder for the front's files (default <root>/sweeps/<name>/results)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes before timing")
+    ap.add_argument("--profile", type=int, nargs="?", const=20, default=0, metavar="TOP",
+                    help="after each trial, profile its transcription of a few clips "
+                         "(torch.profiler) and log the TOP operators by self CPU time as the "
+                         "run's profile.txt/profile.json in MLflow (TOP default 20; 0: off)")
     ap.add_argument("--trial-timeout", type=float, default=None,
                     help="seconds after which a trial is stopped and recorded as failed")
     ap.add_argument("--max-slowdown", type=float, default=3.0,
                     help="stop (prune) a trial whose first clips take this many times the "
                          "baseline's; 0 measures every trial to the end")
+    ap.add_argument("--early-stop", default="auto", choices=("auto", "on", "off"),
+                    help="stop a trial once it clearly cannot be feasible (its dWER interval is "
+                         "above the space's max_dwer, or it loops on most clips); auto: on when "
+                         "the space has max_dwer")
+    ap.add_argument("--early-stop-min-clips", type=int, default=4,
+                    help="clips measured before the first early-stop check (then at 2x, 4x, ...)")
+    ap.add_argument("--no-probes", dest="probes", action="store_false",
+                    help="skip the non-speech hallucination probes after each trial's clips")
     ap.add_argument("--resume", default=None, metavar="SWEEP",
                     help="continue a killed sweep by name: finished trials are kept, "
                          "unfinished ones run again")
@@ -82,8 +101,12 @@ def validate(args) -> tuple:
         args.dataset = str(Path(args.dataset).resolve())
     if args.num_samples < 0:
         raise ValueError(f"`--num-samples` must be >= 0, got {args.num_samples}")
+    if args.profile < 0:
+        raise ValueError(f"`--profile` must be >= 0 operators (0: off), got {args.profile}")
     if args.max_concurrent < 1:
         raise ValueError(f"`--max-concurrent` must be >= 1, got {args.max_concurrent}")
+    if args.early_stop_min_clips < 1:
+        raise ValueError(f"`--early-stop-min-clips` must be >= 1, got {args.early_stop_min_clips}")
     evalset = cli.load_data(args)  # raises DataError naming the problem
     from .inputs.models import check_spec
 
@@ -172,15 +195,20 @@ def run(args) -> dict:
         **{f"version.{k}": v for k, v in tracking.versions().items()},
         **{f"host.{k}": v for k, v in tracking.host_info().items()},
     }, {"git_commit": tracking.git_commit()})
+    for line in resolution_warning(space, len(evalset)):
+        print(line, file=sys.stderr)
     if evalset.skipped:
         print(f"note: {evalset.skipped} utterances skipped: {evalset.skipped_reasons[:3]}",
               file=sys.stderr)
     ctx = worker.SweepContext(
-        sweep=name, model=args.model, data=spec.data(),
+        sweep=name, model=args.model, data=spec.data(), profile=args.profile,
         language=args.language, numbers=args.numbers, tracking_uri=uri,
         experiment_id=exp_id, parent_run_id=parent, cpus_per_trial=per_trial,
         warmup=args.warmup, trial_timeout=args.trial_timeout,
         max_slowdown=getattr(args, "max_slowdown", None),
+        early_stop=stopping.resolve(args.early_stop, space.constraints.get("max_dwer"),
+                                    args.early_stop_min_clips),
+        confidence=space.confidence, probes=args.probes,
         needs_calibration=space.mentions("static_int8"), inject=dict(args.inject or {}))
     trainable = tune.with_resources(tune.with_parameters(worker.trainable, ctx=ctx),
                                     search.resources_for(per_trial))
@@ -212,6 +240,49 @@ def run(args) -> dict:
             tuner.fit()
         return finish(args, space, name, time.time() - t0, uri, exp_id, parent, root,
                       evalset)
+
+
+def resolution_warning(space, n_clips: int) -> list[str]:
+    """A warning when `n_clips` cannot resolve the space's `max_dwer`: the expected 95% interval
+    half-width is wider than the budget. Says how many clips would."""
+    budget = space.constraints.get("max_dwer")
+    if budget is None or budget <= 0:
+        return []
+    half = HALFWIDTH_SQRT_N / n_clips ** 0.5
+    if half <= budget:
+        return []
+    need = clips_to_resolve(half, n_clips, budget)
+    return [f"warning: {n_clips} clips resolve dWER to about +-{half:.0%} (95% interval), "
+            f"wider than the budget max_dwer {budget:+.0%}: feasibility is decided on noise; "
+            f"about {need} clips would resolve it (--max-samples, or a larger --dataset)"]
+
+
+def stop_costs(ok: list[dict], pruned: list[dict]) -> dict:
+    """What early stopping saved: mean seconds of a stopped trial against a completed one (the
+    baseline trial excluded: it re-uses the worker's measurement), and the clips it measured."""
+    done = [float(r["trial_s"]) for r in ok if pareto._num(r.get("trial_s"))
+            and not pareto.is_baseline_recipe(r.get("recipe"))]
+    stopped = [float(r["trial_s"]) for r in pruned if pareto._num(r.get("trial_s"))]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"pruned_trial_s_mean": mean(stopped), "ok_trial_s_mean": mean(done),
+            "pruned_clips_mean": mean([float(r["clips_measured"]) for r in pruned
+                                       if pareto._num(r.get("clips_measured"))])}
+
+
+def resolution_summary(rows: list[dict], front: list[dict], n_clips: int, space) -> dict:
+    """The data's resolution in the summary: the median half-width of the trials' 95% dWER
+    intervals and, against `max_dwer`, how many clips would resolve the budget."""
+    res = report.resolution(rows, front)
+    budget = space.constraints.get("max_dwer")
+    out = {"dwer_ci_halfwidth_median": None if res is None else res[0], "clips_to_resolve": None}
+    if res is not None and budget and budget > 0:
+        out["clips_to_resolve"] = max(n_clips, clips_to_resolve(res[0], n_clips, budget))
+    return out
+
+
+def clips_to_resolve(half: float, n_clips: int, budget: float) -> int:
+    """Clips for a half-width of `budget`, from `half` measured on `n_clips` (1/sqrt(n))."""
+    return math.ceil(round(n_clips * (half / budget) ** 2, 6))
 
 
 def screen_rows(rows: list[dict], objectives) -> list[str]:
@@ -294,8 +365,11 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
              lambda: write_importances(searcher_study(root, name), out, objs))
     hv = pareto.front_hypervolume(front, base_figs, None, objs, constraints=constraints)
     trial_sum = sum(float(r.get("trial_s") or 0) for r in rows)
-    summary = {"sweep": name, "trials": len(trials), "ok": len(ok),
-               "failed": len(trials) - len(ok), "front": len(front), "hypervolume": hv,
+    pruned = [r for r in trials.values() if r.get("status") == "pruned"]
+    summary = {"sweep": name, "trials": len(trials), "ok": len(ok), "pruned": len(pruned),
+               "failed": len(trials) - len(ok) - len(pruned), "front": len(front),
+               "hypervolume": hv, **stop_costs(ok, pruned),
+               **resolution_summary(rows, front, len(evalset), space),
                "wall_s": wall, "trial_sum_s": trial_sum, "out": str(out),
                "unreadable": sum(r["status"] == "unreadable" for r in rows),
                **interrupted(rows), "stale_runs_killed": killed,
@@ -318,11 +392,19 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
               f"see {out / 'trials.csv'} for all {len(ok)} of them")
     lost = (f"; {summary['interrupted']} interrupted by a kill ({summary['interrupted_rerun']} "
             f"re-run, {summary['interrupted_lost']} lost)" if summary["interrupted"] else "")
+    if pruned:
+        cost = ("" if summary["pruned_trial_s_mean"] is None or not summary["ok_trial_s_mean"]
+                else f", {summary['pruned_trial_s_mean'] / summary['ok_trial_s_mean']:.0%} of a "
+                     "completed trial's seconds each")
+        lost += f"; {len(pruned)} stopped early{cost}"
     print(f"\n{len(ok)}/{len(trials)} trials ok{lost}, front of {len(front)}, hypervolume "
           f"{hv:.4f}; wall {wall:.0f}s for {trial_sum:.0f}s of trials. Files: {out}")
     if (res := report.resolution(rows, front)) is not None:
+        need = summary["clips_to_resolve"]
         print(f"dWER resolution of this data: +-{res[0]:.3f} (median half-width of the 95% "
-              f"intervals of {res[1]} trials); smaller differences are noise")
+              f"intervals of {res[1]} trials); smaller differences are noise"
+              + (f"; about {need} clips would resolve max_dwer "
+                 f"{space.constraints['max_dwer']:g}" if need and need > len(evalset) else ""))
     print(f"The front in MLflow: python -m sweep.ui --root {root}, then open {front_url(exp_id)}")
 
     return summary

@@ -15,6 +15,7 @@ pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from sweep.inputs.machine import isa, isa_cap  # noqa: E402
 from sweep.results import figures, pareto, rows, tracking  # noqa: E402
 from sweep import launch  # noqa: E402
 from sweep.search import worker  # noqa: E402
@@ -23,20 +24,24 @@ from sweep.search.sweepspec import SweepSpec  # noqa: E402
 # What the evaluator returns besides figures, and where each goes instead.
 NOT_FIGURES = {"recipe": "params", "baseline": "baseline_* metrics", "kernels": "tag",
                "device": "tag", "utterances": "transcripts.json", "notes": "the evaluate JSON",
-               "numbers": "the sweep's --numbers"}
+               "numbers": "the sweep's --numbers",
+               "status": "tag", "probes": "probes.json",
+               "cpu": "tag", "isa": "tag", "isa_cap": "tag"}
 
 
 @pytest.fixture(scope="module")
 def result(tiny_checkpoint, small_manifest):
     """A real trial result of the tiny model on one clip, as the worker completes it."""
     from sweep.inputs.data import load_eval_set
+    from sweep.inputs.probes import probes
     from sweep.measure.evaluate import run_trial
     from sweep.inputs.models import load_model
     from sweep.techniques.recipe import Recipe
 
     lm = load_model(tiny_checkpoint)
     res, _ = run_trial(lm.model, lm.processor, load_eval_set(small_manifest, max_samples=1),
-                       Recipe.parse("prune.rate=0.25"), warmup=0)
+                       Recipe.parse("prune.rate=0.25"), warmup=0, confidence=0.9,
+                       probes=probes(seconds=1.0)[:2])
     return {**res, "trial_s": 2.5, "worker_prepare_s": 1.25, "node": os.uname().nodename,
             "node_id": "node-x", "gpu_ids": []}
 
@@ -122,6 +127,8 @@ params:
   quant.scheme: {choice: [none, bf16]}
   prune.rate: {float: [0.0, 0.5], step: 0.25}
 objectives: {cer: min, latency_p90_s: min}
+constraints: {max_dwer: 10.0}
+confidence: 0.9   # so that dwer_upper is measured too
 starts:
   - {quant.scheme: none, prune.rate: 0.25}
 """
@@ -134,7 +141,8 @@ def sweep(tmp_path_factory, tiny_checkpoint, small_manifest):
     root = tmp / "root"
     args = launch.parse_args(["--space", str(tmp / "space.yaml"), "--model", tiny_checkpoint,
                               "--dataset", small_manifest, "--root", str(root), "--name", "o",
-                              "--num-samples", "1", "--max-slowdown", "0", "--seed", "0"])
+                              "--num-samples", "1", "--max-slowdown", "0", "--seed", "0",
+                              "--profile", "5", "--early-stop", "off"])
     try:
         summary = launch.run(args)
     finally:
@@ -160,6 +168,30 @@ def test_every_figure_reaches_mlflow_tune_and_trials_csv(sweep):
     with open(root / "sweeps" / "o" / "results" / "trials.csv", newline="") as fh:
         head = next(csv.reader(fh))
     assert set(figures.keys("csv")) <= set(head), set(figures.keys("csv")) - set(head)
+    # and the machine each trial ran on: CPU model, ISA flags, oneDNN's cap (null: none)
+    assert {"cpu", "isa", "isa_cap"} <= set(head)
+    for r in ok:
+        assert r.data.tags["cpu"] and r.data.tags["isa_cap"] == (isa_cap() or "")
+        assert r.data.tags["isa"].split(",") == isa()
+
+
+def test_profile_is_each_trials_artifact(sweep):
+    """--profile: every finished trial's top operators by self time, as text and JSON."""
+    root, _, runs = sweep
+    client = MlflowClient(tracking.default_uri(root))
+    for r in [r for r in runs if r.info.status == "FINISHED"]:
+        assert "profile_error" not in r.data.tags
+        names = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"profile.txt", "profile.json"} <= names, names
+        prof = json.loads(Path(client.download_artifacts(r.info.run_id, "profile.json"))
+                          .read_text())
+        assert len(prof["rows"]) == 5 and prof["clips"] == 3
+        selfs = [row["self_cpu_s"] for row in prof["rows"]]
+        assert selfs == sorted(selfs, reverse=True) and 0 < sum(
+            row["self_share"] for row in prof["rows"]) <= 1 + 1e-9
+        text = Path(client.download_artifacts(r.info.run_id, "profile.txt")).read_text()
+        assert text.splitlines()[0].startswith("top 5 operators by self CPU time over 3 clips")
+        assert prof["rows"][0]["name"][:40] in text
 
 
 def test_the_front_is_on_the_spaces_objectives(sweep):
@@ -186,6 +218,7 @@ def test_the_saved_spec_is_read_by_resume_and_export(sweep):
     root, _, _ = sweep
     spec = SweepSpec.load(root / "sweeps" / "o")
     assert spec.name == "o" and spec.num_samples == 1 and spec.max_slowdown == 0
+    assert spec.profile == 5
     client = MlflowClient(tracking.default_uri(root))
     exp = client.get_experiment_by_name("hyper").experiment_id
     (parent,) = [r for r in client.search_runs([exp]) if r.data.tags.get("hyper.kind") == "sweep"]

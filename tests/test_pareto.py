@@ -153,12 +153,48 @@ def test_knee_on_a_hand_made_front():
     assert pareto.knee(line)["trial_id"] == 2
 
 
+def test_knee_is_never_the_baseline_and_the_fastest_on_small_fronts():
+    base = row(0, 0.5, 1.0, recipe={"device": "cpu"})  # the unchanged model on the front
+    # one point: the baseline alone gives no knee (nothing to ship but the original)
+    assert pareto.knee([base]) is None
+    # two points, one the baseline: the other one
+    fast = row(1, 0.6, 0.4)
+    assert pareto.knee([base, fast])["trial_id"] == 1
+    # two compressed points: the fastest, not the one nearest the ideal corner
+    a, b = row(2, 0.51, 0.8), row(3, 0.7, 0.3)
+    assert pareto.knee([a, b])["trial_id"] == 3
+    assert pareto.knee([base, a, b])["trial_id"] == 3  # the baseline does not count
+    # objectives given as speed-up (max): still the fastest
+    objs = [("wer", "min"), ("speedup", "max")]
+    assert pareto.knee([a, b], objs)["trial_id"] == 3
+    # many points: the bulge, never the baseline even where it is an extreme
+    many = [base, row(4, 0.55, 0.5), row(5, 0.58, 0.2), row(6, 0.9, 0.15)]
+    assert pareto.knee(many)["trial_id"] == 5
+
+
+def test_max_dwer_is_judged_on_the_upper_bound_when_the_row_has_it():
+    r = row(1, 0.505, 0.5)  # dwer +1%
+    assert pareto.feasible(r, {"max_dwer": 0.02})
+    assert not pareto.feasible({**r, "dwer_upper": 0.08}, {"max_dwer": 0.02})
+    assert pareto.feasible({**r, "dwer_upper": 0.019}, {"max_dwer": 0.02})
+    assert pareto.constraint_values({**r, "hallucination_rate": 0.3},
+                                    {"max_hallucination": 0.2}) == pytest.approx([0.1])
+    assert pareto.constraint_values(r, {"max_hallucination": 0.2}) == [float("inf")]
+
+
+def test_verdict_says_no_measurable_change_when_the_interval_holds_zero():
+    assert report.verdict({"dwer_ci95_lo": -0.1, "dwer_ci95_hi": 0.05}) == "no measurable change"
+    assert report.verdict({"dwer_ci95_lo": -0.3, "dwer_ci95_hi": -0.01}) == "better"
+    assert report.verdict({"dwer_ci95_lo": 0.01, "dwer_ci95_hi": 0.3}) == "worse"
+    assert report.verdict({}) == "—"
+
+
 def test_format_table_percent_only_in_print():
     rows = [row(1, 0.55, 0.5), row(2, 0.6, 0.8, status="failed")]
     text = report.format_table(rows, BASE)
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["Configuration", "WER", "dWER"]
-    assert "time per audio" in lines[0] and lines[0].rstrip().endswith("delta")
+    assert "time per audio" in lines[0] and lines[0].split()[-2:] == ["delta", "accuracy"]
     assert lines[2].startswith("baseline")
     assert "+10.0%" in lines[3] and "-50.0%" in lines[3] and "0.500 s" in lines[3]
     assert lines[3].startswith("prune l1 0.10, int8 dyn (all)")  # Recipe.describe()

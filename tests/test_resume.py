@@ -1,6 +1,7 @@
 """Resume as users kill things: the space and the searcher survive a pickle and Tune's own
 save/restore unchanged, and a real sweep on each shipped space, SIGKILLed with its whole session
-(launcher and Ray) during a trial, resumes to a finished parent run, in-space parameters and front files."""
+(launcher and Ray) during a trial, resumes to a finished parent run, in-space parameters and
+front files."""
 
 import json
 import os

@@ -17,25 +17,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..inputs import machine
 from ..results import figures
 from . import scoring
+from .stopping import EarlyStop, Stopped, Stopper, TooSlow
 from ..inputs.data import EvalSet, Utterance
 
 TASKS = ("transcribe", "translate")
 FIGURES = figures.names("baseline")  # the keys copied under `baseline` in results
-
-
-class TooSlow(RuntimeError):
-    """A trial already far slower than the baseline on the same clips: not worth finishing."""
+__all__ = ["TooSlow", "Stopped", "EarlyStop", "measure", "run_trial"]
 
 
 @dataclass
 class Measurement:
-    """Figures of one model on one set (fractions and seconds), plus per-utterance detail."""
+    """Figures of one model on one set (fractions and seconds), plus per-utterance detail.
+    `stopped`: why measuring ended before the last clip (the figures cover the clips measured)."""
 
     figures: dict
     utterances: list[dict]
     errors: list[scoring.UttErrors] = field(repr=False, default_factory=list)
+    stopped: Stopped | None = None
+    probes: list[dict] = field(default_factory=list)  # {id, hypothesis} of each probe heard
 
 
 def _device_of(model) -> torch.device:
@@ -123,9 +125,13 @@ def zero_share(model) -> float:
 
 def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
             task: str = "transcribe", warmup: int = 1, numbers: str = "auto",
-            progress=None, on_warmed=None, check=None, options=None) -> Measurement:
+            progress=None, on_warmed=None, check=None, options=None,
+            probes: list[Utterance] | None = None) -> Measurement:
     """Transcribe every utterance once, timed after `warmup` untimed passes over the first;
-    `options`: the decoding options (sweep.measure.decode.Plan) the model is measured with."""
+    `options`: the decoding options (sweep.measure.decode.Plan) the model is measured with.
+    `check(rows)` runs after each clip and may raise `Stopped`: measuring ends there and the
+    figures cover the clips measured. `probes`: non-speech clips transcribed after the set (not
+    after a stop, never timed) for `hallucination_rate`."""
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}, got {task=}")
     if not len(evalset):
@@ -136,51 +142,91 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
             for _ in range(max(0, warmup))]
     if on_warmed:
         on_warmed()
-    rows, refs, hyps = [], [], []
+    rows, stopped = [], None
     for i, (utt, lang) in enumerate(zip(evalset, langs)):
         text, ids, cap_reached, secs = transcribe(model, processor, utt, language=lang, task=task,
                                                   options=options)
         ref = scoring.normalize(utt.text, lang, numbers)
         hyp = scoring.normalize(text, lang, numbers)
         loop = scoring.count_loop(ids, cap_reached)
-        refs.append(ref)
-        hyps.append(hyp)
         rows.append({"id": utt.id, "lang": lang, "reference": utt.text, "hypothesis": text,
                      "ref_norm": ref, "hyp_norm": hyp, "latency_s": secs, "tokens": len(ids),
                      "duration_s": utt.duration_s, "loop": loop})
         if progress:
             progress(i + 1, len(evalset))
         if check:
-            check(rows)
-    sc = scoring.score(refs, hyps)
+            try:
+                check(rows)
+            except Stopped as e:
+                stopped = e
+                break
+    sc = scoring.score([r["ref_norm"] for r in rows], [r["hyp_norm"] for r in rows])
     lat = np.array([r["latency_s"] for r in rows])
     disk_mb, mem_mb = model_sizes(model)
     figures = {
         "wer": sc.wer, "cer": sc.cer,
         "latency_mean_s": float(lat.mean()), "latency_median_s": float(np.median(lat)),
         "latency_p90_s": float(np.quantile(lat, 0.9)),
-        "rtf": float(lat.sum() / sum(u.duration_s for u in evalset)),
+        "rtf": float(lat.sum() / sum(r["duration_s"] for r in rows)),
         "loops": int(sum(r["loop"] for r in rows)),
         "model_size_mb": disk_mb, "param_mb": mem_mb, "sparsity": zero_share(model),
         "warmup_s": float(warm[0]) if warm else 0.0,
         "n_utterances": len(rows), "dropped_empty_refs": sc.dropped_empty_refs,
+        "clips_measured": len(rows),
         "numbers": sorted({scoring.number_mode(lang, numbers) for lang in langs}),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    heard = []
+    if probes and stopped is None:
+        figures["hallucination_rate"], texts = hallucinations(
+            model, processor, probes, language=langs[0], task=task, options=options)
+        heard = [{"id": p.id, "hypothesis": t} for p, t in zip(probes, texts)]
     # Empty references are dropped from scoring; keep the error list aligned with scored rows.
-    return Measurement(figures=figures, utterances=rows, errors=sc.per_utt)
+    return Measurement(figures=figures, utterances=rows, errors=sc.per_utt, stopped=stopped,
+                       probes=heard)
 
 
-def compare(trial: Measurement, base: Measurement) -> dict:
-    """Ratios of a trial against the baseline measured in the same process."""
-    t, b = trial.figures, base.figures
+def hallucinations(model, processor, probes: list[Utterance], *, language: str,
+                   task: str = "transcribe", options=None) -> tuple[float, list[str]]:
+    """(share of the non-speech `probes` transcribed with any word, each transcript). Untimed:
+    probe time is not latency."""
+    heard = [transcribe(model, processor, p, language=language, task=task, options=options)[0]
+             for p in probes]
+    words = [bool(scoring.normalize(h, language, "none")) for h in heard]
+    return sum(words) / len(probes), heard
+
+
+def head(m: Measurement, n: int) -> Measurement:
+    """The measurement restricted to its first `n` clips (the baseline on the clips a stopped
+    trial measured, so the two compare pair by pair)."""
+    rows = m.utterances[:n]
+    sc = scoring.score([r["ref_norm"] for r in rows], [r["hyp_norm"] for r in rows])
+    return Measurement(figures={**m.figures, "wer": sc.wer, "cer": sc.cer,
+                                "latency_median_s": float(np.median(
+                                    [r["latency_s"] for r in rows]))},
+                       utterances=rows, errors=sc.per_utt)
+
+
+def compare(trial: Measurement, base: Measurement, confidence: float | None = None) -> dict:
+    """Ratios of a trial against the baseline measured in the same process (on the same clips:
+    a stopped trial is compared with the baseline's first clips). `confidence`: also the
+    one-sided upper bound of dwer at that level (`dwer_upper`), which feasibility is then
+    judged on."""
+    t = trial.figures
+    if len(trial.utterances) < len(base.utterances):
+        base = head(base, len(trial.utterances))
+    b = base.figures
     lo, hi = scoring.bootstrap_dwer(base.errors, trial.errors)
-    return {
+    out = {
         "dwer": scoring.relative(t["wer"], b["wer"]),
         "dcer": scoring.relative(t["cer"], b["cer"]),
         "dwer_ci95": [lo, hi],
         "speedup": b["latency_median_s"] / t["latency_median_s"],
     }
+    if confidence is not None:
+        out["dwer_upper"] = scoring.bootstrap_dwer(base.errors, trial.errors,
+                                                   level=2 * confidence - 1)[1]
+    return out
 
 
 def set_threads(threads: int | None) -> int:
@@ -194,62 +240,55 @@ def set_threads(threads: int | None) -> int:
 def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measurement | None = None,
               language: str | None = None, task: str = "transcribe", threads: int | None = None,
               calibration: EvalSet | None = None, warmup: int = 1, numbers: str = "auto",
-              progress=None, max_slowdown: float | None = None) -> tuple[dict, Measurement]:
+              progress=None, max_slowdown: float | None = None,
+              early_stop: EarlyStop | None = None, confidence: float | None = None,
+              probes: list[Utterance] | None = None) -> tuple[dict, Measurement]:
     """Apply `recipe` to a copy of `model`, measure it and the baseline; returns (result, base).
 
     Pass the returned baseline Measurement back in to reuse it across trials of one worker.
+    A trial stopped early (`max_slowdown`, `early_stop`) returns `status` "pruned", its
+    `stop_reason` and the figures of the `clips_measured` first clips; otherwise "ok".
     """
     from .compress import Applied, apply_recipe, recompile_count
 
     n_threads = set_threads(threads)
     if baseline is None:
         baseline = measure(model, processor, evalset, language=language, task=task,
-                           warmup=warmup, numbers=numbers)
+                           warmup=warmup, numbers=numbers, probes=probes)
     if recipe.is_baseline:
         # The baseline trial is the measurement every other trial is compared with: measuring
         # the same unchanged model again would only cost a full pass over the data.
         applied = Applied(model=model, kernels={}, sparsity=None,
                           notes=["baseline: the measurement every trial compares with"])
-        return _result(recipe, applied, baseline, baseline, 0.0, {}, n_threads), baseline
+        return _result(recipe, applied, baseline, baseline, 0.0, {}, n_threads,
+                       confidence), baseline
     calibrate = None if calibration is None else calibrator(processor, calibration,
                                                              language, task)
     t0 = time.perf_counter()
     applied = apply_recipe(copy.deepcopy(model), recipe, calibrate=calibrate)
     prepare_s = time.perf_counter() - t0
     graphs = {}
+    stopper = Stopper(baseline.utterances, len(evalset), early_stop, max_slowdown)
     trial = measure(applied.model, processor, evalset, language=language, task=task,
                     warmup=warmup, numbers=numbers, progress=progress,
                     on_warmed=lambda: graphs.setdefault("warm", recompile_count()),
-                    check=_slowdown_check(baseline, max_slowdown), options=applied.options)
-    return _result(recipe, applied, trial, baseline, prepare_s, graphs, n_threads), baseline
-
-
-def _slowdown_check(baseline: Measurement, limit: float | None, after: int = 2):
-    """Stop a trial whose first clips already took `limit` times the baseline's on the same
-    clips (schemes with no fast kernel here can be 5-20x slower; finishing them only burns
-    the sweep's time)."""
-    if not limit:
-        return None
-    base = [u["latency_s"] for u in baseline.utterances]
-
-    def check(rows):
-        if len(rows) >= after:
-            ratio = sum(r["latency_s"] for r in rows) / sum(base[:len(rows)])
-            if ratio > limit:
-                raise TooSlow(f"{ratio:.1f}x slower than the baseline on the first "
-                              f"{len(rows)} clips (limit --max-slowdown {limit:g})")
-    return check
+                    check=stopper.check, options=applied.options, probes=probes)
+    return _result(recipe, applied, trial, baseline, prepare_s, graphs, n_threads,
+                   confidence), baseline
 
 
 def _result(recipe, applied, trial: Measurement, baseline: Measurement, prepare_s: float,
-            graphs: dict, n_threads: int) -> dict:
+            graphs: dict, n_threads: int, confidence: float | None = None) -> dict:
     from .compress import recompile_count
 
     steady = trial.utterances[0]["latency_s"]
     compiled = recipe.compiles  # its first (warm-up) pass paid for the compilation
     return {
         **{k: v for k, v in trial.figures.items()},
-        **compare(trial, baseline),
+        **compare(trial, baseline, confidence),
+        "status": "ok" if trial.stopped is None else "pruned",
+        **({} if trial.stopped is None else {"stop_reason": trial.stopped.reason,
+                                             "stop_kind": trial.stopped.kind}),
         "sparsity": applied.sparsity if applied.sparsity is not None else trial.figures["sparsity"],
         "prepare_s": prepare_s,
         "compile_s": max(0.0, trial.figures["warmup_s"] - steady) if compiled else 0.0,
@@ -257,11 +296,13 @@ def _result(recipe, applied, trial: Measurement, baseline: Measurement, prepare_
         "recompiles": recompile_count() - graphs.get("warm", recompile_count()),
         "threads": n_threads,
         "device": str(_device_of(applied.model).type),
+        **machine.info(),  # cpu, isa, isa_cap: the speed-ups hold for this machine's kernels
         "kernels": dict(applied.kernels),
         "notes": list(applied.notes),
         "recipe": recipe.to_flat(),
-        "baseline": {k: baseline.figures[k] for k in FIGURES},
+        "baseline": {k: baseline.figures[k] for k in FIGURES if k in baseline.figures},
         "utterances": trial.utterances,
+        "probes": trial.probes,
     }
 
 
@@ -269,6 +310,7 @@ def main(argv=None) -> int:
     import argparse
     import json
     import sys
+    from pathlib import Path
 
     from ..inputs import cli
     from ..techniques.recipe import Recipe
@@ -282,8 +324,17 @@ def main(argv=None) -> int:
                          "prune.rate=0.3 (omit to evaluate the base model alone)")
     ap.add_argument("--json", default=None, help="write the figures as JSON to this file")
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes before timing")
+    ap.add_argument("--profile", type=int, nargs="?", const=20, default=0, metavar="TOP",
+                    help="after measuring, profile the recipe's transcription (torch.profiler) "
+                         "and print the TOP operators by self CPU time (TOP default 20; with "
+                         "--json also written beside it, <json>.profile.txt, and in the JSON)")
+    ap.add_argument("--profile-clips", type=int, default=3,
+                    help="clips --profile records (the first ones, after one warm-up clip)")
     args = ap.parse_args(argv)
     try:
+        from .profile import ProfileOptions
+
+        prof_opts = ProfileOptions(args.profile, args.profile_clips) if args.profile else None
         recipe = Recipe.parse(args.recipe or "")
         if args.recipe is None and args.device != "cpu":
             recipe = Recipe.parse(f"device={args.device}")
@@ -298,7 +349,7 @@ def main(argv=None) -> int:
                    warmup=args.warmup, numbers=args.numbers, progress=cli.progress("baseline"))
     out = {**base.figures, "dwer": 0.0, "dcer": 0.0, "dwer_ci95": [0.0, 0.0], "speedup": 1.0,
            "kernels": {}, "recipe": recipe.to_flat(), "compile_s": 0.0, "recompiles": 0,
-           "threads": threads, "utterances": base.utterances}
+           "threads": threads, "utterances": base.utterances, **machine.info()}
     rows = []  # format_table adds the baseline row itself
     if not recipe.is_baseline:
         out, _ = run_trial(loaded.model, loaded.processor, evalset, recipe, baseline=base,
@@ -314,6 +365,18 @@ def main(argv=None) -> int:
     print(format_table(rows, base.figures))
     if out.get("kernels"):
         print("kernels: " + ", ".join(f"{k}={v}" for k, v in out["kernels"].items()))
+    if prof_opts:
+        from .profile import profile_recipe
+
+        prof = profile_recipe(loaded.model, loaded.processor, evalset, recipe,
+                              language=args.language, opts=prof_opts, calibrate=None if calib
+                              is None else calibrator(loaded.processor, calib, args.language))
+        print(prof["table"])
+        out["profile"] = {k: v for k, v in prof.items() if k != "table"}
+        if args.json:
+            path = Path(args.json).with_suffix(".profile.txt")
+            path.write_text(prof["table"] + "\n", encoding="utf-8")
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, ensure_ascii=False, indent=1, default=str)

@@ -71,6 +71,12 @@ FIGURES: tuple[Figure, ...] = (
            label="dCER", neutral=0.0, help="relative CER change against the baseline"),
     Figure("dwer_ci95", fmt="+.1%", relative=True, kind="pair",
            help="paired bootstrap 95% interval of dwer"),
+    Figure("dwer_upper", "min", fmt="+.1%", relative=True, of="wer", neutral=0.0,
+           help="one-sided upper bound of dwer at the space's `confidence` (only when the space "
+                "sets one: `max_dwer` is then judged on it)"),
+    Figure("hallucination_rate", "min", to=(*_OBJ, "card"), label="hallucination",
+           help="share of the non-speech probes (silence, noise, hum, tones) transcribed with "
+                "any word; untimed"),
     Figure("speedup", "max", unit="x", fmt=".2f", to=(*RECORDED, "report", "card"),
            relative=True, of="latency_median_s", label="speed-up", neutral=1.0,
            help="the baseline's median latency over the trial's"),
@@ -95,6 +101,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("peak_rss_mb", unit="MB", fmt=".0f", help="peak resident memory of the process"),
     Figure("threads", fmt="d", kind="int", help="torch threads of the trial"),
     Figure("n_utterances", fmt="d", kind="int", help="clips scored"),
+    Figure("clips_measured", fmt="d", kind="int",
+           help="clips transcribed: all of them, or those before an early stop"),
     Figure("dropped_empty_refs", fmt="d", kind="int", help="clips without a reference"),
     Figure("trial_s", unit="s", fmt=".1f", by="worker", help="the trial's wall time"),
     Figure("worker_prepare_s", unit="s", fmt=".1f", by="worker",

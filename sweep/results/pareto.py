@@ -25,7 +25,7 @@ from .figures import DEFAULT_OBJECTIVES as DEFAULT_OBJECTIVES  # the one default
 # Metrics a search may optimise, and the constraint keys (`Space` validates against these).
 METRICS = names("objective")
 DIRECTIONS = ("min", "max")
-CONSTRAINTS = ("max_dwer", "max_dcer", "max_latency_s", "min_speedup")
+CONSTRAINTS = ("max_dwer", "max_dcer", "max_latency_s", "min_speedup", "max_hallucination")
 # Reference point's relative WER allowance when no `max_dwer` constraint is given.
 DEFAULT_REF_DWER = 0.5
 
@@ -76,13 +76,19 @@ def constraint_values(row: Mapping, constraints: Mapping[str, float] | None,
     """Optuna-style constraint values, one per constraint in `constraints`' order: <= 0 is
     feasible. A figure that is missing (failed trial) gives +inf.
 
-    max_dwer: dwer - max_dwer; max_dcer: dcer - max_dcer;
-    max_latency_s: latency_median_s - max_latency_s; min_speedup: min_speedup - speedup.
+    max_dwer: dwer - max_dwer, or `dwer_upper` - max_dwer when the row has that bound (the
+    space asked for feasibility at a confidence, and every trial of it carries the bound);
+    max_dcer: dcer - max_dcer; max_latency_s: latency_median_s - max_latency_s;
+    min_speedup: min_speedup - speedup; max_hallucination: hallucination_rate - limit.
     """
     out = []
     for key, limit in (constraints or {}).items():
         if key == "max_dwer":
-            v = _figure(row, "dwer", baseline)
+            v = _num(row.get("dwer_upper"))
+            v = _figure(row, "dwer", baseline) if v is None else v
+            out.append(math.inf if v is None else v - limit)
+        elif key == "max_hallucination":
+            v = _num(row.get("hallucination_rate"))
             out.append(math.inf if v is None else v - limit)
         elif key == "max_dcer":
             v = _figure(row, "dcer", baseline)
@@ -288,16 +294,43 @@ def front_hypervolume(front: Iterable[Mapping], baseline: Mapping,
                                             constraints=constraints))
 
 
+def is_baseline_recipe(recipe: Mapping | None) -> bool:
+    """The recipe changes nothing (`Recipe.is_baseline`); False when it is no valid recipe."""
+    try:
+        from ..techniques.recipe import Recipe
+
+        return Recipe.from_flat(dict(recipe or {})).is_baseline
+    except (ImportError, TypeError, ValueError):
+        return False
+
+
+def _speed_objective(objs: list[tuple[str, str]]) -> tuple[str, str]:
+    """The objective that measures speed (a latency in seconds, or the speed-up); else the
+    last one."""
+    for m, d in objs:
+        fig = BY_NAME.get(m)
+        if fig is not None and (fig.unit == "s" or m == "speedup"):
+            return m, d
+    return objs[-1]
+
+
 def knee(front: Sequence[Mapping], objectives: Objectives | None = None) -> Row | None:
-    """The front point farthest from the line between the front's two extremes, in
-    coordinates normalised to [0, 1] per objective (first two objectives). A front of one or
-    two points, or a straight one, gives the point closest to the ideal (0, 0) corner."""
-    objs = _norm_objectives(objectives)[:2]
-    rows = [r for r in front if loss_vector(r, objs) is not None]
+    """The trial to ship from a front: never the baseline (shipping the uncompressed model is
+    not a choice the search made). Among the other front points: on one or two, the fastest;
+    on more, the point farthest from the line between the two extremes, in coordinates
+    normalised to [0, 1] per objective (first two objectives); a straight front gives the
+    point closest to the ideal (0, 0) corner."""
+    objs = _norm_objectives(objectives)
+    rows = [r for r in front if loss_vector(r, objs[:2]) is not None
+            and not is_baseline_recipe(r.get("recipe"))]
     if not rows:
         return None
     if len(objs) == 1:
         return min(rows, key=lambda r: loss_vector(r, objs)[0])
+    if len(rows) <= 2:
+        speed = [_speed_objective(objs)]
+        return min(rows, key=lambda r: loss_vector(r, speed)[0])
+    objs = objs[:2]
     pts = np.array([loss_vector(r, objs) for r in rows], dtype=float)
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     span = np.where(hi > lo, hi - lo, 1.0)

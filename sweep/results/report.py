@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from . import figures
-from .pareto import (Objectives, _figure, _norm_objectives, _num, front_hypervolume, knee,
+from .pareto import (Objectives, _figure, _norm_objectives, _num, front_hypervolume,
+                     is_baseline_recipe, knee,
                      pareto_front, reference_point)
 
 
@@ -79,21 +80,20 @@ def _cell(fig: figures.Figure, v) -> str:
         f" {fig.unit}" if fig.unit in ("s", "MB") else fig.unit)
 
 
-def is_baseline_recipe(recipe: Mapping | None) -> bool:
-    """The recipe changes nothing (`Recipe.is_baseline`); False when it is no valid recipe."""
-    try:
-        from ..techniques.recipe import Recipe
-
-        return Recipe.from_flat(dict(recipe or {})).is_baseline
-    except (ImportError, TypeError, ValueError):
-        return False
-
-
 def baseline_row(rows: Iterable[Mapping]) -> Mapping | None:
     """The finished trial that measured the unmodified model, if `rows` hold one: shown as the
     baseline, never a second time under its recipe's name ("fp32")."""
     return next((r for r in rows if r.get("status", "ok") == "ok"
                  and is_baseline_recipe(r.get("recipe"))), None)
+
+
+def verdict(row: Mapping) -> str:
+    """What the data says of a trial's accuracy, from its 95% dWER interval: "worse" or
+    "better" only when the interval excludes 0, else "no measurable change"."""
+    lo, hi = _num(row.get("dwer_ci95_lo")), _num(row.get("dwer_ci95_hi"))
+    if lo is None or hi is None:
+        return "—"
+    return "worse" if lo > 0 else "better" if hi < 0 else "no measurable change"
 
 
 def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
@@ -106,7 +106,7 @@ def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
     labelled so, not a row of its own."""
     extra = _extra(objectives)
     head = ("Configuration", "WER", "dWER", "CER", "dCER", "time per audio", "delta",
-            *(f.name for f in extra))
+            *(f.name for f in extra), "accuracy")
     base_recipe = base_recipe if base_recipe is not None else baseline.get("recipe")
     base_lat = _num(baseline.get("latency_median_s"))
 
@@ -117,7 +117,8 @@ def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
         return (label, _fmt(row.get("wer"), ".3f"), rel(_figure(row, "dwer", baseline)),
                 _fmt(row.get("cer"), ".3f"), rel(_figure(row, "dcer", baseline)),
                 "—" if lat is None else f"{lat:.3f} s", rel(delta),
-                *(_cell(f, row.get(f.name)) for f in extra))
+                *(_cell(f, row.get(f.name)) for f in extra),
+                verdict(row) if relative else "—")
 
     rows = list(rows)
     own = baseline_row(rows)

@@ -14,7 +14,7 @@ from typing import Any
 from . import figures
 from .pareto import Objectives, _figure, _norm_objectives, _num, knee
 from .report import (_fmt, axes, axis_label, baseline_row, beyond, describe_recipe, front_view,
-                     recipe_string, resolution)
+                     recipe_string, resolution, verdict)
 
 _SHOWN = ("wer", "dwer", "cer", "dcer", "latency_median_s", "speedup")  # in every point's hover
 W, H, L, R, T, B = 760, 460, 70, 20, 20, 50  # the plot's size and margins, pixels
@@ -176,7 +176,7 @@ def write_report_html(rows: Sequence[Mapping], front: Sequence[Mapping], baselin
             cell = f'<a href="{html.escape(links[tid])}" target="_blank">{cell}</a>'
         full = html.escape(recipe_string(r.get("recipe")))
         lo, hi = _num(r.get("dwer_ci95_lo")), _num(r.get("dwer_ci95_hi"))
-        ci = "" if lo is None or hi is None else f" [{lo:+.3f}, {hi:+.3f}]"
+        ci = "" if lo is None or hi is None else f" [{lo:+.3f}, {hi:+.3f}] {verdict(r)}"
         trs.append(
             f"<tr><td>{cell}{' ◆ knee' if k is r else ''}</td>"
             f'<td title="{full}"><details><summary>{html.escape(label(r))}</summary>'

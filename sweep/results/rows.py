@@ -20,10 +20,17 @@ BASE = "baseline_"  # MLflow metric prefix of the baseline's figures
 # Row fields kept as run tags, and how each is written and read back.
 _TAGS = {
     "device": (str, str),
+    # the worker's machine (sweep.inputs.machine.info): CPU model, the ISA flags present that
+    # decide the fast kernels, oneDNN's cap in force (None: uncapped, kept as an empty tag)
+    "cpu": (str, str),
+    "isa": (lambda v: ",".join(v), lambda s: [f for f in s.split(",") if f]),
+    "isa_cap": (lambda v: v or "", lambda s: s or None),
     "kernels": (lambda v: json.dumps(v or {}, sort_keys=True), json.loads),
     "node": (str, str),
     "node_id": (str, str),
     "gpu_ids": (lambda v: ",".join(map(str, v)), lambda s: [g for g in s.split(",") if g]),
+    "status": (str, str),  # ok, or pruned (stopped early, with its partial figures)
+    "stop_reason": (str, str),  # why a pruned trial was stopped, in a line
 }
 # What the worker reports to Tune besides the figures (and its own status/run/trial keys).
 TUNE_FIELDS = ("baseline", *_TAGS)
@@ -31,7 +38,14 @@ TUNE_FIELDS = ("baseline", *_TAGS)
 
 def tags(fields: Mapping) -> dict[str, str]:
     """Run tags of the row fields present in `fields` (others are left to the caller)."""
-    return {k: enc(fields[k]) for k, (enc, _) in _TAGS.items() if fields.get(k) is not None}
+    return {k: enc(fields[k]) for k, (enc, _) in _TAGS.items() if _given(fields, k)}
+
+
+_NULLABLE = ("isa_cap",)  # recorded when None too (null means "no cap", not "not known")
+
+
+def _given(fields: Mapping, key: str) -> bool:
+    return key in fields and (fields[key] is not None or key in _NULLABLE)
 
 
 def params(recipe: Mapping) -> dict[str, str]:
@@ -45,7 +59,7 @@ def to_mlflow(result: Mapping) -> tuple[dict[str, float], dict[str, str]]:
     metrics = {k: float(v) for k, v in figures.flatten(result).items()}
     metrics.update({BASE + k: float(v) for k, v in figures.flatten(
         result.get("baseline") or {}).items()})
-    return metrics, {"status": "ok", **tags({"kernels": {}, **result})}
+    return metrics, tags({"kernels": {}, "status": "ok", **result})
 
 
 def from_result(result: Mapping) -> dict:
@@ -53,7 +67,7 @@ def from_result(result: Mapping) -> dict:
     once `to_mlflow`'s output is logged."""
     return {**figures.flatten(result), "baseline": figures.flatten(result.get("baseline") or {}),
             **{k: dec(enc(result[k])) for k, (enc, dec) in _TAGS.items()
-               if result.get(k) is not None}}
+               if _given(result, k)}}
 
 
 def tune_row(row: Mapping) -> dict:
@@ -63,7 +77,8 @@ def tune_row(row: Mapping) -> dict:
 
 
 def _status(run_status: str, tag: str | None) -> str:
-    return {"FINISHED": "ok", "FAILED": tag or "failed"}.get(run_status, run_status.lower())
+    return {"FINISHED": tag or "ok", "FAILED": tag or "failed"}.get(run_status,
+                                                                    run_status.lower())
 
 
 def from_mlflow(info: Any, metrics: Mapping[str, float], tags_: Mapping[str, str],
@@ -81,7 +96,9 @@ def from_mlflow(info: Any, metrics: Mapping[str, float], tags_: Mapping[str, str
            "device": tags_.get("device"), "error": tags_.get("error"), "kernels": {},
            "recipe": dict(params_), "start_time": info.start_time}
     try:
-        row.update({k: dec(tags_[k]) for k, (_, dec) in _TAGS.items() if k in tags_})
+        # `status` comes from the run's state and its tag together (above)
+        row.update({k: dec(tags_[k]) for k, (_, dec) in _TAGS.items()
+                    if k in tags_ and k != "status"})
         row["recipe"] = Recipe.from_flat(dict(params_)).to_flat()
     except ValueError as e:  # RecipeError and JSONDecodeError are ValueErrors
         row.update(status="unreadable", error=f"{type(e).__name__}: {e}")

@@ -91,15 +91,11 @@ def git_commit() -> str:
 
 
 def host_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+    """The launcher's machine (a parent run's `host.*` params): its CPU, ISA and oneDNN cap as
+    `sweep.inputs.machine.info` gives them (every trial row records its worker's own)."""
+    from ..inputs import machine
+
+    return {"host": socket.gethostname(), **machine.info(), "cores": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform()}
 
 
@@ -168,7 +164,9 @@ def begin_trial(uri: str, exp_id: str, parent: str, sweep: str, key: str, recipe
 
 
 def finish_trial(uri: str, run_id: str, result: dict) -> None:
-    """Log a finished trial's result (`rows.to_mlflow`), its transcripts, and end the run."""
+    """Log a finished trial's result (`rows.to_mlflow`), its transcripts, and end the run:
+    FINISHED, or FAILED with status `pruned` for a trial stopped early (its partial figures are
+    logged all the same; a resumed sweep does not take it for a finished one)."""
     client = MlflowClient(uri)
     now = int(time.time() * 1000)
     metrics, tags = rows.to_mlflow(result)
@@ -178,7 +176,11 @@ def finish_trial(uri: str, run_id: str, result: dict) -> None:
         cols = ("id", "lang", "reference", "hypothesis", "latency_s", "tokens", "loop")
         table = {c: [u.get(c) for u in result["utterances"]] for c in cols}
         retry(client.log_table, run_id, data=table, artifact_file="transcripts.json")
-    retry(client.set_terminated, run_id, status="FINISHED")
+    if result.get("probes"):
+        table = {c: [p.get(c) for p in result["probes"]] for c in ("id", "hypothesis")}
+        retry(client.log_table, run_id, data=table, artifact_file="probes.json")
+    ok = result.get("status", "ok") == "ok"
+    retry(client.set_terminated, run_id, status="FINISHED" if ok else "FAILED")
 
 
 def fail_trial(uri: str, run_id: str, exc: BaseException, status: str = "failed",
@@ -235,3 +237,14 @@ def mark_front(uri: str, exp_id: str, sweep: str, front: list[str], knee: str | 
     for rid, keys in want.items():
         retry(client.log_batch, rid, tags=[RunTag(k, "true") for k in sorted(keys)])
 
+
+def log_profile(uri: str, run_id: str, prof: dict | None, error: str | None = None) -> None:
+    """A trial's `--profile` (`sweep.measure.profile.top_operators`): the printed table as
+    profile.txt and the rows (fractions and seconds) as profile.json; or why it failed."""
+    client = MlflowClient(uri)
+    if prof is None:
+        retry(client.set_tag, run_id, "profile_error", str(error)[:4000])
+        return
+    retry(client.log_text, run_id, prof["table"] + "\n", "profile.txt")
+    retry(client.log_dict, run_id, {k: v for k, v in prof.items() if k != "table"},
+          "profile.json")

@@ -15,6 +15,8 @@ A space file (see `search_spaces/*.yaml`)::
       prune.rate: {param: prune.pattern, in: [unstructured], else: 0.5}
     objectives: {wer: min, latency_median_s: min}      # optional (this is the default)
     constraints: {max_dwer: 0.02}                      # optional
+    confidence: 0.9                   # optional: judge max_dwer on dwer's one-sided 90% upper
+                                      # bound instead of its point estimate
     starts:                           # optional: partial recipes measured first
       - {quant.scheme: dynamic_int8}
 
@@ -464,6 +466,8 @@ def _check_constraints(ck: _Checker, raw: Any) -> dict[str, float]:
             ck.err(k, f"must be a number, got {value!r}")
         elif key in ("max_latency_s", "min_speedup") and v <= 0:
             ck.err(k, f"must be > 0, got {value!r}")
+        elif key == "max_hallucination" and not 0 <= v <= 1:
+            ck.err(k, f"is a share of the probes and must be in [0, 1], got {value!r}")
         elif key in ("max_dwer", "max_dcer") and v <= -1:
             ck.err(k, f"is a relative change (0.02 = 2% worse) and must be > -1, got {value!r}")
         else:
@@ -770,9 +774,22 @@ def check_starts(ck: _Checker, raw: Any, params: Mapping[str, Dim],
     return out
 
 
+def _check_confidence(ck: _Checker, raw: Any, constraints: dict) -> float | None:
+    if raw is None:
+        return None
+    v = _number(raw)
+    if v is None or not 0.5 < v < 1:
+        ck.err("confidence", f"must be a number in (0.5, 1), e.g. 0.9, got {raw!r}")
+        return None
+    if "max_dwer" not in constraints:
+        ck.err("confidence", "judges `max_dwer` on dwer's upper bound, but the space has no "
+                             f"`constraints.max_dwer` (constraints: {dict(constraints)})")
+    return float(v)
+
+
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 TOP_KEYS = ("name", "description", "params", "conditions", "objectives", "constraints",
-            "starts")
+            "confidence", "starts")
 
 
 @dataclass(frozen=True)
@@ -785,6 +802,9 @@ class Space:
     conditions: dict[str, Condition] = field(default_factory=dict)
     objectives: tuple[tuple[str, str], ...] = tuple(DEFAULT_OBJECTIVES.items())
     constraints: dict[str, float] = field(default_factory=dict)
+    # None: `max_dwer` is judged on the point estimate; else on dwer's one-sided upper bound at
+    # this confidence (a trial is feasible when the data says so with this confidence)
+    confidence: float | None = None
     source: str = ""
     starts: tuple[dict, ...] = ()  # partial recipes measured first (see `resolve`)
 
@@ -906,7 +926,9 @@ class Space:
         lines.append("  objectives: " + ", ".join(f"{m} {d}" for m, d in self.objectives))
         if self.constraints:
             lines.append("  constraints: " + ", ".join(f"{k}={v:g}"
-                                                      for k, v in self.constraints.items()))
+                                                      for k, v in self.constraints.items())
+                         + (f" (max_dwer judged at {self.confidence:.0%} confidence)"
+                            if self.confidence else ""))
         lines += [f"  start: {', '.join(f'{k}={v}' for k, v in st.items())}" for st in self.starts]
         return "\n".join(lines)
 
@@ -985,6 +1007,7 @@ def space_from_dict(data: Any, *, source: str = "", default_name: str = "space")
     conditions = {**implied_conditions(dims, conditions), **conditions}
     objectives = _check_objectives(ck, data.get("objectives", DEFAULT_OBJECTIVES))
     constraints = _check_constraints(ck, data.get("constraints"))
+    confidence = _check_confidence(ck, data.get("confidence"), constraints)
     n_before = len(ck.errors)
     order = _order(ck, dims, conditions)
     cyclic = len(ck.errors) > n_before
@@ -1003,5 +1026,6 @@ def space_from_dict(data: Any, *, source: str = "", default_name: str = "space")
     return Space(name=name, description=description,
                  params={n: dims[n] for n in order},
                  conditions={n: conditions[n] for n in order if n in conditions},
-                 objectives=tuple(objectives), constraints=constraints, source=source,
+                 objectives=tuple(objectives), constraints=constraints,
+                 confidence=confidence, source=source,
                  starts=tuple(starts))

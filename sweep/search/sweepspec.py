@@ -48,9 +48,13 @@ class SweepSpec:
     address: str | None = None
     eval_dataset: str | None = None
     out: str | None = None
+    profile: int = 0  # --profile: each trial's top operators by self time in MLflow (0: off)
     warmup: int = 1
     trial_timeout: float | None = None
     max_slowdown: float | None = 3.0
+    early_stop: str = "auto"
+    early_stop_min_clips: int = 4
+    probes: bool = True
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:

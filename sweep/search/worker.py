@@ -16,7 +16,7 @@ from ..results import rows, tracking
 
 # Per worker process: (model, data, threads, device) -> (loaded, evalset, calibration, baseline).
 _CACHE: dict = {}
-STATUS_OK, STATUS_FAILED = "ok", "failed"
+STATUS_OK, STATUS_FAILED, STATUS_PRUNED = "ok", "failed", "pruned"
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,12 @@ class SweepContext:
     warmup: int = 1
     trial_timeout: float | None = None
     max_slowdown: float | None = None
+    early_stop: object = None  # sweep.measure.stopping.EarlyStop, or None: never for accuracy
+    confidence: float | None = None  # the space's: trials get `dwer_upper` at this level
+    probes: bool = True  # transcribe the non-speech probes after the clips (hallucination_rate)
     needs_calibration: bool = False
     inject: dict = field(default_factory=dict)  # test hooks: recipe key=value -> fault
+    profile: int = 0  # --profile: top operators by self time logged per trial (0: none)
 
 
 class InjectedFault(RuntimeError):
@@ -89,7 +93,7 @@ def _prepare(ctx: SweepContext, device: str, threads: int):
     from ..measure.evaluate import measure, set_threads
     from ..inputs.models import load_model
 
-    key = (ctx.model, tuple(sorted(ctx.data.items())), threads, device)
+    key = (ctx.model, tuple(sorted(ctx.data.items())), threads, device, ctx.probes)
     if key in _CACHE:
         return _CACHE[key], 0.0
     t0 = time.perf_counter()
@@ -99,10 +103,13 @@ def _prepare(ctx: SweepContext, device: str, threads: int):
     evalset = cli.load_data(args)
     calib = cli.load_calibration(args) if ctx.needs_calibration else None
     loaded = load_model(ctx.model, device=device)
+    from ..inputs.probes import probes
+
+    heard = probes() if ctx.probes else None
     base = measure(loaded.model, loaded.processor, evalset, language=ctx.language,
-                   warmup=ctx.warmup, numbers=ctx.numbers)
+                   warmup=ctx.warmup, numbers=ctx.numbers, probes=heard)
     _CACHE.clear()  # one base model per worker: a new key replaces the old (memory)
-    _CACHE[key] = (loaded, evalset, calib, base)
+    _CACHE[key] = (loaded, evalset, calib, base, heard)
     return _CACHE[key], time.perf_counter() - t0
 
 
@@ -158,38 +165,62 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
     try:
         recipe = Recipe.from_flat(flat)
         _check_device(device, gpus)
-        (loaded, evalset, calib, base), load_s = _prepare(ctx, device, cpus)
+        (loaded, evalset, calib, base, heard), load_s = _prepare(ctx, device, cpus)
         with _Watchdog(ctx.trial_timeout):
             try:
                 _inject(ctx, flat)
                 result, _ = run_trial(loaded.model, loaded.processor, evalset, recipe,
                                       baseline=base, language=ctx.language, threads=cpus,
                                       calibration=calib, warmup=ctx.warmup,
-                                      numbers=ctx.numbers, max_slowdown=ctx.max_slowdown)
+                                      numbers=ctx.numbers, max_slowdown=ctx.max_slowdown,
+                                      early_stop=ctx.early_stop, confidence=ctx.confidence,
+                                      probes=heard)
             except TrialTimeout:
                 raise TrialTimeout(f"trial ran past --trial-timeout {ctx.trial_timeout:g} s "
                                    f"(recipe {flat})") from None
         result.update(trial_s=time.perf_counter() - t0, worker_prepare_s=load_s,
                       node=os.uname().nodename, node_id=_node_id(), gpu_ids=gpus)
         tracking.finish_trial(ctx.tracking_uri, run_id, result)
+        if ctx.profile:
+            _profile(ctx, loaded, evalset, calib, recipe, run_id)
     except Exception as e:  # noqa: BLE001 - a recipe's failure is a failed trial, not a dead sweep
-        from ..measure.evaluate import TooSlow
-
-        status = "pruned" if isinstance(e, TooSlow) else STATUS_FAILED
         trial_s = time.perf_counter() - t0
-        msg = tracking.fail_trial(ctx.tracking_uri, run_id, e, status=status, trial_s=trial_s)
-        return {"status": status, "error": msg, "run_id": run_id, "trial_key": trial_key,
-                "trial_s": trial_s}
+        msg = tracking.fail_trial(ctx.tracking_uri, run_id, e, status=STATUS_FAILED,
+                                  trial_s=trial_s)
+        return {"status": STATUS_FAILED, "error": msg, "run_id": run_id,
+                "trial_key": trial_key, "trial_s": trial_s}
     return reported(rows.from_result(result), run_id, trial_key)
 
 
 def reported(row: dict, run_id: str, trial_key: str) -> dict:
-    """What Tune and Optuna get of a finished trial's row: the same whether it was measured
-    now or restored from MLflow after a kill (`rows.from_result` == `rows.from_run`)."""
-    return {**rows.tune_row(row), "status": STATUS_OK, "run_id": run_id, "trial_key": trial_key}
+    """What Tune and Optuna get of a finished or stopped trial's row: the same whether it was
+    measured now or restored from MLflow after a kill (`rows.from_result` == `rows.from_run`).
+    A stopped trial (`pruned`) carries its partial figures and its `stop_reason` as `error`."""
+    status = row.get("status") or STATUS_OK
+    extra = {"error": row.get("stop_reason")} if status == STATUS_PRUNED else {}
+    return {**rows.tune_row(row), "status": status, "run_id": run_id, "trial_key": trial_key,
+            **extra}
 
 
 def trainable(config: dict, ctx: SweepContext) -> None:
     from ray import tune
 
     tune.report(run_one(config, ctx))
+
+
+def _profile(ctx: SweepContext, loaded, evalset, calib, recipe, run_id: str) -> None:
+    """`--profile`: the finished trial's top operators by self time (torch.profiler, a few
+    clips, untimed) as its MLflow artifacts profile.txt and profile.json. A profile that fails
+    costs the trial nothing: its error becomes the run's `profile_error` tag."""
+    from ..measure.evaluate import calibrator
+    from ..measure.profile import ProfileOptions, profile_recipe
+
+    try:
+        prof = profile_recipe(loaded.model, loaded.processor, evalset, recipe,
+                              language=ctx.language, opts=ProfileOptions(top=ctx.profile),
+                              calibrate=None if calib is None else calibrator(
+                                  loaded.processor, calib, ctx.language))
+    except Exception as e:  # noqa: BLE001 - the trial's figures are logged already
+        tracking.log_profile(ctx.tracking_uri, run_id, None, f"{type(e).__name__}: {e}")
+        return
+    tracking.log_profile(ctx.tracking_uri, run_id, prof)
