@@ -52,6 +52,7 @@ FIELDS = {  # the form fields each route reads; any other is a 400 naming them
 }
 FORM_SLACK = 64 * 1024  # multipart boundaries and the small fields, on top of the file itself
 WINDOW = 1024  # latencies kept per route for the percentiles
+MIN_RATE, MAX_RATE = 4000, 384_000  # sample rates taken (1 Hz would resample 16000-fold)
 
 
 class ApiError(Exception):
@@ -77,6 +78,7 @@ class ServeOptions:
     workers: int = 1  # requests decoded at once, each worker with its own copy of the model
     queue: int = 8  # admitted requests waiting beyond the workers'; past it 503 + Retry-After
     max_upload_mb: float = 25.0  # request body limit (OpenAI's own file limit is 25 MB)
+    max_audio_s: float = 1800.0  # longest audio taken: long files decode window by window
     threads: int | None = None  # torch CPU threads; default: the cores shared by the workers
     device: str | None = None  # default: the device the checkpoint's recipe was measured on
     warmup: bool = True  # decode 1 s of silence per worker before listening (first-call costs)
@@ -91,6 +93,8 @@ class ServeOptions:
             raise ValueError(f"`queue` must be at least 0, got {self.queue=}")
         if not self.max_upload_mb > 0:
             raise ValueError(f"`max_upload_mb` must be > 0, got {self.max_upload_mb=}")
+        if not self.max_audio_s > 0:
+            raise ValueError(f"`max_audio_s` must be > 0, got {self.max_audio_s=}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"`threads` must be at least 1, got {self.threads=}")
 
@@ -102,9 +106,10 @@ class ServeOptions:
 # ---- audio -----------------------------------------------------------------------------------
 
 
-def decode_upload(data: bytes, name: str = "file") -> np.ndarray:
-    """float32 16 kHz mono samples of an uploaded file, or an ApiError: 400 empty or
-    undecodable, 415 not a format libsndfile knows."""
+def decode_upload(data: bytes, name: str = "file", max_s: float | None = None) -> np.ndarray:
+    """float32 16 kHz mono samples of an uploaded file, or an ApiError: 400 empty, undecodable,
+    an odd sample rate or longer than `max_s` seconds (checked from the header, before
+    decoding: a small mp3 can hold hours), 415 not a format libsndfile knows."""
     import soundfile as sf
 
     from .inputs.data import to_mono_16k
@@ -112,7 +117,16 @@ def decode_upload(data: bytes, name: str = "file") -> np.ndarray:
     if not data:
         raise ApiError(400, f"`file` ({name}) is empty: upload the audio bytes", "file")
     try:
+        head = sf.info(io.BytesIO(data))
+        if not MIN_RATE <= head.samplerate <= MAX_RATE:
+            raise ApiError(400, f"`file` ({name}) sample rate must be in [{MIN_RATE}, {MAX_RATE}]"
+                           f" Hz, got {head.samplerate}", "file")
+        if max_s is not None and head.frames / head.samplerate > max_s:
+            raise ApiError(400, f"`file` ({name}) must be at most {max_s:g} s of audio "
+                           f"(--max-audio-s), got {head.frames / head.samplerate:.0f} s", "file")
         samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except ApiError:
+        raise
     except Exception as e:  # LibsndfileError, RuntimeError, TypeError on odd headers...
         why = getattr(e, "error_string", "") or str(e)
         if "format not recognised" in why.lower():
@@ -481,6 +495,14 @@ def make_app(pool: Pool, opts: ServeOptions, about: dict):
         return JSONResponse(ApiError(e.status_code, str(e.detail)).body(),
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def failed(request, e: Exception):  # a bug, not bad input: said, logged, survived
+        import logging
+
+        logging.getLogger("sweep.serve").exception("request failed")
+        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body(),
+                            status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
         return JSONResponse(ApiError(400, f"invalid request: {e.errors()}").body(),
@@ -507,7 +529,7 @@ def make_app(pool: Pool, opts: ServeOptions, about: dict):
             lang = language_code(ck.model, fields["language"])
             name = fields["upload"].filename or "upload"
             data = await fields["upload"].read()
-            samples = await asyncio.to_thread(decode_upload, data, name)
+            samples = await asyncio.to_thread(decode_upload, data, name, opts.max_audio_s)
             fut = pool.submit(lambda c: run(c, samples, lang, default, task))
             submitted = True
             row = await asyncio.shield(fut)  # a cancelled handler leaves the work to finish
@@ -629,6 +651,8 @@ def main(argv=None) -> int:
                     help="requests allowed to wait for a worker; beyond, 503 with Retry-After")
     ap.add_argument("--max-upload-mb", type=float, default=25.0,
                     help="largest audio upload in MB; a larger body gets 413")
+    ap.add_argument("--max-audio-s", type=float, default=1800.0,
+                    help="longest audio in seconds; longer gets 400 before decoding")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: the cores divided among the workers)")
     ap.add_argument("--device", default=None, choices=("cpu", "cuda"),
@@ -643,8 +667,8 @@ def main(argv=None) -> int:
         console.set_verbose()
     try:
         opts = ServeOptions(args.checkpoint, args.host, args.port, args.workers, args.queue,
-                            args.max_upload_mb, args.threads, args.device, not args.no_warmup,
-                            args.verbose)
+                            args.max_upload_mb, args.max_audio_s, args.threads, args.device,
+                            warmup=not args.no_warmup, verbose=args.verbose)
         serve(opts, ready=lambda url: print(
             f"HYPER serving {opts.checkpoint} at {url}/v1/audio/transcriptions ({opts.workers} "
             f"worker(s), queue {opts.queue}, upload limit {opts.max_upload_mb:g} MB); "

@@ -83,7 +83,7 @@ def running(opts: serve.ServeOptions):
 @pytest.fixture(scope="module")
 def ru_server(checkpoints):
     with running(serve.ServeOptions(str(checkpoints["ru"]), port=0, max_upload_mb=1,
-                                    queue=4)) as (url, _):
+                                    max_audio_s=15, queue=4)) as (url, _):
         yield url
 
 
@@ -135,6 +135,12 @@ def _chunked_body(boundary: str, size: int):
     yield f"\r\n--{boundary}--\r\n".encode()
 
 
+def _wav(seconds: float, rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(seconds * rate), np.float32), rate, format="WAV")
+    return buf.getvalue()
+
+
 def _big_declared(url) -> requests.Response:
     return _post(url, {"file": ("big.wav", b"\0" * (100 * MB))})
 
@@ -155,6 +161,10 @@ BAD = {  # case -> (request, status, words of the message)
                        "cannot be decoded as audio"),
     "100 MB declared": (lambda url, c: _big_declared(url), 413, "over the upload limit"),
     "100 MB chunked": (lambda url, c: _big_chunked(url), 413, "over the upload limit"),
+    "over --max-audio-s": (lambda url, c: _post(url, {"file": ("long.wav", c["long"])}), 400,
+                           "must be at most 15 s of audio"),
+    "1 Hz sample rate": (lambda url, c: _post(url, {"file": ("a.wav", _wav(60, 1))}), 400,
+                         "sample rate must be in"),
     "wrong field name": (lambda url, c: _post(url, {"audio": ("a.flac", c["short"])}), 400,
                          "`file` is required"),
     "unknown response_format": (lambda url, c: _post(url, {"file": ("a.flac", c["short"])},
