@@ -77,6 +77,11 @@ def parse_args(argv=None) -> Namespace:
                          "the space has max_dwer")
     ap.add_argument("--early-stop-min-clips", type=int, default=4,
                     help="clips measured before the first early-stop check (then at 2x, 4x, ...)")
+    ap.add_argument("--rungs", default=None, metavar="SHARES",
+                    help="successive halving inside each trial: after these shares of the set "
+                         "(e.g. 0.25,0.5) a trial goes on only if no trial that measured the "
+                         "whole set beats it on both dWER and speed-up there, and its dWER is "
+                         "within max_dwer; stopped ones are pruned (default: off)")
     ap.add_argument("--no-probes", dest="probes", action="store_false",
                     help="skip the non-speech hallucination probes after each trial's clips")
     ap.add_argument("--resume", default=None, metavar="SWEEP",
@@ -105,6 +110,7 @@ def validate(args) -> tuple:
         raise ValueError(f"`--profile` must be >= 0 operators (0: off), got {args.profile}")
     if args.max_concurrent < 1:
         raise ValueError(f"`--max-concurrent` must be >= 1, got {args.max_concurrent}")
+    stopping.parse_rungs(args.rungs)  # raises naming the rule
     if args.early_stop_min_clips < 1:
         raise ValueError(f"`--early-stop-min-clips` must be >= 1, got {args.early_stop_min_clips}")
     evalset = cli.load_data(args)  # raises DataError naming the problem
@@ -209,6 +215,7 @@ def run(args) -> dict:
         early_stop=stopping.resolve(args.early_stop, space.constraints.get("max_dwer"),
                                     args.early_stop_min_clips),
         confidence=space.confidence, probes=args.probes,
+        rungs=stopping.parse_rungs(args.rungs),
         needs_calibration=space.mentions("static_int8"), inject=dict(args.inject or {}))
     trainable = tune.with_resources(tune.with_parameters(worker.trainable, ctx=ctx),
                                     search.resources_for(per_trial))

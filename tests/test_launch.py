@@ -171,3 +171,41 @@ def test_front_table_prints_percent_only_in_text(tmp_path):
              "recipe": {"quant.scheme": "none"}}]
     text = report.format_table(rows, {"wer": 0.2, "cer": 0.1, "latency_median_s": 1.0})
     assert "%" in text
+
+
+def test_trials_stopped_at_a_rung_are_pruned_with_their_partial_figures(
+        tmp_path, tiny_checkpoint, small_manifest):
+    """--rungs on a budget no recipe meets (50% fewer word errors than the baseline): every
+    compressed trial stops after the rung's 2 of 3 clips. MLflow, Optuna, trials.csv and the
+    summary say `pruned`, with the reason and the clips measured; the front holds only trials
+    that measured the whole set."""
+    import csv
+
+    import optuna
+
+    space = _space(tmp_path, SPACE + "constraints: {max_dwer: -0.5}\n"
+                   "starts:\n  - {quant.scheme: bf16, prune.rate: 0.25}\n")
+    rc = launch.main(_argv(tmp_path, tiny_checkpoint, small_manifest, space,
+                           "--num-samples", "2", "--rungs", "0.5", "--no-probes"))
+    assert rc == 0
+    root = tmp_path / "root"
+    _, child = _children(root)
+    pruned = [r for r in child if r.data.tags.get("status") == "pruned"]
+    assert len(pruned) >= 2, [(r.data.tags.get("status"), r.data.tags.get("error")) for r in child]
+    for r in pruned:
+        assert r.info.status == "FAILED"  # not taken for a finished trial on --resume
+        assert "at the rung of 2 clips" in r.data.tags["stop_reason"]
+        assert r.data.metrics["clips_measured"] == 2
+        assert {"wer", "dwer", "speedup", "latency_median_s"} <= set(r.data.metrics)
+    out = root / "sweeps" / "t" / "results"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pruned"] == len(pruned) and summary["failed"] == 0
+    assert summary["pruned_clips_mean"] == 2
+    with open(out / "trials.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["status"] == "pruned"]
+    assert len(rows) == len(pruned) and all("rung" in r["stop_reason"] for r in rows)
+    for r in json.loads((out / "pareto.json").read_text())["front"]:
+        assert r["clips_measured"] == 3
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{root / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.PRUNED) == len(pruned)

@@ -200,3 +200,37 @@ def test_t_quantile_without_scipy_is_close(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.stats", None)  # as on a bare GPU machine
     approx = [stopping.t_quantile(0.9875, df) for df in (3, 7, 15, 31)]
     assert approx == pytest.approx(exact, rel=0.02)
+
+
+def test_rungs_parse_place_and_judge():
+    assert stopping.parse_rungs("0.5,0.25") == (0.25, 0.5)
+    assert stopping.parse_rungs(None) == ()
+    for bad in ("0.5,1", "x", "0"):
+        with pytest.raises(ValueError, match=r"`--rungs` must be shares of the set in \(0, 1\)"):
+            stopping.parse_rungs(bad)
+    assert stopping.rung_points((0.25, 0.5), 40) == [10, 20]
+    assert stopping.rung_points((0.1, 0.5), 3) == [2]  # at least 2 clips, never the last
+    mine = {"dwer": 0.05, "speedup": 1.5}
+    assert stopping.rung_verdict(mine, [], 0.1) is None
+    assert "over the budget" in stopping.rung_verdict(mine, [], 0.02)
+    beat = {"dwer": 0.01, "speedup": 2.0, "trial_id": "a"}
+    assert "dominated by trial a" in stopping.rung_verdict(mine, [beat], None)
+    trade = {"dwer": 0.0, "speedup": 1.2, "trial_id": "b"}  # better WER, slower: not dominated
+    assert stopping.rung_verdict(mine, [trade, dict(mine)], None) is None
+
+
+def test_a_rung_judge_stops_the_trial_with_its_reason():
+    rng = np.random.default_rng(4)
+    base, trial = _rows(rng, 0.1), _rows(rng, 0.1)
+    seen = []
+
+    def judge(n, figs):
+        seen.append((n, sorted(figs)))
+        if n == 20:
+            raise stopping.Dominated("at the rung of 20 clips: test")
+
+    s = Stopper(base, N_CLIPS, EarlyStop(enabled=False), rungs=(0.25, 0.5), judge=judge)
+    with pytest.raises(stopping.Dominated):
+        for n in range(1, N_CLIPS + 1):
+            s.check(trial[:n])
+    assert seen == [(10, ["dwer", "speedup"]), (20, ["dwer", "speedup"])]

@@ -242,8 +242,11 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
               calibration: EvalSet | None = None, warmup: int = 1, numbers: str = "auto",
               progress=None, max_slowdown: float | None = None,
               early_stop: EarlyStop | None = None, confidence: float | None = None,
-              probes: list[Utterance] | None = None) -> tuple[dict, Measurement]:
+              probes: list[Utterance] | None = None, rungs: tuple[float, ...] = (),
+              rung_judge=None) -> tuple[dict, Measurement]:
     """Apply `recipe` to a copy of `model`, measure it and the baseline; returns (result, base).
+    `rungs`/`rung_judge`: shares of the set after which `rung_judge(n, figures)` may stop the
+    trial (`sweep.measure.stopping.Stopper`).
 
     Pass the returned baseline Measurement back in to reuse it across trials of one worker.
     A trial stopped early (`max_slowdown`, `early_stop`) returns `status` "pruned", its
@@ -268,7 +271,8 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
     applied = apply_recipe(copy.deepcopy(model), recipe, calibrate=calibrate)
     prepare_s = time.perf_counter() - t0
     graphs = {}
-    stopper = Stopper(baseline.utterances, len(evalset), early_stop, max_slowdown)
+    stopper = Stopper(baseline.utterances, len(evalset), early_stop, max_slowdown,
+                      rungs=rungs, judge=rung_judge)
     trial = measure(applied.model, processor, evalset, language=language, task=task,
                     warmup=warmup, numbers=numbers, progress=progress,
                     on_warmed=lambda: graphs.setdefault("warm", recompile_count()),

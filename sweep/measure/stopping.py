@@ -54,6 +54,13 @@ class Loops(Stopped):
     kind = "loops"
 
 
+class Dominated(Stopped):
+    """At a rung, a trial that finished the whole set did better on both accuracy and speed
+    on the same clips, or the point estimate is over the budget (`--rungs`)."""
+
+    kind = "rung"
+
+
 @dataclass(frozen=True)
 class EarlyStop:
     """When a trial is stopped early for accuracy. `enabled=False`: never (slowness aside)."""
@@ -83,6 +90,40 @@ class EarlyStop:
             out.append(n)
             n *= 2
         return out
+
+
+def parse_rungs(text: str | None) -> tuple[float, ...]:
+    """`--rungs 0.25,0.5`: the shares of the set after which a trial must earn going on."""
+    if not text:
+        return ()
+    try:
+        shares = tuple(sorted({float(x) for x in str(text).split(",") if x.strip()}))
+    except ValueError:
+        shares = (math.nan,)
+    if not shares or not all(0 < x < 1 for x in shares):
+        raise ValueError(f"`--rungs` must be shares of the set in (0, 1) separated by commas, "
+                         f"e.g. 0.25,0.5, got {text!r}")
+    return shares
+
+
+def rung_points(shares: tuple[float, ...], n_total: int) -> list[int]:
+    """Clip counts of the rungs on a set of `n_total` clips (at least 2 clips each, never the
+    last clip: the whole set is the last rung)."""
+    return sorted(p for p in {max(2, math.ceil(round(x * n_total, 9))) for x in shares}
+                  if p < n_total)
+
+
+def rung_verdict(mine: dict, others: list[dict], max_dwer: float | None) -> str | None:
+    """Why a trial stops at a rung (None: it goes on). `mine` and each of `others` (trials that
+    finished the whole set, at the same rung) hold `dwer` and `speedup` on the same clips."""
+    if max_dwer is not None and mine["dwer"] > max_dwer:
+        return f"dWER {mine['dwer']:+.1%} over the budget max_dwer {max_dwer:+.1%}"
+    for o in others:
+        if (o["dwer"] <= mine["dwer"] and o["speedup"] >= mine["speedup"]
+                and (o["dwer"] < mine["dwer"] or o["speedup"] > mine["speedup"])):
+            return (f"dominated by trial {o.get('trial_id')} (dWER {o['dwer']:+.1%}, "
+                    f"{o['speedup']:.2f}x against {mine['dwer']:+.1%}, {mine['speedup']:.2f}x)")
+    return None
 
 
 def resolve(mode: str, max_dwer: float | None, min_clips: int) -> EarlyStop:
@@ -134,8 +175,13 @@ class Stopper:
     """`check(rows)` after each clip: raises a `Stopped` when the trial should end now."""
 
     def __init__(self, baseline_rows: list[dict], n_total: int, rule: EarlyStop | None = None,
-                 max_slowdown: float | None = None, slow_after: int = 2):
+                 max_slowdown: float | None = None, slow_after: int = 2,
+                 rungs: tuple[float, ...] = (), judge=None):
+        """`judge(n, figures)` at each rung (`rung_points`): `figures` the trial's `dwer` and
+        `speedup` on its first n clips; it raises `Dominated` to stop the trial."""
         self.base_rows, self.rule = baseline_rows, rule or EarlyStop(enabled=False)
+        self.rungs = set(rung_points(rungs, n_total)) if judge else set()
+        self.judge = judge
         self.max_slowdown, self.slow_after = max_slowdown, slow_after
         self.looks = set(self.rule.looks(n_total)) if self.rule.enabled else set()
         # Each look gets an equal share of alpha, one-sided (only "worse" stops a trial).
@@ -152,6 +198,19 @@ class Stopper:
                               f"(limit --max-slowdown {self.max_slowdown:g})")
         if n in self.looks:
             self._look(rows)
+        if n in self.rungs:
+            self.judge(n, self.partial(rows))
+
+    def partial(self, rows: list[dict]) -> dict:
+        """The trial's point figures against the baseline on its first clips."""
+        base = self.base_rows[:len(rows)]
+        per = [(b, t) for b, t in zip(_errors(base), _errors(rows)) if b is not None]
+        be = sum(b.word_errors for b, _ in per)
+        te = sum(t.word_errors for _, t in per)
+        words = max(1, sum(b.words for b, _ in per))
+        return {"dwer": scoring.relative(te / words, be / words),
+                "speedup": float(np.median([r["latency_s"] for r in base])
+                                 / np.median([r["latency_s"] for r in rows]))}
 
     def _look(self, rows: list[dict]) -> None:
         n, base = len(rows), self.base_rows[:len(rows)]

@@ -181,7 +181,7 @@ def resolution(rows: Iterable[Mapping], front: Iterable[Mapping] = ()) -> tuple[
 
 # After the objectives, the reported figures (`sweep.results.figures`, destination `report`),
 # then these.
-_ROW_FIELDS = ("device", "status", "trial_id")
+_ROW_FIELDS = ("device", "status", "stop_reason", "trial_id")
 
 
 def recipe_string(recipe: Mapping | None) -> str:

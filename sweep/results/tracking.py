@@ -5,6 +5,7 @@ Only the sweep's driver and workers import this module; the evaluation core neve
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -197,6 +198,26 @@ def fail_trial(uri: str, run_id: str, exc: BaseException, status: str = "failed"
     retry(client.log_text, run_id, tb, "traceback.txt")
     retry(client.set_terminated, run_id, status="FAILED")
     return msg
+
+
+RUNG_TAG = "hyper.rung."  # + clip count: the trial's {"dwer", "speedup"} on its first clips
+
+
+def log_rung(uri: str, run_id: str, n: int, figs: dict) -> None:
+    """A trial's point figures at a rung (`--rungs`), for later trials to compare with."""
+    retry(MlflowClient(uri).set_tag, run_id, f"{RUNG_TAG}{n}",
+          json.dumps({k: float(figs[k]) for k in ("dwer", "speedup")}))
+
+
+def rung_figures(uri: str, exp_id: str, sweep: str, n: int) -> list[dict]:
+    """The rung-`n` figures of the sweep's trials that finished the whole set."""
+    client = MlflowClient(uri)
+    out = []
+    for r in find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.kind": "trial"}):
+        tag = r.data.tags.get(f"{RUNG_TAG}{n}")
+        if r.info.status == "FINISHED" and tag:
+            out.append({**json.loads(tag), "trial_id": r.data.tags.get("hyper.trial_key")})
+    return out
 
 
 def sweep_rows(uri: str, exp_id: str, sweep: str) -> list[dict]:

@@ -54,6 +54,7 @@ class SweepSpec:
     max_slowdown: float | None = 3.0
     early_stop: str = "auto"
     early_stop_min_clips: int = 4
+    rungs: str | None = None
     probes: bool = True
 
     @classmethod

@@ -37,6 +37,7 @@ class SweepContext:
     max_slowdown: float | None = None
     early_stop: object = None  # sweep.measure.stopping.EarlyStop, or None: never for accuracy
     confidence: float | None = None  # the space's: trials get `dwer_upper` at this level
+    rungs: tuple = ()  # --rungs: shares of the set after which a trial must earn going on
     probes: bool = True  # transcribe the non-speech probes after the clips (hallucination_rate)
     needs_calibration: bool = False
     inject: dict = field(default_factory=dict)  # test hooks: recipe key=value -> fault
@@ -144,6 +145,27 @@ def _inject(ctx: SweepContext, flat: dict) -> None:
                     time.sleep(0.05)
 
 
+def _rung_judge(ctx: SweepContext, run_id: str):
+    """`--rungs`: at each rung the trial records its figures and goes on only when no trial
+    that finished the whole set beat it on both dWER and speed on the same clips, and its dWER
+    is within the budget. Every front member therefore measured the whole set."""
+    if not ctx.rungs:
+        return None
+    from ..measure.stopping import Dominated, rung_verdict
+
+    budget = getattr(ctx.early_stop, "max_dwer", None)
+
+    def judge(n: int, figs: dict) -> None:
+        tracking.log_rung(ctx.tracking_uri, run_id, n, figs)
+        others = tracking.rung_figures(ctx.tracking_uri, ctx.experiment_id, ctx.sweep, n)
+        # the unchanged model is on every rung too: what it beats cannot reach the front
+        others.append({"dwer": 0.0, "speedup": 1.0, "trial_id": "baseline"})
+        why = rung_verdict(figs, others, budget)
+        if why:
+            raise Dominated(f"at the rung of {n} clips: {why}")
+    return judge
+
+
 def run_one(config: dict, ctx: SweepContext) -> dict:
     """Measure one recipe and log it; returns the figures Tune and Optuna see."""
     from ray import tune
@@ -174,7 +196,8 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
                                       calibration=calib, warmup=ctx.warmup,
                                       numbers=ctx.numbers, max_slowdown=ctx.max_slowdown,
                                       early_stop=ctx.early_stop, confidence=ctx.confidence,
-                                      probes=heard)
+                                      probes=heard, rungs=ctx.rungs,
+                                      rung_judge=_rung_judge(ctx, run_id))
             except TrialTimeout:
                 raise TrialTimeout(f"trial ran past --trial-timeout {ctx.trial_timeout:g} s "
                                    f"(recipe {flat})") from None
