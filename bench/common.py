@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sweep.inputs.machine import describe as describe_isa
+from sweep.inputs.machine import info as isa_info
 from sweep.results.report import jsonable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,16 +34,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head or "unknown") + ("-dirty" if dirty.strip() else "")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _versions(packages: Sequence[str]) -> dict:
@@ -71,7 +63,8 @@ def machine(threads: int | None = None) -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "gpu": gpu,
+    # cpu, isa (the flags that decide the fast kernels), isa_cap (oneDNN's cap, or None)
+    info = {**isa_info(), "cores": os.cpu_count(), "gpu": gpu,
             "python": platform.python_version(), "platform": platform.platform(),
             "load_avg_1_5_15": load,
             "versions": _versions(("torch", "transformers", "ctranslate2", "faster-whisper",
@@ -82,8 +75,9 @@ def machine(threads: int | None = None) -> dict:
 
 
 def describe_machine(m: Mapping) -> str:
-    """One line for tables: CPU, cores, threads, GPU, load."""
-    parts = [f"{m.get('cpu', '?')}", f"{m.get('cores', '?')} cores"]
+    """One line for tables: CPU and its ISA, cores, threads, GPU, load."""
+    parts = [describe_isa(m) if "isa" in m else f"{m.get('cpu', '?')}",
+             f"{m.get('cores', '?')} cores"]
     if "threads" in m:
         parts.append(f"{m['threads']} threads")
     parts.append(f"GPU: {m.get('gpu', 'none')}")

@@ -100,7 +100,7 @@ def test_cycle_finder_finds_one():
 
 PURE = ["sweep.techniques.recipe", "sweep.techniques", "sweep.search.space", "sweep.results.pareto",
         "sweep.results.figures",
-        "sweep.results.rows", "sweep.measure.scoring"]
+        "sweep.results.rows", "sweep.measure.scoring", "sweep.inputs.machine"]
 
 
 @pytest.mark.parametrize("mod", PURE)

@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..inputs import machine
+from ..inputs.machine import cpu_flags
+
 METHOD = 3  # bump when timing changes, so that choices measured the old way are not reused
 MAX_REL_ERR = 0.25  # relative L2 from fp32 (random data) beyond which a candidate is broken
 _FLAGS = ("avx_vnni", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
@@ -175,24 +178,17 @@ impl("bnb_int8", "bitsandbytes.Linear8bitLt", ("cuda",))(lambda lin, st: _bnb(li
 impl("bnb_nf4", "bitsandbytes.Linear4bit(nf4)", ("cuda",))(lambda lin, st: _bnb(lin, True))
 
 
-@functools.cache
-def _cpuinfo() -> str:
-    return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-
-
-def cpu_flags() -> set[str]:
-    return set((re.findall(r"flags\s*:\s*(.*)", _cpuinfo()) or [""])[0].split())
-
-
 def fingerprint(device: str = "cpu") -> str:
-    """What a timing holds for: CPU model and ISA flags (or the GPU), torch/torchao versions."""
+    """What a timing holds for: CPU model and ISA flags (or the GPU), oneDNN's ISA cap when one
+    is set (it changes the bf16 kernels), torch/torchao versions."""
+    cap = ""
     if device == "cuda":
         name, flags = torch.cuda.get_device_name(), [torch.cuda.get_device_capability()]
     else:
-        name = (re.findall(r"model name\s*:\s*(.*)", _cpuinfo()) or [os.uname().machine])[0]
-        flags = [f for f in _FLAGS if f in cpu_flags()]
+        name, flags = machine.cpu_model(), [f for f in _FLAGS if f in cpu_flags()]
+        cap = f"|cap={machine.isa_cap()}" if machine.isa_cap() else ""  # uncapped: key as before
     ao = importlib.util.find_spec("torchao") and importlib.metadata.version("torchao")
-    digest = hashlib.sha1(f"{METHOD}|{name}|{flags}|{torch.__version__}|{ao}".encode())
+    digest = hashlib.sha1(f"{METHOD}|{name}|{flags}|{torch.__version__}|{ao}{cap}".encode())
     return f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')[:40]}-{digest.hexdigest()[:10]}"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..inputs import machine
 from ..results import figures
 from ..techniques.recipe import TECHNIQUES, Recipe
 
@@ -33,10 +34,7 @@ def environment() -> dict:
         except PackageNotFoundError:
             return "missing"
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
-                if ln.startswith("model name")), platform.processor() or platform.machine())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {**machine.info(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "platform": platform.platform(),
             "versions": {p: ver(p) for p in ("torch", "torchao", "transformers", "safetensors",

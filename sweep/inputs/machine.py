@@ -1,0 +1,110 @@
+"""The machine a figure was measured on: CPU model, the instruction sets that decide which kernels
+are fast (AMX, AVX-512 bf16, VNNI), and the ISA cap oneDNN runs under. Pure (no torch): every
+trial row, every benchmark's `machine`, the kernel cache's fingerprint and the machine-aware warm
+starts read it from here.
+
+The ISA facts decide the speed-ups: with AMX, bf16 matmuls run on tiles and beat int8 (VNNI);
+without it int8 has about twice bf16's throughput. `ONEDNN_MAX_CPU_ISA` caps what oneDNN (bf16
+matmuls, PT2E int8) may use, so an AMX machine can emulate one without AMX for those kernels (not
+for fbgemm's dynamic int8, which does not go through oneDNN: bench/isa_cap.py measures it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+# CPU flags (as /proc/cpuinfo spells them) that change which kernel is fastest, in the order
+# recorded: matrix units, then AVX-512 and its bf16/int8 dot products, then AVX2-class ones.
+ISA_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "avx512f", "avx512_bf16",
+             "avx512_fp16", "avx512_vnni", "avx_vnni", "avx2")
+# The environment variables oneDNN reads for its cap (the DNNL_ spelling is the older one).
+CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# The encoder schemes a machine-aware start chooses between (sweep.search.space `when:`).
+ENCODER_SCHEMES = ("bf16", "dynamic_int8")
+
+
+@functools.cache
+def _proc_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (`model name` of /proc/cpuinfo), else what Python knows."""
+    found = re.findall(r"model name\s*:\s*(.*)", _proc_cpuinfo() if cpuinfo is None else cpuinfo)
+    return found[0].strip() if found else (platform.processor() or platform.machine()
+                                           or "unknown")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """Every flag of the first CPU in /proc/cpuinfo (`cpuinfo`: its text, for tests)."""
+    found = re.findall(r"flags\s*:\s*(.*)", _proc_cpuinfo() if cpuinfo is None else cpuinfo)
+    return set(found[0].split()) if found else set()
+
+
+def isa(flags: Iterable[str] | None = None) -> list[str]:
+    """The flags of ISA_FLAGS present (`flags`: a set of CPU flags; default this machine's)."""
+    have = cpu_flags() if flags is None else set(flags)
+    return [f for f in ISA_FLAGS if f in have]
+
+
+def isa_cap(env: Mapping[str, str] | None = None) -> str | None:
+    """The `ONEDNN_MAX_CPU_ISA` value in force (upper case, as oneDNN reads it), else None."""
+    env = os.environ if env is None else env
+    return next((env[v].strip().upper() for v in CAP_VARS if env.get(v, "").strip()), None)
+
+
+def info(cpuinfo: str | None = None, env: Mapping[str, str] | None = None) -> dict:
+    """`cpu` (model name), `isa` (relevant flags present) and `isa_cap` (oneDNN's cap or None):
+    the three fields every trial row and every benchmark's `machine` record."""
+    return {"cpu": cpu_model(cpuinfo), "isa": isa(cpu_flags(cpuinfo)), "isa_cap": isa_cap(env)}
+
+
+def describe(m: Mapping) -> str:
+    """`AMD EPYC (avx512_bf16, avx512_vnni, ...; oneDNN capped at AVX2)` for printed lines."""
+    cap = f"; oneDNN capped at {m['isa_cap']}" if m.get("isa_cap") else ""
+    return f"{m.get('cpu', '?')} ({', '.join(m.get('isa') or ()) or 'no listed ISA'}{cap})"
+
+
+def amx_usable(flags: Iterable[str], cap: str | None = None) -> bool:
+    """AMX tiles present and not capped away: oneDNN's caps that keep AMX name it (AVX512_CORE_AMX,
+    AVX10_1_512_AMX...), DEFAULT and ALL keep everything."""
+    present = {"amx_tile", "amx_bf16"} <= set(flags)
+    return present and (cap is None or "AMX" in cap or cap in ("DEFAULT", "ALL"))
+
+
+def encoder_scheme(flags: Iterable[str], cap: str | None = None,
+                   speedups: Mapping[str, float] | None = None) -> tuple[str, str]:
+    """The faster encoder scheme here, bf16 or dynamic int8, and why.
+
+    Measured first: `speedups` (scheme -> speed-up over fp32 on the encoder's matmul shapes,
+    `sweep.measure.kernels.encoder_speedups`) picks the larger. Without a measurement, the ISA
+    decides: bf16 where AMX tiles run it (the study's Intel Xeon: bf16 encoder + int8 decoder
+    3.44x HF fp32), int8 elsewhere (VNNI int8 has about twice bf16's throughput without AMX; on
+    an AMD EPYC the scripted greedy step with an int8 encoder measured 2.50x, with a bf16 one
+    2.33x, issue #16)."""
+    got = {s: v for s, v in (speedups or {}).items() if s in ENCODER_SCHEMES and v}
+    if len(got) == len(ENCODER_SCHEMES):
+        best = max(ENCODER_SCHEMES, key=got.get)
+        return best, "measured: " + ", ".join(f"{s} {got[s]:.2f}x" for s in ENCODER_SCHEMES) \
+            + " over fp32 on the encoder's matmuls"
+    if amx_usable(flags, cap):
+        return "bf16", "ISA: AMX bf16 tiles"
+    return "dynamic_int8", "ISA: no usable AMX" + (f" (oneDNN capped at {cap})" if cap else "")
+
+
+def profile(flags: Iterable[str], cap: str | None,
+            speedups: Mapping[str, float] | None = None) -> dict:
+    """What a warm start's `when:` is matched against (`flags`: CPU flags, `cap`: oneDNN's cap,
+    both passed explicitly; `isa(), isa_cap()` for this machine): `isa` (relevant flags present),
+    `isa_cap`, `encoder` (the faster encoder scheme, `encoder_scheme`) and `encoder_why`."""
+    present = isa(flags)
+    scheme, why = encoder_scheme(present, cap, speedups)
+    return {"isa": present, "isa_cap": cap, "encoder": scheme, "encoder_why": why}
