@@ -319,14 +319,15 @@ def test_real_model_served_by_the_cli_and_stopped_by_sigterm(real_model, shared_
     paths = [shared_dir / "speech" / n for n in names]
     want = [r["text"] for r in transcribe.transcribe_files(ck, paths)]
     proc = subprocess.Popen([sys.executable, "-m", "sweep.serve", "--checkpoint", str(ck),
-                             "--port", "0"], stdout=subprocess.PIPE, text=True,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         line = proc.stdout.readline()
         url = line.split(" at ")[1].split("/v1/")[0]
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         got = [client.audio.transcriptions.create(model="x", file=p).text for p in paths]
-        assert got == want and "лукоморья" in got[1].lower(), got
+        assert got == want and "тысяч" in got[0] and "лукомор" in got[1].lower(), got
         result = {}
         t = threading.Thread(target=lambda: result.update(text=client.audio.transcriptions.create(
             model="x", file=paths[1]).text))
@@ -334,7 +335,9 @@ def test_real_model_served_by_the_cli_and_stopped_by_sigterm(real_model, shared_
         _wait_for(url, "in_flight", 1)
         proc.send_signal(signal.SIGTERM)
         t.join(120)
-        assert result["text"] == want[1] and proc.wait(60) == 0
+        # uvicorn re-raises the signal once every admitted request is answered
+        assert result["text"] == want[1] and proc.wait(60) == -signal.SIGTERM
+        assert "Traceback" not in proc.stderr.read()
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{url}/health", timeout=5)
     finally:
