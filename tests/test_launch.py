@@ -206,6 +206,13 @@ def test_trials_stopped_at_a_rung_are_pruned_with_their_partial_figures(
     assert len(rows) == len(pruned) and all("rung" in r["stop_reason"] for r in rows)
     for r in json.loads((out / "pareto.json").read_text())["front"]:
         assert r["clips_measured"] == 3
+    # what export may pick from: only trials that measured the whole set
+    from sweep import export
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    parent = [r for r in _children(root)[0]][0]
+    exportable = export.trial_rows(client, parent.info.experiment_id, parent.info.run_id)
+    assert exportable and all(r["clips_measured"] == 3 for r in exportable)
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{root / 'optuna.db'}")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.PRUNED) == len(pruned)
