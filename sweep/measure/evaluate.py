@@ -361,7 +361,7 @@ def main(argv=None) -> int:
                            warmup=args.warmup, numbers=args.numbers,
                            progress=cli.progress(recipe.describe()))
         rows.append({"name": recipe.describe(), **out})
-    out["baseline"] = {k: base.figures[k] for k in FIGURES}
+    out["baseline"] = {k: base.figures[k] for k in FIGURES if k in base.figures}
     out.update(model=loaded.spec, dataset=evalset.name, skipped=evalset.skipped,
                skipped_reasons=evalset.skipped_reasons)
     from ..results.report import format_table
