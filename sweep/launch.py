@@ -161,6 +161,34 @@ def _parent_ends(uri: str, parent: str):
         raise
 
 
+def machine_profile(space, threads: int) -> dict:
+    """The running CPU as the warm starts' `when:` sees it (`sweep.inputs.machine.profile`):
+    its ISA, and the faster encoder scheme, measured from the kernel table at the trials'
+    thread count when a start depends on it (cached per machine: seconds, once), else from the
+    ISA. Printed with the starts it keeps. The launcher's CPU stands for the cluster's."""
+    from .inputs import machine
+    from .search.space import machine_fits
+
+    speedups = None
+    if any("encoder" in w for w in space.start_when):
+        import torch
+
+        from .measure.kernels import encoder_speedups
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            speedups = encoder_speedups()
+        finally:
+            torch.set_num_threads(before)
+    prof = machine.profile(machine.cpu_flags(), machine.isa_cap(), speedups)
+    fit = sum(machine_fits(w, prof) for w in space.start_when or ({},) * len(space.starts))
+    print(f"machine: {machine.describe(machine.info())}; faster encoder here: {prof['encoder']} "
+          f"({prof['encoder_why']}); {fit} of {len(space.starts)} warm starts fit it",
+          file=sys.stderr)
+    return prof
+
+
 def run(args) -> dict:
     import ray
     from ray import tune
@@ -181,6 +209,7 @@ def run(args) -> dict:
     cpus = int(resources.get("CPU", 1))
     per_trial = args.cpus_per_trial or max(1, cpus // args.max_concurrent)
     devices = {"cpu"} | ({"cuda"} if resources.get("GPU", 0) > 0 else set())
+    machine = None if args.resume else machine_profile(space, per_trial)  # picks the starts
     if args.address and uri.startswith("sqlite") and len(ray.nodes()) > 1:
         print(f"note: {uri} is a local file; trials on other machines cannot write it: pass "
               "--tracking-uri http://<server> (ignore this on a one-machine cluster)",
@@ -200,6 +229,7 @@ def run(args) -> dict:
         "command": tracking.safe_argv(sys.argv), "spec": spec.to_json(),
         **{f"version.{k}": v for k, v in tracking.versions().items()},
         **{f"host.{k}": v for k, v in tracking.host_info().items()},
+        **{f"machine.{k}": v for k, v in (machine or {}).items() if k != "isa"},
     }, {"git_commit": tracking.git_commit()})
     for line in resolution_warning(space, len(evalset)):
         print(line, file=sys.stderr)
@@ -230,7 +260,8 @@ def run(args) -> dict:
         else:
             searcher = search.make_searcher(space, sampler=args.sampler, seed=args.seed,
                                             storage=f"sqlite:///{root / 'optuna.db'}",
-                                            study_name=name, devices=devices)
+                                            study_name=name, devices=devices,
+                                            machine_profile=machine)
             tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
                 search_alg=searcher, num_samples=total, max_concurrent_trials=args.max_concurrent,
                 time_budget_s=args.time_budget, reuse_actors=True),

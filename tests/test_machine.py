@@ -86,3 +86,115 @@ def test_bench_rows_record_the_isa():
     m = common.machine(threads=1)
     assert {k: m[k] for k in ("cpu", "isa", "isa_cap")} == machine.info()
     assert machine.describe(m) in common.describe_machine(m)
+
+
+# ---- machine-aware warm starts -------------------------------------------------------------
+
+STARTS = """
+params:
+  quant.enc_attn: {choice: [inherit, none, dynamic_int8, bf16]}
+  quant.enc_mlp: {choice: [inherit, none, dynamic_int8, bf16]}
+  decode.loop: {choice: [generate, greedy]}
+  decode.cross_kv: {choice: [model, bf16]}
+starts:
+  - {quant.enc_attn: dynamic_int8}
+  - {when: {encoder: bf16}, quant.enc_attn: bf16, quant.enc_mlp: bf16}
+  - {when: {encoder: dynamic_int8}, quant.enc_attn: dynamic_int8, quant.enc_mlp: dynamic_int8,
+     decode.loop: greedy}
+  - {when: {isa: [amx_bf16, amx_tile]}, decode.loop: greedy, decode.cross_kv: bf16}
+"""
+AMX = machine.profile(machine.cpu_flags(XEON), None)
+NO_AMX = machine.profile(machine.cpu_flags(EPYC), None)
+
+
+def _space(text):
+    import yaml
+
+    from sweep.search.space import space_from_dict
+
+    return space_from_dict(yaml.safe_load(text))
+
+
+def test_starts_follow_the_machine_both_ways():
+    space = _space(STARTS)
+    assert space.start_when == ({}, {"encoder": ("bf16",)}, {"encoder": ("dynamic_int8",)},
+                                {"isa": ("amx_bf16", "amx_tile")})
+    amx = space.start_points({"cpu"}, AMX)
+    no_amx = space.start_points({"cpu"}, NO_AMX)
+    assert [p.get("quant.enc_mlp") for p in amx] == ["inherit", "bf16", "inherit"]
+    assert amx[-1]["decode.cross_kv"] == "bf16"
+    assert [(p["quant.enc_attn"], p["quant.enc_mlp"], p["decode.loop"]) for p in no_amx] == [
+        ("dynamic_int8", "inherit", "generate"), ("dynamic_int8", "dynamic_int8", "greedy")]
+    # measured speeds overrule the ISA: an AMX machine measuring int8 faster gets int8's starts
+    measured = machine.profile(machine.cpu_flags(XEON), None, {"bf16": 2.0, "dynamic_int8": 3.0})
+    assert [p.get("quant.enc_mlp") for p in space.start_points({"cpu"}, measured)] == [
+        "inherit", "dynamic_int8", "inherit"]
+    assert len(space.start_points({"cpu"})) == 4  # machine unknown: every start
+    assert "(when encoder=bf16)" in space.describe()
+    assert "(when isa=amx_bf16|amx_tile)" in space.describe()
+
+
+def test_bad_when_refused_with_every_error():
+    from sweep.search.space import SpaceError
+
+    with pytest.raises(SpaceError) as e:
+        _space("""
+params:
+  quant.enc_attn: {choice: [inherit, bf16]}
+starts:
+  - {when: {encoders: bf16}, quant.enc_attn: bf16}
+  - {when: {encoder: fp8}, quant.enc_attn: bf16}
+  - {when: {isa: [amx_bf17]}, quant.enc_attn: bf16}
+  - {when: {encoder: bf16}}
+  - {when: bf16, quant.enc_attn: bf16}
+""")
+    text = "\n".join(e.value.errors)
+    assert len(e.value.errors) == 5, text
+    assert "starts[0].when.encoders: unknown; did you mean `encoder`? (allowed: encoder, isa)" \
+        in text
+    assert "starts[1].when.encoder: must be one or more of bf16, dynamic_int8, got 'fp8'" in text
+    assert "starts[2].when.isa: must be one or more of amx_tile" in text
+    assert "starts[3]: sets no parameter, only `when`" in text
+    assert "starts[4].when: must be a mapping of encoder and/or isa -> value(s), got 'bf16'" \
+        in text
+
+
+def test_the_searcher_queues_the_starts_that_fit(tmp_path):
+    pytest.importorskip("ray")
+    from sweep.search.sampler import make_searcher
+
+    space = _space(STARTS)
+    kw = dict(sampler="random", seed=0, storage=None, study_name="s", devices={"cpu"})
+    for prof, n in ((AMX, 3), (NO_AMX, 2), (None, 4)):
+        searcher = make_searcher(space, machine_profile=prof, **kw)
+        assert len(searcher._points_to_evaluate) == 1 + n  # the baseline, then the starts
+
+
+def test_encoder_speedups_measured_here_decide(tmp_path, monkeypatch):
+    """The kernel table's measurement (tiny shapes, a short budget) makes the profile."""
+    import functools
+
+    from sweep.measure import kernels
+
+    monkeypatch.setenv("HYPER_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "time_calls", functools.partial(kernels.time_calls,
+                                                                 budget_s=0.05))
+    got = kernels.encoder_speedups(64, 128, 50)
+    assert set(got) == set(machine.ENCODER_SCHEMES) and all(v > 0 for v in got.values())
+    prof = machine.profile(machine.cpu_flags(), None, got)
+    assert prof["encoder"] == max(got, key=got.get)
+    assert prof["encoder_why"].startswith("measured: ")
+    assert list(tmp_path.glob("kernels-*.json"))  # cached for the trials
+
+
+def test_launcher_profile_says_which_starts_fit(capsys):
+    from sweep.launch import machine_profile
+
+    space = _space(STARTS.replace("encoder: bf16", "isa: [avx2]").replace(
+        "encoder: dynamic_int8", "isa: [avx2]"))  # no encoder condition: nothing to measure
+    prof = machine_profile(space, threads=1)
+    assert prof["encoder_why"].startswith("ISA")
+    assert prof["isa"] == machine.isa() and prof["isa_cap"] == machine.isa_cap()
+    err = capsys.readouterr().err
+    fit = sum(1 for w in space.start_when if set(w.get("isa", ())) <= set(machine.isa()))
+    assert f"{fit} of 4 warm starts fit it" in err and machine.cpu_model() in err

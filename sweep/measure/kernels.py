@@ -302,3 +302,23 @@ def _measure(cands: dict[str, Impl], linear: nn.Linear, tokens: int, compiled: b
     return {"choice": min(ok, key=secs.get) if ok else None, "seconds": secs,
             "speedup": {k: secs["fp32"] / secs[k] for k in ok}, "failed": failed,
             "tried": sorted(cands)}
+
+
+def encoder_speedups(d_model: int = 512, ffn: int = 2048, tokens: int = 1500) -> dict[str, float]:
+    """Speed-up over fp32 of each encoder scheme a machine-aware start chooses between
+    (`sweep.inputs.machine.ENCODER_SCHEMES`: bf16, dynamic int8) on an encoder layer's MLP
+    matmuls (`d_model` -> `ffn` -> `d_model` on `tokens` rows; whisper-base's by default), with
+    its fastest implementation here. The kernel table's entries (the keys a recipe's encoder
+    uses, so measured once per machine and threads, and cached); a scheme with no working
+    kernel is left out."""
+    out = {}
+    for scheme in machine.ENCODER_SCHEMES:
+        fp32 = secs = 0.0
+        try:
+            for i, o in ((d_model, ffn), (ffn, d_model)):
+                impl, entry = choose(scheme, nn.Linear(i, o), tokens)
+                fp32, secs = fp32 + entry["seconds"]["fp32"], secs + entry["seconds"][impl.name]
+        except KernelError:
+            continue
+        out[scheme] = fp32 / secs
+    return out

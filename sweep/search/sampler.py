@@ -132,7 +132,10 @@ class DefineByRun:
 
 
 def make_searcher(space, *, sampler: str, seed: int | None, storage: str | None,
-                  study_name: str, devices: set[str]) -> HyperSearch:
+                  study_name: str, devices: set[str],
+                  machine_profile: dict | None = None) -> HyperSearch:
+    """The sweep's searcher: the baseline first, then the space's warm starts that fit the
+    machine (`machine_profile`, `sweep.inputs.machine.profile`; None: all of them)."""
     metrics = [m for m, _ in space.objectives]
     modes = [d for _, d in space.objectives]
     ot_storage = optuna.storages.RDBStorage(storage) if storage else None
@@ -140,7 +143,7 @@ def make_searcher(space, *, sampler: str, seed: int | None, storage: str | None,
         space=DefineByRun(space, devices),
         metric=metrics, mode=modes,
         sampler=make_sampler(sampler, seed),
-        points_to_evaluate=[space.baseline(), *space.start_points(devices)],
+        points_to_evaluate=[space.baseline(), *space.start_points(devices, machine_profile)],
         study_name=study_name, storage=ot_storage, space_obj=space)
 
 

@@ -19,6 +19,7 @@ A space file (see `search_spaces/*.yaml`)::
                                       # bound instead of its point estimate
     starts:                           # optional: partial recipes measured first
       - {quant.scheme: dynamic_int8}
+      - {quant.scheme: bf16, when: {encoder: bf16}}   # only where bf16 is the faster encoder
 
 A conditioned parameter is sampled only when its parent's value is in `in`; otherwise it takes
 its `else` value when one is given, else the recipe default (it is then left out of the
@@ -47,6 +48,7 @@ from typing import Any
 
 import yaml
 
+from ..inputs import machine
 from ..results import pareto
 from ..techniques.recipe import PARAMS, Recipe, RecipeError
 from ..techniques import Param
@@ -696,6 +698,48 @@ def _check_pairs(ck: _Checker, dims: dict[str, Dim], conds: dict[str, Condition]
 # values inside their ranges, a conditioned parameter may only be set when its condition holds,
 # and the whole point must be a valid recipe. A start needing a device the cluster lacks is
 # skipped at sweep time, not refused (the same file serves CPU and GPU clusters).
+#
+# The fastest mix depends on the CPU: bf16 matmuls beat int8 on AMX tiles and lose to it (about
+# 2x) without them. A start may say which machines it is for with `when:` (see
+# `machine_fits`): `encoder: bf16` or `encoder: dynamic_int8` (the faster encoder scheme the
+# launcher finds on the running CPU, measured from the kernel table: `sweep.inputs.machine.
+# encoder_scheme`), and/or `isa: [flags]` (CPU flags all present, e.g. amx_bf16). The launcher
+# queues the starts fitting the machine; a start without `when:` fits every machine.
+WHEN_KEYS = {"encoder": machine.ENCODER_SCHEMES, "isa": machine.ISA_FLAGS}
+
+
+def _check_when(ck: _Checker, where: str, raw: Any) -> dict | None:
+    """A start's `when:` as {key: allowed values}; None (errors recorded) when it is bad."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not raw:
+        ck.err(f"{where}.when", f"must be a mapping of {' and/or '.join(WHEN_KEYS)} -> value(s), "
+                                f"got {raw!r}")
+        return None
+    out = {}
+    for key, value in raw.items():
+        values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if key not in WHEN_KEYS:
+            ck.err(f"{where}.when.{key}", f"unknown{_near(key, WHEN_KEYS)} (allowed: "
+                                          f"{', '.join(WHEN_KEYS)})")
+        elif not values or any(v not in WHEN_KEYS[key] for v in values):
+            ck.err(f"{where}.when.{key}", f"must be one or more of "
+                                          f"{', '.join(WHEN_KEYS[key])}, got {value!r}")
+        else:
+            out[key] = values
+            continue
+        return None
+    return out
+
+
+def machine_fits(when: Mapping, profile: Mapping | None) -> bool:
+    """Whether a start's `when` fits the machine `profile` (`sweep.inputs.machine.profile`:
+    `encoder`, `isa`); no profile (the machine unknown) fits every start."""
+    if profile is None:
+        return True
+    return (("encoder" not in when or profile.get("encoder") in when["encoder"])
+            and set(when.get("isa", ())) <= set(profile.get("isa") or ()))
+
 
 def resolve(start: Mapping, params: Mapping[str, Dim | None],
             conditions: Mapping[str, Condition]) -> tuple[dict, list[tuple[str, str]]]:
@@ -735,9 +779,10 @@ def resolve(start: Mapping, params: Mapping[str, Dim | None],
 
 
 def check_starts(ck: _Checker, raw: Any, params: Mapping[str, Dim],
-                 conditions: Mapping[str, Condition]) -> list[dict]:
+                 conditions: Mapping[str, Condition]) -> list[tuple[dict, dict]]:
     """Validate the `starts:` section against the space's (ordered) params; record every
-    problem on `ck` and return the starts that passed."""
+    problem on `ck` and return the starts that passed, each with its `when` ({}: any machine).
+    """
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -748,6 +793,13 @@ def check_starts(ck: _Checker, raw: Any, params: Mapping[str, Dim],
         where = f"starts[{i}]"
         if not isinstance(start, Mapping) or not start:
             ck.err(where, f"must be a non-empty mapping of parameter -> value, got {start!r}")
+            continue
+        start = dict(start)
+        when = _check_when(ck, where, start.pop("when", None))
+        if when is None:
+            continue
+        if not start:
+            ck.err(where, "sets no parameter, only `when`")
             continue
         bad = False
         for key, value in start.items():
@@ -770,7 +822,7 @@ def check_starts(ck: _Checker, raw: Any, params: Mapping[str, Dim],
         except (RecipeError, ValueError) as e:
             ck.err(where, f"is not a valid recipe: {e}")
             continue
-        out.append(dict(start))
+        out.append((start, when))
     return out
 
 
@@ -807,6 +859,8 @@ class Space:
     confidence: float | None = None
     source: str = ""
     starts: tuple[dict, ...] = ()  # partial recipes measured first (see `resolve`)
+    # each start's `when` (same order; {}: every machine), see `machine_fits`
+    start_when: tuple[dict, ...] = ()
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -882,10 +936,14 @@ class Space:
         default is left out (Optuna then samples it)."""
         return resolve({}, self.params, self.conditions)[0]  # the empty warm start
 
-    def start_points(self, devices: set[str] | frozenset[str] = frozenset({"cpu"})) -> list:
-        """The full points of the warm starts this cluster can run (see `resolve`)."""
+    def start_points(self, devices: set[str] | frozenset[str] = frozenset({"cpu"}),
+                     machine_profile: Mapping | None = None) -> list:
+        """The full points of the warm starts this cluster can run (see `resolve`) that fit
+        the machine (`sweep.inputs.machine.profile`; None: every start)."""
         doms = self.domains(frozenset(devices))
-        points = [resolve(s, doms, self.conditions) for s in self.starts]
+        whens = self.start_when or ({},) * len(self.starts)
+        points = [resolve(s, doms, self.conditions) for s, w in zip(self.starts, whens)
+                  if machine_fits(w, machine_profile)]
         return [point for point, problems in points if not problems]
 
     # -- figures ---------------------------------------------------------------------------
@@ -929,7 +987,10 @@ class Space:
                                                       for k, v in self.constraints.items())
                          + (f" (max_dwer judged at {self.confidence:.0%} confidence)"
                             if self.confidence else ""))
-        lines += [f"  start: {', '.join(f'{k}={v}' for k, v in st.items())}" for st in self.starts]
+        whens = self.start_when or ({},) * len(self.starts)
+        lines += [f"  start: {', '.join(f'{k}={v}' for k, v in st.items())}" + (
+            f" (when {', '.join(k + '=' + '|'.join(v) for k, v in w.items())})" if w else "")
+            for st, w in zip(self.starts, whens)]
         return "\n".join(lines)
 
 
@@ -1016,7 +1077,7 @@ def space_from_dict(data: Any, *, source: str = "", default_name: str = "space")
     raw_conds = data.get("conditions") if isinstance(data.get("conditions"), Mapping) else {}
     broken = {n for n in raw_params if n not in dims} | \
              {n for n in raw_conds if n not in conditions}
-    starts: list[dict] = []
+    starts: list[tuple[dict, dict]] = []
     if not cyclic:
         flagged = _check_requirements(ck, dims, conditions, broken)
         _check_pairs(ck, dims, conditions, broken | flagged)
@@ -1028,4 +1089,4 @@ def space_from_dict(data: Any, *, source: str = "", default_name: str = "space")
                  conditions={n: conditions[n] for n in order if n in conditions},
                  objectives=tuple(objectives), constraints=constraints,
                  confidence=confidence, source=source,
-                 starts=tuple(starts))
+                 starts=tuple(s for s, _ in starts), start_when=tuple(w for _, w in starts))
