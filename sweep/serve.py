@@ -189,9 +189,8 @@ def run(ck, audio: np.ndarray, language: str | None, default: str | None, task: 
     detected; then the same transcription as `python -m sweep.transcribe`."""
     from .transcribe import transcribe_audio
 
-    source = "request" if language else "checkpoint" if default else "detected"
     lang = language or default or detect_language(ck, audio)
-    return {**transcribe_audio(ck, audio, language=lang, task=task), "language_source": source}
+    return transcribe_audio(ck, audio, language=lang, task=task)
 
 
 # ---- the worker pool -------------------------------------------------------------------------

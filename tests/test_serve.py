@@ -88,14 +88,21 @@ def ru_server(checkpoints):
 
 
 @pytest.fixture(scope="module")
-def want(checkpoints, clips, tmp_path_factory):
+def loaded(checkpoints):
+    import sweep
+
+    return sweep.load(checkpoints["ru"])
+
+
+@pytest.fixture(scope="module")
+def want(loaded, clips, tmp_path_factory):
     """What `sweep.load` + `python -m sweep.transcribe`'s path give for each clip."""
     folder = tmp_path_factory.mktemp("clips")
     paths = {}
     for name, data in clips.items():
         paths[name] = folder / f"{name}.{'wav' if name == 'long' else 'flac'}"
         paths[name].write_bytes(data)
-    rows = transcribe.transcribe_files(checkpoints["ru"], [paths["real"], paths["short"]])
+    rows = transcribe.transcribe_files(loaded, [paths["real"], paths["short"]])
     return {"real": rows[0]["text"], "short": rows[1]["text"], "paths": paths}
 
 
@@ -104,7 +111,7 @@ def _post(url, files, data=None, **kw):
                          timeout=120, **kw)
 
 
-def test_openai_client_gets_the_checkpoints_transcript(ru_server, clips, want, checkpoints):
+def test_openai_client_gets_the_checkpoints_transcript(ru_server, clips, want, loaded):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{ru_server}/v1", api_key="unused", max_retries=0)
@@ -120,7 +127,7 @@ def test_openai_client_gets_the_checkpoints_transcript(ru_server, clips, want, c
     assert (verbose.language, verbose.duration, verbose.text) == ("russian", 4.0, want["real"])
     assert verbose.segments[0].end == 4.0 and verbose.segments[0].text == want["real"]
     # /v1/audio/translations: the client's method is deprecated, the route is OpenAI's.
-    (translated,) = transcribe.transcribe_files(checkpoints["ru"], [want["paths"]["short"]],
+    (translated,) = transcribe.transcribe_files(loaded, [want["paths"]["short"]],
                                                 task="translate")
     r = requests.post(f"{ru_server}/v1/audio/translations", timeout=120,
                       files={"file": ("short.flac", clips["short"])})
@@ -208,11 +215,9 @@ def _wait_for(url, key, value, timeout=60):
         time.sleep(0.02)
 
 
-def test_full_queue_answers_503_with_retry_after_and_loses_nothing(checkpoints, clips):
+def test_full_queue_answers_503_with_retry_after_and_loses_nothing(checkpoints, clips, loaded):
     """1 worker + 1 waiting: while a long clip decodes, one more is admitted, the rest get 503;
     every admitted request is answered with its transcript. Language: detected."""
-    from sweep.ship.checkpoint import load
-
     opts = serve.ServeOptions(str(checkpoints["none"]), port=0, workers=1, queue=1)
     results = {}
 
@@ -237,10 +242,9 @@ def test_full_queue_answers_503_with_retry_after_and_loses_nothing(checkpoints, 
     assert all(int(r.headers["Retry-After"]) >= 1 for r in busy)
     assert "the server is busy" in busy[0].json()["error"]["message"]
     # No recorded language: Whisper's detection decides, and the text is that language's.
-    ck = load(checkpoints["none"])
-    short = serve.decode_upload(clips["short"])
-    lang = serve.detect_language(ck, short)
-    text = transcribe.transcribe_audio(ck, short, language=lang)["text"]
+    short = serve.decode_upload(clips["short"])  # the same weights as "none"'s
+    lang = serve.detect_language(loaded, short)
+    text = transcribe.transcribe_audio(loaded, short, language=lang)["text"]
     served = [r.json() for r in results.values() if r.status_code == 200 and
               r.json()["duration"] < 10]
     assert served and all(s["text"] == text for s in served)
@@ -258,20 +262,20 @@ def test_full_queue_answers_503_with_retry_after_and_loses_nothing(checkpoints, 
         in prom
 
 
-def test_shutdown_finishes_the_request_in_flight(checkpoints, clips):
+def test_shutdown_finishes_the_request_in_flight(checkpoints, clips, want):
     """What SIGINT/SIGTERM do (uvicorn's `should_exit`): stop listening, finish what was
-    admitted; the long clip's answer still arrives whole."""
+    admitted; the answer in flight still arrives whole."""
     result = {}
     with running(serve.ServeOptions(str(checkpoints["ru"]), port=0)) as (url, server):
         t = threading.Thread(target=lambda: result.update(r=_post(
-            url, {"file": ("long.wav", clips["long"])})))
+            url, {"file": ("real.flac", clips["real"])})))
         t.start()
         _wait_for(url, "in_flight", 1)
         server.should_exit = True
         t.join(120)
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{url}/health", timeout=10)
-    assert result["r"].status_code == 200 and result["r"].json()["text"]
+    assert result["r"].status_code == 200 and result["r"].json() == {"text": want["real"]}
 
 
 def test_health_and_routes_answer_in_openais_shape(ru_server):
