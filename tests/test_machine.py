@@ -159,6 +159,24 @@ starts:
         in text
 
 
+@pytest.mark.parametrize("name", ["cpu", "full"])
+def test_shipped_starts_without_amx_skip_the_amx_levers(name):
+    """The cpu and full spaces: on AMX, the bf16 mix at full speed (frozen compiled encoder,
+    bf16 cross K/V); without, int8 on the encoder with the scripted step, never those levers."""
+    from sweep.search.space import load_space
+    from sweep.techniques.recipe import Recipe
+
+    space = load_space(name)
+    amx = [Recipe.from_flat(p) for p in space.start_points({"cpu"}, AMX)]
+    no_amx = [Recipe.from_flat(p) for p in space.start_points({"cpu"}, NO_AMX)]
+    assert any(r.encoder.compile == "freeze" and r.decode.cross_kv == "bf16" for r in amx)
+    assert not any(r.encoder.compile == "freeze" or r.decode.cross_kv == "bf16"
+                   for r in no_amx)
+    assert any(r.quant.by_layer_type()["enc_mlp"] == "dynamic_int8"
+               and r.decode.compile == "script" for r in no_amx)
+    assert len(amx) < len(space.starts) and len(no_amx) < len(space.starts)
+
+
 def test_the_searcher_queues_the_starts_that_fit(tmp_path):
     pytest.importorskip("ray")
     from sweep.search.sampler import make_searcher

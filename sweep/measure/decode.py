@@ -53,7 +53,9 @@ class Plan:
                 + (f", cross K/V {self.cross_kv}" if self.cross_kv != "model" else "")
                 + (f", no repeated {self.no_repeat}-gram" if self.no_repeat else "")
                 + (f", at most {self.max_new_tokens} tokens" if self.max_new_tokens else "")
-                + ("" if w.mode == "full" else f", encoder window {w.mode} ({w.bucket_s} s)"))
+                + ("" if w.mode == "full" else f", encoder window {w.mode} ({w.bucket_s} s"
+                   + (f", margin {w.margin_s:g} s" if w.margin_s else "")
+                   + (f", padding {w.pad_s:g} s" if w.pad_s else "") + ")"))
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,10 @@ def plan_for(recipe) -> Plan:
 
 def features(model, processor, audios, durations, plan: Plan) -> torch.Tensor:
     """Log-mel features of clips, cut to the plan's encoder window (the longest clip's)."""
-    full = win.full_frames(model)
-    frames = max(plan.window.frames(d, full) for d in durations)
-    return win.features(model, processor, audios, frames)
+    full, w = win.full_frames(model), plan.window
+    frames = max(w.frames(d, full) for d in durations)
+    return win.features(model, processor, [w.padded(a, d) for a, d in zip(audios, durations)],
+                        frames)
 
 
 def decode(model, feats: torch.Tensor, plan: Plan, *, language: str, task: str,

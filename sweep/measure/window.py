@@ -6,6 +6,13 @@ cross-attention reads 1500 keys per token. `encode` runs the same modules on a s
 (the first positions of `embed_positions`), which the model never saw in training: its WER cost
 is measured by the sweep, not assumed. Windows are rounded up to buckets so that few distinct
 shapes occur (caches, compiled graphs).
+
+A window cut at the clip's end gives the model no silence after the speech, which it always had
+in training (Whisper pads to 30 s): `margin_s` encodes that many seconds of the padding beyond
+the speech's end, `pad_s` puts that much silence before it (whisper.cpp users add ~1.3 s to
+`audio_ctx`, and pad very short clips in front). The speech's end is the clip's end (evaluation
+clips are utterances; their trailing silence counts as speech). bench/window.py measures the
+WER/speed curve.
 """
 
 from __future__ import annotations
@@ -20,28 +27,50 @@ from torch import nn
 
 WINDOWS = ("full", "auto")
 HOP_S = 0.01  # one mel frame per 10 ms (16 kHz, hop 160)
+RATE = 16000  # Whisper's sampling rate
+FULL_S = 30.0  # Whisper's own window
 
 
 @dataclass(frozen=True)
 class Window:
-    """`full`: always the model's window (30 s); `auto`: the clip's duration rounded up to a
-    multiple of `bucket_s` seconds (at most the full window)."""
+    """`full`: always the model's window (30 s); `auto`: `pad_s` of silence, the clip, then
+    `margin_s` of silence, rounded up to a multiple of `bucket_s` seconds (at most the full
+    window)."""
     mode: str = "full"
     bucket_s: int = 5
+    margin_s: float = 0.0  # silence encoded beyond the speech's end (auto only)
+    pad_s: float = 0.0  # silence put before the speech (auto only)
 
     def __post_init__(self):
         if self.mode not in WINDOWS:
             raise ValueError(f"`encoder.window` must be one of {WINDOWS}, got window={self.mode!r}")
         if not (isinstance(self.bucket_s, int) and self.bucket_s >= 1):
             raise ValueError(f"`encoder.bucket_s` must be an integer >= 1, got {self.bucket_s=}")
+        for name in ("margin_s", "pad_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= FULL_S:
+                raise ValueError(f"`encoder.{name}` must be seconds in [0, {FULL_S:g}], got "
+                                 f"{name}={v!r}")
+
+    def lead_s(self, duration_s: float) -> float:
+        """Silence put before a clip of `duration_s` seconds: `pad_s` when the padded clip still
+        fits Whisper's 30 s (padding never pushes speech out of the window), else none."""
+        pad = self.pad_s if self.mode == "auto" else 0.0
+        return pad if pad + duration_s <= FULL_S else 0.0
 
     def frames(self, duration_s: float, full_frames: int) -> int:
         """Mel frames to encode for a clip of `duration_s` seconds (even: conv2 has stride 2)."""
         if self.mode == "full":
             return full_frames
-        seconds = self.bucket_s * max(1, math.ceil(round(duration_s, 3) / self.bucket_s))
+        speech = round(self.lead_s(duration_s) + duration_s + self.margin_s, 3)
+        seconds = self.bucket_s * max(1, math.ceil(speech / self.bucket_s))
         frames = int(round(seconds / HOP_S))
         return min(full_frames, frames + frames % 2)
+
+    def padded(self, audio: np.ndarray, duration_s: float) -> np.ndarray:
+        """`audio` (16 kHz) with this window's leading silence."""
+        lead = int(round(self.lead_s(duration_s) * RATE))
+        return np.concatenate([np.zeros(lead, dtype=audio.dtype), audio]) if lead else audio
 
 
 def full_frames(model: nn.Module) -> int:
@@ -65,7 +94,7 @@ def encode(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
 def _encode_window(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     enc = model.model.encoder
     fn = getattr(enc, COMPILED_WINDOW, None) or _window_layers
-    return fn(enc, feats).to(model.model.decoder.embed_tokens.weight.dtype)
+    return fn(enc, feats).to(model.model.decoder.embed_positions.weight.dtype)
 
 
 def _window_layers(enc: nn.Module, feats: torch.Tensor) -> torch.Tensor:
