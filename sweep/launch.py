@@ -28,6 +28,9 @@ from .search.sweepspec import DATA_KEYS, FILE, SweepSpec
 # (measured: +-15-25% on 19 Russian clips, +-11-15% on 71): the clips a budget needs before a
 # sweep has measured anything. The summary replaces it with this sweep's own intervals.
 HALFWIDTH_SQRT_N = 1.0
+# --screen auto: screening costs about as much as a dozen trials, worth it on a large space
+# with a long search, not on a short one
+SCREEN_DIMS, SCREEN_SAMPLES = 12, 20
 
 
 def parse_args(argv=None) -> Namespace:
@@ -82,6 +85,14 @@ def parse_args(argv=None) -> Namespace:
                          "(e.g. 0.25,0.5) a trial goes on only if no trial that measured the "
                          "whole set beats it on both dWER and speed-up there, and its dWER is "
                          "within max_dwer; stopped ones are pruned (default: off)")
+    ap.add_argument("--screen", default="auto", choices=("auto", "on", "off"),
+                    help="before the joint search, measure each dimension's values alone (from "
+                         "the baseline and the best warm start, on --screen-clips clips) and "
+                         "drop what is out of reach of the budget; auto: on for spaces of more "
+                         f"than {SCREEN_DIMS} searched parameters when --num-samples >= "
+                         f"{SCREEN_SAMPLES}")
+    ap.add_argument("--screen-clips", type=int, default=8,
+                    help="clips each screening point is measured on (the first ones)")
     ap.add_argument("--no-probes", dest="probes", action="store_false",
                     help="skip the non-speech hallucination probes after each trial's clips")
     ap.add_argument("--resume", default=None, metavar="SWEEP",
@@ -111,6 +122,9 @@ def validate(args) -> tuple:
     if args.max_concurrent < 1:
         raise ValueError(f"`--max-concurrent` must be >= 1, got {args.max_concurrent}")
     stopping.parse_rungs(args.rungs)  # raises naming the rule
+    if args.screen_clips < 2:
+        raise ValueError(f"`--screen-clips` must be >= 2 (a paired test needs two), got "
+                         f"{args.screen_clips}")
     if args.early_stop_min_clips < 1:
         raise ValueError(f"`--early-stop-min-clips` must be >= 1, got {args.early_stop_min_clips}")
     evalset = cli.load_data(args)  # raises DataError naming the problem
@@ -254,7 +268,12 @@ def run(args) -> dict:
           f"{args.space} on {cpus} CPUs, {per_trial} per trial; MLflow {uri}", file=sys.stderr)
     with _parent_ends(uri, parent):
         t0 = time.time()
-        if args.resume:
+        (sweep_dir / name).mkdir(parents=True, exist_ok=True)
+        spec.save(sweep_dir / name)
+        if screen_wanted(args, space):
+            space = run_screening(args, space, ctx, sweep_dir / name, devices, per_trial, uri,
+                                  parent)
+        if args.resume and tune.Tuner.can_restore(str(sweep_dir / name)):
             tuner = tune.Tuner.restore(str(sweep_dir / name), trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
@@ -272,12 +291,97 @@ def run(args) -> dict:
                     # A lost node's trial runs again elsewhere; a recipe's own failure does not
                     # raise (it is reported as a failed trial), so it is never retried.
                     failure_config=tune.FailureConfig(max_failures=2)))
-            (sweep_dir / name).mkdir(parents=True, exist_ok=True)
-            spec.save(sweep_dir / name)
         with console.quiet_tune():
             tuner.fit()
         return finish(args, space, name, time.time() - t0, uri, exp_id, parent, root,
                       evalset)
+
+
+def screen_wanted(args, space) -> bool:
+    if args.screen == "auto":
+        searched = [d for d in space.params.values() if d.kind != "value"]
+        return len(searched) > SCREEN_DIMS and args.num_samples >= SCREEN_SAMPLES
+    return args.screen == "on"
+
+
+def _run_points(args, ctx, trainable_of, points: list[dict], where: Path, label: str,
+                space) -> list[dict | None]:
+    """Measure fixed points through Tune (the same workers and logging as the search); their
+    results in `points` order (None for a point without one)."""
+    from ray import tune
+
+    from .search import sampler as search
+
+    if not points:
+        return []
+    tuner = tune.Tuner(trainable_of(ctx), param_space={
+        "point": tune.grid_search([dict(p) for p in points])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=label, storage_path=str(where), verbose=0, callbacks=[
+            search.Progress(len(points), None, space.objectives, space.constraints,
+                            label=label)]))
+    with console.quiet_tune():
+        grid = tuner.fit()
+    got = {json.dumps(r.config["point"], sort_keys=True, default=str): r.metrics for r in grid}
+    return [got.get(json.dumps(p, sort_keys=True, default=str)) for p in points]
+
+
+def run_screening(args, space, ctx, sweep_path: Path, devices, per_trial: int, uri: str,
+                  parent: str):
+    """Screening (`sweep.search.screen`): the warm starts, then each dimension's values alone
+    from the baseline and the best start, on the first --screen-clips clips with early
+    stopping; returns the space bounded by it. Its table is `screen/screen.json` (kept: a
+    resumed sweep reads it instead of screening again) and an artifact of the parent run."""
+    import dataclasses
+
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from .search import sampler as search, screen, worker
+
+    out = sweep_path / "screen"
+    saved = out / "screen.json"
+    if saved.is_file():
+        narrowed, _ = screen.narrow(space, json.loads(saved.read_text())["rows"])
+        return narrowed
+    out.mkdir(parents=True, exist_ok=True)
+    sctx = dataclasses.replace(
+        ctx, sweep=f"{ctx.sweep}/screen", probes=False, rungs=(),
+        data={**ctx.data, "max_samples": args.screen_clips},
+        early_stop=stopping.EarlyStop(max_dwer=space.constraints.get("max_dwer"),
+                                      min_clips=min(4, args.screen_clips)))
+
+    def trainable_of(c):
+        return tune.with_resources(tune.with_parameters(worker.trainable_point, ctx=c),
+                                   lambda config: search.resources_for(per_trial)(
+                                       config["point"]))
+
+    t0 = time.time()
+    starts = space.start_points(frozenset(devices))
+    print(f"screening: {len(starts)} warm starts on {args.screen_clips} clips", file=sys.stderr)
+    found = _run_points(args, sctx, trainable_of, starts, out, "starts", space)
+    best = screen.best_start(space, found)
+    anchors = {"baseline": {}}
+    if best is not None:
+        anchors[f"start {best + 1}"] = space.starts[best]
+    points = screen.plan(space, anchors, frozenset(devices))
+    print(f"screening: {len(points)} single changes from {', '.join(anchors)}", file=sys.stderr)
+    results = _run_points(args, sctx, trainable_of, [p.point for p in points], out, "points",
+                          space)
+    rows = screen.table(points, results)
+    narrowed, changes = screen.narrow(space, rows)
+    saved.write_text(json.dumps({"anchors": anchors, "clips": args.screen_clips, "rows": rows,
+                                 "changes": changes, "seconds": time.time() - t0},
+                                indent=1, default=str))
+    report.write_screening(rows, out / "screen.csv")
+    client = MlflowClient(uri)
+    for f in (saved, out / "screen.csv"):
+        tracking.retry(client.log_artifact, parent, str(f), "screen")
+    print(report.format_screening(rows), file=sys.stderr)
+    for line in changes or ["nothing out of reach: the space is searched as written"]:
+        print(f"screening: {line}", file=sys.stderr)
+    return narrowed
 
 
 def resolution_warning(space, n_clips: int) -> list[str]:
@@ -293,6 +397,35 @@ def resolution_warning(space, n_clips: int) -> list[str]:
     return [f"warning: {n_clips} clips resolve dWER to about +-{half:.0%} (95% interval), "
             f"wider than the budget max_dwer {budget:+.0%}: feasibility is decided on noise; "
             f"about {need} clips would resolve it (--max-samples, or a larger --dataset)"]
+
+
+def origin(row: dict, space) -> str:
+    """`baseline`, `start` (one of the space's warm starts) or `sampled` (the sampler's)."""
+    from .techniques.recipe import Recipe
+
+    if pareto.is_baseline_recipe(row.get("recipe")):
+        return "baseline"
+    try:
+        starts = [Recipe.from_flat(p).to_flat()
+                  for p in space.start_points(frozenset({"cpu", "cuda"}))]
+    except ValueError:
+        starts = []
+    return "start" if row.get("recipe") in starts else "sampled"
+
+
+def accounting(trials: list[dict], front: list[dict], space, baseline: dict) -> dict:
+    """Whether the search earned its place: front members by origin, and how many sampled
+    trials were infeasible (failed, stopped, or over a constraint)."""
+    def count(rows, what):
+        return sum(origin(r, space) == what for r in rows)
+
+    sampled = [r for r in trials if origin(r, space) == "sampled"]
+    return {"front_from_starts": count(front, "start"),
+            "front_from_sampling": count(front, "sampled"),
+            "front_from_baseline": count(front, "baseline"),
+            "sampled": len(sampled),
+            "sampled_infeasible": sum(not pareto.feasible(r, space.constraints or None, baseline)
+                                      for r in sampled)}
 
 
 def stop_costs(ok: list[dict], pruned: list[dict]) -> dict:
@@ -394,11 +527,16 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     out = Path(args.out) if args.out else root / "sweeps" / name / "results"
     links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{r['run_id']}"
              for r in ok}
+    for r in rows:  # where each trial came from: trials.csv and the accounting say it
+        r["origin"] = origin(r, space)
     report.write_front(rows, base_figs, out, objs, constraints=constraints)
     _guarded("pareto.png", report.plot_front, ok, front, base_figs, out / "pareto.png",
              title=f"HYPER sweep {name}", objectives=objs)
+    screened = root / "sweeps" / name / "screen" / "screen.json"
+    screening = json.loads(screened.read_text()) if screened.is_file() else None
     _guarded("report.html", report_html.write_report_html, rows, front, base_figs,
-             out / "report.html", links, title=f"HYPER sweep {name}", objectives=objs)
+             out / "report.html", links, title=f"HYPER sweep {name}", objectives=objs,
+             screening=screening)
     _guarded("importances.json",
              lambda: write_importances(searcher_study(root, name), out, objs))
     hv = pareto.front_hypervolume(front, base_figs, None, objs, constraints=constraints)
@@ -412,6 +550,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
                "unreadable": sum(r["status"] == "unreadable" for r in rows),
                **interrupted(rows), "stale_runs_killed": killed,
                "stale_optuna_failed": failed_ot, "stale_optuna_recovered": recovered_ot,
+               **accounting(list(trials.values()), front, space, base_figs),
                "knee": (pareto.knee(front, objs) or {}).get("trial_id")}
     if args.eval_dataset and front:
         summary["eval"] = remeasure(args, front, out, objs)

@@ -87,6 +87,19 @@ def test_sweep_logs_every_trial_and_writes_a_true_front(tmp_path, tiny_checkpoin
         assert not any(w2 <= w and t2 <= t and (w2, t2) != (w, t) for w2, t2 in logged)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] == 5 and summary["trials"] == 5
+    # Honest accounting: each trial's origin in trials.csv, the front's members by origin
+    import csv
+
+    with open(out / "trials.csv", newline="") as fh:
+        origins = [r["origin"] for r in csv.DictReader(fh)]
+    assert origins.count("baseline") == 1 and origins.count("start") >= 1
+    assert summary["sampled"] == origins.count("sampled") >= 1
+    assert 0 <= summary["sampled_infeasible"] <= summary["sampled"]
+    assert (summary["front_from_starts"] + summary["front_from_sampling"]
+            + summary["front_from_baseline"]) == summary["front"] == len(front)
+    from sweep.results.pareto import is_baseline_recipe
+
+    assert summary["front_from_baseline"] == sum(is_baseline_recipe(r["recipe"]) for r in front)
     # The front, measured again on the second set, keeps its recipes.
     again = json.loads((out / "front_eval.json").read_text())
     assert [r["recipe"] for r in again["rows"]] == [r["recipe"] for r in front]

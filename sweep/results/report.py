@@ -401,3 +401,29 @@ def plot_front(rows: Sequence[Mapping], front: Sequence[Mapping], baseline: Mapp
     fig.savefig(path, format="png", metadata={"HYPER axes": json.dumps(
         {"y": [ym, *view["y"]], "x": [xm, *view["x"]]})})
     return path
+
+
+SCREEN_COLUMNS = ("dim", "value", "anchor", "status", "dwer", "speedup", "clips_measured",
+                  "reason")
+
+
+def write_screening(rows: Sequence[Mapping], path: Path) -> Path:
+    """The screening table (`sweep.search.screen.table`) as CSV: one row per single change."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(SCREEN_COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(r.get(k)) for k in SCREEN_COLUMNS})
+    return path
+
+
+def format_screening(rows: Sequence[Mapping]) -> str:
+    """The screening table for the console: each change alone, dWER and speed-up in percent."""
+    lines = [f"{'change':<44} {'from':<10} {'dWER':>8} {'speed-up':>9}  status"]
+    for r in rows:
+        d, sp = _num(r.get("dwer")), _num(r.get("speedup"))
+        lines.append(f"{str(r['dim']) + '=' + str(r['value']):<44} {r['anchor']:<10} "
+                     f"{'—' if d is None else format(d, '+.1%'):>8} "
+                     f"{'—' if sp is None else format(sp, '.2f') + 'x':>9}  "
+                     f"{r['status']}{': ' + str(r['reason'])[:60] if r.get('reason') else ''}")
+    return "\n".join(lines)

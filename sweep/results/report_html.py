@@ -127,16 +127,43 @@ def _svg(pts, front_keys, baseline, view, ym, xm, links, info) -> tuple[str, int
     return "".join(svg), n_out
 
 
+def _screening_html(screening: Mapping | None) -> str:
+    """Each dimension's values alone (dWER and speed-up from an anchor, on a few clips), and
+    how the space was bounded by them."""
+    if not screening:
+        return ""
+    trs = []
+    for r in screening.get("rows", []):
+        d, sp = _num(r.get("dwer")), _num(r.get("speedup"))
+        trs.append(f"<tr><td>{html.escape(str(r.get('dim')))}</td>"
+                   f"<td>{html.escape(str(r.get('value')))}</td>"
+                   f"<td>{html.escape(str(r.get('anchor')))}</td>"
+                   f"<td>{'—' if d is None else f'{d:+.3f}'}</td>"
+                   f"<td>{'—' if sp is None else f'{sp:.2f}x'}</td>"
+                   f"<td>{html.escape(str(r.get('status')))}"
+                   f"{': ' + html.escape(str(r.get('reason'))[:90]) if r.get('reason') else ''}"
+                   "</td></tr>")
+    changes = "".join(f"<li>{html.escape(c)}</li>" for c in screening.get("changes", [])) or \
+        "<li>nothing out of reach: the space was searched as written</li>"
+    anchors = html.escape(", ".join(screening.get("anchors", {})))
+    return (f"<h3>Screening: each change alone</h3><p>Measured on the first "
+            f"{screening.get('clips')} clips from {anchors}"
+            f", before the joint search. The space the sampler searched:</p><ul>{changes}</ul>"
+            "<table><tr><th>parameter</th><th>value</th><th>from</th><th>dWER alone</th>"
+            "<th>speed-up alone</th><th>status</th></tr>" + "".join(trs) + "</table>")
+
+
 def write_report_html(rows: Sequence[Mapping], front: Sequence[Mapping], baseline: Mapping,
                       path: str | os.PathLike, run_links: Mapping[Any, str] | None = None, *,
-                      title: str = "HYPER sweep", objectives: Objectives | None = None) -> Path:
+                      title: str = "HYPER sweep", objectives: Objectives | None = None,
+                      screening: Mapping | None = None) -> Path:
     """A self-contained HTML page (inline SVG and JS, nothing fetched): the first two
     objectives (WER vs latency by default) on ranges chosen for the front (a broken trial is a
     hollow point at the edge; a box switches to log axes holding every trial); hover a point
     for its recipe and figures, click it to open its MLflow run (`run_links` maps trial_id ->
     URL); the data's resolution (median dWER interval); then the front as a table, each recipe
     in the words of `Recipe.describe` (what differs from the baseline), the full recipe a click
-    away."""
+    away. `screening`: the screening's saved table (`screen.json`), shown as its own section."""
     ym, xm = axes(objectives)
     more = [figures.BY_NAME[m] for m, _ in _norm_objectives(objectives)
             if m not in _SHOWN and m in figures.BY_NAME]  # objectives shown beside the study's
@@ -220,6 +247,7 @@ open its MLflow run.{beyond_text}</p>
 <div id="tip"></div>
 <h3>Pareto front</h3>
 {table}
+{_screening_html(screening)}
 <script>{_HTML_JS}</script>
 </body></html>
 """

@@ -162,10 +162,11 @@ class Progress(tune.Callback):
     only, as in the final table), time left."""
 
     def __init__(self, total: int, time_budget: float | None, objectives,
-                 constraints: dict | None = None):
+                 constraints: dict | None = None, label: str = ""):
         # Plain data only: Tune pickles callbacks with its experiment state.
         self.total, self.budget, self.objectives = total, time_budget, list(objectives)
         self.constraints = dict(constraints or {})
+        self.label = label  # a phase's name (screening) before the counts
         self.t0, self.done, self.failed, self.pruned = time.time(), 0, 0, 0
         self.rows: list[dict] = []
 
@@ -190,7 +191,8 @@ class Progress(tune.Callback):
         best = max((r["speedup"] for r in self.rows if r.get("speedup") is not None
                     and feasible(r, self.constraints or None, base)), default=None)
         sys.stderr.write(
-            f"[{self.done}/{self.total}] running {max(0, running)} failed {self.failed} "
+            f"[{getattr(self, 'label', '') + ' ' if getattr(self, 'label', '') else ''}"
+            f"{self.done}/{self.total}] running {max(0, running)} failed {self.failed} "
             f"pruned {self.pruned} front {self._front_size(base)} best "
             f"{'—' if best is None else f'{best:.2f}x'} | {elapsed:.0f}s, ~{left:.0f}s left | "
             f"{trial.trial_id}: {what}\n")

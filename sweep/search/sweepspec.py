@@ -55,6 +55,8 @@ class SweepSpec:
     early_stop: str = "auto"
     early_stop_min_clips: int = 4
     rungs: str | None = None
+    screen: str = "auto"
+    screen_clips: int = 8
     probes: bool = True
 
     @classmethod

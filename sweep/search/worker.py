@@ -247,3 +247,10 @@ def _profile(ctx: SweepContext, loaded, evalset, calib, recipe, run_id: str) -> 
         tracking.log_profile(ctx.tracking_uri, run_id, None, f"{type(e).__name__}: {e}")
         return
     tracking.log_profile(ctx.tracking_uri, run_id, prof)
+
+
+def trainable_point(config: dict, ctx: SweepContext) -> None:
+    """A fixed point (screening: Tune's grid over whole recipes, under `point`)."""
+    from ray import tune
+
+    tune.report(run_one(config["point"], ctx))
