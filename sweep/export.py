@@ -130,17 +130,37 @@ def _trial_hypotheses(client, run_id: str) -> dict | None:
 
 
 def verify(ck, row: dict, ns: SweepSpec, evalset, logged: dict | None) -> dict:
-    """Re-measure the loaded checkpoint on the sweep's data; print it next to the trial."""
+    """Re-measure the loaded checkpoint on the sweep's data; print it next to the trial. When
+    plain transformers loads it but not as measured (approximately, or without what only
+    `sweep.load` re-applies), measure that too, for the card. One progress line for both."""
+    from .inputs.probes import probes
     from .measure.evaluate import measure
+    from .ship.checkpoint import load_plain
 
+    plain = ck.info["plain"]["weights"]
+    plain = plain != "none" and (plain != "exact" or bool(ck.info["reapplied"]))
+    n, report = len(evalset), cli.progress("verify", sys.stderr)
+    total = n * (2 if plain else 1)
     m = measure(ck.model, ck.processor, evalset, options=ck.options, language=ns.language,
-                warmup=ns.warmup, numbers=ns.numbers, progress=cli.progress("verify", sys.stderr))
+                warmup=ns.warmup, numbers=ns.numbers, progress=lambda d, _: report(d, total),
+                probes=probes() if row.get("hallucination_rate") is not None else None)
     f = m.figures
     differ = None if logged is None else sum(
         logged.get(u["id"]) != u["hypothesis"] for u in m.utterances)
     match = f["wer"] == row["wer"] and f["cer"] == row["cer"] and not differ
+    shown = [fig for fig in VERIFIED if fig.name in f]  # hallucinations: when the trial had
+    out = {**{fig.name: f[fig.name] for fig in shown}, "n_utterances": f["n_utterances"],
+           "differing_transcripts": differ, "match": match}
+    if plain:
+        model, processor = load_plain(ck.path)
+        p = measure(model.to(ck.recipe.device), processor, evalset, language=ns.language,
+                    warmup=0, numbers=ns.numbers, progress=lambda d, _: report(n + d, total))
+        out["plain"] = {"wer": p.figures["wer"], "cer": p.figures["cer"],
+                        "n_utterances": len(p.utterances),
+                        "differing_transcripts": sum(a["hypothesis"] != b["hypothesis"] for a, b
+                                                     in zip(p.utterances, m.utterances))}
     print(f"{'':22}{'trial':>10}{'checkpoint':>12}")
-    for fig in VERIFIED:
+    for fig in shown:
         t = row.get(fig.name)
         print(f"{fig.text:22}{'—' if t is None else format(t, fig.fmt):>10}"
               f"{f[fig.name]:>12{fig.fmt}}")
@@ -148,8 +168,12 @@ def verify(ck, row: dict, ns: SweepSpec, evalset, logged: dict | None) -> dict:
         print(f"transcripts differing from the trial's: {differ} of {len(m.utterances)}")
     print("verify: " + ("WER and CER equal the trial's" if match else
                         "MISMATCH: the checkpoint does not reproduce the trial"))
-    return {**{fig.name: f[fig.name] for fig in VERIFIED}, "n_utterances": f["n_utterances"],
-            "differing_transcripts": differ, "match": match}
+    if plain:
+        p = out["plain"]
+        print(f"plain transformers (from_pretrained alone): WER {p['wer']:.3f}, CER "
+              f"{p['cer']:.3f}; {p['differing_transcripts']} of {p['n_utterances']} transcripts "
+              "differ from the checkpoint's (the model card says so)")
+    return out
 
 
 def export(args) -> int:
@@ -218,9 +242,12 @@ def export(args) -> int:
                           overwrite=args.force)
     del loaded
     _, _, baked, again = split(recipe)
-    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
-    print(f"exported {out} ({size:.0f} MB, {threads} threads): baked into the weights: "
-          f"{', '.join(baked) or 'nothing'}; re-applied at load: {', '.join(again) or 'nothing'}")
+    info = json.loads((out / "recipe.json").read_text(encoding="utf-8"))
+    size = (out / info["weights"]).stat().st_size / 1e6
+    print(f"exported {out} ({info['weights']} {size:.0f} MB, {threads} threads): applied at "
+          f"export: {', '.join(baked) or 'nothing'}; re-applied at load: "
+          f"{', '.join(again) or 'nothing'}; plain transformers loads it: "
+          f"{info['plain']['weights']}")
     code = 0
     if args.verify:
         from .ship.checkpoint import load

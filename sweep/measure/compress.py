@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, stored
 from .decode import Plan, plan_for
 from ..techniques.base import LAYER_TYPES
 
@@ -64,15 +64,17 @@ class Context:
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe, *,
-                 calibrate: Callable[[nn.Module], None] | None = None) -> Applied:
-    """Modify `model` in place by `recipe` (pass a copy to keep the original); see module doc."""
+                 calibrate: Callable[[nn.Module], None] | None = None,
+                 known_kernels: dict[str, str] | None = None) -> Applied:
+    """Modify `model` in place by `recipe` (pass a copy to keep the original); see module doc.
+    `known_kernels`: what already runs each layer type (a loaded checkpoint's stored modules)."""
     device = next(model.parameters()).device.type
     if device != recipe.device:
         raise CompressError(f"recipe has device={recipe.device!r} but the model is on {device!r}")
     model.eval()
     if recipe.compiles:  # graphs guard on module ids: none of an earlier trial's may be reused
         torch._dynamo.reset()
-    ctx = Context(recipe, calibrate)
+    ctx = Context(recipe, calibrate, kernels=dict(known_kernels or {}))
     for cfg in recipe.configs():
         if cfg.active:
             cfg.apply(model, ctx)
@@ -177,25 +179,10 @@ def cast_encoder_stack(model, plan: dict[str, str], ctx: Context) -> list[str]:
     ctx.notes.append(f"{scheme} encoder: {entry['choice']} chosen ({ratios} vs fp32, one layer)")
     if entry["choice"] != "stack":
         return []
-    out_dtype = model.model.decoder.embed_tokens.weight.dtype
-    enc.to(dtype)
-    enc.register_forward_pre_hook(lambda m, args, kw: (
-        tuple(_cast(a, dtype) for a in args), {k: _cast(v, dtype) for k, v in kw.items()}),
-        with_kwargs=True)
-    enc.register_forward_hook(lambda m, args, out: _cast_output(out, out_dtype))
+    # the decoder's dtype (its positions': the token embedding may be int8)
+    stored.cast_stack(enc, dtype, model.model.decoder.embed_positions.weight.dtype)
     ctx.kernels.update(enc_attn=f"{scheme} encoder stack", enc_mlp=f"{scheme} encoder stack")
     return list(linears_of(model, ("enc_attn", "enc_mlp")))
-
-
-def _cast(x, dtype):
-    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-
-
-def _cast_output(out, dtype):
-    if isinstance(out, tuple):
-        return (_cast(out[0], dtype),) + out[1:]
-    out["last_hidden_state"] = _cast(out["last_hidden_state"], dtype)
-    return out
 
 
 def _time_encoder_cast(layer: nn.Module, dtype: torch.dtype, config) -> dict:
@@ -207,6 +194,6 @@ def _time_encoder_cast(layer: nn.Module, dtype: torch.dtype, config) -> dict:
         if isinstance(mod, nn.Linear):
             set_module(per_linear, name, kernels.CastLinear(mod, dtype))
     secs = kernels.time_calls({"fp32": lambda: layer(x, None), "per-linear": lambda: per_linear(
-        x, None), "stack": lambda: _cast_output((stack(x.to(dtype), None),), x.dtype)})
+        x, None), "stack": lambda: stored.cast_output((stack(x.to(dtype), None),), x.dtype)})
     return {"choice": min(("per-linear", "stack"), key=secs.get), "seconds": secs,
             "speedup": {k: secs["fp32"] / secs[k] for k in ("per-linear", "stack")}}

@@ -140,7 +140,10 @@ def _cut(row: list[int], eos: int) -> list[int]:
 
 
 def _generate(plan, model, feats, language, task, cap):
-    kwargs = dict(max_new_tokens=cap, num_beams=1, do_sample=False)
+    # Whisper's generate counts `max_length` after its prompt: `cap` new tokens, as
+    # max_new_tokens would give, without the per-clip notice that the model's generation config
+    # (max_length=448) is overridden
+    kwargs = dict(max_length=cap, num_beams=1, do_sample=False)
     if getattr(model.generation_config, "is_multilingual", True):
         # always told, never detected; an English-only model's generate refuses both
         kwargs.update(language=language, task=task)

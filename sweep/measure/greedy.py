@@ -62,7 +62,7 @@ class Greedy:
         self.dec, self.layers = dec, list(dec.layers)
         self.heads = cfg.decoder_attention_heads
         self.head_dim = cfg.d_model // self.heads
-        ref = dec.embed_tokens.weight
+        ref = dec.embed_positions.weight  # the decoder's dtype (tokens may be int8)
         # One tensor per layer, updated in place: a compiled step then writes one position
         # (a slice of one stacked tensor is copied whole by functionalization).
         shape = (batch, self.heads, cfg.max_target_positions, self.head_dim)

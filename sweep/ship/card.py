@@ -79,8 +79,21 @@ print(transcribe_files(ck, ["audio.wav"])[0]["text"])  # also ck.model, ck.proce
 python -m sweep.transcribe --checkpoint path/to/this/dir audio.wav
 ```
 
-Plain `WhisperForConditionalGeneration.from_pretrained(dir)` {plain}.
+### Plain transformers
+
+{plain}
 """
+PLAIN_CODE = """
+
+```python
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+model = WhisperForConditionalGeneration.from_pretrained("path/to/this/dir")
+processor = WhisperProcessor.from_pretrained("path/to/this/dir")
+feats = processor(audio, sampling_rate=16000, return_tensors="pt").input_features
+ids = model.generate(feats.to(model.dtype), language="{language}", task="transcribe")
+print(processor.batch_decode(ids, skip_special_tokens=True)[0])
+```"""
 
 
 def _num(x, spec: str) -> str:
@@ -102,8 +115,6 @@ def model_card(info: dict, metrics: dict) -> str:
     lines = [f"- **{getattr(recipe, p).describe()}** — {cls.STORAGE.why}."
              for p, cls in TECHNIQUES.items() if getattr(recipe, p).active] or [
         "- none: the base model."]
-    if info.get("calibration"):
-        lines.append("- static int8 scales are stored in `recipe.json`: no calibration at load.")
     return CARD.format(
         title=recipe.describe(), model=(metrics.get("model") or {}).get("spec", "?"),
         run_id=(metrics.get("trial") or {}).get("run_id", "?"),
@@ -116,6 +127,40 @@ def model_card(info: dict, metrics: dict) -> str:
             f"\n\nRe-measured after export: WER {_num(v.get('wer'), '.3f')}, CER "
             f"{_num(v.get('cer'), '.3f')}, median latency {_num(v.get('latency_median_s'), '.3f')}"
             f" s: {'identical transcripts' if v.get('match') else 'DIFFERS from the trial'}."),
-        recipe="\n".join(lines), device=recipe.device,
-        plain="is exactly the measured model" if not info["reapplied"] else
-        f"gives the baked weights only, without {' and '.join(info['reapplied'])}")
+        recipe="\n".join(lines), device=recipe.device, plain=plain_text(info, recipe, v, data))
+
+
+def plain_text(info: dict, recipe: Recipe, verify: dict | None, data: dict) -> str:
+    """What `from_pretrained(dir)` alone gives of this checkpoint, what only `sweep.load` adds,
+    and, when they differ, by how much (measured by `export --verify`)."""
+    plain, odd = info["plain"]["weights"], info["plain"]["not_exact"]
+    call = "`WhisperForConditionalGeneration.from_pretrained(dir)` alone"
+    if plain == "none":
+        return (f"{call} cannot load this checkpoint: "
+                + "; ".join(k.removesuffix(" (none)") + f": {v}" for k, v in odd.items()
+                            if k.endswith("(none)"))
+                + " are stored in forms transformers has no loader for (torch.ao's packed int8 "
+                "kernels, the tied int8 embedding). Their weights are in `hyper.safetensors`, "
+                "not `model.safetensors`, so `from_pretrained` finds no weights rather than "
+                "building a wrong model: use `sweep.load`.")
+    adds = [getattr(recipe, t).describe() for t in info["reapplied"]]
+    approx = "; ".join(f"{k.removesuffix(' (approximate)')}: {v}" for k, v in odd.items())
+    text = call + (" loads the measured weights and modules exactly" if plain == "exact" else
+                   f" loads it only approximately: {approx} run in transformers' own modules, "
+                   "their weights upcast to the model's dtype")
+    if any(s["kind"] == "torchao_linear" for s in info["modules"].values()):
+        text += " (its torchao layers through transformers' `TorchAoConfig` in config.json)"
+    if plain == "exact" and not adds:
+        text += ": it is exactly the measured model."
+    else:
+        text += (f". Only `sweep.load` adds: {'; '.join(adds)}." if adds else ".")
+        p = (verify or {}).get("plain")
+        text += (f" With plain transformers' `generate`, on the same data (export --verify): WER "
+                 f"{_num(p.get('wer'), '.3f')} against the checkpoint's "
+                 f"{_num(verify.get('wer'), '.3f')}, CER {_num(p.get('cer'), '.3f')} against "
+                 f"{_num(verify.get('cer'), '.3f')}; {p.get('differing_transcripts')} of "
+                 f"{p.get('n_utterances')} transcripts differ." if p else
+                 " The difference is measured by `python -m sweep.export ... --verify`.")
+    langs = data.get("languages") or []
+    return text + PLAIN_CODE.format(language=data.get("language") or (
+        langs[0] if len(langs) == 1 else "ru"))

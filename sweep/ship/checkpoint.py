@@ -2,9 +2,13 @@
 exactly as the trial did. torch + transformers only (no MLflow, no Ray): serving needs no more.
 
 A checkpoint is the Hugging Face layout (safetensors weights, config, generation config,
-processor) plus `recipe.json`, `metrics.json` and a model card `README.md`. What changes weights
-(FFN shrinking, pruning) is baked into them; what cannot be saved as plain weights (quantized
-modules, compiled graphs) is re-applied at load from `recipe.json` by `sweep.measure.compress`.
+processor) plus `recipe.json`, `metrics.json` and a model card `README.md`. Each technique's
+`STORAGE` says how it survives export: baked into the weights (FFN shrinking, pruning), stored as
+it runs (quantized and cast modules, the tied embedding: `sweep.measure.stored`, rebuilt from
+their own tensors at load), or re-applied at load from `recipe.json` (compiled graphs, decoding
+levers). The weights file is `model.safetensors` when plain transformers can read it (exactly or
+with its weights upcast; torchao layers under `TorchAoConfig`), else `hyper.safetensors`, so
+that `from_pretrained` refuses what it would otherwise fill with random weights.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ from .card import environment, write_metrics
 from ..measure.decode import plan_for
 from ..techniques.recipe import TECHNIQUES, Recipe, RecipeError
 
-FORMAT_VERSION = 1
-KNOWN = (1,)  # recipe.json layouts this version reads
+FORMAT_VERSION = 2  # 2: modules stored as they run (1: fp32 weights, quantized again at load)
+KNOWN = (2,)  # recipe.json layouts this version reads
 DESCRIPTIVE = ("recipe.json", "metrics.json", "README.md")  # not hashed: written after weights
-_KEYS = {"format_version", "recipe", "baked", "reapplied", "dtype", "config_shapes",
-         "calibration", "trial_kernels", "files", "digest"}
+_KEYS = {"format_version", "recipe", "baked", "reapplied", "dtype", "config_shapes", "weights",
+         "modules", "tied", "kernels", "plain", "trial_kernels", "files", "digest"}
 _SHAPES = ("d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim",
            "vocab_size", "num_mel_bins")
-_STATS = ("in_min", "in_max", "out_min", "out_max", "calls")
+PLAIN_FILE, HYPER_FILE = "model.safetensors", "hyper.safetensors"  # see save_checkpoint
 
 
 class CheckpointError(ValueError):
@@ -61,8 +65,8 @@ class Checkpoint:
 
 
 def split(recipe: Recipe) -> tuple[Recipe, Recipe, list[str], list[str]]:
-    """(recipe of the baked parts, recipe re-applied at load, baked names, re-applied names),
-    by each technique's declared `STORAGE`."""
+    """(recipe applied at export, recipe re-applied at load, their active techniques' names),
+    by each technique's declared `STORAGE` (stored ones are applied at export)."""
     baked, again, bake_parts, load_parts = [], [], {}, {}
     for prefix, cls in TECHNIQUES.items():
         cfg, how = getattr(recipe, prefix), cls.STORAGE
@@ -97,43 +101,17 @@ def _densify(model: nn.Module) -> None:
             mod.weight = nn.Parameter(w.to_dense(), requires_grad=False)
 
 
-def _capture_calibration(model, recipe: Recipe, calibrate) -> dict:
-    """Run calibration once (as the trial did) and keep every observed layer's min/max, so
-    loading needs no audio and gets the very same static int8 scales."""
-    from ..measure.compress import Observer, apply_recipe
-
-    stats = {}
-
-    def observe(m):
-        calibrate(m)
-        stats.update({n: {k: o.calls if k == "calls" else o.stats[k] for k in _STATS}
-                      for n, o in m.named_modules() if isinstance(o, Observer)})
-
-    apply_recipe(copy.deepcopy(model), recipe.replace(compile=type(recipe.compile)()),
-                 calibrate=observe)
-    return stats
-
-
-def _replay(stats: dict):
-    def calibrate(model):
-        from ..measure.compress import Observer
-
-        for name, obs in model.named_modules():
-            if isinstance(obs, Observer):
-                if name not in stats:
-                    raise CheckpointError(f"`recipe.json` calibration has no scales for {name}")
-                obs.stats.update({k: stats[name][k] for k in _STATS if k != "calls"})
-                obs.calls = int(stats[name]["calls"])
-    return calibrate
-
-
 def save_checkpoint(base_model: nn.Module, processor, recipe: Recipe, out_dir, *,
                     metrics: dict | None = None, calibrate: Callable | None = None,
                     trial_kernels: dict | None = None, overwrite: bool = False) -> Path:
-    """Bake `recipe`'s weight-changing parts into a copy of the uncompressed `base_model` and
-    write the checkpoint to `out_dir`. `calibrate(model)` runs calibration audio (static int8
-    only); `metrics` (trial figures, baseline, data...) goes to metrics.json and the card;
-    `overwrite` replaces an earlier checkpoint there (never another kind of folder)."""
+    """Apply `recipe`'s baked and stored parts to a copy of the uncompressed `base_model` and
+    write the checkpoint to `out_dir`, every module as it runs. `calibrate(model)` runs
+    calibration audio (static int8 only); `metrics` (trial figures, baseline, data...) goes to
+    metrics.json and the card; `overwrite` replaces an earlier checkpoint there (never another
+    kind of folder)."""
+    from safetensors.torch import save_file
+
+    from ..measure import stored, tied  # noqa: F401 - tied registers its stored forms
     from ..measure.compress import apply_recipe
 
     out = Path(out_dir)
@@ -142,23 +120,39 @@ def save_checkpoint(base_model: nn.Module, processor, recipe: Recipe, out_dir, *
             raise CheckpointError(f"`out_dir` {out} is not empty: choose a new folder (overwrite "
                                   "replaces only an earlier HYPER checkpoint)")
         shutil.rmtree(out)  # whole: stale shards would otherwise be listed as its files
-    bake, again, baked, reapplied = split(recipe)
-    model = apply_recipe(copy.deepcopy(base_model), bake).model
+    bake, _, baked, reapplied = split(recipe)
+    if "static_int8" in bake.quant.by_layer_type().values() and calibrate is None:
+        raise CheckpointError("static_int8 needs `calibrate` at export (the trial's calibration "
+                              "audio): its scales are stored with its modules")
+    applied = apply_recipe(copy.deepcopy(base_model), bake, calibrate=calibrate)
+    model = applied.model
     _densify(model)
-    stats = None
-    if "static_int8" in again.quant.by_layer_type().values():
-        if calibrate is None:
-            raise CheckpointError("static_int8 needs `calibrate` at export (the trial's "
-                                  "calibration audio): its scales are stored in recipe.json")
-        stats = _capture_calibration(model, again, calibrate)
+    try:
+        tensors, modules, tied_keys = stored.collect(model)
+    except stored.StoredError as e:
+        raise CheckpointError(f"cannot store `{recipe.describe()}`: {e}") from None
+    dtype = model.model.decoder.embed_positions.weight.dtype  # the model's own (its decoder's)
+    plain, not_exact = stored.plain_status(modules, dtype)
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    # the head has its own tensor unless it is stored as the embedding's
+    config.tie_word_embeddings = tied_keys.get(stored.TIED_PAIR[1]) == stored.TIED_PAIR[0]
+    if plain != "none":
+        config.quantization_config = stored.torchao_quantization_config(modules)
+    weights = PLAIN_FILE if plain != "none" else HYPER_FILE
+    flat, meta = stored.flatten(tensors)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    save_file(flat, out / weights, metadata={**stored.metadata_json(meta), "format": "pt"})
+    config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
     processor.save_pretrained(out)
     info = {"format_version": FORMAT_VERSION, "recipe": json.loads(recipe.to_json()),
-            "baked": baked, "reapplied": reapplied,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "baked": baked, "reapplied": reapplied, "dtype": stored.name_of(dtype),
             "config_shapes": {k: getattr(model.config, k) for k in _SHAPES},
-            "calibration": stats, "trial_kernels": trial_kernels,
+            "weights": weights, "modules": modules, "tied": tied_keys,
+            "kernels": {t: k for t, k in applied.kernels.items() if k != "fp32"},
+            "plain": {"weights": plain, "not_exact": not_exact},
+            "trial_kernels": trial_kernels,
             "files": {p.name: sha256(p) for p in sorted(out.iterdir())
                       if p.is_file() and p.name not in DESCRIPTIVE}}
     info["digest"] = _digest(info)
@@ -187,7 +181,8 @@ def read_info(path) -> tuple[dict, Recipe]:
         newer = isinstance(v, int) and v > max(KNOWN)
         raise CheckpointError(f"`recipe.json` format_version must be one of {KNOWN}, got {v=}"
                               + ("; written by a newer HYPER: upgrade hyper-sweep to load it"
-                                 if newer else ""))
+                                 if newer else "; format 1 kept fp32 weights and quantized them "
+                                 "again at load: export the trial again" if v == 1 else ""))
     if unknown := sorted(set(info) - _KEYS):
         raise CheckpointError(f"`recipe.json` has unknown key(s) {unknown}; known: "
                               f"{sorted(_KEYS)}")
@@ -201,9 +196,8 @@ def read_info(path) -> tuple[dict, Recipe]:
     if [info["baked"], info["reapplied"]] != [baked, again]:
         raise CheckpointError(f"`recipe.json` baked={info['baked']} reapplied="
                               f"{info['reapplied']} do not match its recipe ({baked}, {again})")
-    if not isinstance(info["files"], dict) or not any(
-            str(n).endswith(".safetensors") for n in info["files"]):
-        raise CheckpointError("`recipe.json` files must list the *.safetensors weights")
+    if not isinstance(info["files"], dict) or info["weights"] not in info["files"]:
+        raise CheckpointError(f"`recipe.json` files must list the weights {info['weights']!r}")
     if not isinstance(getattr(torch, str(info["dtype"]), None), torch.dtype):
         raise CheckpointError(f"`recipe.json` dtype must name a torch dtype, got {info['dtype']!r}")
     if info["digest"] != _digest(info):
@@ -224,13 +218,13 @@ def check_files(path: Path, info: dict) -> None:
 
 
 def load(path, device: str | None = None) -> Checkpoint:
-    """An exported checkpoint, validated, with the non-baked parts of its recipe re-applied.
-    Weights come from safetensors only (never pickle), never with remote code. `device`:
-    default the recipe's; another one is allowed when the recipe is valid there."""
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    """An exported checkpoint, validated: its stored modules rebuilt from their own tensors, the
+    re-applied parts of its recipe applied again. Weights come from safetensors only (never
+    pickle), never with remote code. `device`: default the recipe's; another one is allowed
+    when the recipe is valid there."""
+    from transformers import WhisperConfig, WhisperProcessor
 
     from ..measure.compress import apply_recipe
-    from ..inputs.models import _no_progress_bars
 
     path = Path(path).expanduser()
     info, recipe = read_info(path)
@@ -240,18 +234,15 @@ def load(path, device: str | None = None) -> Checkpoint:
             recipe = recipe.replace(device=device)
         except RecipeError as e:
             raise CheckpointError(f"`device`={device!r} cannot run this recipe: {e}") from None
-    with _no_progress_bars():
-        model = WhisperForConditionalGeneration.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=False, local_files_only=True,
-            dtype=getattr(torch, info["dtype"]))
-        processor = WhisperProcessor.from_pretrained(path, local_files_only=True)
-    shapes = {k: getattr(model.config, k) for k in _SHAPES}
+    config = WhisperConfig.from_pretrained(path, local_files_only=True)
+    shapes = {k: getattr(config, k) for k in _SHAPES}
     if shapes != info["config_shapes"]:
         raise CheckpointError(f"config.json shapes {shapes} do not match recipe.json's "
                               f"{info['config_shapes']}")
+    model = build(path, info, config)
+    processor = WhisperProcessor.from_pretrained(path, local_files_only=True)
     _, again, _, _ = split(recipe)
-    calibrate = _replay(info["calibration"]) if info["calibration"] else None
-    applied = apply_recipe(model.to(recipe.device).eval(), again, calibrate=calibrate)
+    applied = apply_recipe(model.to(recipe.device), again, known_kernels=info["kernels"])
     notes = list(applied.notes)
     if info["trial_kernels"] and applied.kernels != info["trial_kernels"]:
         differ = {t: (k, applied.kernels.get(t)) for t, k in info["trial_kernels"].items()
@@ -263,3 +254,37 @@ def load(path, device: str | None = None) -> Checkpoint:
     metrics = json.loads(mfile.read_text(encoding="utf-8")) if mfile.is_file() else {}
     return Checkpoint(applied.model, processor, recipe, path, dict(applied.kernels), notes, info,
                       metrics, spec=str(path), source=f"HYPER checkpoint {path.resolve()}")
+
+
+def build(path: Path, info: dict, config) -> nn.Module:
+    """The model as exported: built empty (meta device) from `config`, then every weight taken
+    from the safetensors file, stored modules rebuilt from their own tensors."""
+    from safetensors import safe_open
+    from transformers import GenerationConfig, WhisperForConditionalGeneration
+
+    from ..measure import stored, tied  # noqa: F401 - tied registers its stored forms
+
+    with safe_open(path / info["weights"], framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.device("meta"):
+        model = WhisperForConditionalGeneration(config)
+    try:
+        model = stored.rebuild(model, stored.unflatten(tensors, metadata), info["modules"],
+                               info["tied"])
+    except stored.StoredError as e:
+        raise CheckpointError(f"{info['weights']} cannot be loaded: {e}") from None
+    model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    return model
+
+
+def load_plain(path) -> tuple[nn.Module, object]:
+    """What plain transformers makes of a checkpoint: `from_pretrained(dir)` and nothing else
+    (for the card's comparison and the tests)."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from ..inputs.models import _no_progress_bars
+
+    with _no_progress_bars():
+        model = WhisperForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    return model.eval(), WhisperProcessor.from_pretrained(path, local_files_only=True)

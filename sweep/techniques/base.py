@@ -99,10 +99,19 @@ PARAMS: dict[str, Param] = {"device": DEVICE}
 @dataclass(frozen=True)
 class Storage:
     """How a technique survives export: `baked` into the saved weights, and/or `reapplied` at
-    load from recipe.json (a predicate on its config), and why (the model card says it)."""
+    load from recipe.json (a predicate on its config), and why (the model card says it).
+    `stored`: the modules it installs are saved as they run, each in its stored form (the
+    tensors it computes with: int8 with its scales and zero points, bf16...;
+    `sweep.measure.stored`), and rebuilt from those at load, never from fp32 weights."""
     baked: bool = False
     reapplied: Callable[[Any], bool] = lambda cfg: True
     why: str = "re-applied at load from recipe.json"
+    stored: bool = False  # implies baked: applied at export, its modules saved as they run
+
+    def __post_init__(self):
+        if self.stored and not self.baked:
+            raise TypeError("Storage(stored=True) needs baked=True: stored modules are made at "
+                            "export")
 
 
 def technique(prefix: str):

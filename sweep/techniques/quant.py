@@ -14,17 +14,22 @@ SCHEMES = ("none", "dynamic_int8", "static_int8", "int8_weight_only", "int8_act_
 SHORT = {"dynamic_int8": "int8 dyn", "static_int8": "int8 static", "int8_weight_only": "int8 wo",
          "int8_act_int4_weight": "int8a/int4w"}  # others: "_" -> " "
 _BNB = Requires(("bnb_int8", "bnb_nf4"), why="bitsandbytes kernels are CUDA-only")
+# The head is tied to the token embedding: with embed.dtype int8|bf16 it runs from that tensor.
+_TIED = Requires(SCHEMES, key="embed.dtype", equals="fp32",
+                 why="otherwise the head runs from the tied embedding's own tensor")
 
 
 @technique("quant")
 class QuantConfig(Technique):
     PARAMS = {"quant.scheme": Param("choice", "none", choices=SCHEMES, requires=(_BNB,),
                                     help="scheme of every Linear layer unless overridden")} | {
-        f"quant.{t}": Param("choice", "inherit", choices=("inherit",) + SCHEMES, requires=(_BNB,),
+        f"quant.{t}": Param("choice", "inherit", choices=("inherit",) + SCHEMES,
+                            requires=(_BNB,) + ((_TIED,) if t == "head" else ()),
                             help=f"scheme of the {t} Linear layers; inherit = quant.scheme")
         for t in LAYER_TYPES}
-    STORAGE = Storage(False, lambda cfg: True, "re-applied at load: quantized modules are not "
-                      "plain safetensors and the fastest kernel is chosen per machine")
+    STORAGE = Storage(True, lambda cfg: False, "stored as it runs: int8 layers as int8 tensors "
+                      "with their scales and zero points, bf16/fp16 layers in that dtype, each "
+                      "rebuilt at load with the trial's kernel", stored=True)
 
     def by_layer_type(self) -> dict[str, str]:  # `inherit` resolved
         return {t: self.scheme if getattr(self, t) == "inherit" else getattr(self, t)
