@@ -71,8 +71,11 @@ def from_result(result: Mapping) -> dict:
 
 
 def tune_row(row: Mapping) -> dict:
-    """What a trial reports to Tune (and Optuna) of its row: every figure and TUNE_FIELDS."""
-    return {k: v for k, v in row.items()
+    """What a trial reports to Tune (and Optuna) of its row: every figure and TUNE_FIELDS. A
+    list-valued tag (`isa`, `gpu_ids`) goes as its tag text: Tune's TensorBoard logger refuses
+    lists of strings with a warning per trial."""
+    return {k: _TAGS[k][0](v) if k in _TAGS and isinstance(v, list) else v
+            for k, v in row.items()
             if k in TUNE_FIELDS or "tune" in getattr(figures.of_key(k), "to", ())}
 
 
