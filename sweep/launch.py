@@ -113,8 +113,9 @@ def validate(args) -> tuple:
 
     space = load_space(args.space)
     # Ray workers run in other directories: a relative manifest path must not reach them.
-    if Path(args.dataset).exists():
-        args.dataset = str(Path(args.dataset).resolve())
+    from .inputs.data import absolute
+
+    args.dataset = absolute(args.dataset)
     if args.num_samples < 0:
         raise ValueError(f"`--num-samples` must be >= 0, got {args.num_samples}")
     if args.profile < 0:

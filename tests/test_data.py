@@ -204,3 +204,25 @@ def test_shared_manifest(speech_manifest):
 def test_unknown_hub_dataset_is_a_data_error():
     with pytest.raises(DataError, match="hyper-tests/no-such-dataset"):
         load_eval_set("hyper-tests/no-such-dataset")
+
+
+def test_joined_manifest_sets_are_one_set(tmp_path, monkeypatch):
+    for i in range(2):
+        tone(tmp_path / f"j{i}.flac", seconds=0.5)
+    m = write_manifest(tmp_path / "m.jsonl", [{"audio": f"j{i}.flac", "text": f"слово {i}",
+                                               "lang": "ru"} for i in range(2)])
+    es = load_eval_set(f"{m}+embedded", language="ru")
+    emb = load_eval_set("embedded", language="ru")
+    assert [u.id for u in es] == ["j0.flac", "j1.flac", *(u.id for u in emb)]
+    assert es.name == f"{m}+embedded"
+    monkeypatch.chdir(tmp_path)  # relative parts become absolute for the Ray workers
+    assert data.absolute("m.jsonl+embedded") == f"{m.resolve()}+embedded"
+    assert data.absolute("embedded") == "embedded"
+    with pytest.raises(DataError, match="unique across the joined sets"):
+        load_eval_set(f"{m}+{m}")
+    with pytest.raises(DataError, match="must be embedded, shared or a JSONL manifest"):
+        load_eval_set("embedded+someone/hub-set")
+    with pytest.raises(DataError, match="no calibration data"):  # the evaluation takes all
+        calibration_set(f"{m}+embedded")
+    cal = calibration_set(f"{m}+embedded", n=2, eval_max_samples=3)
+    assert [u.id for u in cal] == [u.id for u in emb.utterances[1:3]]

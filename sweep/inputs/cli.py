@@ -16,7 +16,8 @@ def add_model_data_args(ap) -> None:
                         " (random weights, latency only), a local checkpoint dir or a Hub id")
     g.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="embedded (the repo's Russian set), shared (../shared/speech), a JSONL "
-                        "manifest, a save_to_disk folder or a Hugging Face dataset id")
+                        "manifest, several of these joined by + as one set (shared+embedded), "
+                        "a save_to_disk folder or a Hugging Face dataset id")
     g.add_argument("--config", default=None, help="Hugging Face dataset config name")
     g.add_argument("--split", default="test", help="dataset split")
     g.add_argument("--audio-column", default="audio", help="dataset audio column")

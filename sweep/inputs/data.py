@@ -188,7 +188,46 @@ def _hf_records(spec, config, split, audio_column, text_column, language) -> Ite
     return rows()
 
 
+JOIN = "+"  # `embedded+shared`: several manifest sets as one, in the order given
+
+
+def _parts(spec: str) -> list[str] | None:
+    """The manifest sets a joined spec names (None: not a joined spec). An existing path is
+    never split: a file or folder may have `+` in its name."""
+    if JOIN not in spec or Path(spec).exists():
+        return None
+    parts = spec.split(JOIN)
+    for p in parts:
+        if not (p in ("embedded", "shared") or p.endswith(".jsonl") or Path(p).is_file()):
+            raise DataError(f"`dataset` {spec!r}: every part joined by {JOIN!r} must be "
+                            f"embedded, shared or a JSONL manifest, got {p!r}")
+    return parts
+
+
+def absolute(spec: str) -> str:
+    """`spec` with its local paths made absolute, each part of a joined one too (Ray workers
+    run in other directories)."""
+    if Path(spec).exists():
+        return str(Path(spec).resolve())
+    if JOIN not in spec:
+        return spec
+    return JOIN.join(str(Path(p).resolve()) if Path(p).exists() else p
+                     for p in spec.split(JOIN))
+
+
+def _joined(spec: str, parts: list[str], language) -> list[Record]:
+    records = [r for p in parts for r in _records(p, None, "test", "audio", "text", language)]
+    seen: set[str] = set()
+    twice = sorted({r[0] for r in records if r[0] in seen or seen.add(r[0])})
+    if twice:
+        raise DataError(f"`dataset` {spec!r}: utterance ids must be unique across the joined "
+                        f"sets, got {len(twice)} repeated, e.g. {twice[:3]}")
+    return records
+
+
 def _records(spec, config, split, audio_column, text_column, language) -> Iterable[Record]:
+    if (parts := _parts(spec)) is not None:
+        return _joined(spec, parts, language)
     if spec == "embedded":
         return _read_manifest(EMBEDDED_MANIFEST, language)
     if spec == "shared":  # convenience: the shared speech set beside the checkout
@@ -239,7 +278,8 @@ def load_eval_set(spec: str = "embedded", *, max_samples: int | None = None,
                   config: str | None = None, split: str = "test", audio_column: str = "audio",
                   text_column: str = "text", language: str | None = None,
                   exclude_ids: Iterable[str] = ()) -> EvalSet:
-    """Load `embedded`, `shared`, a `.jsonl` manifest, a `save_to_disk` folder or a HF id.
+    """Load `embedded`, `shared`, a `.jsonl` manifest, a `save_to_disk` folder or a HF id;
+    manifest sets joined by `+` (`shared+embedded`) are one set, in that order.
 
     Ids: a manifest line's `id`, else its `audio` path; `{split}/{row}` for HF datasets.
 
@@ -278,7 +318,7 @@ def calibration_set(eval_set_spec: str = "embedded", n: int = 8, *,
         return load_eval_set(eval_set_spec, max_samples=n, config=config, split=split,
                              exclude_ids=[u.id for u in ev], **kw)
     is_manifest = eval_set_spec == "shared" or eval_set_spec.endswith(".jsonl") or (
-        Path(eval_set_spec).is_file())
+        Path(eval_set_spec).is_file()) or _parts(eval_set_spec) is not None
     if not is_manifest:
         splits = None
         if Path(eval_set_spec).is_dir():
