@@ -426,12 +426,19 @@ def real_clips():
 
 @pytest.mark.slow
 # Shrinking whisper-base's decoder FFN by even 5% makes it loop: 1% still keeps it speaking.
-@pytest.mark.parametrize("text", ["quant.scheme=dynamic_int8", "struct.ffn_rate=0.01"])
+@pytest.mark.parametrize("text", [
+    "quant.scheme=dynamic_int8,embed.dtype=int8",
+    "struct.ffn_rate=0.01"])
 def test_real_model_round_trip(real_model, real_clips, tmp_path, text):
     from transformers import WhisperForConditionalGeneration
 
     ck, _, heard = _round_trip(real_model, Recipe.parse(text), real_clips, tmp_path / "ck")
     assert heard[1] < 0.5 and all(h.strip() for h in heard[0])  # real speech, transcribed
+    if ck.recipe.embed.active:  # stored as it runs: int8, the tied matrix once
+        fp32 = sum(t.numel() * 4 for t in real_model.model.state_dict().values()) - (
+            real_model.model.proj_out.weight.numel() * 4)
+        assert (tmp_path / "ck" / _stored_as_run(tmp_path / "ck")["weights"]).stat().st_size \
+            <= 0.30 * fp32
     if ck.recipe.struct.active:  # nothing re-applied: plain transformers gives the same model
         plain = WhisperForConditionalGeneration.from_pretrained(tmp_path / "ck").eval()
         assert plain.config.decoder_ffn_dim == 2048 - 20
