@@ -5,14 +5,21 @@
    recipes is timed interleaved per clip with the baseline; the replay's latency_norm_s =
    reference baseline latency / speedup in its block, which cancels drift between blocks.
 2. replay: the sweep's own samplers (TPE, NSGA-II, random) and max_dwer constraint against
-   the cache, many seeds; hypervolume vs trials, median and IQR."""
+   the cache, many seeds; hypervolume vs trials, median and IQR.
+3. compare (`--compare`): sampler configurations replayed as the sweep runs them (the baseline
+   and the warm starts enqueued first, constraint values told, early-stopped trials pruned),
+   on the grid and on the grid times dead FFN shrinking (most of `full` is broken models);
+   HV, HV against the starts alone, sampled trials on the front and infeasible, at the budget.
+   Writes search_samplers.json and .md: the sweep's sampler defaults are chosen from it."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -248,6 +255,269 @@ def summarize_curves(curves: dict, hv_grid: float, *, n_points: int, max_dwer: f
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# compare: sampler configurations replayed as the sweep runs them
+
+# cpu.yaml's warm starts on the grid's parameters (their decoding levers are not in it): dynamic
+# int8 everywhere, and the bf16 encoder with an int8 decoder and head.
+GRID_STARTS = (
+    {"quant.enc_attn": "dynamic_int8", "quant.enc_mlp": "dynamic_int8",
+     "quant.scheme": "dynamic_int8", "quant.dec_mlp": "inherit", "prune.rate": 0.0},
+    {"quant.enc_attn": "bf16", "quant.enc_mlp": "bf16", "quant.scheme": "dynamic_int8",
+     "quant.dec_mlp": "inherit", "prune.rate": 0.0})
+# Scenarios: name -> (dead, warm starts). `dead` adds full.yaml's FFN shrinking to the grid
+# (struct.ffn_rate 0-0.5 by 0.05, struct.stacks asked only when it shrinks). Whisper-base loops
+# on every clip from a rate of 0.05 (see GRID), so every rate > 0 is a broken model that early
+# stopping ends (pruned, WER 1): 10 of 11 rates are dead volume, as most of `full` is.
+# On these 8 clips every feasible recipe has the baseline's WER, so the front is the fastest
+# feasible recipe, and that is the bf16 start: with both starts told the front is found before
+# sampling begins and nothing can be ranked. The int8 start alone (over the budget here) leaves
+# the sampler to find it, as `full` needs (issue #19: sampled trials must beat the starts).
+SCENARIOS = {"starts": (False, GRID_STARTS), "int8 start": (False, GRID_STARTS[:1]),
+             "int8 start, dead": (True, GRID_STARTS[:1])}
+FFN_RATE, STACKS = (0.0, 0.5, 0.05), ["encoder", "decoder", "both"]
+MARKS = (5, 10, 15, 20, 30)  # sampled trials (after the baseline) the tables show
+# The sweep's samplers before issue #19 (the comparison kept them); a Variant says what it
+# changes.
+BEFORE = {"n_startup_trials": 5, "multivariate": True, "group": True, "population_size": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One sampler configuration, replayed as the sweep runs it."""
+    name: str
+    sampler: str = "tpe"
+    tweaks: dict = dataclasses.field(default_factory=dict)  # SamplerOptions over BEFORE
+    constraints: bool = True  # finished trials tell their constraint values (set_constraint)
+    pruned_constraints: bool = False  # early-stopped trials tell theirs too (dWER so far)
+    starts_told: bool = True  # baseline and warm starts enqueued: the study's first trials
+
+    def options(self):
+        from sweep.search.sampler import SamplerOptions
+
+        return SamplerOptions(**{**BEFORE, **self.tweaks})
+
+
+def variants() -> list[Variant]:
+    """One change at a time from the sweep's samplers before #19, and the sweep's own now."""
+    from sweep.search import sampler
+
+    out = [Variant("tpe startup 5, multivariate+group"),
+           *(Variant(f"tpe startup {n}", tweaks={"n_startup_trials": n}) for n in (3, 10)),
+           Variant("tpe multivariate, no group", tweaks={"group": False}),
+           Variant("tpe independent", tweaks={"multivariate": False, "group": False}),
+           Variant("tpe without constraints", constraints=False),
+           Variant("tpe + constraints of stopped trials", pruned_constraints=True),
+           Variant("tpe, starts not told", starts_told=False),
+           *(Variant(f"nsga2 population {n}", "nsga2", {"population_size": n})
+             for n in (4, 8, 16)),
+           Variant("random", "random")]
+    now = Variant("tpe: the sweep's defaults now", tweaks=dataclasses.asdict(
+        sampler.SamplerOptions()), pruned_constraints=sampler.PRUNED_CONSTRAINTS)
+    same = [v for v in out if v.sampler == "tpe" and v.options() == now.options()
+            and (v.constraints, v.pruned_constraints, v.starts_told) == (True,
+                                                                          now.pruned_constraints,
+                                                                          True)]
+    return out if same else [*out, now]
+
+
+def _point(trial, grid: dict, dead: bool) -> dict:
+    """The sweep's way of asking, plus the dead scenario's FFN shrinking first (as full.yaml
+    orders it) with its conditional stacks."""
+    out = {}
+    if dead:
+        lo, hi, step = FFN_RATE
+        out["struct.ffn_rate"] = round(trial.suggest_float("struct.ffn_rate", lo, hi, step=step),
+                                       2)
+        if out["struct.ffn_rate"] > 0:
+            out["struct.stacks"] = trial.suggest_categorical("struct.stacks", STACKS)
+    return {**out, **_suggest(trial, grid)}
+
+
+def replay_variant(pts: dict, base: dict, grid: dict, v: Variant, seed: int, num_samples: int,
+                   max_dwer: float = MAX_DWER, scenario: str = "starts") -> tuple[list, list]:
+    """One study as the sweep runs it: the baseline and the scenario's starts first (enqueued,
+    or measured
+    beside the study when `starts_told` is off), then `num_samples` in all (starts included,
+    as --num-samples counts them). A point whose 95% dWER interval is above max_dwer is
+    stopped early (pruned, as --early-stop does), as is every dead one. Returns the feasible
+    hypervolume after each trial and the trials' rows (with `origin`)."""
+    import optuna
+
+    from sweep.results import pareto
+    from sweep.search.sampler import make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # TPE's independent-sampling notes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(directions=["minimize", "minimize"],
+                                    sampler=make_sampler(v.sampler, seed, v.options()))
+    dead, starts = SCENARIOS[scenario]
+    fixed = [{**({"struct.ffn_rate": 0.0} if dead else {}),
+              **{n: p.get(n, vals[0]) for n, vals in grid.items()}}
+             for p in ({}, *starts)]  # the baseline, then the starts on the grid's parameters
+    if bad := [p for p in fixed if any(p[n] not in vals for n, vals in grid.items())]:
+        raise ValueError(f"warm starts must take the grid's values, got {bad} for {grid}")
+    origins = {json.dumps(p, sort_keys=True): o for p, o in zip(
+        fixed, ["baseline"] + ["start"] * len(starts))}
+    ref = pareto.reference_point(base, max_dwer)
+    rows, seen, curve = [], [], []
+    S = optuna.trial.TrialState
+
+    def measure(point: dict) -> dict:
+        row = pts.get(key_of(point, grid)) or _nearest(point, pts, grid)
+        r = {"trial_id": str(len(rows)), "recipe": point, "status": row.get("status", "ok"),
+             "origin": origins.get(json.dumps(point, sort_keys=True), "sampled")}
+        if point.get("struct.ffn_rate", 0) > 0:  # loops on every clip: stopped early
+            return {**r, "status": "pruned", "wer": 1.0, "dwer": 1.0 / base["wer"] - 1,
+                    "latency_median_s": row.get("latency_norm_s")}
+        if r["status"] == "ok":
+            r.update(wer=row["wer"], dwer=row["dwer"], latency_median_s=row["latency_norm_s"])
+            if (row.get("dwer_ci95") or [-math.inf])[0] > max_dwer:
+                r["status"] = "pruned"
+        return r
+
+    def record(r: dict) -> None:
+        rows.append(r)
+        if r["status"] == "ok" and r["dwer"] <= max_dwer:
+            seen.append((r["wer"], r["latency_median_s"]))
+        curve.append(pareto.hypervolume(seen, ref))
+
+    for p in fixed:
+        if v.starts_told:
+            study.enqueue_trial(p)
+        else:
+            record(measure(p))
+    while len(rows) < 1 + num_samples:
+        trial = study.ask()
+        r = measure(_point(trial, grid, dead))
+        if r["status"] == "ok":
+            if v.constraints:
+                trial.set_constraint("max_dwer", r["dwer"] - max_dwer)
+            study.tell(trial, [r["wer"], r["latency_median_s"]])
+        elif r["status"] == "pruned":
+            if v.pruned_constraints:
+                trial.set_constraint("max_dwer", r["dwer"] - max_dwer)
+            study.tell(trial, state=S.PRUNED)
+        else:
+            study.tell(trial, state=S.FAIL)
+        record(r)
+    return curve, rows
+
+
+def compare(cache: dict, *, variants_: list[Variant] | None = None, seeds: int = 20,
+            num_samples: int = 30, max_dwer: float = MAX_DWER, scenarios=tuple(SCENARIOS),
+            log=print) -> dict:
+    """Every variant x scenario x seed replayed; per variant and scenario the HV curve's
+    median/IQR (fraction of the grid's HV) and, at the budget, the issue's figures (`earned`):
+    HV over the starts' alone, seeds with a sampled trial on the front, sampled infeasible."""
+    from sweep.results import pareto
+
+    from .search_full import earned
+
+    grid = cache["grid"]
+    pts, base = points_of(cache)
+    ref = pareto.reference_point(base, max_dwer)
+    feas = [(r["wer"], r["latency_norm_s"]) for r in pts.values()
+            if r.get("status", "ok") == "ok" and r["dwer"] <= max_dwer]
+    hv_grid = pareto.hypervolume(feas, ref)
+    objs = [("wer", "min"), ("latency_median_s", "min")]
+    out = {"hv_grid": hv_grid, "max_dwer": max_dwer, "seeds": seeds, "num_samples": num_samples,
+           "marks": [m for m in MARKS if m <= num_samples] + (
+               [num_samples] if num_samples not in MARKS else []), "results": {}}
+    t0 = time.perf_counter()
+    for v in variants_ or variants():
+        out["results"][v.name] = {"variant": dataclasses.asdict(v), "options": dataclasses.asdict(
+            v.options())}
+        for sc in scenarios:
+            curves, accounts = [], []
+            for seed in range(seeds):
+                curve, rows = replay_variant(pts, base, grid, v, seed, num_samples, max_dwer, sc)
+                curves.append(curve)
+                accounts.append(earned(rows, base, objs, {"max_dwer": max_dwer}))
+            a = np.asarray(curves, float) / (hv_grid or 1.0)
+            q25, med, q75 = np.quantile(a, [0.25, 0.5, 0.75], axis=0)
+            sampled = sum(x["sampled"] for x in accounts)
+            ratios = [x["hv_ratio"] for x in accounts if x["hv_ratio"] is not None]
+            out["results"][v.name][sc] = {
+                "median": med.tolist(), "q25": q25.tolist(), "q75": q75.tolist(),
+                "final_per_seed": a[:, -1].tolist(), "auc": float(a[:, 1:].mean()),
+                "hv_ratio_median": float(np.median(ratios)) if ratios else None,
+                "seeds_with_sampled_on_front": sum(x["front_from_sampling"] >= 1
+                                                   for x in accounts),
+                "sampled_infeasible_share": (sum(x["sampled_infeasible"] for x in accounts)
+                                             / sampled if sampled else None),
+                "hv_starts": accounts[0]["hv_starts"] / (hv_grid or 1.0)}
+        log(f"  {v.name}: {len(scenarios)} scenarios x {seeds} seeds, "
+            f"{time.perf_counter() - t0:.0f} s")
+    out["ranking"] = rank(out)
+    return out
+
+
+def rank(summary: dict, tie: float = 0.005) -> list[str]:
+    """Variants best first: the median HV at the budget (mean over the scenarios whose starts
+    alone leave something to find); within `tie` of each other, the lower quartile (spread:
+    the bad seeds) and then the mean HV over the trials (how early it gets there) decide."""
+    first = next(iter(summary["results"].values()))
+    scs = [s for s in SCENARIOS if s in first and first[s]["hv_starts"] < 0.999] or [
+        s for s in SCENARIOS if s in first]
+    summary["ranked_on"] = scs
+
+    def key(name):
+        e = summary["results"][name]
+        return (round(np.mean([e[s]["median"][-1] for s in scs]) / tie),
+                np.mean([e[s]["q25"][-1] for s in scs]), np.mean([e[s]["auc"] for s in scs]))
+    return sorted(summary["results"], key=key, reverse=True)
+
+
+def write_compare(summary: dict, meta: dict, out: Path) -> dict[str, Path]:
+    """search_samplers.json and .md: one table per scenario, the ranking and the choice."""
+    out = Path(out)
+    paths = {"json": common.write_json(out / "search_samplers.json", {**meta, **summary}),
+             "md": out / "search_samplers.md"}
+    marks, n = summary["marks"], summary["num_samples"]
+    lines = [f"# Sampler configurations: replayed as the sweep runs them ({meta['date']})", "",
+             f"- grid: {meta['grid']}; machine of the grid: {meta['grid_machine']}",
+             f"- replay: {summary['seeds']} seeds per variant and scenario; the baseline and "
+             f"{len(GRID_STARTS)} warm starts (cpu.yaml's, on the grid's parameters) first, "
+             f"then sampled trials up to {n} after the baseline (--num-samples {n}); constraint "
+             f"dwer <= {common.pct(summary['max_dwer'], False, 0)}; a point whose 95% dWER "
+             "interval is above it is stopped early (pruned)",
+             "- scenarios: `starts` (the grid as measured, both starts told: they hold its "
+             "front, every feasible recipe having the baseline's WER on these clips); `int8 "
+             "start` (only the int8 start, over the budget here: the sampler must find the "
+             "front); `dead` (also struct.ffn_rate 0-0.5 by 0.05, struct.stacks when > 0; "
+             "every rate > 0 loops and is stopped: 10 of 11 rates dead, like most of `full`)",
+             "- HV @k: feasible hypervolume after k sampled trials as a fraction of the whole "
+             "grid's, median [IQR] over seeds; HV/starts: the front's HV over that of the "
+             "baseline and starts alone at the budget (median); on front: seeds with a sampled "
+             "trial on the final feasible front; infeasible: share of sampled trials",
+             f"- commit: {meta['commit']}; replay machine: {meta['machine_line']}; "
+             f"{meta['seconds']:.0f} s; command: `{meta['command']}`", ""]
+    for sc in SCENARIOS:
+        if not all(sc in e for e in summary["results"].values()):
+            continue
+        e0 = next(iter(summary["results"].values()))[sc]
+        lines += [f"## {sc} (starts alone: {e0['hv_starts']:.2f} of the grid's HV)", ""]
+        body = []
+        for name in summary["ranking"]:
+            e = summary["results"][name][sc]
+            r = e["hv_ratio_median"]
+            body.append((name, *(f"{e['median'][m]:.2f} [{e['q25'][m]:.2f}–{e['q75'][m]:.2f}]"
+                                 for m in marks), f"{e['auc']:.3f}",
+                         # none, or about none, from the starts alone: no ratio to speak of
+                         "—" if r is None or e["hv_starts"] < 0.01 else f"{r:.2f}x",
+                         f"{e['seeds_with_sampled_on_front']}/{summary['seeds']}",
+                         common.pct(e["sampled_infeasible_share"], False, 0)))
+        lines += [common.md_table(("variant", *(f"HV @{m}" for m in marks), "mean HV",
+                                   "HV/starts", "on front", "infeasible"), body), ""]
+    lines += [f"Ranking (median HV at the budget, mean over {', '.join(summary['ranked_on'])}"
+              "; within 0.005: lower quartile, then mean HV over the trials): " + " > ".join(
+                  f"{i + 1}. {n}" for i, n in enumerate(summary["ranking"][:5])), ""]
+    paths["md"].write_text("\n".join(lines), encoding="utf-8")
+    return paths
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,6 +534,12 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=80)
     ap.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     ap.add_argument("--max-dwer", type=float, default=MAX_DWER)
+    ap.add_argument("--compare", action="store_true",
+                    help="replay sampler configurations as the sweep runs them (search_samplers"
+                         ".json/.md) instead of the samplers' curves")
+    ap.add_argument("--num-samples", type=int, default=30,
+                    help="--compare: trials after the baseline, warm starts included (the "
+                         "sweep's --num-samples)")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
     log = functools.partial(print, file=sys.stderr, flush=True)
@@ -281,6 +557,8 @@ def main(argv=None) -> int:
         return 2
     if args.no_replay:
         return 0
+    if args.compare:
+        return _compare(args, cache, argv, log)
     n_grid = len(grid_points(cache["grid"]))
     if len(cache["rows"]) < n_grid:
         log(f"note: {len(cache['rows'])}/{n_grid} points cached; the others replay as the nearest")
@@ -292,6 +570,25 @@ def main(argv=None) -> int:
         "trials": args.trials, "command": "python -m bench.search " + " ".join(
             argv if argv is not None else sys.argv[1:])}
     paths = common.write_search(summary, meta, cache, Path(args.out))
+    print(paths["md"].read_text(encoding="utf-8"))
+    return 0
+
+
+def _compare(args, cache: dict, argv, log) -> int:
+    t0 = time.perf_counter()
+    summary = compare(cache, seeds=args.seeds, num_samples=args.num_samples,
+                      max_dwer=args.max_dwer, log=log)
+    g = cache.get("machine", {})
+    dims = ", ".join(f"{k}: {len(v)}" for k, v in cache["grid"].items())
+    meta = {**common.stamp(1), "seconds": time.perf_counter() - t0,
+            "grid": f"{len(cache['rows'])}/{len(grid_points(cache['grid']))} recipes of "
+                    f"search_spaces/cpu.yaml ({dims}) measured once on {len(cache['clips'])} "
+                    f"embedded clips on {cache.get('date')}",
+            "grid_machine": common.describe_machine(g),
+            "command": "python -m bench.search " + " ".join(
+                argv if argv is not None else sys.argv[1:])}
+    meta["machine_line"] = common.describe_machine(meta["machine"])
+    paths = write_compare(summary, meta, Path(args.out))
     print(paths["md"].read_text(encoding="utf-8"))
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import optuna
 from ray import tune
@@ -17,6 +18,7 @@ from ..results.pareto import feasible, pareto_front
 # TPE's `multivariate`/`group` are Optuna "experimental" arguments we choose on purpose.
 console.ignore_warning(optuna.exceptions.ExperimentalWarning)
 SAMPLERS = ("tpe", "nsga2", "random")
+PRUNED_CONSTRAINTS = False  # a stopped trial tells Optuna its constraint values (dWER so far)
 RAY_TMP = "/tmp/hyper-ray"  # short: Ray's unix socket paths must stay under 107 bytes
 
 
@@ -66,13 +68,27 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
     return ray.cluster_resources()
 
 
-def make_sampler(name: str, seed: int | None):
-    # Constraints reach TPE and NSGA-II through `trial.set_constraint` (optuna 5), see HyperSearch.
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How the sweep's samplers are set up (chosen by `python -m bench.search --compare`)."""
+    n_startup_trials: int = 5  # TPE: random picks until this many trials finished (the
+    # enqueued baseline and warm starts count: they are told as completed trials)
+    multivariate: bool = True  # TPE: one joint density over the parameters
+    group: bool = True  # TPE: ... per group of parameters sampled together (conditional ones)
+    population_size: int = 8  # NSGA-II: trials per generation
+
+
+def make_sampler(name: str, seed: int | None, options: SamplerOptions = SamplerOptions()):
+    """Optuna's sampler by name. Constraints reach TPE and NSGA-II as each trial's
+    `set_constraint` values (optuna 5 reads `trial.constraints`; `constraints_func` is
+    deprecated and only stores the same values), see HyperSearch."""
+    o = options
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                          n_startup_trials=5)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=o.multivariate,
+                                          group=o.group and o.multivariate,
+                                          n_startup_trials=o.n_startup_trials)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=o.population_size)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"`--sampler` must be one of {SAMPLERS}, got {name=}")
