@@ -197,10 +197,11 @@ def machine_profile(space, threads: int) -> dict:
         finally:
             torch.set_num_threads(before)
     prof = machine.profile(machine.cpu_flags(), machine.isa_cap(), speedups)
-    fit = sum(machine_fits(w, prof) for w in space.start_when or ({},) * len(space.starts))
-    print(f"machine: {machine.describe(machine.info())}; faster encoder here: {prof['encoder']} "
-          f"({prof['encoder_why']}); {fit} of {len(space.starts)} warm starts fit it",
-          file=sys.stderr)
+    if any(space.start_when):  # said only when the starts depend on the machine
+        fit = sum(machine_fits(w, prof) for w in space.start_when)
+        print(f"machine: {machine.describe(machine.info())}; faster encoder here: "
+              f"{prof['encoder']} ({prof['encoder_why']}); {fit} of {len(space.starts)} warm "
+              "starts fit it", file=sys.stderr)
     return prof
 
 
