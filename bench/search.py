@@ -312,13 +312,23 @@ def variants() -> list[Variant]:
            *(Variant(f"nsga2 population {n}", "nsga2", {"population_size": n})
              for n in (4, 8, 16)),
            Variant("random", "random")]
-    now = Variant("tpe: the sweep's defaults now", tweaks=dataclasses.asdict(
-        sampler.SamplerOptions()), pruned_constraints=sampler.PRUNED_CONSTRAINTS)
-    same = [v for v in out if v.sampler == "tpe" and v.options() == now.options()
-            and (v.constraints, v.pruned_constraints, v.starts_told) == (True,
-                                                                          now.pruned_constraints,
-                                                                          True)]
-    return out if same else [*out, now]
+    # The sweep's defaults now, where no variant above is them (stopped trials are told as
+    # PRUNED without constraint values: telling theirs gained nothing here).
+    for name in ("tpe", "nsga2"):
+        if not any(v.sampler == name and is_default(v) for v in out):
+            out.append(Variant(f"{name}: the sweep's defaults", name, dataclasses.asdict(
+                sampler.SamplerOptions())))
+    return out
+
+
+def is_default(v: Variant) -> bool:
+    """Whether the sweep runs `v`'s sampler as `v` does (SamplerOptions' defaults)."""
+    from sweep.search.sampler import SamplerOptions
+
+    fields = {"tpe": ("n_startup_trials", "multivariate", "group"),
+              "nsga2": ("population_size",)}.get(v.sampler, ())
+    return v.constraints and v.starts_told and not v.pruned_constraints and all(
+        getattr(v.options(), f) == getattr(SamplerOptions(), f) for f in fields)
 
 
 def _point(trial, grid: dict, dead: bool) -> dict:
@@ -451,6 +461,7 @@ def compare(cache: dict, *, variants_: list[Variant] | None = None, seeds: int =
         log(f"  {v.name}: {len(scenarios)} scenarios x {seeds} seeds, "
             f"{time.perf_counter() - t0:.0f} s")
     out["ranking"] = rank(out)
+    out["defaults"] = [v.name for v in variants_ or variants() if is_default(v)]
     return out
 
 
@@ -503,7 +514,8 @@ def write_compare(summary: dict, meta: dict, out: Path) -> dict[str, Path]:
         for name in summary["ranking"]:
             e = summary["results"][name][sc]
             r = e["hv_ratio_median"]
-            body.append((name, *(f"{e['median'][m]:.2f} [{e['q25'][m]:.2f}–{e['q75'][m]:.2f}]"
+            shown = f"**{name}** (default)" if name in summary.get("defaults", ()) else name
+            body.append((shown, *(f"{e['median'][m]:.2f} [{e['q25'][m]:.2f}–{e['q75'][m]:.2f}]"
                                  for m in marks), f"{e['auc']:.3f}",
                          # none, or about none, from the starts alone: no ratio to speak of
                          "—" if r is None or e["hv_starts"] < 0.01 else f"{r:.2f}x",
@@ -511,9 +523,14 @@ def write_compare(summary: dict, meta: dict, out: Path) -> dict[str, Path]:
                          common.pct(e["sampled_infeasible_share"], False, 0)))
         lines += [common.md_table(("variant", *(f"HV @{m}" for m in marks), "mean HV",
                                    "HV/starts", "on front", "infeasible"), body), ""]
-    lines += [f"Ranking (median HV at the budget, mean over {', '.join(summary['ranked_on'])}"
-              "; within 0.005: lower quartile, then mean HV over the trials): " + " > ".join(
-                  f"{i + 1}. {n}" for i, n in enumerate(summary["ranking"][:5])), ""]
+    on = " and ".join(f"`{s}`" for s in summary["ranked_on"])
+    best = {}
+    for n in summary["ranking"]:
+        best.setdefault(summary["results"][n]["variant"]["sampler"], n)
+    lines += [f"Ranking (median HV at the budget, mean over {on}; within 0.005: the lower "
+              "quartile, then the mean HV over the trials): " + " > ".join(
+                  f"{i + 1}. {n}" for i, n in enumerate(summary["ranking"][:5])), "",
+              "Best per sampler: " + "; ".join(f"{k}: {v}" for k, v in best.items()), ""]
     paths["md"].write_text("\n".join(lines), encoding="utf-8")
     return paths
 
