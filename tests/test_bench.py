@@ -185,3 +185,134 @@ def test_tune_results_reads_last_line(tmp_path):
                                    + "\n" + json.dumps({"trial_key": "abc",
                                                         "worker_prepare_s": 2.0}) + "\n")
     assert overhead.tune_results(tmp_path)["abc"]["worker_prepare_s"] == 2.0
+
+
+# --- issue #19: sampler configurations replayed, and the full-space accounting ---------------
+
+def test_compare_replays_variants_as_the_sweep_runs_them(tmp_path):
+    grid = {**SMALL, "quant.enc_attn": ["none", "dynamic_int8", "bf16"]}  # the starts' values
+    cache = synthetic_cache(grid)
+    pts, base = search.points_of(cache)
+    told = search.Variant("tpe")
+    _, rows = search.replay_variant(pts, base, grid, told, 0, 8, scenario="starts")
+    assert len(rows) == 9 and [r["origin"] for r in rows[:3]] == ["baseline", "start", "start"]
+    assert rows[0]["recipe"] == {n: v[0] for n, v in grid.items()}
+    with pytest.raises(ValueError, match="warm starts must take the grid's values"):
+        search.replay_variant(pts, base, SMALL, told, 0, 8, scenario="starts")
+    _, dead = search.replay_variant(pts, base, grid, told, 1, 12, scenario="int8 start, dead")
+    shrunk = [r for r in dead if r["recipe"].get("struct.ffn_rate", 0) > 0]
+    assert shrunk and all(r["status"] == "pruned" and r["wer"] == 1.0 for r in shrunk)
+    assert all("struct.stacks" in r["recipe"] for r in shrunk)  # asked only when it shrinks
+    variants = [told, search.Variant("tpe, starts not told", starts_told=False),
+                search.Variant("random", "random")]
+    summary = search.compare(cache, variants_=variants, seeds=2, num_samples=8,
+                             log=lambda m: None)
+    assert summary["ranking"] and sorted(summary["ranking"]) == sorted(v.name for v in variants)
+    for e in summary["results"].values():
+        for sc in search.SCENARIOS:
+            med = np.array(e[sc]["median"])
+            assert len(med) == 9 and np.all(np.diff(med) >= -1e-12) and med.max() <= 1 + 1e-9
+            assert 0 <= e[sc]["seeds_with_sampled_on_front"] <= 2
+            assert 0 <= e[sc]["sampled_infeasible_share"] <= 1
+    meta = {**common.stamp(), "grid": "test", "grid_machine": "test", "machine_line": "test",
+            "seconds": 1.0, "command": "test"}
+    paths = search.write_compare(summary, meta, tmp_path)
+    md = paths["md"].read_text()
+    assert all(f"## {sc}" in md for sc in search.SCENARIOS) and "Ranking" in md
+    assert json.loads(paths["json"].read_text())["results"]["random"]["starts"]["median"]
+
+
+def _row(tid, origin, wer, lat, status="ok", base_wer=0.5):
+    return {"trial_id": tid, "origin": origin, "status": status, "wer": wer,
+            "latency_median_s": lat, "dwer": None if wer is None else wer / base_wer - 1,
+            "recipe": {"prune.rate": 0.1 * len(tid)}}
+
+
+SWEEP_ROWS = [
+    _row("b", "baseline", 0.5, 1.0), _row("s1", "start", 0.5, 0.6),
+    _row("s2", "start", 0.7, 0.3),  # over the budget
+    _row("x1", "sampled", 0.48, 0.5),  # beats the start on both: the whole front
+    _row("x2", "sampled", 0.6, 0.2), _row("x3", "sampled", 0.9, 0.4, "pruned"),
+    _row("x4", "sampled", None, None, "failed"),
+    _row("x5", "sampled", None, None, "killed"), _row("x5", "sampled", 0.5, 0.7),  # re-run
+    _row("x6", "sampled", None, None, "killed")]  # killed and never re-run: counted
+BASE = {"wer": 0.5, "latency_median_s": 1.0}
+
+
+def test_search_full_accounting_on_synthetic_rows():
+    from bench.search_full import earned
+
+    e = earned(SWEEP_ROWS, BASE, None, {"max_dwer": 0.1})
+    assert (e["front"], e["front_from_sampling"], e["front_from_starts"],
+            e["front_from_baseline"]) == (1, 1, 0, 0)
+    # reference (0.55, 1.0): x1 alone 0.07 x 0.5, the start alone 0.05 x 0.4
+    assert e["hv"] == pytest.approx(0.035) and e["hv_starts"] == pytest.approx(0.02)
+    assert e["hv_ratio"] == pytest.approx(1.75)
+    assert (e["sampled"], e["sampled_infeasible"]) == (6, 4)  # x2 x3 x4 x6
+    only_starts = earned([r for r in SWEEP_ROWS if r["origin"] != "sampled"], BASE, None,
+                         {"max_dwer": 0.1})
+    assert only_starts["hv_ratio"] == 1.0 and only_starts["sampled_infeasible_share"] is None
+    none = earned(SWEEP_ROWS[:1] + SWEEP_ROWS[3:4], BASE, None, {"max_dwer": 0.1})
+    assert none["hv_starts"] == 0 and none["hv_ratio"] == float("inf")
+
+
+def test_search_full_verdict_checks_each_criterion():
+    from bench.search_full import verdict
+
+    def seed(on_front, ratio, sampled=10, bad=2):
+        return {"front_from_sampling": on_front, "hv_ratio": ratio, "sampled": sampled,
+                "sampled_infeasible": bad}
+
+    ok = verdict([seed(1, 1.2), seed(2, float("inf")), seed(1, 1.0)])
+    assert ok["passed"] and ok["median_hv_ratio"] == pytest.approx(1.2)
+    assert ok["sampled_infeasible_share"] == pytest.approx(0.2)
+    miss = verdict([seed(1, 1.2), seed(0, 1.3), seed(1, 1.5)])
+    assert not miss["checks"]["sampled_on_front_every_seed"] and miss["checks"]["median_hv_ratio"]
+    flat = verdict([seed(1, 1.05), seed(1, None), seed(1, 1.0)])
+    assert not flat["checks"]["median_hv_ratio"] and flat["median_hv_ratio"] == 1.025
+    waste = verdict([seed(1, 2.0, 10, 4), seed(1, 2.0, 10, 3)])
+    assert not waste["checks"]["sampled_infeasible_share"] and not waste["passed"]
+    assert not verdict([])["passed"]
+
+
+def test_search_full_reads_a_sweeps_files(tmp_path):
+    from bench.search_full import analyse, earned, read_sweep
+    from sweep.results import report
+
+    report.write_front(SWEEP_ROWS, BASE, tmp_path, constraints={"max_dwer": 0.1})
+    e = earned(SWEEP_ROWS, BASE, None, {"max_dwer": 0.1})
+    counts = {k: e[k] for k in ("front_from_sampling", "front_from_starts", "sampled",
+                                "sampled_infeasible")}
+    (tmp_path / "summary.json").write_text(json.dumps({"sweep": "t", "trials": 9, **counts}))
+    got = analyse([{**read_sweep(tmp_path), "seed": 0}])
+    (s,) = got["seeds"]
+    assert s["agrees_with_summary"] and s["hv"] == pytest.approx(e["hv"])
+    assert {k: s[k] for k in counts} == counts and not got["passed"]  # 4 of 6 infeasible
+    (tmp_path / "summary.json").write_text(json.dumps({**counts, "sampled": 5}))
+    assert not analyse([{**read_sweep(tmp_path), "seed": 0}])["seeds"][0]["agrees_with_summary"]
+
+
+def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manifest, tmp_path):
+    """Smoke: the script end to end, one seed of 2 samples on a small space (a sweep in its own
+    process), then once more reading the finished seed instead of running it again."""
+    from bench import search_full
+
+    space = tmp_path / "space.yaml"
+    space.write_text("name: smoke\nparams:\n  quant.scheme: {choice: [none, dynamic_int8]}\n"
+                     "  prune.rate: {float: [0.0, 0.5], step: 0.25}\n"
+                     "constraints: {max_dwer: 0.1}\nstarts:\n  - {quant.scheme: dynamic_int8}\n")
+    argv = ["--space", str(space), "--model", tiny_checkpoint, "--dataset",
+            f"{small_manifest}+embedded", "--max-samples", "2", "--num-samples", "2",
+            "--seeds", "1", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out"),
+            "--", "--no-probes", "--warmup", "0", "--max-slowdown", "0"]
+    assert search_full.main(argv) == 0
+    res = json.loads((tmp_path / "out" / "search-full.json").read_text())
+    (s,) = res["seeds"]
+    assert s["trials"] == 3 and s["sampled"] <= 1 and s["agrees_with_summary"]
+    assert s["front_from_baseline"] + s["front_from_starts"] + s["front_from_sampling"] == s[
+        "front"]
+    assert res["machine"]["isa"] is not None and "checks" in res
+    assert "= summary.json" in (tmp_path / "out" / "search-full.md").read_text()
+    first = (tmp_path / "root" / "seed-0" / "mlflow.db").stat().st_mtime
+    assert search_full.main(argv) == 0  # read again, not run again
+    assert (tmp_path / "root" / "seed-0" / "mlflow.db").stat().st_mtime == first
