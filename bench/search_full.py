@@ -127,7 +127,9 @@ def analyse(sweeps: Sequence[Mapping], criteria: Criteria = Criteria()) -> dict:
                  # the launcher's own counts (summary.json), which these must equal
                  agrees_with_summary=all(summ.get(k) == e[k] for k in (
                      "front_from_sampling", "front_from_starts", "sampled",
-                     "sampled_infeasible") if k in summ))
+                     "sampled_infeasible") if k in summ) and (
+                     summ.get("hypervolume") is None
+                     or math.isclose(summ["hypervolume"], e["hv"], rel_tol=1e-9, abs_tol=1e-12)))
         seeds.append(e)
     return {"seeds": seeds, **verdict(seeds, criteria)}
 

@@ -283,13 +283,16 @@ def test_search_full_reads_a_sweeps_files(tmp_path):
     e = earned(SWEEP_ROWS, BASE, None, {"max_dwer": 0.1})
     counts = {k: e[k] for k in ("front_from_sampling", "front_from_starts", "sampled",
                                 "sampled_infeasible")}
-    (tmp_path / "summary.json").write_text(json.dumps({"sweep": "t", "trials": 9, **counts}))
+    (tmp_path / "summary.json").write_text(json.dumps({"sweep": "t", "trials": 9,
+                                                       "hypervolume": e["hv"], **counts}))
     got = analyse([{**read_sweep(tmp_path), "seed": 0}])
     (s,) = got["seeds"]
     assert s["agrees_with_summary"] and s["hv"] == pytest.approx(e["hv"])
     assert {k: s[k] for k in counts} == counts and not got["passed"]  # 4 of 6 infeasible
-    (tmp_path / "summary.json").write_text(json.dumps({**counts, "sampled": 5}))
-    assert not analyse([{**read_sweep(tmp_path), "seed": 0}])["seeds"][0]["agrees_with_summary"]
+    for wrong in ({"sampled": 5}, {"hypervolume": e["hv"] * 1.01}):
+        (tmp_path / "summary.json").write_text(json.dumps({**counts, **wrong}))
+        assert not analyse([{**read_sweep(tmp_path), "seed": 0}])["seeds"][0][
+            "agrees_with_summary"]
 
 
 def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manifest, tmp_path):
