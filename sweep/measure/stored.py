@@ -38,15 +38,16 @@ class Form:
     save: Callable[[nn.Module], tuple[dict, dict]]  # module -> (tensors by suffix, JSON spec)
     load: Callable[[dict, dict, dict], nn.Module]  # (own tensors, spec, all tensors) -> module
     plain: Callable[[dict, torch.dtype], str]  # (spec, model dtype) -> one of PLAIN
+    text: str = ""  # what such a module is, in words (the model card)
 
 
 FORMS: dict[type, Form] = {}  # module class -> its form
 KINDS: dict[str, Form] = {}  # kind (recipe.json `modules`) -> form
 
 
-def register(cls: type | None, kind: str, save, load, plain) -> Form:
+def register(cls: type | None, kind: str, save, load, plain, text: str) -> Form:
     """Give modules of exactly `cls` a stored form (`cls` None: matched another way)."""
-    f = Form(kind, save, load, plain)
+    f = Form(kind, save, load, plain, text)
     KINDS[kind] = f
     if cls is not None:
         FORMS[cls] = f
@@ -123,16 +124,17 @@ def collect(model: nn.Module) -> tuple[dict, dict, dict]:
     return tensors, specs, tied
 
 
-def plain_status(specs: dict, dtype: torch.dtype) -> tuple[str, dict[str, str]]:
-    """What plain transformers gives of these stored modules: the worst of their forms, and each
-    module's (by kind) that is not exact."""
+def plain_status(specs: dict, dtype: torch.dtype) -> tuple[str, list[dict]]:
+    """What plain transformers gives of these stored modules: the worst of their forms, and the
+    kinds that are not exact (what, exact|approximate|none, how many, one module's name)."""
     each = {n: KINDS[s["kind"]].plain(s, dtype) for n, s in specs.items()}
     worst = max(each.values(), key=PLAIN.index, default="exact")
-    kinds = {}
+    kinds: dict[tuple, list] = {}
     for n, p in each.items():
         if p != "exact":
-            kinds.setdefault(f"{specs[n]['kind']} ({p})", []).append(n)
-    return worst, {k: f"{len(v)} module(s), e.g. {v[0]}" for k, v in kinds.items()}
+            kinds.setdefault((KINDS[specs[n]["kind"]].text, p), []).append(n)
+    return worst, [{"what": what, "plain": p, "modules": len(names), "example": names[0]}
+                   for (what, p), names in kinds.items()]
 
 
 def rebuild(model: nn.Module, tensors: dict, specs: dict, tied: dict) -> nn.Module:
@@ -222,7 +224,8 @@ def cast_output(out, dtype):
 
 
 register(None, "cast_stack", None, None,
-         lambda spec, dtype: "exact" if DTYPES[spec["dtype"]] == dtype else "approximate")
+         lambda spec, dtype: "exact" if DTYPES[spec["dtype"]] == dtype else "approximate",
+         "stack cast as a whole to bf16/fp16")
 
 
 # ---- kernels' modules -----------------------------------------------------------------------
@@ -244,7 +247,7 @@ def _cast_load(own, spec, every):
 
 register(kernels.CastLinear, "cast_linear", _cast_save, _cast_load,
          lambda spec, dtype: "exact" if not spec["autocast"] and DTYPES[spec["dtype"]] == dtype
-         else "approximate")
+         else "approximate", "Linear cast to bf16/fp16 (or autocast)")
 
 
 def int8_parts(qweight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -298,7 +301,7 @@ def _ao_save(m: kernels.AoInt8Linear):
 register(kernels.AoInt8Linear, "ao_int8_linear", _ao_save,
          lambda own, spec, every: ao_int8_module(
              kernels.AoInt8Linear, packed_int8(int8_weight(own), own.get("bias")), spec),
-         lambda spec, dtype: "none")
+         lambda spec, dtype: "none", "torch.ao int8 Linear (packed int8 weights)")
 
 
 # ---- torchao's quantized tensors (nn.Linear with a tensor-subclass weight) -------------------
@@ -330,7 +333,7 @@ def _torchao_save(m: nn.Linear):
 
 register(None, "torchao_linear", _torchao_save,
          lambda own, spec, every: _meta_linear(own["weight"], own.get("bias")),
-         lambda spec, dtype: "exact" if spec["config"] else "none")
+         lambda spec, dtype: "exact" if spec["config"] else "none", "torchao-quantized Linear")
 
 
 def torchao_quantization_config(specs: dict):

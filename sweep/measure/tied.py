@@ -79,14 +79,15 @@ stored.register(
     lambda m: ({k: getattr(m, k) for k in ("weight_int8", "weight_scale", "weight_zero_point")},
                {"out_dtype": stored.name_of(m.out_dtype)}),
     lambda own, spec, every: Int8Embedding(own, stored.DTYPES[spec["out_dtype"]]),
-    lambda spec, dtype: "none")
+    lambda spec, dtype: "none", "int8 token embedding")
 stored.register(
     CastEmbedding, "cast_embedding",
     lambda m: ({"weight": m.weight}, {"out_dtype": stored.name_of(m.out_dtype)}),
     lambda own, spec, every: CastEmbedding(stored._param(own["weight"]),
                                            stored.DTYPES[spec["out_dtype"]]),
     # plain transformers upcasts the weight: the same rows, looked up in its dtype
-    lambda spec, dtype: "exact" if stored.DTYPES[spec["out_dtype"]] == dtype else "approximate")
+    lambda spec, dtype: "exact" if stored.DTYPES[spec["out_dtype"]] == dtype else "approximate",
+    "bf16 token embedding")
 
 
 def _head_load(own, spec, every):
@@ -100,4 +101,4 @@ stored.register(
     TiedInt8Head, "tied_int8_head",
     lambda m: ({}, {"embedding": EMBEDDING, "reduce_range": m.reduce_range, "scale": m.scale,
                     "zero_point": m.zero_point}),
-    _head_load, lambda spec, dtype: "none")
+    _head_load, lambda spec, dtype: "none", "int8 head on the int8 embedding's tensor")

@@ -135,19 +135,20 @@ def plain_text(info: dict, recipe: Recipe, verify: dict | None, data: dict) -> s
     and, when they differ, by how much (measured by `export --verify`)."""
     plain, odd = info["plain"]["weights"], info["plain"]["not_exact"]
     call = "`WhisperForConditionalGeneration.from_pretrained(dir)` alone"
+
+    def listed(status):
+        return "; ".join(f"{k['modules']} × {k['what']} (e.g. `{k['example']}`)" for k in odd
+                         if k["plain"] == status)
+
     if plain == "none":
-        return (f"{call} cannot load this checkpoint: "
-                + "; ".join(k.removesuffix(" (none)") + f": {v}" for k, v in odd.items()
-                            if k.endswith("(none)"))
-                + " are stored in forms transformers has no loader for (torch.ao's packed int8 "
-                "kernels, the tied int8 embedding). Their weights are in `hyper.safetensors`, "
-                "not `model.safetensors`, so `from_pretrained` finds no weights rather than "
-                "building a wrong model: use `sweep.load`.")
-    adds = [getattr(recipe, t).describe() for t in info["reapplied"]]
-    approx = "; ".join(f"{k.removesuffix(' (approximate)')}: {v}" for k, v in odd.items())
+        return (f"{call} cannot load this checkpoint: {listed('none')} have no loader in "
+                "transformers. Their weights are in `hyper.safetensors`, not "
+                "`model.safetensors`, so `from_pretrained` finds no weights rather than building "
+                "a wrong model: use `sweep.load`.")
+    adds = [f"{t}: {getattr(recipe, t).describe()}" for t in info["reapplied"]]
     text = call + (" loads the measured weights and modules exactly" if plain == "exact" else
-                   f" loads it only approximately: {approx} run in transformers' own modules, "
-                   "their weights upcast to the model's dtype")
+                   f" loads it only approximately: {listed('approximate')} run in "
+                   "transformers' own modules, their weights upcast to the model's dtype")
     if any(s["kind"] == "torchao_linear" for s in info["modules"].values()):
         text += " (its torchao layers through transformers' `TorchAoConfig` in config.json)"
     if plain == "exact" and not adds:
