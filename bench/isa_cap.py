@@ -134,6 +134,18 @@ def best_of(runs: list[dict]) -> dict:
             "rounds": len(ok)}
 
 
+def noise(rows: list[dict], base: dict | None) -> str:
+    """The spread, across caps, of the kernels no cap can touch (fp32, fbgemm int8): how far
+    this run's figures move by the machine alone (a shared machine's load)."""
+    ok = [r for r in rows if "gops" in r]
+    if base is None or len(ok) < 2:
+        return ""
+    ratios = [r["gops"][k] / base["gops"][k] for r in ok for k in ("fp32", "int8_fbgemm")]
+    return (f" The kernels the cap cannot reach (fp32, fbgemm) moved {min(ratios):.2f}x to "
+            f"{max(ratios):.2f}x between settings: this run's noise; a change within it is "
+            "none, the kernel names say what switched.")
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     base = next((r for r in rows if r["cap"] == "default" and "seconds" in r), None)
     body = []
@@ -157,7 +169,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                               "oneDNN kernel, bf16", "oneDNN kernel, int8 (onednn engine)",
                               "oneDNN kernel, int8 (fbgemm engine)"), body,
                              "l" + "r" * len(KERNELS) + "lll"), "",
-             "In parentheses: against the same kernel without a cap.", "",
+             "In parentheses: against the same kernel without a cap." + noise(rows, base), "",
              "What the cap does not cover:",
              "- fp32 `F.linear` is MKL's sgemm, and torch.ao's dynamic int8 linear on the "
              "default `x86` engine is fbgemm's: neither goes through oneDNN, so the cap leaves "
