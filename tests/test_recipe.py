@@ -115,8 +115,22 @@ def test_json_format_version_checked():
 
 
 def test_params_complete_and_consistent_with_dataclasses():
-    assert set(TECHNIQUES.values()) == {StructConfig, PruneConfig, QuantConfig, CompileConfig,
-                                        DecodeConfig, EncoderConfig}
+    assert {StructConfig, PruneConfig, QuantConfig, CompileConfig, DecodeConfig,
+            EncoderConfig} <= set(TECHNIQUES.values())
+    # every technique module of the package registered its config, and nothing else is there
+    import importlib
+    import pkgutil
+
+    import sweep.techniques as pkg
+    from sweep.techniques.base import Technique
+
+    defined = set()
+    for m in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"sweep.techniques.{m.name}")
+        defined |= {c for c in vars(mod).values() if isinstance(c, type)
+                    and issubclass(c, Technique) and c is not Technique
+                    and c.__module__ == mod.__name__}
+    assert defined == set(TECHNIQUES.values())
     # application order = registration order
     assert [c.PREFIX for c in Recipe().configs()] == list(TECHNIQUES)
     names = ["device"]
