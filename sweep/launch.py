@@ -262,7 +262,7 @@ def run(args) -> dict:
                                     args.early_stop_min_clips),
         confidence=space.confidence, probes=args.probes,
         rungs=stopping.parse_rungs(args.rungs),
-        needs_calibration=space.mentions("static_int8"), inject=dict(args.inject or {}))
+        needs_calibration=cli.space_needs_calibration(space), inject=dict(args.inject or {}))
     trainable = tune.with_resources(tune.with_parameters(worker.trainable, ctx=ctx),
                                     search.resources_for(per_trial))
     total = args.num_samples + 1

@@ -35,7 +35,21 @@ def add_model_data_args(ap) -> None:
 
 
 def needs_calibration(flat: dict) -> bool:
-    return any(k.startswith("quant.") and v == "static_int8" for k, v in flat.items())
+    """Some active technique of the recipe learns from calibration audio (static int8 scales,
+    the int8 fallback's sensitivities, low-rank bases): its `calibrates`."""
+    from ..techniques.recipe import Recipe
+
+    return any(cfg.active and getattr(cfg, "calibrates", False)
+               for cfg in Recipe.from_flat(flat).configs())
+
+
+def space_needs_calibration(space) -> bool:
+    """Some recipe of `space` may need calibration audio: it can choose static int8 or searches
+    a parameter a technique declares `CALIBRATED`."""
+    from ..techniques import TECHNIQUES
+
+    return space.mentions("static_int8") or any(
+        space.mentions(p) for cls in TECHNIQUES.values() for p in getattr(cls, "CALIBRATED", ()))
 
 
 def load_data(args):

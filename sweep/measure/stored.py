@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import kernels
+from . import int8, kernels
 
 PLAIN = ("exact", "approximate", "none")  # best first
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -302,6 +302,17 @@ register(kernels.AoInt8Linear, "ao_int8_linear", _ao_save,
          lambda own, spec, every: ao_int8_module(
              kernels.AoInt8Linear, packed_int8(int8_weight(own), own.get("bias")), spec),
          lambda spec, dtype: "none", "torch.ao int8 Linear (packed int8 weights)")
+
+
+# ---- per-token int8 (#16) ------------------------------------------------------------------
+
+
+register(int8.TokenInt8Linear, "token_int8_linear",
+         lambda m: ({"weight_int8": m.weight_int8, "weight_scale": m.weight_scale,
+                     "bias": m.bias}, {}),
+         lambda own, spec, every: int8.TokenInt8Linear.from_parts(
+             own["weight_int8"], own["weight_scale"], own.get("bias")),
+         lambda spec, dtype: "none", "int8 Linear with per-token activation scales")
 
 
 # ---- torchao's quantized tensors (nn.Linear with a tensor-subclass weight) -------------------

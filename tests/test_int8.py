@@ -1,0 +1,210 @@
+"""int8 that keeps accuracy (#16): per-token activation scales (`int8_token`), sensitivity per
+block and the accuracy-aware fallback, on the tiny random Whisper; the fallback on the real
+whisper-base in a slow test."""
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from sweep.measure import blocks, kernels
+from sweep.measure.compress import CompressError, apply_recipe, layer_type_of
+from sweep.measure.int8 import TokenInt8Linear
+from sweep.techniques.recipe import Recipe, RecipeError
+
+PROMPT = torch.tensor([[50258, 50259, 50359, 50363]])  # sot, lang, transcribe, notimestamps
+
+
+@pytest.fixture(autouse=True)
+def _fast_kernel_choice(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("HYPER_CACHE", str(tmp_path_factory.getbasetemp() / "hyper-cache"))
+    monkeypatch.setattr(kernels, "time_calls", functools.partial(
+        kernels.time_calls, budget_s=0.02, rounds=(2, 20), sample_s=1e-3))
+
+
+def feats(seed=0):
+    return torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(seed))
+
+
+def calibrate(model, seeds=(1, 2)):  # as sweep.measure.evaluate.calibrator: generate per clip
+    for seed in seeds:
+        model.generate(feats(seed), decoder_input_ids=PROMPT, max_new_tokens=4)
+
+
+@torch.inference_mode()
+def logits(model, seed=0):
+    return model(input_features=feats(seed), decoder_input_ids=PROMPT).logits.float()
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+# ---- per-token int8 ------------------------------------------------------------------------
+
+
+def test_token_scales_keep_quiet_rows_that_one_scale_loses():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128).eval()
+    x = torch.randn(64, 256)
+    x[0] *= 300  # one loud frame, the rest quiet (speech vs padding in a 30 s window)
+    x[1] = 0  # an all-zero row stays exactly the bias
+    with torch.inference_mode():
+        ref = lin(x)
+        tok, ao = TokenInt8Linear(lin)(x), kernels.AoInt8Linear(lin)(x)
+
+    def quiet_err(y):
+        return ((y[2:] - ref[2:]).norm() / ref[2:].norm()).item()
+
+    assert tok.shape == ref.shape and tok.dtype == ref.dtype
+    assert quiet_err(tok) < 0.02 < 0.2 < quiet_err(ao)
+    assert torch.allclose(tok[1], lin.bias, atol=1e-6)
+    assert ((tok[0] - ref[0]).norm() / ref[0].norm()).item() < 0.02
+
+
+def test_token_linear_without_bias_3d_and_traced():
+    lin = nn.Linear(64, 32, bias=False).eval()
+    mod = TokenInt8Linear(lin)
+    x = torch.randn(2, 5, 64)
+    with torch.inference_mode():
+        y = mod(x)
+        assert y.shape == (2, 5, 32) and cosine(y, lin(x)) > 0.999
+        traced = torch.jit.trace(mod, (x,), check_trace=False)  # the scripted greedy step
+        assert torch.allclose(traced(x), y, atol=1e-5)
+    again = TokenInt8Linear.from_parts(mod.weight_int8, mod.weight_scale, None)
+    with torch.inference_mode():
+        assert torch.equal(again(x), y)
+
+
+def test_int8_token_replaces_its_layer_type_and_stays_close(tiny_model):
+    ref = logits(tiny_model)
+    applied = apply_recipe(tiny_model, Recipe.parse("quant.enc_mlp=int8_token,"
+                                                    "quant.enc_attn=int8_token"))
+    kinds = {layer_type_of(n) for n, m in tiny_model.named_modules()
+             if isinstance(m, TokenInt8Linear)}
+    assert kinds == {"enc_attn", "enc_mlp"}
+    assert applied.kernels["enc_mlp"] == "torch._int_mm(per-token)"
+    assert applied.kernels["dec_mlp"] == "fp32"
+    assert cosine(logits(tiny_model), ref) > 0.99
+    assert Recipe.parse("quant.enc_mlp=int8_token").describe() == "int8 tok (enc_mlp)"
+
+
+# ---- blocks, sensitivity, fallback ---------------------------------------------------------
+
+
+def test_block_names():
+    assert blocks.block_of("model.encoder.layers.3.fc2") == "enc3"
+    assert blocks.block_of("model.decoder.layers.11.encoder_attn.k_proj") == "dec11"
+    assert blocks.block_of("model.encoder._orig_mod.layers.0.fc1.down") == "enc0"
+    assert blocks.block_of("proj_out") == "head"
+    assert sorted(["head", "dec1", "enc10", "enc2"], key=blocks.order) == [
+        "enc2", "enc10", "dec1", "head"]
+
+
+def test_probe_records_the_calibration_clips(tiny_model):
+    probe = blocks.Probe.capture(tiny_model, calibrate)
+    assert len(probe.features) == 2 and [f.shape for f in probe.features] == [(1, 80, 3000)] * 2
+    assert all(ids.shape[1] > PROMPT.shape[1] for ids in probe.ids) and probe.start == [3, 3]
+    assert probe.kl(tiny_model) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(blocks.ProbeError, match="HF generate"):
+        blocks.Probe.capture(tiny_model, lambda m: None)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("quant.scheme=dynamic_int8,quant.fallback_blocks=2,quant.fallback_budget=0.1",
+     "must not both be set"),
+    ("quant.fallback_budget=-0.1", "quant.fallback_budget` must be"),
+    ("quant.fallback_blocks=65", "quant.fallback_blocks` must be"),
+    ("quant.fallback=fp16", "quant.fallback` must be one of bf16, none"),
+])
+def test_bad_fallback_settings_refused(text, needle):
+    with pytest.raises(RecipeError, match=needle):
+        Recipe.parse(text)
+
+
+def test_fallback_means_nothing_without_int8():
+    assert Recipe.parse("quant.fallback_blocks=3").is_baseline
+    assert Recipe.parse("quant.scheme=bf16,quant.fallback_blocks=3") == Recipe.parse(
+        "quant.scheme=bf16") or Recipe.parse("quant.scheme=bf16,quant.fallback_blocks=3"
+                                             ).quant.canonical() == Recipe.parse(
+        "quant.scheme=bf16").quant.canonical()
+    r = Recipe.parse("quant.scheme=dynamic_int8,quant.fallback_blocks=3")
+    assert r.quant.calibrates and "bf16 fallback 3 blocks" in r.describe()
+
+
+def test_fallback_needs_calibration(tiny_model):
+    with pytest.raises(CompressError, match="need calibration data"):
+        apply_recipe(tiny_model, Recipe.parse("quant.scheme=dynamic_int8,"
+                                              "quant.fallback_blocks=1"))
+
+
+def _notes(applied, head):
+    return next(n for n in applied.notes if n.startswith(head))
+
+
+def test_fallback_blocks_moves_the_most_sensitive_to_bf16(tiny_model):
+    applied = apply_recipe(tiny_model, Recipe.parse(
+        "quant.scheme=dynamic_int8,quant.fallback_blocks=2"), calibrate=calibrate)
+    ranked = [b.split()[0] for b in _notes(applied, "int8 sensitivity").split(": ")[1].split(
+        ", ")]
+    assert sorted(ranked, key=blocks.order) == ["enc0", "enc1", "dec0", "dec1", "head"]
+    moved = set(ranked[:2])
+    assert _notes(applied, "fallback to bf16").endswith(", ".join(sorted(moved,
+                                                                          key=blocks.order)))
+    for name, mod in tiny_model.named_modules():
+        if layer_type_of(name) is None:
+            continue
+        want = kernels.CastLinear if blocks.block_of(name) in moved else kernels.AoInt8Linear
+        assert isinstance(mod, want) or (want is kernels.AoInt8Linear and isinstance(
+            getattr(mod, "weight", None), torch.Tensor) and type(mod.weight) is not nn.Parameter
+        ), (name, type(mod))
+    assert any("(fallback)" in k for k in applied.kernels.values())
+
+
+def test_fallback_budget_moves_blocks_until_it_holds(tiny_model, monkeypatch):
+    other = functools.partial(calibrate, seeds=(3, 4))  # clips whose sensitivities are new
+    calls = []
+    real = blocks.sensitivity
+    monkeypatch.setattr(blocks, "sensitivity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loose = apply_recipe(copy.deepcopy(tiny_model), Recipe.parse(
+        "quant.scheme=dynamic_int8,quant.fallback_budget=1.0"), calibrate=other)
+    assert "no block" in _notes(loose, "fallback to bf16")
+    # the same model, schemes and clips: the sensitivities come from the cache
+    tight = apply_recipe(copy.deepcopy(tiny_model), Recipe.parse(
+        "quant.scheme=dynamic_int8,quant.fallback_budget=1e-12"), calibrate=other)
+    assert len(calls) == 1
+    note = _notes(tight, "fallback to bf16")  # bf16 never reaches 1e-12: every block moves
+    assert note.split(": ")[1].startswith("enc0, enc1, dec0, dec1, head")
+    kl = float(note.split("(KL ")[1].split(",")[0])
+    assert kl > 1e-12
+
+
+def test_fallback_to_fp32_keeps_the_float_layers(tiny_model):
+    applied = apply_recipe(tiny_model, Recipe.parse(
+        "quant.enc_mlp=int8_token,quant.fallback_blocks=9,quant.fallback=none"),
+        calibrate=calibrate)
+    assert not any(isinstance(m, TokenInt8Linear) for m in tiny_model.modules())
+    assert applied.kernels["enc_mlp"] == "fp32 (fallback)+torch._int_mm(per-token)"
+
+
+@pytest.mark.slow
+def test_fallback_meets_a_budget_int8_everywhere_misses_real(real_model):
+    """whisper-base, per-tensor dynamic int8 on every Linear: its KL on the calibration clips
+    is over the budget; the accuracy-aware fallback moves a few blocks to bf16 and holds it."""
+    from sweep.inputs.data import calibration_set
+    from sweep.measure.evaluate import calibrator
+
+    budget = 0.01
+    calib = calibrator(real_model.processor, calibration_set("embedded", n=4), "ru")
+    probe = blocks.Probe.capture(real_model.model, calib)
+    everywhere = apply_recipe(copy.deepcopy(real_model.model),
+                              Recipe.parse("quant.scheme=dynamic_int8"))
+    assert probe.kl(everywhere.model) > budget
+    applied = apply_recipe(copy.deepcopy(real_model.model), Recipe.parse(
+        f"quant.scheme=dynamic_int8,quant.fallback_budget={budget}"), calibrate=calib)
+    note = _notes(applied, "fallback to bf16")
+    moved = note.split(": ")[1].split(" (KL")[0].split(", ")
+    assert 0 < len(moved) <= 4  # a few of the 13 blocks
+    assert probe.kl(applied.model) <= budget
