@@ -38,6 +38,7 @@ _CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def layer_type_of(name: str) -> str | None:
     """Layer type of a module name of WhisperForConditionalGeneration, None for the others."""
     name = name.replace("_orig_mod.", "")  # names inside torch.compile wrappers
+    name = re.sub(r"\.(down|up)$", "", name)  # low-rank factors have their layer's type
     return next((t for rule, t in _TYPE_RULES if rule.fullmatch(name)), None)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import int8, kernels
+from . import int8, kernels, lowrank
 
 PLAIN = ("exact", "approximate", "none")  # best first
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -304,7 +304,7 @@ register(kernels.AoInt8Linear, "ao_int8_linear", _ao_save,
          lambda spec, dtype: "none", "torch.ao int8 Linear (packed int8 weights)")
 
 
-# ---- per-token int8 (#16) ------------------------------------------------------------------
+# ---- per-token int8 and low-rank factors (#16) -----------------------------------------------
 
 
 register(int8.TokenInt8Linear, "token_int8_linear",
@@ -313,6 +313,40 @@ register(int8.TokenInt8Linear, "token_int8_linear",
          lambda own, spec, every: int8.TokenInt8Linear.from_parts(
              own["weight_int8"], own["weight_scale"], own.get("bias")),
          lambda spec, dtype: "none", "int8 Linear with per-token activation scales")
+
+
+def _part(m: nn.Module) -> tuple[dict, dict]:
+    """A factor's own tensors and spec: a plain Linear as it is, else by its own form."""
+    f = form_of(m)
+    if f is None:
+        if type(m) is not nn.Linear:
+            raise StoredError(f"low-rank factor {type(m).__qualname__} has no stored form")
+        return {"weight": m.weight} | ({"bias": m.bias} if m.bias is not None else {}), {
+            "kind": "linear"}
+    own, spec = f.save(m)
+    return own, {"kind": f.kind, **spec}
+
+
+def _lowrank_save(m: lowrank.LowRankLinear):
+    own, spec = {}, {}
+    for part in ("down", "up"):
+        tensors, spec[part] = _part(getattr(m, part))
+        own |= {f"{part}.{k}": t for k, t in tensors.items()}
+    return own, spec
+
+
+def _lowrank_load(own, spec, every):
+    parts = {}
+    for part in ("down", "up"):
+        mine = {k[len(part) + 1:]: t for k, t in own.items() if k.startswith(part + ".")}
+        kind = spec[part]["kind"]
+        parts[part] = _meta_linear(mine["weight"], mine.get("bias")) if kind == "linear" \
+            else KINDS[kind].load(mine, spec[part], every)
+    return lowrank.LowRankLinear(parts["down"], parts["up"])
+
+
+register(lowrank.LowRankLinear, "lowrank_linear", _lowrank_save, _lowrank_load,
+         lambda spec, dtype: "none", "Linear as two low-rank factors (each stored as it runs)")
 
 
 # ---- torchao's quantized tensors (nn.Linear with a tensor-subclass weight) -------------------
