@@ -91,6 +91,63 @@ def test_int8_token_replaces_its_layer_type_and_stays_close(tiny_model):
     assert Recipe.parse("quant.enc_mlp=int8_token").describe() == "int8 tok (enc_mlp)"
 
 
+# ---- SmoothQuant ---------------------------------------------------------------------------
+
+
+def _outlier_channels(model):
+    """Give the tiny model what real Whispers have: a few input channels 30x larger than the
+    rest, the same for every frame (LayerNorm gains), where one activation scale fails."""
+    with torch.no_grad():
+        for layer in model.model.encoder.layers:
+            for ln in (layer.self_attn_layer_norm, layer.final_layer_norm):
+                ln.weight[:3] *= 30
+    return model
+
+
+def test_smoothing_leaves_fp32_unchanged(tiny_model):
+    from sweep.measure import int8
+
+    model = _outlier_channels(tiny_model)
+    ref, ln = logits(model), model.model.encoder.layers[0].final_layer_norm.weight.clone()
+    assert int8.smooth_encoder(model, ["enc_attn", "enc_mlp"], 0.5, calibrate) == 3 * 2
+    assert not torch.equal(model.model.encoder.layers[0].final_layer_norm.weight, ln)
+    assert torch.allclose(logits(model), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_smoothing_recovers_int8_on_outlier_channels(tiny_model):
+    model = _outlier_channels(tiny_model)
+
+    def encoded(m):
+        with torch.inference_mode():
+            return m.model.encoder(feats(0)).last_hidden_state
+
+    ref, errs = encoded(model), {}
+    for alpha in (0.0, 0.5):
+        applied = apply_recipe(copy.deepcopy(model), Recipe.parse(
+            f"quant.enc_attn=dynamic_int8,quant.enc_mlp=dynamic_int8,quant.smooth={alpha}"),
+            calibrate=calibrate)
+        errs[alpha] = ((encoded(applied.model) - ref).norm() / ref.norm()).item()
+        assert any(n.startswith("SmoothQuant") for n in applied.notes) == bool(alpha)
+    assert errs[0.5] < 0.7 * errs[0.0]
+
+
+def test_smoothing_settings():
+    assert Recipe.parse("quant.smooth=0.5").is_baseline  # nothing quantizes activations
+    assert Recipe.parse("quant.enc_mlp=bf16,quant.smooth=0.5") == Recipe.parse(
+        "quant.enc_mlp=bf16,quant.smooth=0.5") and not Recipe.parse(
+        "quant.enc_mlp=bf16,quant.smooth=0.5").quant.calibrates
+    r = Recipe.parse("quant.enc_mlp=int8_token,quant.smooth=0.5")
+    assert r.quant.smoothed == ["enc_mlp"] and r.quant.calibrates
+    assert r.describe() == "int8 tok (enc_mlp), smooth 0.5"
+    with pytest.raises(RecipeError, match=r"`quant.smooth` must be .*\[0, 1\)"):
+        Recipe.parse("quant.smooth=1.0")
+
+
+def test_smoothing_needs_calibration(tiny_model):
+    with pytest.raises(CompressError, match="`quant.smooth` needs calibration data"):
+        apply_recipe(tiny_model, Recipe.parse("quant.enc_mlp=int8_token,quant.smooth=0.5"))
+
+
 # ---- blocks, sensitivity, fallback ---------------------------------------------------------
 
 

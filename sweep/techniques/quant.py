@@ -17,6 +17,7 @@ SHORT = {"dynamic_int8": "int8 dyn", "static_int8": "int8 static", "int8_token":
 # Schemes whose blocks the fallback may move to `quant.fallback` (integer weights or activations)
 LOWBIT = ("dynamic_int8", "static_int8", "int8_token", "int8_weight_only", "int8_act_int4_weight",
           "bnb_int8", "bnb_nf4")
+ACT_INT8 = ("dynamic_int8", "static_int8", "int8_token")  # int8 activations: what smoothing helps
 _BNB = Requires(("bnb_int8", "bnb_nf4"), why="bitsandbytes kernels are CUDA-only")
 # The head is tied to the token embedding: with embed.dtype int8|bf16 it runs from that tensor.
 _TIED = Requires(SCHEMES, key="embed.dtype", equals="fp32",
@@ -43,8 +44,14 @@ class QuantConfig(Technique):
                                        "calibration clips is at most this (nats per token); "
                                        "0 = off"),
         "quant.fallback": Param("choice", "bf16", choices=("bf16", "none"), help="precision of "
-                                "the blocks the fallback moves out of int8 (none = fp32)")}
-    CALIBRATED = ("quant.fallback_blocks", "quant.fallback_budget")  # need calibration audio
+                                "the blocks the fallback moves out of int8 (none = fp32)"),
+        "quant.smooth": Param("float", 0.0, 0.0, 1.0, hi_open=True, help="SmoothQuant's "
+                              "migration strength alpha for the encoder's int8-activation "
+                              "layers (outlier channels moved into the weights, scales from the "
+                              "calibration clips, folded into the LayerNorms and v_proj); 0 = "
+                              "off")}
+    # need calibration audio when not at their defaults
+    CALIBRATED = ("quant.fallback_blocks", "quant.fallback_budget", "quant.smooth")
     STORAGE = Storage(True, lambda cfg: False, "stored as it runs: int8 layers as int8 tensors "
                       "with their scales and zero points, bf16/fp16 layers in that dtype, each "
                       "rebuilt at load with the trial's kernel", stored=True)
@@ -62,13 +69,17 @@ class QuantConfig(Technique):
     # the fallback acts on int8 layers only
     falls_back = property(lambda self: bool(self.fallback_blocks or self.fallback_budget) and any(
         s in LOWBIT for s in self.by_layer_type().values()))
-    # static int8 scales and the fallback's sensitivities come from calibration clips
-    calibrates = property(lambda self: self.falls_back or "static_int8" in
-                          self.by_layer_type().values())
+    # the encoder's layer types SmoothQuant acts on (those quantizing their activations)
+    smoothed = property(lambda self: [t for t in ("enc_attn", "enc_mlp") if self.smooth and (
+        self.by_layer_type()[t] in ACT_INT8)])
+    # static int8 scales, the fallback's sensitivities and smoothing come from calibration clips
+    calibrates = property(lambda self: self.falls_back or bool(self.smoothed) or "static_int8"
+                          in self.by_layer_type().values())
 
     def canonical(self):  # what runs per layer type, however it is spelled
         fall = {"fallback": (self.fallback_blocks, self.fallback_budget, self.fallback)}
-        return self.by_layer_type() | (fall if self.falls_back else {})
+        return self.by_layer_type() | (fall if self.falls_back else {}) | (
+            {"smooth": self.smooth} if self.smoothed else {})
 
     def apply(self, model, ctx) -> None:
         from ..measure import blocks, compress, int8, kernels  # noqa: F401 - int8_token
@@ -81,6 +92,12 @@ class QuantConfig(Technique):
                                          "calibration data: pass apply_recipe(..., calibrate=fn)")
         # the unquantized model's view of the calibration clips, before anything changes
         probe = blocks.Probe.capture(model, ctx.calibrate) if self.falls_back else None
+        if self.smoothed:
+            if ctx.calibrate is None:
+                raise compress.CompressError("`quant.smooth` needs calibration data: pass "
+                                             "apply_recipe(..., calibrate=fn)")
+            n = int8.smooth_encoder(model, self.smoothed, self.smooth, ctx.calibrate)
+            ctx.notes.append(f"SmoothQuant alpha {self.smooth:g}: {n} input groups smoothed")
         todo = compress.linears_of(model, [t for t, s in plan.items() if s != "none"])
         for name in compress.cast_encoder_stack(model, plan, ctx):
             todo.pop(name)
@@ -136,6 +153,8 @@ class QuantConfig(Technique):
         text = " + ".join(f"{SHORT.get(s, s.replace('_', ' '))} "
                           f"({_abbrev([t for t in by if by[t] == s])})"
                           for s in dict.fromkeys(by.values()) if s != "none")
+        if self.smoothed:
+            text += f", smooth {self.smooth:g}"
         if self.falls_back:
             text += (f", {self.fallback} fallback " + (
                 f"{self.fallback_blocks} blocks" if self.fallback_blocks
