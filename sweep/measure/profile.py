@@ -10,7 +10,12 @@ trial's own timing runs without the profiler).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +74,7 @@ def top_operators(model, processor, clips, langs, *, task: str = "transcribe", o
     transcribe(clips[0], langs[0])
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
                                      and next(model.parameters()).is_cuda else [])
-    with profile(activities=acts) as prof:
+    with _quiet_profiler(), profile(activities=acts) as prof:
         for u, lang in zip(clips, langs):
             transcribe(u, lang)
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
@@ -81,6 +86,35 @@ def top_operators(model, processor, clips, langs, *, task: str = "transcribe", o
             for e in events[:top]]
     out = {"rows": rows, "total_self_s": total, "clips": len(clips), "top": top}
     return {**out, "table": format_profile(out)}
+
+
+# What libkineto writes to fd 2 below Python around every profile (torch 2.13; its log level
+# does not silence these lines): known noise, kept from HYPER's console unless --verbose.
+KINETO_NOISE = re.compile(r"^(USDT|STAGE):\S+ \S+ \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _quiet_profiler():
+    """fd 2 into a file while profiling; then every line but libkineto's known ones back."""
+    from .. import console
+
+    if console.verbose():
+        yield
+        return
+    with tempfile.TemporaryFile() as f:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            kept = [ln for ln in f.read().decode(errors="replace").splitlines(keepends=True)
+                    if not KINETO_NOISE.match(ln)]
+            sys.stderr.write("".join(kept))
 
 
 def format_profile(prof: dict) -> str:
