@@ -148,7 +148,7 @@ def verify(ck, row: dict, ns: SweepSpec, evalset, logged: dict | None) -> dict:
     differ = None if logged is None else sum(
         logged.get(u["id"]) != u["hypothesis"] for u in m.utterances)
     match = f["wer"] == row["wer"] and f["cer"] == row["cer"] and not differ
-    shown = [fig for fig in VERIFIED if fig.name in f]  # hallucinations: when the trial had
+    shown = [fig for fig in VERIFIED if fig.name in f]  # hallucination_rate: if it had probes
     out = {**{fig.name: f[fig.name] for fig in shown}, "n_utterances": f["n_utterances"],
            "differing_transcripts": differ, "match": match}
     if plain:

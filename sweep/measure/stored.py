@@ -110,13 +110,10 @@ def collect(model: nn.Module) -> tuple[dict, dict, dict]:
         if hasattr(mod, STACK_ATTR):
             dtype, out = getattr(mod, STACK_ATTR)
             specs[prefix] = {"kind": "cast_stack", "dtype": dtype, "out_dtype": out}
-        persistent = {n for n, _ in mod.named_buffers(recurse=False)} - set(
-            getattr(mod, "_non_persistent_buffers_set", ()))
-        for n, t in mod.named_parameters(recurse=False):
+        skip = getattr(mod, "_non_persistent_buffers_set", set())  # not in a state dict
+        for n, t in list(mod.named_parameters(recurse=False)) + [
+                (n, b) for n, b in mod.named_buffers(recurse=False) if n not in skip]:
             add(f"{prefix}.{n}".lstrip("."), t)
-        for n, t in mod.named_buffers(recurse=False):
-            if n in persistent:
-                add(f"{prefix}.{n}".lstrip("."), t)
         for n, child in mod.named_children():
             visit(f"{prefix}.{n}".lstrip("."), child)
 
