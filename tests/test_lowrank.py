@@ -39,12 +39,34 @@ def test_rank_for_energy():
     assert lowrank.break_even(nn.Linear(512, 2048)) == 409
 
 
-def _moments(lin, x):
-    wrap = lowrank._Moments(lin)
+def _moments(lin, x, speech=None):
+    wrap = lowrank._Moments(lin, speech or {})
     with torch.inference_mode():
         wrap(x)
-    mean = wrap.sum / wrap.rows
-    return mean, wrap.gram / wrap.rows - torch.outer(mean, mean)
+    mean = wrap.sum / wrap.weight
+    return mean, wrap.gram / wrap.weight - torch.outer(mean, mean)
+
+
+def test_speech_and_padding_weigh_half_each():
+    audio = torch.zeros(2, 16000 * 30)
+    audio[0, :16000 * 2] = torch.randn(16000 * 2)  # 2 s of speech, then the padding's zeros
+    audio[1, :16000 * 10] = torch.randn(16000 * 10)
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor(feature_size=80)
+    f = fe(list(audio.numpy()), sampling_rate=16000, return_tensors="pt").input_features
+    got = [n - lowrank.MARGIN for n in lowrank.speech_positions(f)]  # 50 positions a second
+    assert 100 <= got[0] <= 101 and 500 <= got[1] <= 501  # (the STFT's last window overlaps)
+    # one clip: 10 speech rows at 1 and 90 padding rows at 0 -> the mean is halfway
+    lin = nn.Linear(1, 1)
+    with torch.no_grad():
+        lin.weight.fill_(1)
+        lin.bias.zero_()
+    x = torch.zeros(1, 100, 1)
+    x[0, :10] = 1
+    mean, _ = _moments(lin, x, {"n": [10]})
+    assert mean.item() == pytest.approx(0.5)
+    assert _moments(lin, x)[0].item() == pytest.approx(0.1)  # uniform without speech info
 
 
 def test_outputs_of_rank_k_are_factored_exactly():
