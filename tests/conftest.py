@@ -95,3 +95,16 @@ def small_manifest(tmp_path_factory) -> str:
             rec["audio"] = str(src.parent / rec["audio"])
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return str(out)
+
+
+@pytest.fixture()
+def fast_kernel_choice(monkeypatch, tmp_path_factory):
+    """One kernel cache per session (each shape timed once) and short timings: the shapes of
+    the tiny models are small, and a full timing budget per layer would dominate the tests."""
+    import functools
+
+    from sweep.measure import kernels
+
+    monkeypatch.setenv("HYPER_CACHE", str(tmp_path_factory.getbasetemp() / "hyper-cache"))
+    monkeypatch.setattr(kernels, "time_calls", functools.partial(
+        kernels.time_calls, budget_s=0.02, rounds=(2, 20), sample_s=1e-3))

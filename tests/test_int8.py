@@ -18,10 +18,8 @@ PROMPT = torch.tensor([[50258, 50259, 50359, 50363]])  # sot, lang, transcribe, 
 
 
 @pytest.fixture(autouse=True)
-def _fast_kernel_choice(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("HYPER_CACHE", str(tmp_path_factory.getbasetemp() / "hyper-cache"))
-    monkeypatch.setattr(kernels, "time_calls", functools.partial(
-        kernels.time_calls, budget_s=0.02, rounds=(2, 20), sample_s=1e-3))
+def _fast(fast_kernel_choice):
+    """Short kernel timings on tiny shapes (conftest's `fast_kernel_choice`)."""
 
 
 def feats(seed=0):

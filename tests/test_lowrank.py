@@ -2,13 +2,12 @@
 a layer whose outputs are low-rank, the technique on the tiny random Whisper, quantized factors."""
 
 import copy
-import functools
 
 import pytest
 import torch
 from torch import nn
 
-from sweep.measure import kernels, lowrank
+from sweep.measure import lowrank
 from sweep.measure.compress import CompressError, apply_recipe, layer_type_of, set_module
 from sweep.techniques.recipe import Recipe, RecipeError
 
@@ -16,10 +15,8 @@ PROMPT = torch.tensor([[50258, 50259, 50359, 50363]])
 
 
 @pytest.fixture(autouse=True)
-def _fast_kernel_choice(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("HYPER_CACHE", str(tmp_path_factory.getbasetemp() / "hyper-cache"))
-    monkeypatch.setattr(kernels, "time_calls", functools.partial(
-        kernels.time_calls, budget_s=0.02, rounds=(2, 20), sample_s=1e-3))
+def _fast(fast_kernel_choice):
+    """Short kernel timings on tiny shapes (conftest's `fast_kernel_choice`)."""
 
 
 def feats(seed=0):
