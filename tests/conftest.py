@@ -108,3 +108,17 @@ def fast_kernel_choice(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HYPER_CACHE", str(tmp_path_factory.getbasetemp() / "hyper-cache"))
     monkeypatch.setattr(kernels, "time_calls", functools.partial(
         kernels.time_calls, budget_s=0.02, rounds=(2, 20), sample_s=1e-3))
+
+
+@pytest.fixture(autouse=True)
+def _console_state(monkeypatch):
+    """A test that runs a CLI in-process with --verbose turns HYPER's console verbose for the
+    whole process (by design: workers started after inherit it); restored after each test so
+    the next test's console is the default one."""
+    from sweep import console
+
+    monkeypatch.setitem(console._state, "verbose", console._state["verbose"])
+    if console.VERBOSE_ENV in os.environ:
+        monkeypatch.setenv(console.VERBOSE_ENV, os.environ[console.VERBOSE_ENV])
+    else:
+        monkeypatch.delenv(console.VERBOSE_ENV, raising=False)

@@ -98,8 +98,14 @@ def test_verbose_brings_the_noise_back(tmp_path, tiny_checkpoint, small_manifest
 
 
 def test_export_verify_prints_one_progress_line_and_its_table(quiet_sweep):
+    import csv
+
     tmp, _ = quiet_sweep
-    p = _run(["-m", "sweep.export", "--root", str(tmp / "root"), "--sweep", "q", "--knee",
+    # By run id: on the tiny model int8 is as often slower than fp32 as not, and a front of the
+    # baseline alone has no knee to export.
+    with open(tmp / "root" / "sweeps" / "q" / "results" / "trials.csv", newline="") as fh:
+        (run,) = [r["run_id"] for r in csv.DictReader(fh) if "dynamic_int8" in r["recipe"]]
+    p = _run(["-m", "sweep.export", "--root", str(tmp / "root"), "--run", run,
               "--out", str(tmp / "ck"), "--verify", "--no-log"])
     assert _noise(p.stderr + p.stdout) == {}
     # picked <recipe>, (how), then the one progress line (rewritten in place with \r)
@@ -148,7 +154,8 @@ def test_the_front_is_tagged_in_mlflow(quiet_sweep):
     tagged = client.search_runs([exp], launch.FRONT_FILTER)  # what the UI's search box runs
     assert {r.info.run_id for r in tagged} == {r["run_id"] for r in front["front"]}
     knee = client.search_runs([exp], 'tags.hyper.knee = "true"')
-    assert [r.data.tags["hyper.trial_key"] for r in knee] == [front["knee"]]
+    # None where the baseline alone is on the front (the knee is never the baseline)
+    assert [r.data.tags["hyper.trial_key"] for r in knee] == [front["knee"]] * bool(front["knee"])
     assert launch.front_url(exp) in p.stdout
     parent = client.search_runs([exp], "tags.`hyper.kind` = 'sweep'")[0].info.run_id
     top = {a.path for a in client.list_artifacts(parent)}

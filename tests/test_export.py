@@ -375,6 +375,19 @@ def test_no_trial_meets_the_rule_lists_the_closest(store, tmp_path, capsys, args
     assert not (tmp_path / "out").exists()
 
 
+def test_knee_of_a_front_of_the_baseline_alone_says_so():
+    from sweep.ship.pick import ExportError, pick
+
+    base = {"run_id": "b", "recipe": {}, "wer": 0.2, "dwer": 0.0, "latency_median_s": 0.05,
+            "speedup": 1.0}
+    slower = {**base, "run_id": "s", "recipe": Recipe.parse("quant.scheme=bf16").to_flat(),
+              "latency_median_s": 0.06, "speedup": 0.83}
+    with pytest.raises(ExportError, match="only the baseline on the sweep's front"):
+        pick([base, slower], "knee")
+    faster = {**slower, "run_id": "f", "latency_median_s": 0.04, "speedup": 1.25}
+    assert pick([base, slower, faster], "knee")["run_id"] == "f"
+
+
 def test_export_by_run_verifies_and_logs_to_mlflow(store, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -55,9 +55,16 @@ def pick(rows: list[dict], rule: str, limit: float | None = None, *, objectives=
         chosen = pareto.knee(front, objectives)
         if chosen is not None:
             return chosen
+        if front:  # the knee is never the baseline, and it alone is on the front
+            names = ", ".join(m for m, _ in pareto._norm_objectives(objectives))
+            raise ExportError(f"`--knee` found only the baseline on the sweep's front ({names}): "
+                              "no trial beats the uncompressed model, so there is nothing to "
+                              "export; pick a trial anyway with --run RUN_ID or --max-dwer")
         over = lambda row: sum(max(0.0, v) for v in pareto.constraint_values(  # noqa: E731
             row, constraints, baseline))
-        why, shown = f"no trial meets the sweep's constraints {constraints}", "violation"
+        why = (f"no trial meets the sweep's constraints {constraints}" if constraints else
+               "no finished trial has the figures of the sweep's objectives")
+        shown = "violation"
     else:
         ranked = [x for x in rows if all(pareto._num(x.get(k)) is not None for k in r.best)]
         inside = [x for x in ranked if x.get(r.bounded, float("inf")) <= limit]
