@@ -147,6 +147,39 @@ def test_a_stopped_trial_keeps_its_partial_figures(tiny):
     assert 0.0 <= res["hallucination_rate"] <= 1.0 and len(res["probes"]) == 2
 
 
+def test_a_broken_cheap_part_is_stopped_before_compiling_or_calibrating(tiny, monkeypatch):
+    """The first look measures the recipe without its costly preparation; when that already
+    fails the accuracy test, nothing is compiled and no calibration clip is decoded."""
+    from sweep.measure import evaluate
+    from sweep.measure.compress import recompile_count
+    from sweep.techniques.recipe import Recipe
+
+    lm, evalset, base = tiny
+    calls = []
+    real_calibrator = evaluate.calibrator
+    monkeypatch.setattr(evaluate, "calibrator", lambda *a: calls.append(a) or real_calibrator(*a))
+    for text in ("prune.rate=0.25,decode.loop=greedy,decode.compile=step",
+                 "prune.rate=0.25,quant.scheme=static_int8"):
+        graphs = recompile_count()
+        res, _ = evaluate.run_trial(lm.model, lm.processor, evalset, Recipe.parse(text),
+                                    baseline=base, warmup=0, calibration=evalset,
+                                    early_stop=EarlyStop(max_dwer=-0.9, min_clips=2))
+        assert res["status"] == "pruned" and res["stop_kind"] == "over_budget", text
+        assert res["stop_reason"].startswith("first look, before compiling or calibrating: "
+                                             "its cheap part (prune l1 0.25"), res["stop_reason"]
+        assert res["clips_measured"] == 2 and res["recipe"] == Recipe.parse(text).to_flat()
+        assert recompile_count() == graphs and calls == []
+    # within budget: the first look passes and the recipe itself is prepared and measured
+    res, _ = evaluate.run_trial(lm.model, lm.processor, evalset,
+                                Recipe.parse("prune.rate=0.25,quant.scheme=static_int8"),
+                                baseline=base, warmup=0, calibration=evalset,
+                                early_stop=EarlyStop(max_dwer=100.0, min_clips=2))
+    assert res["status"] == "ok" and res["clips_measured"] == len(evalset) and len(calls) == 1
+    # nothing costly, or nothing cheap to look at: no first look
+    assert Recipe.parse("prune.rate=0.25").cheap() is None
+    assert Recipe.parse("quant.scheme=static_int8,encoder.compile=default").cheap() is None
+
+
 def test_confidence_gives_an_upper_bound_above_the_point_estimate(tiny):
     from sweep.measure.evaluate import run_trial
     from sweep.techniques.recipe import Recipe

@@ -9,6 +9,7 @@ Imports neither Ray nor MLflow (it also runs on a bare GPU machine).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import resource
 import time
@@ -265,20 +266,55 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
                           notes=["baseline: the measurement every trial compares with"])
         return _result(recipe, applied, baseline, baseline, 0.0, {}, n_threads,
                        confidence), baseline
+    cheap = recipe.cheap() if early_stop is not None and early_stop.enabled else None
+    if cheap is not None and len(evalset) <= early_stop.min_clips:
+        cheap = None  # no look before the last clip: nothing to save
+    stopper = Stopper(baseline.utterances, len(evalset), early_stop, max_slowdown,
+                      rungs=rungs, judge=rung_judge, first_look=cheap is not None)
+    if cheap is not None:
+        looked = _first_look(model, processor, evalset, recipe, cheap, stopper, baseline,
+                             language=language, task=task, numbers=numbers,
+                             confidence=confidence, n_threads=n_threads)
+        if looked is not None:
+            return looked, baseline
     calibrate = None if calibration is None else calibrator(processor, calibration,
                                                              language, task)
     t0 = time.perf_counter()
     applied = apply_recipe(copy.deepcopy(model), recipe, calibrate=calibrate)
     prepare_s = time.perf_counter() - t0
     graphs = {}
-    stopper = Stopper(baseline.utterances, len(evalset), early_stop, max_slowdown,
-                      rungs=rungs, judge=rung_judge)
     trial = measure(applied.model, processor, evalset, language=language, task=task,
                     warmup=warmup, numbers=numbers, progress=progress,
                     on_warmed=lambda: graphs.setdefault("warm", recompile_count()),
                     check=stopper.check, options=applied.options, probes=probes)
     return _result(recipe, applied, trial, baseline, prepare_s, graphs, n_threads,
                    confidence), baseline
+
+
+def _first_look(model, processor, evalset: EvalSet, recipe, cheap, stopper: Stopper,
+                baseline: Measurement, *, language, task, numbers, confidence,
+                n_threads: int) -> dict | None:
+    """A recipe that compiles or calibrates pays for that before its first clip: its cheap
+    part (`Recipe.cheap`: the same pruning, shrinking, casts and decoding, eager, without the
+    calibrated layers) is measured on the first `min_clips` clips first, with the accuracy
+    tests of one look. A model its pruning alone already breaks (loops, or a dWER bound over
+    the budget) is stopped there: the costly part only adds error. Returns that pruned
+    trial's result, or None to measure the recipe itself."""
+    from .compress import apply_recipe
+
+    t0 = time.perf_counter()
+    applied = apply_recipe(copy.deepcopy(model), cheap)
+    prepare_s = time.perf_counter() - t0
+    head_set = dataclasses.replace(evalset, utterances=evalset.utterances[:stopper.rule.min_clips])
+    look = measure(applied.model, processor, head_set, language=language, task=task, warmup=0,
+                   numbers=numbers, check=stopper.first_look().check, options=applied.options)
+    if look.stopped is None:
+        return None
+    why = (f"first look, before compiling or calibrating: its cheap part "
+           f"({cheap.describe()}) alone {look.stopped.reason}")
+    look.stopped = type(look.stopped)(why)
+    applied.notes.append(why)
+    return _result(recipe, applied, look, baseline, prepare_s, {}, n_threads, confidence)
 
 
 def _result(recipe, applied, trial: Measurement, baseline: Measurement, prepare_s: float,

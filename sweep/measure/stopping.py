@@ -176,17 +176,27 @@ class Stopper:
 
     def __init__(self, baseline_rows: list[dict], n_total: int, rule: EarlyStop | None = None,
                  max_slowdown: float | None = None, slow_after: int = 2,
-                 rungs: tuple[float, ...] = (), judge=None):
+                 rungs: tuple[float, ...] = (), judge=None, first_look: bool = False):
         """`judge(n, figures)` at each rung (`rung_points`): `figures` the trial's `dwer` and
-        `speedup` on its first n clips; it raises `Dominated` to stop the trial."""
+        `speedup` on its first n clips; it raises `Dominated` to stop the trial.
+        `first_look`: the trial had (True) or is (`first_look()`) one look more, at its first
+        `min_clips` clips on the recipe's cheap part: the looks share alpha with it."""
         self.base_rows, self.rule = baseline_rows, rule or EarlyStop(enabled=False)
         self.rungs = set(rung_points(rungs, n_total)) if judge else set()
         self.judge = judge
         self.max_slowdown, self.slow_after = max_slowdown, slow_after
         self.looks = set(self.rule.looks(n_total)) if self.rule.enabled else set()
         # Each look gets an equal share of alpha, one-sided (only "worse" stops a trial).
-        self.alpha_each = self.rule.alpha / max(1, len(self.looks))
+        self.alpha_each = self.rule.alpha / max(1, len(self.looks) + first_look)
         self._base_err: list | None = None
+
+    def first_look(self) -> Stopper:
+        """The one look at the first `min_clips` clips of a recipe's cheap part (without
+        compiling or calibrating, `Recipe.cheap`), with this stopper's share of alpha: the
+        accuracy tests only (its speed is not the trial's)."""
+        s = Stopper(self.base_rows, 0, self.rule)
+        s.looks, s.alpha_each = {self.rule.min_clips}, self.alpha_each
+        return s
 
     def check(self, rows: list[dict]) -> None:
         n = len(rows)

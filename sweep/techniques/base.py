@@ -171,6 +171,13 @@ class Technique:
     # torch.compile somewhere (the recipe then starts from a clean dynamo cache)
     compiles = property(lambda self: False)
 
+    def cheap(self) -> Technique | None:
+        """This config without what costs much before a trial's first clip (compiling, or
+        calibrating on audio), for a first look at the recipe's accuracy; None: nothing cheap
+        is left of it. Default: itself when it neither compiles nor calibrates; a technique
+        whose compilation is one field of several overrides it to keep the rest."""
+        return None if self.compiles or getattr(self, "calibrates", False) else self
+
     def apply(self, model, ctx) -> None:
         """Change `model` in place (`ctx`: sweep.measure.compress.Context, the recipe, kernels
         chosen,

@@ -3,6 +3,8 @@ K/V dtype, and a repeated-n-gram ban. They only change the options handed to tra
 
 from __future__ import annotations
 
+import dataclasses
+
 from .base import Param, Requires, Technique, technique
 
 
@@ -34,6 +36,9 @@ class DecodeConfig(Technique):
     }
 
     compiles = property(lambda self: self.compile == "step")
+
+    def cheap(self):  # the same greedy tokens, eager
+        return dataclasses.replace(self, compile="none") if self.compiles else self
 
     def decoding(self) -> dict:
         return {"loop": self.loop, "compiled": self.compile == "step",

@@ -40,6 +40,9 @@ class EncoderConfig(Technique):
 
     compiles = property(lambda self: self.compile != "none")
 
+    def cheap(self):  # the same window, eager
+        return dataclasses.replace(self, compile="none") if self.compiles else self
+
     def apply(self, model, ctx) -> None:
         from ..measure import window
 

@@ -108,6 +108,17 @@ class Recipe:
     # torch.compile anywhere (each technique says whether it compiles)
     compiles = property(lambda self: any(c.active and c.compiles for c in self.configs()))
 
+    def cheap(self) -> Recipe | None:
+        """The recipe without its costly preparation (each technique's `cheap`: no compiling,
+        no calibrating): what a first look at a trial's accuracy measures before paying for
+        it. None when that leaves nothing to look at (the baseline) or nothing was costly."""
+        try:
+            out = Recipe(self.device, **{p: cfg.cheap() or type(cfg)() if cfg.active else cfg
+                                         for p, cfg in self._parts.items()})
+        except RecipeError:  # a cross-field rule needs the costly part: no first look
+            return None
+        return None if out == self or out.is_baseline else out
+
     def describe(self) -> str:
         """Short text for tables and progress lines, e.g. "int8 dyn (enc+dec), prune l1 0.30"."""
         text = ", ".join(cfg.describe() for cfg in self.configs() if cfg.active) or "fp32"
