@@ -135,11 +135,12 @@ def figure_axes(width: float = 7.5, height: float = 5.0):
 
 # ---- the recipes benchmark's report (kept here so bench/recipes.py stays small) ---------
 
-def write_recipes(rows: list[dict], meta: dict, head: dict, out: Path) -> dict[str, Path]:
-    """recipes.json (list of rows, each with the run's metadata), recipes.md, recipes.png."""
+def write_recipes(rows: list[dict], meta: dict, head: dict, out: Path,
+                  stem: str = "recipes") -> dict[str, Path]:
+    """STEM.json (list of rows, each with the run's metadata), STEM.md, STEM.png."""
     out = Path(out)
-    paths = {"json": write_json(out / "recipes.json", [{**r, **meta} for r in rows]),
-             "md": out / "recipes.md", "png": out / "recipes.png"}
+    paths = {"json": write_json(out / f"{stem}.json", [{**r, **meta} for r in rows]),
+             "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     paths["md"].write_text(recipes_markdown(rows, meta, head), encoding="utf-8")
     plot_recipes(rows, meta, paths["png"])
     return paths
@@ -167,7 +168,9 @@ def recipes_markdown(rows: list[dict], meta: dict, head: dict) -> str:
              f"- machine: {describe_machine(meta['machine'])}",
              f"- commit: {meta['commit']}; command: `{meta['command']}`", "", table, ""]
     if head.get("best"):
-        line = (f"Best recipe within {pct(head['max_dwer'], False, 0)} dWER: "
+        bound = ("" if head.get("max_dwer_upper") is None else
+                 f" (95% upper bound within +{pct(head['max_dwer_upper'], False, 0)})")
+        line = (f"Best recipe within {pct(head['max_dwer'], False, 0)} dWER{bound}: "
                 f"**{head['best']}**, {head['speedup_vs_baseline']:.2f}x the HF fp32 baseline")
         if head.get("speedup_vs_faster_whisper_int8") is not None:
             line += f", {head['speedup_vs_faster_whisper_int8']:.2f}x faster-whisper int8"
@@ -176,7 +179,10 @@ def recipes_markdown(rows: list[dict], meta: dict, head: dict) -> str:
                      f"{head['speedup_cpu_vs_faster_whisper_int8']:.2f}x)")
         lines.append(line + ".")
     else:
-        lines.append(f"No recipe stayed within {pct(head['max_dwer'], False, 0)} dWER.")
+        upper = head.get("max_dwer_upper")
+        lines.append(f"No recipe stayed within {pct(head['max_dwer'], False, 0)} dWER" + (
+            "" if upper is None else f" with its 95% upper bound within +{pct(upper, False, 0)}")
+            + ".")
     picks = [r for r in rows if r["source"] == "front" and r.get("note")]
     lines += ["", *(f"- {r['name']}: {r['note']}" for r in picks)]
     kern = [r for r in rows if r.get("kernels")]
@@ -190,8 +196,8 @@ def plot_recipes(rows: list[dict], meta: dict, path: Path) -> Path:
     """WER vs seconds per audio, bars spanning the repeats' min and max; points numbered,
     names listed beside the axes (close points would print their names over each other)."""
     fig, ax = figure_axes(10, 5.5)
-    colors = {"baseline": "#2ca02c", "hand": "#7f7f7f", "front": "#d62728", "extra": "#9467bd",
-              "peer": "#1f77b4"}
+    colors = {"baseline": "#2ca02c", "hand": "#7f7f7f", "int8": "#ff7f0e", "front": "#d62728",
+              "extra": "#9467bd", "peer": "#1f77b4"}
     for i, r in enumerate(rows, 1):
         lo, hi = r["latency_spread_s"]
         x = r["latency_median_s"]

@@ -144,16 +144,20 @@ def test_front_picks_from_pareto_json_and_grid(tmp_path):
 
 def test_headline_against_faster_whisper():
     rows = [{"name": "baseline", "source": "baseline", "dwer": 0.0, "speedup": 1.0,
-             "latency_repeats_s": [1.0, 1.0]},
+             "dwer_ci95": [0.0, 0.0], "latency_repeats_s": [1.0, 1.0]},
             {"name": "a", "source": "front", "dwer": 0.01, "speedup": 2.0,
-             "latency_repeats_s": [0.5, 0.5]},
+             "dwer_ci95": [-0.05, 0.08], "latency_repeats_s": [0.5, 0.5]},
             {"name": "b", "source": "hand", "dwer": 0.3, "speedup": 3.0,
-             "latency_repeats_s": [0.33, 0.33]},
+             "dwer_ci95": [0.2, 0.4], "latency_repeats_s": [0.33, 0.33]},
+            # within 2% on the point, but the data cannot rule out +15%: not the headline
+            {"name": "c", "source": "extra", "dwer": 0.0, "speedup": 2.5,
+             "dwer_ci95": [-0.1, 0.15], "latency_repeats_s": [0.4, 0.4]},
             {"name": "faster-whisper-int8", "source": "peer", "dwer": 0.0, "speedup": 1.6,
-             "latency_repeats_s": [0.6, 0.7]}]
+             "dwer_ci95": [-0.1, 0.1], "latency_repeats_s": [0.6, 0.7]}]
     h = recipes.headline(rows)
     assert h["best"] == "a" and h["speedup_vs_baseline"] == 2.0
     assert h["speedup_vs_faster_whisper_int8"] == pytest.approx(1.3)
+    assert recipes.headline(rows, max_upper=None)["best"] == "c"
 
 
 def test_overhead_cost_split(tmp_path):
