@@ -72,18 +72,26 @@ def decoder_ms_per_token(v: Variant, processor, clips, lang: str) -> dict:
     from sweep.measure.evaluate import transcribe
 
     model, plan, per_tok, enc = v.runner, v.options or decode.Plan.default(), [], []
+    prompt, steps, other = [], [], []
     for u in clips:
         if isinstance(plan, decode.GreedyPlan):
-            transcribe(model, processor, u, language=lang, options=plan)
+            secs = transcribe(model, processor, u, language=lang, options=plan)[3]
             t = decode.runtime(model, plan).last
             per_tok.append(t.ms_per_token)
             enc.append(t.encode_s)
+            prompt.append(1000 * t.first_s)
+            steps.append(t.steps)
+            other.append(1000 * (secs - t.encode_s - t.decode_s))  # features, text, Python
             continue
         marks, end = _timed_generate(model, lambda u=u: transcribe(
             model, processor, u, language=lang, options=plan))
         per_tok.append(1000 * (end - marks["dec1"][0]) / max(1, len(marks["dec1"]) - 1))
         enc.append(marks["enc1"][0] - marks["enc0"][0] if "enc1" in marks else float("nan"))
-    return {"ms_per_token": float(np.median(per_tok)), "encoder_s": float(np.nanmedian(enc))}
+    out = {"ms_per_token": float(np.median(per_tok)), "encoder_s": float(np.nanmedian(enc))}
+    if steps:  # the greedy loop's own clock: where a clip's time goes
+        out.update(prompt_ms=float(np.median(prompt)), tokens=float(np.median(steps)),
+                   features_other_ms=float(np.median(other)))
+    return out
 
 
 def _timed_generate(model, run) -> tuple[dict, float]:
@@ -158,10 +166,20 @@ def markdown(rows, extra: dict, meta: dict, head: dict) -> str:
                      f", {head['speedup_vs_baseline']:.2f}x the fp32 baseline"
                      + (f", {head['speedup_vs_faster_whisper_int8']:.2f}x faster-whisper int8"
                         if head.get("speedup_vs_faster_whisper_int8") else "") + ".")
-    lines += ["", "## Encoder window: WER cost (auto vs full, same recipe)", ""]
-    lines += [f"- {w['auto']} vs {w['full']}: WER {w['wer_auto']:.3f} vs {w['wer_full']:.3f}, "
-              f"dWER {pct(w['dwer'])} [{pct(w['dwer_ci95'][0])}, {pct(w['dwer_ci95'][1])}]"
-              for w in extra["window"]]
+    split = [r for r in rows if r.get("tokens")]
+    if split:  # the greedy loop's own clock, medians over the clips it timed
+        lines += ["", "## Where a clip's time goes (greedy loop, medians)", "",
+                  common.md_table(("variant", "features and rest ms", "encoder + cross K/V s",
+                                   "prompt step ms", "tokens", "ms per token"),
+                                  [(r["name"], f"{r['features_other_ms']:.1f}",
+                                    f"{r['encoder_s']:.3f}", f"{r['prompt_ms']:.1f}",
+                                    f"{r['tokens']:.0f}", f"{r['ms_per_token']:.1f}")
+                                   for r in split], "lrrrrr")]
+    if extra["window"]:
+        lines += ["", "## Encoder window: WER cost (auto vs full, same recipe)", ""]
+        lines += [f"- {w['auto']} vs {w['full']}: WER {w['wer_auto']:.3f} vs {w['wer_full']:.3f}, "
+                  f"dWER {pct(w['dwer'])} [{pct(w['dwer_ci95'][0])}, "
+                  f"{pct(w['dwer_ci95'][1])}]" for w in extra["window"]]
     lines += ["", "## Throughput (seconds per audio, batches sorted by length)", ""]
     lines += [f"- {t['variant']}, batch {t['batch']}: {t['s_per_audio']:.3f} s per audio"
               for t in extra["throughput"]]
@@ -178,8 +196,22 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: all cores")
     ap.add_argument("--batch", type=int, default=8, help="batch size of the throughput run")
     ap.add_argument("--no-peers", action="store_true", help="skip faster-whisper int8")
+    ap.add_argument("--variant", action="append", metavar="NAME=RECIPE",
+                    help="measure these recipes (and the baseline) instead of VARIANTS")
+    ap.add_argument("--stem", default="decode",
+                    help="results file names under --out: STEM.json, STEM.md")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
+    chosen = VARIANTS
+    if args.variant:
+        chosen = [VARIANTS[0]]
+        for item in args.variant:
+            name, eq, text = item.partition("=")
+            if not eq or not name or name in [c[0] for c in chosen]:
+                print(f"error: `--variant` must be a new name=recipe, got {item!r}",
+                      file=sys.stderr)
+                return 2
+            chosen.append((name, "extra", text))
     import torch
 
     from sweep.inputs import cli
@@ -195,7 +227,7 @@ def main(argv=None) -> int:
     threads = set_threads(args.threads or os.cpu_count())
     cli.quiet_transformers()
     torch._dynamo.config.recompile_limit = 64  # one compiled step per variant, same code
-    variants = [Variant(n, s, r) for n, s, r in VARIANTS]
+    variants = [Variant(n, s, r) for n, s, r in chosen]
     variants += [] if args.no_peers else [Variant("faster-whisper-int8", "peer",
                                                   compute_type="int8")]
     loaded = load_model("embedded:whisper-base")
@@ -216,16 +248,17 @@ def main(argv=None) -> int:
     tput = [{"variant": v.name, "batch": b,
              "s_per_audio": throughput(v, loaded.processor, clips, "ru", b)}
             for v in variants if v.name in THROUGHPUT for b in (1, args.batch)]
-    extra = {"window": window_costs(rows, timed, clips, "ru"), "throughput": tput}
+    extra = {"window": window_costs(rows, timed, clips, "ru") if not args.variant else [],
+             "throughput": tput}
     head = headline(rows)
     meta = {**common.stamp(threads), "dataset": ev.name, "n_clips": len(ev),
             "audio_s": ev.total_s, "repeats": args.repeats, "isa": decode.isa_note(),
             "command": "python -m bench.decode " + " ".join(argv or sys.argv[1:])}
     out = Path(args.out)
-    common.write_json(out / "decode.json", {"meta": meta, "headline": head, **extra,
-                                            "rows": rows})
-    (out / "decode.md").write_text(markdown(rows, extra, meta, head), encoding="utf-8")
-    print((out / "decode.md").read_text(encoding="utf-8"))
+    common.write_json(out / f"{args.stem}.json", {"meta": meta, "headline": head, **extra,
+                                                  "rows": rows})
+    (out / f"{args.stem}.md").write_text(markdown(rows, extra, meta, head), encoding="utf-8")
+    print((out / f"{args.stem}.md").read_text(encoding="utf-8"))
     return 0
 
 

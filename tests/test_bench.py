@@ -323,3 +323,20 @@ def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manife
     first = (tmp_path / "root" / "seed-0" / "mlflow.db").stat().st_mtime
     assert search_full.main(argv) == 0  # read again, not run again
     assert (tmp_path / "root" / "seed-0" / "mlflow.db").stat().st_mtime == first
+
+
+def test_decode_markdown_splits_a_clips_time_for_greedy_rows():
+    from bench import decode
+
+    row = {"name": "tok", "label": "int8 tok", "source": "extra", "wer": 0.2, "dwer": 0.01,
+           "dwer_ci95": [-0.05, 0.04], "latency_median_s": 0.25, "speedup": 4.0, "loops": 0,
+           "ms_per_token": 4.5, "encoder_s": 0.1, "prompt_ms": 9.0, "tokens": 12.0,
+           "features_other_ms": 7.5}
+    base = {**row, "name": "baseline", "source": "baseline", "tokens": None}
+    meta = {"date": "d", "dataset": "x", "n_clips": 2, "audio_s": 6.0, "repeats": 1,
+            "machine": {"cpu": "c", "cores": 2, "isa": ["avx2"]}, "isa": "i", "commit": "c"}
+    md = decode.markdown([base, row], {"window": [], "throughput": []}, meta, {})
+    split = md.split("## Where a clip's time goes")[1].splitlines()
+    assert "| tok | 7.5 | 0.100 | 9.0 | 12 | 4.5 |" in split
+    assert not any(ln.startswith("| baseline") for ln in split)  # generate has no loop clock
+    assert "Encoder window" not in md
