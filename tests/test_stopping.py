@@ -46,6 +46,7 @@ def test_looks_double_from_min_clips_and_share_alpha():
     (dict(min_clips=0), r"`early_stop.min_clips` must be >= 1, got self.min_clips=0"),
     (dict(alpha=1.5), r"`early_stop.alpha` must be in \(0, 1\)"),
     (dict(loop_share=0), r"`early_stop.loop_share` must be in \(0, 1\]"),
+    (dict(loop_run=-1), r"`early_stop.loop_run` must be >= 0"),
 ])
 def test_bad_rules_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -79,10 +80,17 @@ def test_clearly_over_budget_is_stopped_and_just_inside_never():
 def test_a_recipe_that_loops_on_every_clip_stops_within_four_clips():
     rng = np.random.default_rng(1)
     base, trial = _rows(rng, 0.1), _rows(rng, 0.1, loop=True)
-    assert _stopped_at(base, trial, EarlyStop()) == 4  # the default: no budget needed
-    s = Stopper(base, N_CLIPS, EarlyStop())
+    # the default: no budget needed, stopped once its first 2 clips both loop
+    assert _stopped_at(base, trial, EarlyStop()) == 2
+    with pytest.raises(Loops, match="loops on each of its first 2 clips"):
+        Stopper(base, N_CLIPS, EarlyStop()).check(trial[:2])
+    assert _stopped_at(base, trial, EarlyStop(loop_run=0)) == 4  # at the first look only
+    s = Stopper(base, N_CLIPS, EarlyStop(loop_run=0))
     with pytest.raises(Loops, match="loops on 4 of the first 4 clips"):
         s.check(trial[:4])
+    # one of the first two clips looping is no proof: the looks decide
+    mixed = [trial[0], *_rows(rng, 0.1, n=N_CLIPS - 1)]
+    assert _stopped_at(base, mixed, EarlyStop()) is None
     # loops the baseline has too are not the recipe's fault
     looping_base = _rows(rng, 0.1, loop=True)
     assert _stopped_at(looping_base, trial, EarlyStop()) is None

@@ -71,6 +71,9 @@ class EarlyStop:
     alpha: float = 0.05  # chance of stopping a trial that is within budget, over all looks
     loop_share: float = 0.5  # stop when it loops on this share of the clips measured (beyond
     #                          the baseline's loops on them): a loop costs the whole token cap
+    loop_run: int = 2  # ... and, before the first look, once each of its first loop_run clips
+    #                    loops where the baseline does not (a broken model's clip costs the cap,
+    #                    several times a good one's); 0 = only at the looks
 
     def __post_init__(self):
         if self.min_clips < 1:
@@ -79,6 +82,8 @@ class EarlyStop:
             raise ValueError(f"`early_stop.alpha` must be in (0, 1), got {self.alpha=}")
         if not 0 < self.loop_share <= 1:
             raise ValueError(f"`early_stop.loop_share` must be in (0, 1], got {self.loop_share=}")
+        if self.loop_run < 0:
+            raise ValueError(f"`early_stop.loop_run` must be >= 0, got {self.loop_run=}")
         if self.max_dwer is not None and not math.isfinite(self.max_dwer):
             raise ValueError(f"`early_stop.max_dwer` must be finite, got {self.max_dwer=}")
 
@@ -206,6 +211,10 @@ class Stopper:
             if ratio > self.max_slowdown:
                 raise TooSlow(f"{ratio:.1f}x slower than the baseline on the first {n} clips "
                               f"(limit --max-slowdown {self.max_slowdown:g})")
+        if self.looks and n == self.rule.loop_run < min(self.looks):
+            base = self.base_rows[:n]
+            if all(r["loop"] and not b["loop"] for r, b in zip(rows, base)):
+                raise Loops(f"loops on each of its first {n} clips where the baseline does not")
         if n in self.looks:
             self._look(rows)
         if n in self.rungs:
