@@ -82,12 +82,15 @@ def test_a_recipe_that_loops_on_every_clip_stops_within_four_clips():
     base, trial = _rows(rng, 0.1), _rows(rng, 0.1, loop=True)
     # the default: no budget needed, stopped once its first 2 clips both loop
     assert _stopped_at(base, trial, EarlyStop()) == 2
-    with pytest.raises(Loops, match="loops on each of its first 2 clips"):
+    with pytest.raises(Loops, match="loops or transcribes nothing on each of its first 2 clips"):
         Stopper(base, N_CLIPS, EarlyStop()).check(trial[:2])
     assert _stopped_at(base, trial, EarlyStop(loop_run=0)) == 4  # at the first look only
     s = Stopper(base, N_CLIPS, EarlyStop(loop_run=0))
-    with pytest.raises(Loops, match="loops on 4 of the first 4 clips"):
+    with pytest.raises(Loops, match="loops or transcribes nothing on 4 of the first 4 clips"):
         s.check(trial[:4])
+    # a model that says nothing is as broken, budget or not
+    silent = [{**r, "hyp_norm": ""} for r in _rows(rng, 0.1)]
+    assert _stopped_at(base, silent, EarlyStop()) == 2
     # one of the first two clips looping is no proof: the looks decide
     mixed = [trial[0], *_rows(rng, 0.1, n=N_CLIPS - 1)]
     assert _stopped_at(base, mixed, EarlyStop()) is None

@@ -49,7 +49,8 @@ class Infeasible(Stopped):
 
 
 class Loops(Stopped):
-    """It loops (runs to the token cap) on most clips where the baseline does not."""
+    """It loops (runs to the token cap) or transcribes nothing on most clips where the
+    baseline does neither: a broken model, whatever the budget."""
 
     kind = "loops"
 
@@ -170,6 +171,14 @@ def dwer_lower_bound(base: list[scoring.UttErrors], trial: list[scoring.UttError
     return r - 1.0 - q * se
 
 
+def _broken(row: dict, base: dict) -> bool:
+    """The clip loops, or comes out empty, where the baseline's did neither (a pruned model
+    that has lost speech says nothing on every clip: WER 1.0 without a loop)."""
+    def bad(r):
+        return bool(r["loop"]) or (not r["hyp_norm"].strip() and bool(r["ref_norm"].strip()))
+    return bad(row) and not bad(base)
+
+
 def _errors(rows: list[dict]) -> list[scoring.UttErrors | None]:
     """Per-clip edit counts (None for a clip without a reference: it is not scored)."""
     return [scoring.utt_errors(r["ref_norm"], r["hyp_norm"]) if r["ref_norm"].strip() else None
@@ -212,9 +221,9 @@ class Stopper:
                 raise TooSlow(f"{ratio:.1f}x slower than the baseline on the first {n} clips "
                               f"(limit --max-slowdown {self.max_slowdown:g})")
         if self.looks and n == self.rule.loop_run < min(self.looks):
-            base = self.base_rows[:n]
-            if all(r["loop"] and not b["loop"] for r, b in zip(rows, base)):
-                raise Loops(f"loops on each of its first {n} clips where the baseline does not")
+            if all(map(_broken, rows, self.base_rows[:n])):
+                raise Loops(f"loops or transcribes nothing on each of its first {n} clips where "
+                            "the baseline does neither")
         if n in self.looks:
             self._look(rows)
         if n in self.rungs:
@@ -233,10 +242,10 @@ class Stopper:
 
     def _look(self, rows: list[dict]) -> None:
         n, base = len(rows), self.base_rows[:len(rows)]
-        extra = sum(bool(r["loop"]) and not b["loop"] for r, b in zip(rows, base))
+        extra = sum(map(_broken, rows, base))
         if extra >= self.rule.loop_share * n:
-            raise Loops(f"loops on {extra} of the first {n} clips where the baseline does not "
-                        f"(stops at {self.rule.loop_share:.0%})")
+            raise Loops(f"loops or transcribes nothing on {extra} of the first {n} clips where "
+                        f"the baseline does neither (stops at {self.rule.loop_share:.0%})")
         if self.rule.max_dwer is None:
             return
         if self._base_err is None or len(self._base_err) < n:
