@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from sweep.results import pareto, report, report_html
+from sweep.results import figures, pareto, report, report_html
 
 BASE = {"wer": 0.29, "cer": 0.1, "latency_median_s": 1.0}
 
@@ -81,3 +81,21 @@ def test_png_axes_fit_the_front(tmp_path, front, log):
         assert lo < 0.29 and hi > 1.55
     else:  # chosen for the front: it spans most of the height, the broken trial at the edge
         assert hi < 1.55 and (0.31 - 0.29) / (hi - lo) > 0.7
+
+
+def test_html_shows_the_hallucination_rate_of_the_front(tmp_path, front):
+    rows = [{**r, "hallucination_rate": 0.1 * i} for i, r in enumerate(ROWS)]
+    front = [next(x for x in rows if x["trial_id"] == r["trial_id"]) for r in front]
+    page = report_html.write_report_html(rows, front, BASE, tmp_path / "r.html",
+                                         objectives=pareto.DEFAULT_OBJECTIVES).read_text()
+    table = page[page.index("<table>"):]
+    assert "<th>hallucination_rate</th>" in table
+    fmt = figures.BY_NAME["hallucination_rate"].fmt
+    for r in front:  # each front row's own rate, in its row
+        rate = report_html._fmt(r["hallucination_rate"], fmt)
+        assert re.search(rf"<tr><td>{r['trial_id']}.*?<td>{re.escape(rate)}</td><td>cpu</td>",
+                         table), (r["trial_id"], rate)
+    assert f"hallucination_rate {report_html._fmt(0.1, fmt)}" in page  # in the hover too
+    # a sweep without probes has no such column
+    plain = report_html.write_report_html(ROWS, front, BASE, tmp_path / "p.html").read_text()
+    assert "hallucination_rate" not in plain

@@ -158,6 +158,27 @@ def test_a_stopped_trial_keeps_its_partial_figures(tiny):
     assert 0.0 <= res["hallucination_rate"] <= 1.0 and len(res["probes"]) == 2
 
 
+def test_on_the_tiny_model_clearly_over_is_stopped_and_just_inside_never(tiny):
+    """Budgets around a recipe's own measured dWER: just inside it the trial runs every clip
+    (and measures the same), far below it the trial stops at the first look."""
+    from sweep.measure.evaluate import run_trial
+    from sweep.techniques.recipe import Recipe
+
+    lm, evalset, base = tiny
+    recipe = Recipe.parse("prune.rate=0.25")
+    full, _ = run_trial(lm.model, lm.processor, evalset, recipe, baseline=base, warmup=0,
+                        early_stop=EarlyStop(enabled=False))
+    d = full["dwer"]
+    inside, _ = run_trial(lm.model, lm.processor, evalset, recipe, baseline=base, warmup=0,
+                          early_stop=EarlyStop(max_dwer=d + 0.01, min_clips=2))
+    assert inside["status"] == "ok" and inside["clips_measured"] == len(evalset)
+    assert inside["dwer"] == d
+    over, _ = run_trial(lm.model, lm.processor, evalset, recipe, baseline=base, warmup=0,
+                        early_stop=EarlyStop(max_dwer=d - 1.0, min_clips=2))
+    assert over["status"] == "pruned" and over["stop_kind"] == "over_budget"
+    assert over["clips_measured"] == 2
+
+
 def test_a_broken_cheap_part_is_stopped_before_compiling_or_calibrating(tiny, monkeypatch):
     """The first look measures the recipe without its costly preparation; when that already
     fails the accuracy test, nothing is compiled and no calibration clip is decoded."""

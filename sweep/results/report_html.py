@@ -167,6 +167,9 @@ def write_report_html(rows: Sequence[Mapping], front: Sequence[Mapping], baselin
     ym, xm = axes(objectives)
     more = [figures.BY_NAME[m] for m, _ in _norm_objectives(objectives)
             if m not in _SHOWN and m in figures.BY_NAME]  # objectives shown beside the study's
+    # ... and every other figure meant for the report that the trials have (hallucination_rate)
+    more += [f for f in figures.FIGURES if "report" in f.to and f.name not in _SHOWN
+             and f not in more and any(_num(r.get(f.name)) is not None for r in rows)]
     links = {str(k): v for k, v in (run_links or {}).items()}
     front_keys = {str(r.get("trial_id")) for r in front}
     ok = [r for r in rows if r.get("status", "ok") == "ok" and _num(r.get(ym)) is not None
