@@ -211,6 +211,13 @@ def main(argv=None) -> int:
                 print(f"error: `--variant` must be a new name=recipe, got {item!r}",
                       file=sys.stderr)
                 return 2
+            from sweep.techniques.recipe import Recipe, RecipeError
+
+            try:  # a bad recipe is refused before any model loads
+                Recipe.parse(text)
+            except RecipeError as e:
+                print(f"error: `--variant` {name}: {e}", file=sys.stderr)
+                return 2
             chosen.append((name, "extra", text))
     import torch
 

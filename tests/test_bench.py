@@ -340,3 +340,13 @@ def test_decode_markdown_splits_a_clips_time_for_greedy_rows():
     assert "| tok | 7.5 | 0.100 | 9.0 | 12 | 4.5 |" in split
     assert not any(ln.startswith("| baseline") for ln in split)  # generate has no loop clock
     assert "Encoder window" not in md
+
+
+@pytest.mark.parametrize("item", ["no-equals", "=quant.scheme=bf16", "baseline=quant.scheme=bf16"])
+def test_decode_refuses_a_bad_variant_before_loading_anything(item, capsys):
+    from bench import decode
+
+    assert decode.main(["--variant", item]) == 2
+    assert "`--variant` must be a new name=recipe" in capsys.readouterr().err
+    assert decode.main(["--variant", "x=quant.scheme=bogus"]) == 2
+    assert "`--variant` x: " in capsys.readouterr().err
