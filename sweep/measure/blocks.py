@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .compress import set_module
+from .compress import run_calibration, set_module
 
 _BLOCK = re.compile(r"model\.(encoder|decoder)\.layers\.(\d+)\.")
 
@@ -67,14 +67,9 @@ class Probe:
             else:
                 ids[-1] = torch.cat([ids[-1], tok.detach()], 1)
 
-        hooks = [model.model.encoder.register_forward_pre_hook(on_encoder, with_kwargs=True),
-                 model.model.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)]
-        try:
-            with torch.inference_mode():
-                calibrate(model)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_calibration(model, calibrate, hooks=[
+            model.model.encoder.register_forward_pre_hook(on_encoder, with_kwargs=True),
+            model.model.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)])
         if not feats or len(feats) != len(ids):
             raise ProbeError(f"calibration must run HF generate on each clip (the probe records "
                              f"its encoder inputs and decoder tokens), got {len(feats)} encoder "

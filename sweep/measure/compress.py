@@ -138,6 +138,23 @@ class Observer(nn.Module):
         return y
 
 
+def run_calibration(model: nn.Module, calibrate, *, hooks=(), swaps=None) -> None:
+    """Run `calibrate(model)` (inference mode) with `hooks` (removable handles) and `swaps`
+    (name -> module put in place of the model's own) in effect: every calibrated technique
+    observes the same way, and the model is restored after, even on an error."""
+    own = {n: model.get_submodule(n) for n in swaps or {}}
+    for n, m in (swaps or {}).items():
+        set_module(model, n, m)
+    try:
+        with torch.inference_mode():
+            calibrate(model)
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, m in own.items():
+            set_module(model, n, m)
+
+
 def calibrate_linears(model, linears: dict[str, nn.Linear], ctx: Context) -> dict[str, dict]:
     """Observe `linears` while `ctx.calibrate(model)` runs calibration audio; their stats."""
     if not linears:
@@ -146,14 +163,7 @@ def calibrate_linears(model, linears: dict[str, nn.Linear], ctx: Context) -> dic
         raise CompressError("static_int8 needs calibration data: pass apply_recipe(..., "
                             "calibrate=fn), fn(model) running audio disjoint from the eval set")
     observers = {name: Observer(lin) for name, lin in linears.items()}
-    for name, obs in observers.items():
-        set_module(model, name, obs)
-    try:
-        with torch.inference_mode():
-            ctx.calibrate(model)
-    finally:
-        for name, lin in linears.items():
-            set_module(model, name, lin)
+    run_calibration(model, ctx.calibrate, swaps=observers)
     blind = sorted({layer_type_of(n) for n, o in observers.items() if not o.calls})
     if blind:
         raise CompressError(f"static_int8: calibrate() ran no data through {', '.join(blind)}")

@@ -102,18 +102,15 @@ SMOOTHED = {"enc_attn": ("self_attn.q_proj", "self_attn.out_proj"), "enc_mlp": (
 
 def input_absmax(model: nn.Module, names: list[str], calibrate) -> dict[str, torch.Tensor]:
     """Per input channel, the largest |x| each named Linear saw while `calibrate(model)` ran."""
+    from .compress import run_calibration  # compress -> stored -> this module
+
     stats, hooks = {}, []
     for n in names:
         def hook(mod, args, n=n):
             a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
             stats[n] = torch.maximum(stats[n], a) if n in stats else a
         hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            calibrate(model)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_calibration(model, calibrate, hooks=hooks)
     if missing := [n for n in names if n not in stats]:
         raise RuntimeError(f"quant.smooth: calibration ran no data through {missing[0]}")
     return stats

@@ -93,23 +93,17 @@ class _Moments(nn.Module):
         return y
 
 
-def output_moments(model: nn.Module, linears: dict[str, nn.Linear], calibrate,
-                   set_module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def output_moments(model: nn.Module, linears: dict[str, nn.Linear],
+                   calibrate) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(mean, covariance) of each Linear's outputs while `calibrate(model)` runs, speech and
     padding weighing half each per clip in the encoder (see the module's doc)."""
     speech: dict = {}
+    from .compress import run_calibration  # compress -> stored -> this module
+
     wraps = {n: _Moments(lin, speech) for n, lin in linears.items()}
-    for n, w in wraps.items():
-        set_module(model, n, w)
     hook = model.model.encoder.register_forward_pre_hook(lambda m, args, kwargs: speech.update(
         n=speech_positions(args[0] if args else kwargs["input_features"])), with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            calibrate(model)
-    finally:
-        hook.remove()
-        for n, lin in linears.items():
-            set_module(model, n, lin)
+    run_calibration(model, calibrate, hooks=[hook], swaps=wraps)
     blind = [n for n, w in wraps.items() if not w.weight]
     if blind:
         raise LowRankError(f"calibration ran no data through {blind[0]}")

@@ -42,7 +42,7 @@ class LowRankConfig(Technique):
                 "apply_recipe(..., calibrate=fn), fn(model) running audio disjoint from the "
                 "eval set")
         linears = compress.linears_of(model, self.layers.split("+"))
-        moments = lowrank.output_moments(model, linears, ctx.calibrate, compress.set_module)
+        moments = lowrank.output_moments(model, linears, ctx.calibrate)
         kept, ranks = 0, []
         for name, lin in linears.items():
             new, k = lowrank.factor(lin, *moments[name], self.energy)
