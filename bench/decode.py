@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import common
-from .recipes import Variant, headline, summarize, timed_pass
+from .recipes import Variant, headline, named_recipes, summarize, timed_pass
 
 # bf16 (AMX) encoder, int8 (VNNI) decoder and head: the precision mix of this CPU.
 MIX = ("quant.enc_attn=bf16,quant.enc_mlp=bf16,quant.dec_self=dynamic_int8,"
@@ -202,23 +202,15 @@ def main(argv=None) -> int:
                     help="results file names under --out: STEM.json, STEM.md")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
-    chosen = VARIANTS
-    if args.variant:
-        chosen = [VARIANTS[0]]
-        for item in args.variant:
-            name, eq, text = item.partition("=")
-            if not eq or not name or name in [c[0] for c in chosen]:
-                print(f"error: `--variant` must be a new name=recipe, got {item!r}",
-                      file=sys.stderr)
-                return 2
-            from sweep.techniques.recipe import Recipe, RecipeError
-
-            try:  # a bad recipe is refused before any model loads
-                Recipe.parse(text)
-            except RecipeError as e:
-                print(f"error: `--variant` {name}: {e}", file=sys.stderr)
-                return 2
-            chosen.append((name, "extra", text))
+    try:  # a bad item is refused before any model loads
+        chosen = [VARIANTS[0], *((n, "extra", t) for n, t in named_recipes(args.variant,
+                                                                         "--variant"))]
+        if len({c[0] for c in chosen}) != len(chosen):
+            raise ValueError(f"`--variant` names must be new and unique, got {args.variant}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    chosen = chosen if args.variant else VARIANTS
     import torch
 
     from sweep.inputs import cli

@@ -292,6 +292,24 @@ def headline(rows: list[dict], max_dwer: float = MAX_DWER,
     return out
 
 
+def named_recipes(items, flag: str) -> list[tuple[str, str]]:
+    """`NAME=RECIPE` command-line items as (name, recipe text); ValueError naming `flag` for
+    an item without a name or `=`, or a recipe that does not parse."""
+    from sweep.techniques.recipe import Recipe, RecipeError
+
+    out = []
+    for item in items or ():
+        name, eq, text = item.partition("=")
+        if not eq or not name:
+            raise ValueError(f"`{flag}` must be name=recipe-string, got {item!r}")
+        try:
+            Recipe.parse(text)
+        except RecipeError as e:
+            raise ValueError(f"`{flag}` {name}: {e}") from None
+        out.append((name, text))
+    return out
+
+
 def build_variants(args) -> list[Variant]:
     vs = [Variant("baseline", "baseline", "")]
     if not args.no_hand:
@@ -306,11 +324,7 @@ def build_variants(args) -> list[Variant]:
             note = (f"chosen on {Path(path).name}: wer {fig['wer']:.3f}, dwer "
                     f"{common.pct(fig['dwer'])}, speedup {fig['speedup']:.2f}x there")
             vs.append(Variant(name + tag, "front", report.recipe_string(flat), note=note))
-    for item in args.extra or ():
-        name, eq, text = item.partition("=")
-        if not eq or not name:
-            raise ValueError(f"`--extra` must be name=recipe-string, got {item!r}")
-        vs.append(Variant(name, "extra", text))
+    vs += [Variant(name, "extra", text) for name, text in named_recipes(args.extra, "--extra")]
     if not args.no_peers:
         vs += [Variant(n, "peer", compute_type=c) for n, c in PEERS]
     for v in vs:  # refuse a bad recipe before any model loads
