@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from sweep.measure import lowrank
-from sweep.measure.compress import CompressError, apply_recipe, layer_type_of, set_module
+from sweep.measure.compress import CompressError, apply_recipe, layer_type_of
+from sweep.measure.modules import set_module
 from sweep.techniques.recipe import Recipe, RecipeError
 
 PROMPT = torch.tensor([[50258, 50259, 50359, 50363]])

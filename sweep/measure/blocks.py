@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .compress import run_calibration, set_module
+from .modules import run_calibration, set_module
 
 _BLOCK = re.compile(r"model\.(encoder|decoder)\.layers\.(\d+)\.")
 

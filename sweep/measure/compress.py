@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import kernels, stored
+from .modules import run_calibration, set_module
 from .decode import Plan, plan_for
 from ..techniques.base import LAYER_TYPES
 
@@ -114,11 +115,6 @@ def linears_of(model, types) -> dict[str, nn.Linear]:
             if isinstance(m, nn.Linear) and layer_type_of(n) in types}
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 class Observer(nn.Module):
     """Wraps a Linear while calibrating static int8: min/max of its input and output."""
 
@@ -136,23 +132,6 @@ class Observer(nn.Module):
             self.stats[f"{side}_max"] = max(self.stats[f"{side}_max"], hi.item())
         self.calls += 1
         return y
-
-
-def run_calibration(model: nn.Module, calibrate, *, hooks=(), swaps=None) -> None:
-    """Run `calibrate(model)` (inference mode) with `hooks` (removable handles) and `swaps`
-    (name -> module put in place of the model's own) in effect: every calibrated technique
-    observes the same way, and the model is restored after, even on an error."""
-    own = {n: model.get_submodule(n) for n in swaps or {}}
-    for n, m in (swaps or {}).items():
-        set_module(model, n, m)
-    try:
-        with torch.inference_mode():
-            calibrate(model)
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, m in own.items():
-            set_module(model, n, m)
 
 
 def calibrate_linears(model, linears: dict[str, nn.Linear], ctx: Context) -> dict[str, dict]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .modules import run_calibration
 
 
 class TokenInt8Linear(nn.Module):
@@ -102,8 +103,6 @@ SMOOTHED = {"enc_attn": ("self_attn.q_proj", "self_attn.out_proj"), "enc_mlp": (
 
 def input_absmax(model: nn.Module, names: list[str], calibrate) -> dict[str, torch.Tensor]:
     """Per input channel, the largest |x| each named Linear saw while `calibrate(model)` ran."""
-    from .compress import run_calibration  # compress -> stored -> this module
-
     stats, hooks = {}, []
     for n in names:
         def hook(mod, args, n=n):

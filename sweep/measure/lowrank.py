@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .modules import run_calibration
+
 
 class LowRankError(RuntimeError):
     """Factorisation cannot run as asked; the message says why."""
@@ -98,8 +100,6 @@ def output_moments(model: nn.Module, linears: dict[str, nn.Linear],
     """(mean, covariance) of each Linear's outputs while `calibrate(model)` runs, speech and
     padding weighing half each per clip in the encoder (see the module's doc)."""
     speech: dict = {}
-    from .compress import run_calibration  # compress -> stored -> this module
-
     wraps = {n: _Moments(lin, speech) for n, lin in linears.items()}
     hook = model.model.encoder.register_forward_pre_hook(lambda m, args, kwargs: speech.update(
         n=speech_positions(args[0] if args else kwargs["input_features"])), with_kwargs=True)

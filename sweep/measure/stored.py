@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import int8, kernels, lowrank
+from .modules import set_module
 
 PLAIN = ("exact", "approximate", "none")  # best first
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -175,11 +176,6 @@ def rebuild(model: nn.Module, tensors: dict, specs: dict, tied: dict) -> nn.Modu
             cast_stack(model.get_submodule(name), DTYPES[spec["dtype"]],
                        DTYPES[spec["out_dtype"]])
     return model.eval()
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:

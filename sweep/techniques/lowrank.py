@@ -32,7 +32,7 @@ class LowRankConfig(Technique):
     calibrates = property(lambda self: self.active)  # the PCA runs on calibration clips
 
     def apply(self, model, ctx) -> None:
-        from ..measure import compress, lowrank
+        from ..measure import compress, lowrank, modules
 
         if self.energy >= 1:  # keeps every direction: nothing to factor
             return
@@ -49,7 +49,7 @@ class LowRankConfig(Technique):
             ranks.append(f"{name.removeprefix('model.encoder.layers.')} {k}/"
                          f"{min(lin.in_features, lin.out_features)}")
             if new is not None:
-                compress.set_module(model, name, new)
+                modules.set_module(model, name, new)
                 kept += 1
         ctx.notes.append(f"{self.describe()}: {kept}/{len(linears)} layers factored; rank/full: "
                          + ", ".join(ranks))

@@ -82,7 +82,7 @@ class QuantConfig(Technique):
             {"smooth": self.smooth} if self.smoothed else {})
 
     def apply(self, model, ctx) -> None:
-        from ..measure import blocks, compress, int8, kernels  # noqa: F401 - int8_token
+        from ..measure import blocks, compress, int8, kernels, modules  # noqa: F401 - int8_token
 
         if ctx.sparsity is None:  # quantized weights hide their zeros
             ctx.sparsity = compress.linear_sparsity(model)
@@ -126,7 +126,7 @@ class QuantConfig(Technique):
         low = {n: m for n, m in built.items() if plan[compress.layer_type_of(n)] in LOWBIT}
         for name, mod in built.items():
             if name not in low or probe is None:
-                compress.set_module(model, name, mod)
+                modules.set_module(model, name, mod)
         if probe is not None:
             fall = {n: build(n, todo[n], self.fallback)[0] if self.fallback != "none"
                     else todo[n] for n in low}
