@@ -293,14 +293,19 @@ class Variant:
     starts_told: bool = True  # baseline and warm starts enqueued: the study's first trials
 
     def options(self):
+        from sweep.search.local import LocalOptions
         from sweep.search.sampler import SamplerOptions
 
-        return SamplerOptions(**{**BEFORE, **self.tweaks})
+        o = {**BEFORE, **self.tweaks}
+        if isinstance(o.get("local"), dict):  # as dataclasses.asdict left it
+            o["local"] = LocalOptions(**o["local"])
+        return SamplerOptions(**o)
 
 
 def variants() -> list[Variant]:
     """One change at a time from the sweep's samplers before #19, and the sweep's own now."""
     from sweep.search import sampler
+    from sweep.search.local import LocalOptions
 
     out = [Variant("tpe startup 5, multivariate+group"),
            *(Variant(f"tpe startup {n}", tweaks={"n_startup_trials": n}) for n in (3, 10)),
@@ -311,10 +316,17 @@ def variants() -> list[Variant]:
            Variant("tpe, starts not told", starts_told=False),
            *(Variant(f"nsga2 population {n}", "nsga2", {"population_size": n})
              for n in (4, 8, 16)),
-           Variant("random", "random")]
+           Variant("random", "random"),
+           # mutations of the front's members (GSEMO), TPE as above for the rest
+           *(Variant(f"local share {x:g}", "local", {"local": LocalOptions(share=x)})
+             for x in (0.5, 0.75, 1.0)),
+           *(Variant(f"local share 0.75, more {m:g}", "local",
+                     {"local": LocalOptions(share=0.75, more=m)}) for m in (0.0, 0.2)),
+           Variant("local share 0.75, no penalty", "local",
+                   {"local": LocalOptions(share=0.75, penalty=0.0)})]
     # The sweep's defaults now, where no variant above is them (stopped trials are told as
     # PRUNED without constraint values: telling theirs gained nothing here).
-    for name in ("tpe", "nsga2"):
+    for name in ("local", "tpe", "nsga2"):
         if not any(v.sampler == name and is_default(v) for v in out):
             out.append(Variant(f"{name}: the sweep's defaults", name, dataclasses.asdict(
                 sampler.SamplerOptions())))
@@ -325,7 +337,8 @@ def is_default(v: Variant) -> bool:
     """Whether the sweep runs `v`'s sampler as `v` does (SamplerOptions' defaults)."""
     from sweep.search.sampler import SamplerOptions
 
-    fields = {"tpe": ("n_startup_trials", "multivariate", "group"),
+    tpe = ("n_startup_trials", "multivariate", "group")
+    fields = {"tpe": tpe, "local": (*tpe, "local"),
               "nsga2": ("population_size",)}.get(v.sampler, ())
     return v.constraints and v.starts_told and not v.pruned_constraints and all(
         getattr(v.options(), f) == getattr(SamplerOptions(), f) for f in fields)
@@ -342,6 +355,13 @@ def _point(trial, grid: dict, dead: bool) -> dict:
         if out["struct.ffn_rate"] > 0:
             out["struct.stacks"] = trial.suggest_categorical("struct.stacks", STACKS)
     return {**out, **_suggest(trial, grid)}
+
+
+def _recipe(params: dict) -> str:
+    """The local sampler's key on the grid: struct.stacks counts only when it acts."""
+    return json.dumps({k: v for k, v in params.items()
+                       if k != "struct.stacks" or params.get("struct.ffn_rate", 0) > 0},
+                      sort_keys=True)
 
 
 def replay_variant(pts: dict, base: dict, grid: dict, v: Variant, seed: int, num_samples: int,
@@ -361,7 +381,8 @@ def replay_variant(pts: dict, base: dict, grid: dict, v: Variant, seed: int, num
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(directions=["minimize", "minimize"],
-                                    sampler=make_sampler(v.sampler, seed, v.options()))
+                                    sampler=make_sampler(v.sampler, seed, v.options(),
+                                                         key=_recipe))
     dead, starts = SCENARIOS[scenario]
     fixed = [{**({"struct.ffn_rate": 0.0} if dead else {}),
               **{n: p.get(n, vals[0]) for n, vals in grid.items()}}

@@ -20,6 +20,7 @@ from pathlib import Path
 from . import console
 from .inputs import cli
 from .results import figures, pareto, report, report_html, tracking
+from .search import worker
 from .search.sampler import SAMPLERS, mark_finished
 from .measure import stopping
 from .search.sweepspec import DATA_KEYS, FILE, SweepSpec
@@ -49,8 +50,10 @@ def parse_args(argv=None) -> Namespace:
     ap.add_argument("--cpus-per-trial", type=int, default=None,
                     help="CPUs (= torch threads) per CPU trial "
                          "(default: all CPUs / --max-concurrent)")
-    ap.add_argument("--sampler", default="tpe", choices=SAMPLERS,
-                    help="Optuna sampler: multi-objective TPE, NSGA-II or random search")
+    ap.add_argument("--sampler", default="local", choices=SAMPLERS,
+                    help="Optuna sampler: local (mostly single changes to members of the "
+                         "feasible front, TPE for the rest), multi-objective TPE, NSGA-II or "
+                         "random search")
     ap.add_argument("--seed", type=int, default=0, help="sampler seed")
     ap.add_argument("--name", default=None, help="sweep name (default: <space>-<time>)")
     ap.add_argument("--root", default="mlruns",
@@ -69,8 +72,10 @@ def parse_args(argv=None) -> Namespace:
                     help="after each trial, profile its transcription of a few clips "
                          "(torch.profiler) and log the TOP operators by self CPU time as the "
                          "run's profile.txt/profile.json in MLflow (TOP default 20; 0: off)")
-    ap.add_argument("--trial-timeout", type=float, default=None,
-                    help="seconds after which a trial is stopped and recorded as failed")
+    ap.add_argument("--trial-timeout", default="auto",
+                    help="seconds after which a trial is stopped and recorded as failed; auto: "
+                         f"{worker.AUTO_TIMEOUT_FACTOR:g}x the baseline's seconds for the set, "
+                         f"at least {worker.AUTO_TIMEOUT_MIN_S:g} s; off: never")
     ap.add_argument("--max-slowdown", type=float, default=3.0,
                     help="stop (prune) a trial whose first clips take this many times the "
                          "baseline's; 0 measures every trial to the end")
@@ -91,6 +96,10 @@ def parse_args(argv=None) -> Namespace:
                          "drop what is out of reach of the budget; auto: on for spaces of more "
                          f"than {SCREEN_DIMS} searched parameters when --num-samples >= "
                          f"{SCREEN_SAMPLES}")
+    ap.add_argument("--screen-from", default=None, metavar="PATH",
+                    help="use an earlier sweep's screening (its folder or screen/screen.json, "
+                         "same space, machine and data) instead of screening again; implies "
+                         "--screen on")
     ap.add_argument("--screen-clips", type=int, default=8,
                     help="clips each screening point is measured on (the first ones)")
     ap.add_argument("--no-probes", dest="probes", action="store_false",
@@ -123,11 +132,16 @@ def validate(args) -> tuple:
     if args.max_concurrent < 1:
         raise ValueError(f"`--max-concurrent` must be >= 1, got {args.max_concurrent}")
     stopping.parse_rungs(args.rungs)  # raises naming the rule
+    args.trial_timeout = worker.parse_timeout(args.trial_timeout)
     if args.screen_clips < 2:
         raise ValueError(f"`--screen-clips` must be >= 2 (a paired test needs two), got "
                          f"{args.screen_clips}")
     if args.early_stop_min_clips < 1:
         raise ValueError(f"`--early-stop-min-clips` must be >= 1, got {args.early_stop_min_clips}")
+    if getattr(args, "screen_from", None):
+        from .search.screen import read_saved
+
+        read_saved(args.screen_from, space)  # raises naming the rule
     evalset = cli.load_data(args)  # raises DataError naming the problem
     from .inputs.models import check_spec
 
@@ -209,7 +223,7 @@ def run(args) -> dict:
     import ray
     from ray import tune
 
-    from .search import sampler as search, worker
+    from .search import sampler as search
 
     # A failed trial reports no objectives; HyperSearch tells Optuna it failed.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -300,6 +314,8 @@ def run(args) -> dict:
 
 
 def screen_wanted(args, space) -> bool:
+    if getattr(args, "screen_from", None):
+        return True
     if args.screen == "auto":
         searched = [d for d in space.params.values() if d.kind != "value"]
         return len(searched) > SCREEN_DIMS and args.num_samples >= SCREEN_SAMPLES
@@ -337,10 +353,9 @@ def run_screening(args, space, ctx, sweep_path: Path, devices, per_trial: int, u
     resumed sweep reads it instead of screening again) and an artifact of the parent run."""
     import dataclasses
 
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from .search import sampler as search, screen, worker
+    from .search import sampler as search, screen
 
     out = sweep_path / "screen"
     saved = out / "screen.json"
@@ -348,6 +363,8 @@ def run_screening(args, space, ctx, sweep_path: Path, devices, per_trial: int, u
         narrowed, _ = screen.narrow(space, json.loads(saved.read_text())["rows"])
         return narrowed
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "screen_from", None):
+        return _screened_before(args, space, out, uri, parent)
     sctx = dataclasses.replace(
         ctx, sweep=f"{ctx.sweep}/screen", probes=False, rungs=(),
         data={**ctx.data, "max_samples": args.screen_clips},
@@ -372,15 +389,35 @@ def run_screening(args, space, ctx, sweep_path: Path, devices, per_trial: int, u
     results = _run_points(args, sctx, trainable_of, [p.point for p in points], out, "points",
                           space)
     rows = screen.table(points, results)
-    narrowed, changes = screen.narrow(space, rows)
-    saved.write_text(json.dumps({"anchors": anchors, "clips": args.screen_clips, "rows": rows,
-                                 "changes": changes, "seconds": time.time() - t0},
-                                indent=1, default=str))
-    report.write_screening(rows, out / "screen.csv")
+    return _screened(space, {"anchors": anchors, "clips": args.screen_clips, "rows": rows,
+                             "seconds": time.time() - t0}, out, uri, parent)
+
+
+def _screened_before(args, space, out: Path, uri: str, parent: str):
+    """--screen-from: an earlier sweep's table, kept and logged as this sweep's own."""
+    from .search import screen
+
+    saved = screen.read_saved(args.screen_from, space)
+    print(f"screening: read from {saved['from']} ({len(saved['rows'])} points, measured "
+          "there)", file=sys.stderr)
+    return _screened(space, {k: v for k, v in saved.items() if k != "changes"}, out, uri, parent)
+
+
+def _screened(space, table: dict, out: Path, uri: str, parent: str):
+    """The space bounded by a screening `table`; the table saved in `out` (screen.json, read
+    again on resume, and screen.csv), logged to the parent run and printed."""
+    from mlflow.tracking import MlflowClient
+
+    from .search import screen
+
+    narrowed, changes = screen.narrow(space, table["rows"])
+    saved = out / "screen.json"
+    saved.write_text(json.dumps({**table, "changes": changes}, indent=1, default=str))
+    report.write_screening(table["rows"], out / "screen.csv")
     client = MlflowClient(uri)
     for f in (saved, out / "screen.csv"):
         tracking.retry(client.log_artifact, parent, str(f), "screen")
-    print(report.format_screening(rows), file=sys.stderr)
+    print(report.format_screening(table["rows"]), file=sys.stderr)
     for line in changes or ["nothing out of reach: the space is searched as written"]:
         print(f"screening: {line}", file=sys.stderr)
     return narrowed

@@ -229,3 +229,25 @@ def test_trials_stopped_at_a_rung_are_pruned_with_their_partial_figures(
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{root / 'optuna.db'}")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.PRUNED) == len(pruned)
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "soon"])
+def test_a_bad_trial_timeout_is_refused_before_anything_runs(tmp_path, tiny_checkpoint,
+                                                             small_manifest, capsys, value):
+    rc = launch.main([*_argv(tmp_path, tiny_checkpoint, small_manifest, "quick"),
+                      "--trial-timeout", value])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"`--trial-timeout` must be auto, off or seconds > 0, got '{value}'" in err
+    assert not (tmp_path / "root").exists() and not ray.is_initialized()
+
+
+def test_the_auto_trial_timeout_follows_the_baseline():
+    from sweep.search.worker import AUTO_TIMEOUT_MIN_S, parse_timeout, timeout_s
+
+    slow = {"latency_mean_s": 8.7, "n_utterances": 59}  # whisper-large-v3 on a CPU
+    fast = {"latency_mean_s": 0.3, "n_utterances": 59}  # whisper-base
+    assert timeout_s("auto", slow) == pytest.approx(10 * 8.7 * 59)
+    assert timeout_s("auto", fast) == AUTO_TIMEOUT_MIN_S
+    assert timeout_s(parse_timeout("45"), slow) == 45.0
+    assert timeout_s(parse_timeout("off"), slow) is None

@@ -290,3 +290,25 @@ def test_interrupted_trials_are_rerun_by_id_or_recipe_else_lost():
             row("b", "killed", x=2), row("c", "ok", x=2),  # the searcher asked for it again
             row("d", "killed", x=3), row("e", "failed", x=4)]  # never measured
     assert interrupted(rows) == {"interrupted": 3, "interrupted_rerun": 2, "interrupted_lost": 1}
+
+
+def test_the_local_sampler_resumes_where_it_stopped(tmp_path):
+    """Tune's save/restore of the sweep's default searcher mid-study: the restored one asks
+    for the same recipes next as the original (its RNG, plans and study come back)."""
+    space = load_space("full")
+
+    def fresh():
+        return search.make_searcher(space, sampler="local", seed=3, storage=None,
+                                    study_name="s", devices={"cpu"})
+
+    searcher = fresh()
+    for i in range(8):  # the baseline, the starts, then sampled trials, each on the front
+        config = searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", {"status": "ok", "wer": 0.3 - 0.001 * i,
+                                             "latency_median_s": 1.0 / (1 + i), "dwer": 0.0})
+    assert config
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = fresh()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    ahead = [searcher.suggest(f"u{i}") for i in range(5)]
+    assert [restored.suggest(f"u{i}") for i in range(5)] == ahead

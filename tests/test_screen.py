@@ -31,7 +31,7 @@ def test_plan_changes_one_dimension_from_each_anchor():
         anchor = {} if p.anchor == "baseline" else {"quant.scheme": "dynamic_int8"}
         base = {**space.baseline(), **anchor}
         assert {k for k in p.point if p.point[k] != base.get(k)} == {p.dim}
-    keys = [screen._canonical(p.point) for p in pts]
+    keys = [screen.recipe_key(p.point) for p in pts]
     assert len(keys) == len(set(keys))  # nothing measured twice
 
 
@@ -131,3 +131,41 @@ def test_a_screened_sweep_searches_inside_the_bounds(tmp_path, tiny_checkpoint, 
     assert len(main) == 4 and all(r.data.params["quant.scheme"] != "bf16" for r in main)
     report = (root / "sweeps" / "s" / "results" / "report.html").read_text()
     assert "Screening: each change alone" in report and "dropped bf16" in report
+
+    # a second sweep (another seed) reads that screening instead of measuring it again
+    again = launch.parse_args(["--space", str(space), "--model", tiny_checkpoint, "--dataset",
+                               small_manifest, "--root", str(root), "--name", "s2", "--seed",
+                               "1", "--num-samples", "3", "--max-slowdown", "0", "--screen-from",
+                               str(root / "sweeps" / "s"), "--no-probes"])
+    try:
+        launch.run(again)
+    finally:
+        ray.shutdown()
+    read = json.loads((root / "sweeps" / "s2" / "screen" / "screen.json").read_text())
+    assert read["rows"] == saved["rows"] and read["changes"] == saved["changes"]
+    assert read["from"].endswith("sweeps/s/screen/screen.json")
+    runs = client.search_runs([exp], max_results=1000)
+    assert not [r for r in runs if r.data.tags.get("hyper.sweep") == "s2/screen"]
+    second = [r for r in runs if r.data.tags.get("hyper.sweep") == "s2"
+              and r.data.tags.get("hyper.kind") == "trial"]
+    assert len(second) == 4 and all(r.data.params["quant.scheme"] != "bf16" for r in second)
+    assert "dropped bf16" in (root / "sweeps" / "s2" / "results" / "report.html").read_text()
+
+
+def test_screen_from_is_refused_when_it_is_no_screening_of_the_space(tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rows": [{"dim": "quant.enc_attn", "value": "bf16"}]}))
+    space = load_space(str(_space_file(tmp_path)))
+    with pytest.raises(ValueError, match=r"`--screen-from` must be a screening of space "
+                                         r".*which screened quant.enc_attn"):
+        screen.read_saved(other, space)
+    with pytest.raises(ValueError, match=r"`--screen-from` must be a sweep's screen/screen.json "
+                                         r"or its folder, got '.*nowhere'"):
+        screen.read_saved(tmp_path / "nowhere", space)
+
+
+def _space_file(tmp_path):
+    p = tmp_path / "small.yaml"
+    p.write_text("params:\n  quant.scheme: {choice: [none, dynamic_int8]}\n"
+                 "constraints: {max_dwer: 0.5}\n")
+    return p

@@ -14,10 +14,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from .. import console
 from ..results.pareto import feasible, pareto_front
+from .local import LocalOptions, LocalSearchSampler
 
 # TPE's `multivariate`/`group` are Optuna "experimental" arguments we choose on purpose.
 console.ignore_warning(optuna.exceptions.ExperimentalWarning)
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("local", "tpe", "nsga2", "random")
 RAY_TMP = "/tmp/hyper-ray"  # short: Ray's unix socket paths must stay under 107 bytes
 
 
@@ -85,13 +86,20 @@ class SamplerOptions:
     # NSGA-II: trials per generation; 4: 0.95 [0.73-0.99] and 0.30 against 8's 0.94 and 0.27,
     # 16's 0.86 and 0.27 (30 trials are few generations; stopped trials never join one)
     population_size: int = 4
+    # local: mutations of front members (sweep.search.local), TPE as above for the rest
+    local: LocalOptions = LocalOptions()
 
 
-def make_sampler(name: str, seed: int | None, options: SamplerOptions = SamplerOptions()):
+def make_sampler(name: str, seed: int | None, options: SamplerOptions = SamplerOptions(),
+                 key=None):
     """Optuna's sampler by name. Constraints reach TPE and NSGA-II as each trial's
     `set_constraint` values (optuna 5 reads `trial.constraints`; `constraints_func` is
-    deprecated and only stores the same values), see HyperSearch."""
+    deprecated and only stores the same values), see HyperSearch. `key(params)`: which
+    parameter sets are one recipe (the local sampler never proposes a measured one again)."""
     o = options
+    if name == "local":
+        return LocalSearchSampler(make_sampler("tpe", seed, options), seed=seed,
+                                  options=o.local, key=key)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=o.multivariate,
                                           group=o.group and o.multivariate,
@@ -156,6 +164,27 @@ class DefineByRun:
         return self.space.sample(trial, devices=self.devices)
 
 
+class RecipeKey:
+    """Which recipe a set of sampled parameters is (`screen.recipe_key` of the point they
+    resolve to; ones a mutation left inactive are dropped). A class: Tune pickles it."""
+
+    def __init__(self, space, devices: set[str]):
+        self.space, self.devices = space, frozenset(devices)
+
+    def __call__(self, params: dict):
+        from .screen import recipe_key
+        from .space import resolve
+
+        doms = self.space.domains(self.devices)
+        point, problems = resolve(params, doms, self.space.conditions)
+        if problems:  # e.g. prune.norm once prune.pattern is 2:4: as the space would sample
+            point, problems = resolve({k: v for k, v in params.items()
+                                       if k not in dict(problems)}, doms, self.space.conditions)
+        if problems:
+            raise ValueError(problems[0][1])
+        return recipe_key(point)
+
+
 def make_searcher(space, *, sampler: str, seed: int | None, storage: str | None,
                   study_name: str, devices: set[str],
                   machine_profile: dict | None = None) -> HyperSearch:
@@ -167,7 +196,7 @@ def make_searcher(space, *, sampler: str, seed: int | None, storage: str | None,
     return HyperSearch(
         space=DefineByRun(space, devices),
         metric=metrics, mode=modes,
-        sampler=make_sampler(sampler, seed),
+        sampler=make_sampler(sampler, seed, key=RecipeKey(space, devices)),
         points_to_evaluate=[space.baseline(), *space.start_points(devices, machine_profile)],
         study_name=study_name, storage=ot_storage, space_obj=space)
 

@@ -15,8 +15,10 @@ one measurement per value would have said. So, on a small subset of the clips:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from ..techniques.recipe import PARAMS
@@ -42,7 +44,9 @@ def _values(dim: Dim, per_range: int) -> list:
     return list(dim.choices) if dim.kind == "choice" else dim.domain(limit=per_range)
 
 
-def _canonical(point: dict) -> Any:
+def recipe_key(point: dict) -> Any:
+    """What makes two full points the same recipe (a no-op parameter does not count);
+    ValueError for a combination the recipe refuses."""
     from ..techniques.recipe import Recipe
 
     r = Recipe.from_flat(point)
@@ -59,7 +63,7 @@ def plan(space: Space, anchors: dict[str, dict], devices=frozenset({"cpu"}),
         base, problems = resolve(partial, doms, space.conditions)
         try:
             if not problems:
-                bases[name] = (partial, base, _canonical(base))
+                bases[name] = (partial, base, recipe_key(base))
         except ValueError:
             pass
     seen = {key for _, _, key in bases.values()}  # the anchors themselves are measured already
@@ -78,7 +82,7 @@ def plan(space: Space, anchors: dict[str, dict], devices=frozenset({"cpu"}),
                 if problems:
                     continue
                 try:
-                    key = _canonical(point)
+                    key = recipe_key(point)
                 except ValueError:  # a pair of values the recipe refuses together
                     continue
                 if key == base_key or key in seen:
@@ -159,3 +163,25 @@ def best_start(space: Space, results: list[dict | None]) -> int | None:
     ok = [(r.get("speedup") or 0.0, i) for i, r in enumerate(results)
           if r and r.get("status") == "ok" and space.feasible(r, r.get("baseline") or {})]
     return max(ok)[1] if ok else None
+
+
+def read_saved(path: str | Path, space: Space) -> dict:
+    """An earlier sweep's screening (its `screen/screen.json`, or the sweep's folder) for
+    `--screen-from`: screening is the same measurement for every seed of a space on one
+    machine and data set, so several sweeps may share it. Refused, naming the rule, when it
+    is not readable or screened parameters this space does not search."""
+    p = Path(path)
+    if p.is_dir():
+        p = next((q for q in (p / "screen" / "screen.json", p / "screen.json") if q.is_file()),
+                 p / "screen" / "screen.json")
+    try:
+        saved = json.loads(p.read_text(encoding="utf-8"))
+        rows = saved["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"`--screen-from` must be a sweep's screen/screen.json or its folder, "
+                         f"got {str(path)!r}: {e}") from None
+    other = sorted({r.get("dim") for r in rows} - set(space.params))
+    if other:
+        raise ValueError(f"`--screen-from` must be a screening of space {space.name!r}'s "
+                         f"parameters, got {str(path)!r}, which screened {', '.join(other)}")
+    return {**saved, "from": str(p.resolve())}

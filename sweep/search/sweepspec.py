@@ -41,7 +41,7 @@ class SweepSpec:
     time_budget: float | None = None
     max_concurrent: int = 1
     cpus_per_trial: int | None = None
-    sampler: str = "tpe"
+    sampler: str = "local"
     seed: int = 0
     root: str = "mlruns"
     tracking_uri: str | None = None
@@ -50,13 +50,14 @@ class SweepSpec:
     out: str | None = None
     profile: int = 0  # --profile: each trial's top operators by self time in MLflow (0: off)
     warmup: int = 1
-    trial_timeout: float | None = None
+    trial_timeout: float | str | None = "auto"  # seconds, auto, or None (off)
     max_slowdown: float | None = 3.0
     early_stop: str = "auto"
     early_stop_min_clips: int = 4
     rungs: str | None = None
     screen: str = "auto"
     screen_clips: int = 8
+    screen_from: str | None = None  # an earlier sweep's screening, read instead of measured
     probes: bool = True
 
     @classmethod

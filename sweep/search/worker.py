@@ -33,7 +33,7 @@ class SweepContext:
     parent_run_id: str
     cpus_per_trial: int
     warmup: int = 1
-    trial_timeout: float | None = None
+    trial_timeout: float | str | None = "auto"  # seconds, "auto" (timeout_s) or None: off
     max_slowdown: float | None = None
     early_stop: object = None  # sweep.measure.stopping.EarlyStop, or None: never for accuracy
     confidence: float | None = None  # the space's: trials get `dwer_upper` at this level
@@ -50,6 +50,37 @@ class InjectedFault(RuntimeError):
 
 class TrialTimeout(Exception):
     """Raised inside a trial that ran past `--trial-timeout`."""
+
+
+# --trial-timeout auto: a trial that transcribes more than max_slowdown x the baseline is
+# stopped on its first clips, so what runs far longer is its preparation (a static int8 +
+# int4 + fallback + frozen-compile recipe ran 17 min at 8.6 GB without a clip, issue #19).
+AUTO_TIMEOUT_FACTOR = 10.0  # x the baseline's seconds for the whole set
+AUTO_TIMEOUT_MIN_S = 300.0  # and never less (compiling alone takes a minute or two)
+
+
+def timeout_s(setting, base: dict) -> float | None:
+    """Seconds a trial may run: `setting` seconds, None (off), or "auto" (from the baseline
+    this worker measured: AUTO_TIMEOUT_FACTOR x its seconds for the set)."""
+    if setting == "auto":
+        return max(AUTO_TIMEOUT_MIN_S, AUTO_TIMEOUT_FACTOR * base["latency_mean_s"]
+                   * base["n_utterances"])
+    return float(setting) if setting else None
+
+
+def parse_timeout(text) -> float | str | None:
+    """--trial-timeout's value: auto, off, or seconds > 0."""
+    if text in (None, "off"):
+        return None
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not value > 0:
+        raise ValueError(f"`--trial-timeout` must be auto, off or seconds > 0, got {text!r}")
+    return value
 
 
 class _Watchdog:
@@ -188,7 +219,8 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
         recipe = Recipe.from_flat(flat)
         _check_device(device, gpus)
         (loaded, evalset, calib, base, heard), load_s = _prepare(ctx, device, cpus)
-        with _Watchdog(ctx.trial_timeout):
+        limit = timeout_s(ctx.trial_timeout, base)
+        with _Watchdog(limit):
             try:
                 _inject(ctx, flat)
                 result, _ = run_trial(loaded.model, loaded.processor, evalset, recipe,
@@ -199,7 +231,8 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
                                       probes=heard, rungs=ctx.rungs,
                                       rung_judge=_rung_judge(ctx, run_id))
             except TrialTimeout:
-                raise TrialTimeout(f"trial ran past --trial-timeout {ctx.trial_timeout:g} s "
+                raise TrialTimeout(f"trial ran past --trial-timeout {limit:.0f} s"
+                                   f"{' (auto)' if ctx.trial_timeout == 'auto' else ''} "
                                    f"(recipe {flat})") from None
         result.update(trial_s=time.perf_counter() - t0, worker_prepare_s=load_s,
                       node=os.uname().nodename, node_id=_node_id(), gpu_ids=gpus)
