@@ -321,7 +321,7 @@ def variants() -> list[Variant]:
            *(Variant(f"local share {x:g}", "local", {"local": LocalOptions(share=x)})
              for x in (0.5, 0.75, 1.0)),
            *(Variant(f"local share 0.75, more {m:g}", "local",
-                     {"local": LocalOptions(share=0.75, more=m)}) for m in (0.0, 0.2)),
+                     {"local": LocalOptions(share=0.75, more=m)}) for m in (0.2, 0.4)),
            Variant("local share 0.75, no penalty", "local",
                    {"local": LocalOptions(share=0.75, penalty=0.0)})]
     # The sweep's defaults now, where no variant above is them (stopped trials are told as

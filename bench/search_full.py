@@ -153,7 +153,8 @@ def write(result: dict, meta: dict, out: Path) -> dict[str, Path]:
              f"({meta['date']})", "",
              f"- {len(result['seeds'])} seeds x `--num-samples {meta['num_samples']}` on "
              f"`--dataset {meta['dataset']}`{meta['language_note']}, model {meta['model']}, "
-             f"sampler {meta['sampler']}",
+             f"sampler {meta['sampler']}, screening {meta.get('screen', 'each')} "
+             "(once: the first seed's, read by the others)",
              f"- machine: {meta['machine_line']}",
              f"- commit: {meta['commit']}; command: `{meta['command']}`",
              "- HV: the feasible front's hypervolume (WER, latency; against the baseline's "
@@ -189,7 +190,11 @@ def run_seed(args, seed: int, log) -> Path | None:
     if (root / "sweeps" / name).exists():
         cmd = ["--resume", name, "--root", str(root)]
     else:
-        cmd = ["--space", args.space, "--num-samples", str(args.num_samples), "--seed",
+        first = Path(args.root).resolve() / "seed-0" / "sweeps" / f"{Path(args.space).stem}-seed0"
+        screening = {"off": ["--screen", "off"], "each": ["--screen", "on"]}.get(
+            args.screen, ["--screen", "on"] if seed == 0 else ["--screen-from", str(first)])
+        cmd = [*screening, "--space", args.space, "--num-samples", str(args.num_samples),
+               "--seed",
                str(seed), "--sampler", args.sampler, "--root", str(root), "--name", name,
                "--model", args.model, "--dataset", args.dataset,
                *(["--language", args.language] if args.language else []),
@@ -212,7 +217,11 @@ def main(argv=None) -> int:
     ap.add_argument("--num-samples", type=int, default=30,
                     help="trials per sweep after the baseline, warm starts included")
     ap.add_argument("--seeds", type=int, default=3, help="sweeps, with sampler seeds 0..N-1")
-    ap.add_argument("--sampler", default="tpe", help="the sweep's --sampler")
+    ap.add_argument("--sampler", default="local", help="the sweep's --sampler")
+    ap.add_argument("--screen", default="once", choices=("once", "each", "off"),
+                    help="once: the first seed screens (--screen on), the others read its "
+                         "screening (--screen-from; the same measurement on this machine and "
+                         "data); each: every seed screens; off: none does")
     ap.add_argument("--dataset", default="shared+embedded",
                     help="the sweeps' --dataset (manifest sets joined by +)")
     ap.add_argument("--language", default="ru", help="the sweeps' --language ('' for none)")
@@ -244,7 +253,8 @@ def main(argv=None) -> int:
     result = analyse(sweeps)
     meta = {**common.stamp(), "space": args.space, "num_samples": args.num_samples,
             "dataset": args.dataset, "language": args.language or None, "model": args.model,
-            "sampler": args.sampler, "max_samples": args.max_samples, "root": args.root,
+            "sampler": args.sampler, "screen": args.screen, "max_samples": args.max_samples,
+            "root": args.root,
             "failed_seeds": failed, "language_note": f" `--language {args.language}`"
             if args.language else "", "command": "python -m bench.search_full " + " ".join(
                 argv if argv is not None else sys.argv[1:])}

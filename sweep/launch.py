@@ -367,6 +367,7 @@ def run_screening(args, space, ctx, sweep_path: Path, devices, per_trial: int, u
         return _screened_before(args, space, out, uri, parent)
     sctx = dataclasses.replace(
         ctx, sweep=f"{ctx.sweep}/screen", probes=False, rungs=(),
+        timeout_min_s=worker.SCREEN_TIMEOUT_MIN_S,
         data={**ctx.data, "max_samples": args.screen_clips},
         early_stop=stopping.EarlyStop(max_dwer=space.constraints.get("max_dwer"),
                                       min_clips=min(4, args.screen_clips)))

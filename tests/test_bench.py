@@ -300,8 +300,9 @@ def test_search_full_reads_a_sweeps_files(tmp_path):
 
 
 def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manifest, tmp_path):
-    """Smoke: the script end to end, one seed of 2 samples on a small space (a sweep in its own
-    process), then once more reading the finished seed instead of running it again."""
+    """Smoke: the script end to end, two seeds of 2 samples on a small space (each a sweep in
+    its own process; the first screens, the second reads its screening), then once more
+    reading the finished seeds instead of running them again."""
     from bench import search_full
 
     space = tmp_path / "space.yaml"
@@ -310,12 +311,17 @@ def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manife
                      "constraints: {max_dwer: 0.1}\nstarts:\n  - {quant.scheme: dynamic_int8}\n")
     argv = ["--space", str(space), "--model", tiny_checkpoint, "--dataset",
             f"{small_manifest}+embedded", "--max-samples", "2", "--num-samples", "2",
-            "--seeds", "1", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out"),
-            "--", "--no-probes", "--warmup", "0", "--max-slowdown", "0"]
+            "--seeds", "2", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out"),
+            "--", "--no-probes", "--warmup", "0", "--max-slowdown", "0", "--screen-clips", "2"]
     assert search_full.main(argv) == 0
     res = json.loads((tmp_path / "out" / "search-full.json").read_text())
-    (s,) = res["seeds"]
+    s, s1 = res["seeds"]
     assert s["trials"] == 3 and s["sampled"] <= 1 and s["agrees_with_summary"]
+    screens = [json.loads((tmp_path / "root" / f"seed-{i}" / "sweeps" / f"space-seed{i}" /
+                           "screen" / "screen.json").read_text()) for i in (0, 1)]
+    assert "from" not in screens[0] and screens[1]["from"].endswith(
+        "seed-0/sweeps/space-seed0/screen/screen.json")
+    assert screens[1]["rows"] == screens[0]["rows"] and s1["agrees_with_summary"]
     assert s["front_from_baseline"] + s["front_from_starts"] + s["front_from_sampling"] == s[
         "front"]
     assert res["machine"]["isa"] is not None and "checks" in res

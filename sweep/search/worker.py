@@ -19,6 +19,16 @@ _CACHE: dict = {}
 STATUS_OK, STATUS_FAILED, STATUS_PRUNED = "ok", "failed", "pruned"
 
 
+# --trial-timeout auto: a trial that transcribes more than max_slowdown x the baseline is
+# stopped on its first clips, so what runs far longer is its preparation (a static int8 +
+# int4 + fallback + frozen-compile recipe ran 17 min at 8.6 GB without a clip, issue #19).
+AUTO_TIMEOUT_FACTOR = 10.0  # x the baseline's seconds for the whole set
+AUTO_TIMEOUT_MIN_S = 300.0  # and never less (compiling alone takes a minute or two)
+# screening measures a single change on a few clips: one whose preparation alone runs past
+# this (the calibrated bf16 fallback's block probe took 120-200 s) is out of reach as a step
+SCREEN_TIMEOUT_MIN_S = 120.0
+
+
 @dataclass(frozen=True)
 class SweepContext:
     """Everything a worker needs besides the sampled recipe (pickled to every worker)."""
@@ -34,6 +44,7 @@ class SweepContext:
     cpus_per_trial: int
     warmup: int = 1
     trial_timeout: float | str | None = "auto"  # seconds, "auto" (timeout_s) or None: off
+    timeout_min_s: float = AUTO_TIMEOUT_MIN_S  # the least an "auto" timeout gives a trial
     max_slowdown: float | None = None
     early_stop: object = None  # sweep.measure.stopping.EarlyStop, or None: never for accuracy
     confidence: float | None = None  # the space's: trials get `dwer_upper` at this level
@@ -52,19 +63,12 @@ class TrialTimeout(Exception):
     """Raised inside a trial that ran past `--trial-timeout`."""
 
 
-# --trial-timeout auto: a trial that transcribes more than max_slowdown x the baseline is
-# stopped on its first clips, so what runs far longer is its preparation (a static int8 +
-# int4 + fallback + frozen-compile recipe ran 17 min at 8.6 GB without a clip, issue #19).
-AUTO_TIMEOUT_FACTOR = 10.0  # x the baseline's seconds for the whole set
-AUTO_TIMEOUT_MIN_S = 300.0  # and never less (compiling alone takes a minute or two)
-
-
-def timeout_s(setting, base: dict) -> float | None:
+def timeout_s(setting, base: dict, minimum: float = AUTO_TIMEOUT_MIN_S) -> float | None:
+    # base: the baseline's figures (Measurement.figures), from this worker
     """Seconds a trial may run: `setting` seconds, None (off), or "auto" (from the baseline
-    this worker measured: AUTO_TIMEOUT_FACTOR x its seconds for the set)."""
+    this worker measured: AUTO_TIMEOUT_FACTOR x its seconds for the set, at least `minimum`)."""
     if setting == "auto":
-        return max(AUTO_TIMEOUT_MIN_S, AUTO_TIMEOUT_FACTOR * base["latency_mean_s"]
-                   * base["n_utterances"])
+        return max(minimum, AUTO_TIMEOUT_FACTOR * base["latency_mean_s"] * base["n_utterances"])
     return float(setting) if setting else None
 
 
@@ -219,7 +223,7 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
         recipe = Recipe.from_flat(flat)
         _check_device(device, gpus)
         (loaded, evalset, calib, base, heard), load_s = _prepare(ctx, device, cpus)
-        limit = timeout_s(ctx.trial_timeout, base)
+        limit = timeout_s(ctx.trial_timeout, base.figures, ctx.timeout_min_s)
         with _Watchdog(limit):
             try:
                 _inject(ctx, flat)
