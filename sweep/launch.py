@@ -288,7 +288,7 @@ def run(args) -> dict:
         spec.save(sweep_dir / name)
         if screen_wanted(args, space):
             space = run_screening(args, space, ctx, sweep_dir / name, devices, per_trial, uri,
-                                  parent)
+                                  parent, machine)
         if args.resume and tune.Tuner.can_restore(str(sweep_dir / name)):
             tuner = tune.Tuner.restore(str(sweep_dir / name), trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -346,7 +346,7 @@ def _run_points(args, ctx, trainable_of, points: list[dict], where: Path, label:
 
 
 def run_screening(args, space, ctx, sweep_path: Path, devices, per_trial: int, uri: str,
-                  parent: str):
+                  parent: str, machine: dict | None = None):
     """Screening (`sweep.search.screen`): the warm starts, then each dimension's values alone
     from the baseline and the best start, on the first --screen-clips clips with early
     stopping; returns the space bounded by it. Its table is `screen/screen.json` (kept: a
@@ -378,13 +378,14 @@ def run_screening(args, space, ctx, sweep_path: Path, devices, per_trial: int, u
                                        config["point"]))
 
     t0 = time.time()
-    starts = space.start_points(frozenset(devices))
+    starts = space.fitting_starts(frozenset(devices), machine)  # as the joint search's
     print(f"screening: {len(starts)} warm starts on {args.screen_clips} clips", file=sys.stderr)
-    found = _run_points(args, sctx, trainable_of, starts, out, "starts", space)
+    found = _run_points(args, sctx, trainable_of, [p for _, p in starts], out, "starts", space)
     best = screen.best_start(space, found)
     anchors = {"baseline": {}}
     if best is not None:
-        anchors[f"start {best + 1}"] = space.starts[best]
+        i = starts[best][0]
+        anchors[f"start {i + 1}"] = space.starts[i]
     points = screen.plan(space, anchors, frozenset(devices))
     print(f"screening: {len(points)} single changes from {', '.join(anchors)}", file=sys.stderr)
     results = _run_points(args, sctx, trainable_of, [p.point for p in points], out, "points",

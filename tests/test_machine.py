@@ -130,6 +130,9 @@ def test_starts_follow_the_machine_both_ways():
     assert [p.get("quant.enc_mlp") for p in space.start_points({"cpu"}, measured)] == [
         "inherit", "dynamic_int8", "inherit"]
     assert len(space.start_points({"cpu"})) == 4  # machine unknown: every start
+    # screening measures the same starts, and knows which of the space's each one is
+    assert [i for i, _ in space.fitting_starts({"cpu"}, NO_AMX)] == [0, 2]
+    assert [p for _, p in space.fitting_starts({"cpu"}, AMX)] == amx
     assert "(when encoder=bf16)" in space.describe()
     assert "(when isa=amx_bf16|amx_tile)" in space.describe()
 

@@ -159,7 +159,8 @@ def narrow(space: Space, rows: list[dict]) -> tuple[Space, list[str]]:
 
 
 def best_start(space: Space, results: list[dict | None]) -> int | None:
-    """Index of the fastest warm start within the budget (results in `space.starts` order)."""
+    """Index in `results` (one per start measured, in order) of the fastest warm start within
+    the budget."""
     ok = [(r.get("speedup") or 0.0, i) for i, r in enumerate(results)
           if r and r.get("status") == "ok" and space.feasible(r, r.get("baseline") or {})]
     return max(ok)[1] if ok else None

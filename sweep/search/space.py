@@ -940,11 +940,20 @@ class Space:
                      machine_profile: Mapping | None = None) -> list:
         """The full points of the warm starts this cluster can run (see `resolve`) that fit
         the machine (`sweep.inputs.machine.profile`; None: every start)."""
+        return [point for _, point in self.fitting_starts(devices, machine_profile)]
+
+    def fitting_starts(self, devices: set[str] | frozenset[str] = frozenset({"cpu"}),
+                       machine_profile: Mapping | None = None) -> list[tuple[int, dict]]:
+        """`start_points` with each one's index in `starts`."""
         doms = self.domains(frozenset(devices))
         whens = self.start_when or ({},) * len(self.starts)
-        points = [resolve(s, doms, self.conditions) for s, w in zip(self.starts, whens)
-                  if machine_fits(w, machine_profile)]
-        return [point for point, problems in points if not problems]
+        out = []
+        for i, (s, w) in enumerate(zip(self.starts, whens)):
+            if machine_fits(w, machine_profile):
+                point, problems = resolve(s, doms, self.conditions)
+                if not problems:
+                    out.append((i, point))
+        return out
 
     # -- figures ---------------------------------------------------------------------------
 
