@@ -370,7 +370,9 @@ def run_screening(args, space, ctx, sweep_path: Path, devices, per_trial: int, u
         timeout_min_s=worker.SCREEN_TIMEOUT_MIN_S,
         data={**ctx.data, "max_samples": args.screen_clips},
         early_stop=stopping.EarlyStop(max_dwer=space.constraints.get("max_dwer"),
-                                      min_clips=min(4, args.screen_clips)))
+                                      # the first look (and its stop of a model that
+                                      # loops on each clip) must come before the last clip
+                                      min_clips=min(4, max(2, args.screen_clips // 2))))
 
     def trainable_of(c):
         return tune.with_resources(tune.with_parameters(worker.trainable_point, ctx=c),
