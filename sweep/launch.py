@@ -20,7 +20,7 @@ from pathlib import Path
 from . import console
 from .inputs import cli
 from .results import figures, pareto, report, report_html, tracking
-from .search import worker
+from .search import local, worker
 from .search.sampler import SAMPLERS, mark_finished
 from .measure import stopping
 from .search.sweepspec import DATA_KEYS, FILE, SweepSpec
@@ -465,6 +465,9 @@ def accounting(trials: list[dict], front: list[dict], space, baseline: dict) -> 
     sampled = [r for r in trials if origin(r, space) == "sampled"]
     return {"front_from_starts": count(front, "start"),
             "front_from_sampling": count(front, "sampled"),
+            # of those, mutations of a front member (--sampler local; the rest are TPE's)
+            "front_from_mutation": sum(bool(r.get("parent_run")) for r in front),
+            "sampled_by_mutation": sum(bool(r.get("parent_run")) for r in sampled),
             "front_from_baseline": count(front, "baseline"),
             "sampled": len(sampled),
             "sampled_infeasible": sum(not pareto.feasible(r, space.constraints or None, baseline)
@@ -549,6 +552,13 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     for line in screen_rows(rows, space.objectives):
         print(line, file=sys.stderr)
     recovered_ot, failed_ot = mark_stale_optuna(root, name, rows, space)
+    family = {}
+    _guarded("the sampler's lineage", lambda: family.update(
+        local.lineage(searcher_study(root, name).get_trials(deepcopy=False))))
+    for r in rows:  # a mutation of a front member (--sampler local): its parent, what changed
+        if r.get("run_id") in family:
+            r["parent_run"] = family[r["run_id"]]["parent"]
+            r["changed"] = "+".join(family[r["run_id"]]["changed"])
     ok = [r for r in rows if r["status"] == "ok"]
     # A killed attempt is not a trial of its own: its trial is counted once, by its last word.
     trials = {r["trial_id"]: r for r in rows if r["status"] != "killed"}

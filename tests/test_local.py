@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from sweep.search.local import (PARENT_ATTR, LocalOptions, LocalSearchSampler, broken_values,
-                                feasible_front)
+                                feasible_front, lineage)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 # TPE's `group` is experimental in Optuna; the sweep uses it on purpose.
@@ -99,19 +99,20 @@ def test_the_share_leaves_the_rest_to_the_base_sampler():
     assert 8 <= local <= 30  # of 38 sampled, about half
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_local_search_finds_the_single_changes_that_pay_where_tpe_does_not(seed):
-    """On a space where one change in ~60 from the starts pays and most break the model,
-    mutating the front reaches what TPE's near-random draws miss (issue #19's failure)."""
+def test_local_search_finds_the_single_changes_that_pay_where_tpe_does_not():
+    """On a space where a few changes in ~90 from the starts pay and most break the model,
+    mutating the front reaches what TPE's near-random draws miss (issue #19's failure), in
+    most seeds (per seed it is luck: about 1 mutation in 25 pays)."""
     def tpe(s):
         return optuna.samplers.TPESampler(seed=s, multivariate=True, group=True,
                                           n_startup_trials=5)
-    start_best = 2.0  # the feasible start's speed (the window start is broken at margin 4)
-    local = _best_speed(_run(LocalSearchSampler(tpe(seed), seed=seed), n=30))
-    assert local > start_best
-    # and TPE alone: measured here as the contrast the test is about, not asserted per seed
-    tpe_rows = _run(tpe(seed), n=30)
-    assert sum(v is None for _, v, *_ in tpe_rows[2:]) > 20  # most of its draws break
+    start_best, seeds = 2.0, range(8)  # the feasible start's speed (window start: broken)
+    local = [_best_speed(_run(LocalSearchSampler(tpe(s), seed=s), n=30)) for s in seeds]
+    alone = [_run(tpe(s), n=30) for s in seeds]
+    assert sum(x > start_best for x in local) >= 5
+    assert sum(_best_speed(rows) > start_best for rows in alone) < sum(
+        x > start_best for x in local)
+    assert all(sum(v is None for _, v, *_ in rows[2:]) > 20 for rows in alone)  # TPE: broken
 
 
 def test_the_sampler_pickles_mid_study_and_goes_on():
@@ -191,3 +192,20 @@ def test_values_that_broke_a_mutation_are_counted_until_one_works():
     add({"x": "a", "y": "c"}, ["y"], S.COMPLETE)  # y=c worked once: no longer counted
     assert broken_values(study.get_trials(deepcopy=False)) == {("x", "'b'"): 1.5,
                                                               ("x", "'c'"): 1.0}
+
+
+def test_lineage_names_each_mutations_parent_by_run_id():
+    s = LocalSearchSampler(optuna.samplers.RandomSampler(seed=0), seed=0,
+                           options=LocalOptions(share=1.0))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=s)
+    study.enqueue_trial({**{f"x{i}": "a" for i in range(N_DIMS)}, "rate": 0.0, "window": "full"})
+    for i in range(4):
+        t = study.ask()
+        _ask(t)
+        t.set_user_attr("run_id", f"run{i}")
+        t.set_constraint("max_dwer", -1.0)
+        study.tell(t, [0.3 - 0.01 * i, 1.0 - 0.1 * i])
+    family = lineage(study.get_trials(deepcopy=False))
+    assert set(family) == {"run1", "run2", "run3"}  # run0 was the enqueued start
+    assert all(f["parent"] in {"run0", "run1", "run2"} and len(f["changed"]) == 1
+               for f in family.values())

@@ -150,6 +150,19 @@ def test_a_screened_sweep_searches_inside_the_bounds(tmp_path, tiny_checkpoint, 
               and r.data.tags.get("hyper.kind") == "trial"]
     assert len(second) == 4 and all(r.data.params["quant.scheme"] != "bf16" for r in second)
     assert "dropped bf16" in (root / "sweeps" / "s2" / "results" / "report.html").read_text()
+    # the local sampler's mutations say whose they are, in trials.csv and the summary
+    import csv
+
+    results = root / "sweeps" / "s2" / "results"
+    with open(results / "trials.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ids = {r["run_id"] for r in rows}
+    mutated = [r for r in rows if r.get("parent_run")]
+    assert all(r["parent_run"] in ids and r["changed"] and r["origin"] == "sampled"
+               for r in mutated)
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["sampled_by_mutation"] == len(mutated) <= summary["sampled"]
+    assert 0 <= summary["front_from_mutation"] <= summary["front_from_sampling"]
 
 
 def test_screen_from_is_refused_when_it_is_no_screening_of_the_space(tmp_path):

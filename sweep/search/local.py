@@ -201,6 +201,19 @@ class LocalSearchSampler(BaseSampler):
         self.base.after_trial(study, trial, state, values)
 
 
+def lineage(trials: list[FrozenTrial], key: str = "run_id") -> dict[Any, dict]:
+    """Each mutation's parent and what changed, keyed by the user attribute `key` of the
+    trials (the sweep's MLflow run id): {child: {"parent": parent's key, "changed": [...]}}."""
+    by_number = {t.number: t.user_attrs.get(key) for t in trials}
+    out = {}
+    for t in trials:
+        info = t.system_attrs.get(PARENT_ATTR)
+        if info and t.user_attrs.get(key) is not None:
+            out[t.user_attrs[key]] = {"parent": by_number.get(info["parent"]),
+                                      "changed": list(info["changed"])}
+    return out
+
+
 def broken_values(trials: list[FrozenTrial]) -> dict[tuple[str, str], float]:
     """(parameter, repr(value)) -> how often a mutation to it broke the model: stopped early,
     failed or infeasible, shared among the values changed together; 0 once one worked."""
