@@ -320,10 +320,10 @@ def variants() -> list[Variant]:
            # mutations of the front's members (GSEMO), TPE as above for the rest
            *(Variant(f"local share {x:g}", "local", {"local": LocalOptions(share=x)})
              for x in (0.5, 0.75, 1.0)),
-           *(Variant(f"local share 0.75, more {m:g}", "local",
-                     {"local": LocalOptions(share=0.75, more=m)}) for m in (0.2, 0.4)),
-           Variant("local share 0.75, no penalty", "local",
-                   {"local": LocalOptions(share=0.75, penalty=0.0)})]
+           *(Variant(f"local share 1, more {m:g}", "local",
+                     {"local": LocalOptions(share=1.0, more=m)}) for m in (0.2, 0.4)),
+           Variant("local share 1, no penalty", "local",
+                   {"local": LocalOptions(share=1.0, penalty=0.0)})]
     # The sweep's defaults now, where no variant above is them (stopped trials are told as
     # PRUNED without constraint values: telling theirs gained nothing here).
     for name in ("local", "tpe", "nsga2"):

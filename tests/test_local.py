@@ -173,7 +173,7 @@ def test_on_the_full_space_mutations_of_the_starts_are_valid_new_recipes():
     assert len(set(keys)) == len(keys)
     info = [study._storage.get_trial_system_attrs(t._trial_id).get(PARENT_ATTR)
             for t in study.get_trials(deepcopy=False)[len(starts):]]
-    assert sum(i is not None for i in info) >= 12  # most of them mutations (share 0.75)
+    assert sum(i is not None for i in info) >= 20  # mutations, but where no new one was found
 
 
 def test_values_that_broke_a_mutation_are_counted_until_one_works():
