@@ -323,7 +323,9 @@ def variants() -> list[Variant]:
            *(Variant(f"local share 1, more {m:g}", "local",
                      {"local": LocalOptions(share=1.0, more=m)}) for m in (0.2, 0.4)),
            Variant("local share 1, no penalty", "local",
-                   {"local": LocalOptions(share=1.0, penalty=0.0)})]
+                   {"local": LocalOptions(share=1.0, penalty=0.0)}),
+           *(Variant(f"local share 1, parent penalty {x:g}", "local",
+                     {"local": LocalOptions(share=1.0, parent_penalty=x)}) for x in (1.0, 4.0))]
     # The sweep's defaults now, where no variant above is them (stopped trials are told as
     # PRUNED without constraint values: telling theirs gained nothing here).
     for name in ("local", "tpe", "nsga2"):

@@ -53,6 +53,10 @@ class LocalOptions:
     # changed together) is drawn 1 / (1 + penalty x breaks) as often, until it works once:
     # every mutation is a screening point, so a broken choice is not paid for twice
     penalty: float = 4.0
+    # a front member whose mutations broke the model is drawn as a parent 1 / (1 + this x
+    # broken children) as often: a recipe on a knife edge (the clip's window with a 2 s
+    # margin, where a neutral change makes one clip loop) is a poor place to search from
+    parent_penalty: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.share <= 1.0:
@@ -66,6 +70,9 @@ class LocalOptions:
             raise ValueError(f"`local.tries` must be >= 1, got tries={self.tries}")
         if self.penalty < 0:
             raise ValueError(f"`local.penalty` must be >= 0, got penalty={self.penalty}")
+        if self.parent_penalty < 0:
+            raise ValueError(f"`local.parent_penalty` must be >= 0, got "
+                             f"parent_penalty={self.parent_penalty}")
 
 
 def feasible_front(trials: list[FrozenTrial], directions) -> list[FrozenTrial]:
@@ -116,8 +123,11 @@ class LocalSearchSampler(BaseSampler):
         seen = {self._key(t.params) for t in trials if t.params}
         self._breaks = broken_values(trials)
         known = {n: d for t in trials for n, d in t.distributions.items()}
+        broke = broken_children(trials)
+        w = np.array([1.0 / (1.0 + self.options.parent_penalty * broke.get(t.number, 0))
+                      for t in front])
         for _ in range(self.options.tries):
-            parent = front[self._rng.integers(len(front))]
+            parent = front[self._rng.choice(len(front), p=w / w.sum())]
             changed = self._mutate(parent)
             if changed is None:
                 continue
@@ -216,6 +226,21 @@ def lineage(trials: list[FrozenTrial], key: str = "run_id") -> dict[Any, dict]:
     return out
 
 
+def _broke(t: FrozenTrial) -> bool:
+    """Finished and not a feasible completion: stopped, failed or over a constraint."""
+    return not (t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values()))
+
+
+def broken_children(trials: list[FrozenTrial]) -> dict[int, int]:
+    """Parent trial number -> how many of its mutations broke the model."""
+    out: dict[int, int] = {}
+    for t in trials:
+        info = t.system_attrs.get(PARENT_ATTR)
+        if info and t.state.is_finished() and _broke(t):
+            out[info["parent"]] = out.get(info["parent"], 0) + 1
+    return out
+
+
 def broken_values(trials: list[FrozenTrial]) -> dict[tuple[str, str], float]:
     """(parameter, repr(value)) -> how often a mutation to it broke the model: stopped early,
     failed or infeasible, shared among the values changed together; 0 once one worked."""
@@ -226,7 +251,7 @@ def broken_values(trials: list[FrozenTrial]) -> dict[tuple[str, str], float]:
         if not info or not t.state.is_finished():
             continue
         changed = [(n, repr(t.params[n])) for n in info["changed"] if n in t.params]
-        ok = t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values())
+        ok = not _broke(t)
         for k in changed:
             if ok:
                 worked.add(k)
