@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import optuna
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 from optuna.samplers import BaseSampler
+from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
 from optuna.trial import FrozenTrial, TrialState
 
 PARENT_ATTR = "local:parent"  # trial system attribute: the parent's number and what changed
@@ -78,17 +78,9 @@ class LocalOptions:
 
 
 def feasible_front(trials: list[FrozenTrial], directions) -> list[FrozenTrial]:
-    """The non-dominated trials among the finished, feasible ones (constraints <= 0)."""
-    sign = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
-    ok = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
-          and all(v <= 0 for v in t.constraints.values())
-          and all(math.isfinite(v) for v in t.values)]
-    vals = [[s * v for s, v in zip(sign, t.values)] for t in ok]
-
-    def dominated(i: int) -> bool:
-        return any(all(a <= b for a, b in zip(vals[j], vals[i])) and vals[j] != vals[i]
-                   for j in range(len(ok)))
-    return [t for i, t in enumerate(ok) if not dominated(i)]
+    """The non-dominated trials among the finished, feasible ones (constraints <= 0): Optuna's
+    own Pareto front (what `study.best_trials` returns), on a list already fetched."""
+    return _get_pareto_front_trials_by_trials(trials, directions, consider_constraint=True)
 
 
 class LocalSearchSampler(BaseSampler):
