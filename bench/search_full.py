@@ -11,7 +11,9 @@ and trials.csv and reports per seed:
 Pass when, as the issue asks: in every seed at least one sampled trial is on the final feasible
 front; the median over seeds of the hypervolume ratio is >= 1.1; at most 30% of all sampled
 trials are infeasible. Hours on a quiet machine: run by hand. Results: bench/results/
-search-full.json and .md, with the machine and its ISA."""
+search-full.json and .md, with the machine and its ISA of every seed (`--keep` adds seeds
+measured by an earlier run, with that run's commit and machine, so a session that ends between
+seeds loses none)."""
 
 from __future__ import annotations
 
@@ -134,6 +136,20 @@ def analyse(sweeps: Sequence[Mapping], criteria: Criteria = Criteria()) -> dict:
     return {"seeds": seeds, **verdict(seeds, criteria)}
 
 
+def kept_seeds(path: Path, below: int) -> list[dict]:
+    """The per-seed figures of an earlier search-full.json for its seeds below `below`, each
+    with the commit, machine and date of the run that measured it (the file's own, unless the
+    seed carries them)."""
+    try:
+        old = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        old = None
+    if not isinstance(old, dict) or not isinstance(old.get("seeds"), list):
+        raise ValueError(f"`--keep` must be a search-full.json with `seeds`, got {str(path)!r}")
+    return [{**{k: old.get(k) for k in ("commit", "machine", "date")}, **s}
+            for s in old["seeds"] if s.get("seed", below) < below]
+
+
 def write(result: dict, meta: dict, out: Path) -> dict[str, Path]:
     """search-full.json and search-full.md."""
     out = Path(out)
@@ -145,7 +161,9 @@ def write(result: dict, meta: dict, out: Path) -> dict[str, Path]:
              s["front_from_baseline"], f"{s['hv']:.4g}", f"{s['hv_starts']:.4g}",
              "—" if s["hv_ratio"] is None else "inf" if math.isinf(s["hv_ratio"])
              else f"{s['hv_ratio']:.2f}x", "—" if s["wall_s"] is None else f"{s['wall_s']:.0f}",
-             "yes" if s["agrees_with_summary"] else "NO") for s in result["seeds"]]
+             "yes" if s["agrees_with_summary"] else "NO",
+             f"{common.describe_isa(s['machine'])} at {str(s['commit'])[:7]}")
+            for s in result["seeds"]]
     c, ck = result["criteria"], result["checks"]
     mark = {True: "pass", False: "FAIL"}
     med, share = result["median_hv_ratio"], result["sampled_infeasible_share"]
@@ -162,7 +180,8 @@ def write(result: dict, meta: dict, out: Path) -> dict[str, Path]:
              " infeasible: sampled trials failed, stopped early or over a constraint", "",
              common.md_table(("seed", "trials", "sampled", "infeasible", "front",
                               "from sampling", "from starts", "from baseline", "HV",
-                              "HV starts", "HV ratio", "wall s", "= summary.json"), body), "",
+                              "HV starts", "HV ratio", "wall s", "= summary.json",
+                              "machine, commit"), body), "",
              f"- {mark[ck['sampled_on_front_every_seed']]}: a sampled trial on the final "
              f"feasible front in every seed ({result['seeds_with_sampled_on_front']}/"
              f"{len(result['seeds'])} seeds)",
@@ -231,6 +250,9 @@ def main(argv=None) -> int:
                     help="one --root per seed under it (seed-0, ...); finished seeds are "
                          "read again, unfinished ones resumed")
     ap.add_argument("--out", default=str(OUT), help="folder for search-full.json and .md")
+    ap.add_argument("--keep", type=Path, default=None, metavar="JSON",
+                    help="an earlier search-full.json: its seeds among 0..N-1 are kept as "
+                         "measured (with their commit and machine), not run again")
     ap.add_argument("launch_args", nargs="*", metavar="-- LAUNCH_ARG",
                     help="more arguments for sweep.launch, after --")
     args = ap.parse_args(argv)
@@ -239,22 +261,38 @@ def main(argv=None) -> int:
         print(f"error: `--seeds` must be >= 1 and `--num-samples` >= 0, got {args.seeds=} "
               f"{args.num_samples=}", file=sys.stderr)
         return 2
+    stamp = common.stamp()
+    try:  # before any sweep runs
+        kept = kept_seeds(args.keep, args.seeds) if args.keep else []
+        first = Path(args.root) / "seed-0"
+        if args.screen == "once" and any(k["seed"] == 0 for k in kept) and not first.exists():
+            raise ValueError(f"`--screen once` reads seed 0's screening, but seed 0 is kept "
+                             f"from {args.keep} and {first} is absent; use --screen off or each")
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     sweeps, failed = [], []
     for seed in range(args.seeds):
+        if seed in {k["seed"] for k in kept}:
+            log(f"seed {seed}: kept from {args.keep}")
+            continue
         results = run_seed(args, seed, log)
         if results is None:
             failed.append(seed)
             continue
         sweeps.append({**read_sweep(results), "seed": seed})
-    if not sweeps:
+    if not sweeps and not kept:
         print(f"error: no sweep finished (seeds {failed}); see the sweeps' output above",
               file=sys.stderr)
         return 1
-    result = analyse(sweeps)
-    meta = {**common.stamp(), "space": args.space, "num_samples": args.num_samples,
+    new = analyse(sweeps)["seeds"]
+    seeds = sorted([*kept, *({**{k: stamp[k] for k in ("commit", "machine", "date")}, **e}
+                             for e in new)], key=lambda e: e["seed"])
+    result = {"seeds": seeds, **verdict(seeds)}
+    meta = {**stamp, "space": args.space, "num_samples": args.num_samples,
             "dataset": args.dataset, "language": args.language or None, "model": args.model,
             "sampler": args.sampler, "screen": args.screen, "max_samples": args.max_samples,
-            "root": args.root,
+            "root": args.root, "kept_from": str(args.keep) if args.keep else None,
             "failed_seeds": failed, "language_note": f" `--language {args.language}`"
             if args.language else "", "command": "python -m bench.search_full " + " ".join(
                 argv if argv is not None else sys.argv[1:])}

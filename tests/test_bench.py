@@ -329,6 +329,25 @@ def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manife
     first = (tmp_path / "root" / "seed-0" / "mlflow.db").stat().st_mtime
     assert search_full.main(argv) == 0  # read again, not run again
     assert (tmp_path / "root" / "seed-0" / "mlflow.db").stat().st_mtime == first
+    # --keep: seed 0 as an earlier run measured it, on another machine and commit (a file from
+    # before seeds carried their own: the file's commit and machine are the seed's)
+    old = {**res, "commit": "0" * 40, "machine": {**res["machine"], "cpu": "Elsewhere CPU"},
+           "seeds": [{k: v for k, v in s.items() if k not in ("commit", "machine", "date")}
+                     | {"sampled": 10, "sampled_infeasible": 9}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    keep = [*argv[:argv.index("--")], "--keep", str(tmp_path / "old.json"), "--screen", "off",
+            *argv[argv.index("--"):]]
+    assert search_full.main(keep) == 0
+    got = json.loads((tmp_path / "out" / "search-full.json").read_text())
+    k0, k1 = got["seeds"]
+    assert k0["commit"] == "0" * 40 and k0["machine"]["cpu"] == "Elsewhere CPU"
+    assert k1["commit"] == res["commit"] and k1["sampled"] == s1["sampled"]
+    assert got["sampled_infeasible_share"] == pytest.approx(
+        (9 + s1["sampled_infeasible"]) / (10 + s1["sampled"]))
+    assert "Elsewhere CPU" in (tmp_path / "out" / "search-full.md").read_text()
+    bad = [*keep[:keep.index("--keep") + 1], str(tmp_path / "space.yaml"),
+           *keep[keep.index("--keep") + 2:]]
+    assert search_full.main(bad) == 2  # not a search-full.json: refused before any sweep
 
 
 def test_decode_markdown_splits_a_clips_time_for_greedy_rows():
