@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from sweep.search.local import (PARENT_ATTR, LocalOptions, LocalSearchSampler, broken_children,
-                                broken_values, feasible_front, lineage)
+                                broken_values, feasible_front, lineage, parent_weights)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 # TPE's `group` is experimental in Optuna; the sweep uses it on purpose.
@@ -141,7 +141,9 @@ def test_feasible_front_keeps_only_finished_feasible_non_dominated_trials():
                                       ({"tries": 0}, "`local.tries` must be >= 1"),
                                       ({"penalty": -1}, "`local.penalty` must be >= 0"),
                                       ({"parent_penalty": -1},
-                                       "`local.parent_penalty` must be >= 0")])
+                                       "`local.parent_penalty` must be >= 0"),
+                                      ({"slack_scale": -0.1},
+                                       "`local.slack_scale` must be >= 0")])
 def test_bad_options_are_refused_by_name(kw, rule):
     with pytest.raises(ValueError, match=rule.replace("[", r"\[").replace("(", r"\(")
                        .replace(")", r"\)")):
@@ -242,3 +244,21 @@ def test_a_parent_whose_mutations_broke_the_model_is_drawn_less(parent_penalty):
         # left running: the front and the breaks stay as set (a failed one would count)
     from_b = parents.count(1)
     assert (from_b >= 4) if parent_penalty == 0 else (from_b <= 2)
+
+
+def test_a_parent_on_the_constraints_edge_weighs_half_one_well_inside():
+    """Parent weights: Phi(slack / slack_scale) over 1 + parent_penalty x broken children.
+    Issue #19's seed 1: the window start at dWER +9.5% under a +10% budget (slack 0.005)."""
+    def member(number, constraints):
+        return optuna.trial.create_trial(
+            params={}, distributions={}, values=[0.3, 1.0],
+            system_attrs={"constraints": constraints} if constraints is not None else {})
+    front = [member(0, [-0.005]), member(1, [-0.2, -0.5]), member(2, None)]
+    for i, t in enumerate(front):
+        t.number = i
+    w = parent_weights(front, {}, LocalOptions(slack_scale=0.06))
+    assert w[0] == pytest.approx(0.533, abs=0.01) and w[1] == pytest.approx(1.0, abs=1e-3)
+    assert w[2] == 1.0  # no constraints: nothing to go by
+    assert list(parent_weights(front, {}, LocalOptions(slack_scale=0.0))) == [1.0, 1.0, 1.0]
+    w = parent_weights(front, {1: 2}, LocalOptions(slack_scale=0.0, parent_penalty=4.0))
+    assert list(w) == [1.0, pytest.approx(1 / 9), 1.0]

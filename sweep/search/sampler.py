@@ -136,6 +136,8 @@ class HyperSearch(OptunaSearch):
             mark_finished(ot_trial, self._space_obj, result)
             return super().on_trial_complete(trial_id, result, error)
         ot_trial.set_user_attr("error", str((result or {}).get("error", "error"))[:2000])
+        if (result or {}).get("run_id"):  # so that trials.csv names a stopped mutation's parent
+            ot_trial.set_user_attr("run_id", result["run_id"])
         # A pruned (too slow) trial tells TPE where not to look; a failed one is ignored.
         state = (optuna.trial.TrialState.PRUNED if (result or {}).get("status") == "pruned"
                  else optuna.trial.TrialState.FAIL)
