@@ -114,7 +114,31 @@ def read_sweep(results: Path) -> dict:
                      else _value(v)) for k, v in r.items()} for r in csv.DictReader(fh)]
     return {"summary": summary, "baseline": front["baseline"],
             "objectives": [tuple(o) for o in front["objectives"]],
-            "constraints": front["constraints"], "rows": rows}
+            "constraints": front["constraints"], "rows": rows,
+            "commit": sweep_commit(results), "machine": sweep_machine(rows)}
+
+
+def sweep_commit(results: Path) -> str | None:
+    """The commit a sweep ran at: its parent run's `git_commit` tag in the MLflow sqlite of its
+    --root (results is ROOT/sweeps/NAME/results); None when absent or not one."""
+    db = Path(results).parents[2] / "mlflow.db"
+    if not db.is_file():
+        return None
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        got = {v for (v,) in con.execute("SELECT value FROM tags WHERE key = 'git_commit'")}
+    return got.pop() if len(got) == 1 else None
+
+
+def sweep_machine(rows: Sequence[Mapping]) -> dict | None:
+    """The CPU and ISA its trials ran on (trials.csv's `cpu`, `isa`, `isa_cap`)."""
+    for r in rows:
+        if r.get("cpu"):
+            isa = r.get("isa")
+            return {"cpu": r["cpu"], "isa": json.loads(isa) if isinstance(isa, str) else isa,
+                    "isa_cap": r.get("isa_cap") or None}
+    return None
 
 
 def analyse(sweeps: Sequence[Mapping], criteria: Criteria = Criteria()) -> dict:
@@ -124,6 +148,7 @@ def analyse(sweeps: Sequence[Mapping], criteria: Criteria = Criteria()) -> dict:
     for s in sweeps:
         e = earned(s["rows"], s["baseline"], s["objectives"], s["constraints"])
         summ = s["summary"]
+        e.update({k: s[k] for k in ("commit", "machine") if s.get(k)})
         e.update(seed=s.get("seed"), sweep=summ.get("sweep"), trials=summ.get("trials"),
                  wall_s=summ.get("wall_s"), summary_hypervolume=summ.get("hypervolume"),
                  # the launcher's own counts (summary.json), which these must equal

@@ -325,6 +325,8 @@ def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manife
     assert s["front_from_baseline"] + s["front_from_starts"] + s["front_from_sampling"] == s[
         "front"]
     assert res["machine"]["isa"] is not None and "checks" in res
+    # each seed names the commit it ran at (its parent run's tag) and the CPU of its trials
+    assert s["commit"] and s["machine"]["cpu"] == res["machine"]["cpu"]
     assert "= summary.json" in (tmp_path / "out" / "search-full.md").read_text()
     first = (tmp_path / "root" / "seed-0" / "mlflow.db").stat().st_mtime
     assert search_full.main(argv) == 0  # read again, not run again
@@ -341,7 +343,7 @@ def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manife
     got = json.loads((tmp_path / "out" / "search-full.json").read_text())
     k0, k1 = got["seeds"]
     assert k0["commit"] == "0" * 40 and k0["machine"]["cpu"] == "Elsewhere CPU"
-    assert k1["commit"] == res["commit"] and k1["sampled"] == s1["sampled"]
+    assert k1["commit"] == s1["commit"] and k1["sampled"] == s1["sampled"]
     assert got["sampled_infeasible_share"] == pytest.approx(
         (9 + s1["sampled_infeasible"]) / (10 + s1["sampled"]))
     assert "Elsewhere CPU" in (tmp_path / "out" / "search-full.md").read_text()
