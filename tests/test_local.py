@@ -249,11 +249,12 @@ def test_a_parent_whose_mutations_broke_the_model_is_drawn_less(parent_penalty):
 def test_a_parent_on_the_constraints_edge_weighs_half_one_well_inside():
     """Parent weights: Phi(slack / slack_scale) over 1 + parent_penalty x broken children.
     Issue #19's seed 1: the window start at dWER +9.5% under a +10% budget (slack 0.005)."""
-    def member(number, constraints):
-        return optuna.trial.create_trial(
-            params={}, distributions={}, values=[0.3, 1.0],
-            system_attrs={"constraints": constraints} if constraints is not None else {})
-    front = [member(0, [-0.005]), member(1, [-0.2, -0.5]), member(2, None)]
+    def member(system_attrs):
+        return optuna.trial.create_trial(params={}, distributions={}, values=[0.3, 1.0],
+                                         system_attrs=system_attrs)
+    # the sweep's own format (`trial.set_constraint`: one key per constraint), Optuna's older list
+    front = [member({"constraints:max_dwer": -0.005}), member({"constraints": [-0.2, -0.5]}),
+             member({})]
     for i, t in enumerate(front):
         t.number = i
     w = parent_weights(front, {}, LocalOptions(slack_scale=0.06))
@@ -262,3 +263,15 @@ def test_a_parent_on_the_constraints_edge_weighs_half_one_well_inside():
     assert list(parent_weights(front, {}, LocalOptions(slack_scale=0.0))) == [1.0, 1.0, 1.0]
     w = parent_weights(front, {1: 2}, LocalOptions(slack_scale=0.0, parent_penalty=4.0))
     assert list(w) == [1.0, pytest.approx(1 / 9), 1.0]
+
+
+def test_slack_reads_the_constraints_the_sweep_sets():
+    """The sweep tells constraints with `trial.set_constraint` (sweep.search.sampler), which
+    Optuna 5 stores one key per constraint, not as the older list."""
+    from sweep.search.local import slack
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    t = study.ask()
+    t.set_constraint("max_dwer", -0.005)
+    study.tell(t, [1.0, 1.0])
+    assert slack(study.trials[0]) == pytest.approx(0.005)

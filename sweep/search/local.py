@@ -24,7 +24,6 @@ import numpy as np
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 from optuna.samplers import BaseSampler
-from optuna.samplers._base import _CONSTRAINTS_KEY
 from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
 from optuna.trial import FrozenTrial, TrialState
 
@@ -236,10 +235,10 @@ def _broke(t: FrozenTrial) -> bool:
 
 
 def slack(trial: FrozenTrial) -> float | None:
-    """How far inside its tightest constraint a trial is (-max of the constraint values Optuna
-    stores, `trial.set_constraint`); None without constraints."""
-    values = trial.system_attrs.get(_CONSTRAINTS_KEY)
-    return -max(values) if values else None
+    """How far inside its tightest constraint a trial is (-max of its constraint values, as
+    `trial.set_constraint` stores them or the older list); None without constraints."""
+    values = trial.constraints
+    return -max(values.values()) if values else None
 
 
 def parent_weights(front: list[FrozenTrial], broke: Mapping[int, int],
