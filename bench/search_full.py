@@ -167,7 +167,7 @@ def kept_seeds(path: Path, below: int) -> list[dict]:
     seed carries them)."""
     try:
         old = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (OSError, json.JSONDecodeError):
         old = None
     if not isinstance(old, dict) or not isinstance(old.get("seeds"), list):
         raise ValueError(f"`--keep` must be a search-full.json with `seeds`, got {str(path)!r}")
@@ -222,11 +222,15 @@ def write(result: dict, meta: dict, out: Path) -> dict[str, Path]:
     return paths
 
 
+def seed_dir(args, seed: int) -> tuple[Path, str]:
+    """A seed's --root and sweep --name."""
+    return Path(args.root).resolve() / f"seed-{seed}", f"{Path(args.space).stem}-seed{seed}"
+
+
 def run_seed(args, seed: int, log) -> Path | None:
     """One sweep in its own process, --root and --name; its results folder, or None when it
     failed. A finished seed is read again, an unfinished one resumed."""
-    root = Path(args.root).resolve() / f"seed-{seed}"
-    name = f"{Path(args.space).stem}-seed{seed}"
+    root, name = seed_dir(args, seed)
     results = root / "sweeps" / name / "results"
     if (results / "summary.json").is_file():
         log(f"seed {seed}: finished before, reading {results}")
@@ -234,7 +238,8 @@ def run_seed(args, seed: int, log) -> Path | None:
     if (root / "sweeps" / name).exists():
         cmd = ["--resume", name, "--root", str(root)]
     else:
-        first = Path(args.root).resolve() / "seed-0" / "sweeps" / f"{Path(args.space).stem}-seed0"
+        root0, name0 = seed_dir(args, 0)
+        first = root0 / "sweeps" / name0
         screening = {"off": ["--screen", "off"], "each": ["--screen", "on"]}.get(
             args.screen, ["--screen", "on"] if seed == 0 else ["--screen-from", str(first)])
         cmd = [*screening, "--space", args.space, "--num-samples", str(args.num_samples),
@@ -289,8 +294,9 @@ def main(argv=None) -> int:
     stamp = common.stamp()
     try:  # before any sweep runs
         kept = kept_seeds(args.keep, args.seeds) if args.keep else []
-        first = Path(args.root) / "seed-0"
-        if args.screen == "once" and any(k["seed"] == 0 for k in kept) and not first.exists():
+        kept_ids = {k["seed"] for k in kept}
+        first = seed_dir(args, 0)[0]
+        if args.screen == "once" and 0 in kept_ids and not first.exists():
             raise ValueError(f"`--screen once` reads seed 0's screening, but seed 0 is kept "
                              f"from {args.keep} and {first} is absent; use --screen off or each")
     except (OSError, ValueError) as e:
@@ -298,7 +304,7 @@ def main(argv=None) -> int:
         return 2
     sweeps, failed = [], []
     for seed in range(args.seeds):
-        if seed in {k["seed"] for k in kept}:
+        if seed in kept_ids:
             log(f"seed {seed}: kept from {args.keep}")
             continue
         results = run_seed(args, seed, log)
