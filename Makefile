@@ -21,9 +21,12 @@ sweep: venv
 
 # The test suite, as CI runs it: everything but the real-model tests marked `slow`, which
 # together with the rest outgrew CI's 30 minutes on 2 cores (run them with `make test-slow`).
+# Two workers, a test file each (its module fixtures built once): most of the suite's time is
+# sweeps waiting on Ray, process starts and timeouts, which overlap. The slowest tests are
+# listed at the end, for the next time the suite nears CI's limit.
 test: venv
 	$(PY) -m ruff check sweep tests bench scripts
-	$(PY) -m pytest -q -rs -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow" -n 2 --dist loadfile --durations=25
 
 # The real embedded whisper-base tests (minutes each on 2 cores), run by hand like bench/.
 test-slow: venv

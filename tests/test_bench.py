@@ -300,9 +300,10 @@ def test_search_full_reads_a_sweeps_files(tmp_path):
 
 
 def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manifest, tmp_path):
-    """Smoke: the script end to end, two seeds of 2 samples on a small space (each a sweep in
-    its own process; the first screens, the second reads its screening), then once more
-    reading the finished seeds instead of running them again."""
+    """Smoke: the script end to end, one seed of 2 samples on a small space (a sweep in its own
+    process, screening first), then once more reading the finished seed instead of running it
+    again, then with a second seed kept from an earlier file (one sweep in all: the suite's
+    time; `--screen-from`, which later seeds get, is test_screen's)."""
     from bench import search_full
 
     space = tmp_path / "space.yaml"
@@ -311,17 +312,15 @@ def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manife
                      "constraints: {max_dwer: 0.1}\nstarts:\n  - {quant.scheme: dynamic_int8}\n")
     argv = ["--space", str(space), "--model", tiny_checkpoint, "--dataset",
             f"{small_manifest}+embedded", "--max-samples", "2", "--num-samples", "2",
-            "--seeds", "2", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out"),
+            "--seeds", "1", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out"),
             "--", "--no-probes", "--warmup", "0", "--max-slowdown", "0", "--screen-clips", "2"]
     assert search_full.main(argv) == 0
     res = json.loads((tmp_path / "out" / "search-full.json").read_text())
-    s, s1 = res["seeds"]
+    [s] = res["seeds"]
     assert s["trials"] == 3 and s["sampled"] <= 1 and s["agrees_with_summary"]
-    screens = [json.loads((tmp_path / "root" / f"seed-{i}" / "sweeps" / f"space-seed{i}" /
-                           "screen" / "screen.json").read_text()) for i in (0, 1)]
-    assert "from" not in screens[0] and screens[1]["from"].endswith(
-        "seed-0/sweeps/space-seed0/screen/screen.json")
-    assert screens[1]["rows"] == screens[0]["rows"] and s1["agrees_with_summary"]
+    screen = json.loads((tmp_path / "root" / "seed-0" / "sweeps" / "space-seed0" / "screen" /
+                         "screen.json").read_text())
+    assert "from" not in screen and screen["rows"]  # seed 0 screened itself
     assert s["front_from_baseline"] + s["front_from_starts"] + s["front_from_sampling"] == s[
         "front"]
     assert res["machine"]["isa"] is not None and "checks" in res
@@ -331,21 +330,23 @@ def test_search_full_runs_sweeps_on_the_tiny_model(tiny_checkpoint, small_manife
     first = (tmp_path / "root" / "seed-0" / "mlflow.db").stat().st_mtime
     assert search_full.main(argv) == 0  # read again, not run again
     assert (tmp_path / "root" / "seed-0" / "mlflow.db").stat().st_mtime == first
-    # --keep: seed 0 as an earlier run measured it, on another machine and commit (a file from
+    # --keep: seed 1 as an earlier run measured it, on another machine and commit (a file from
     # before seeds carried their own: the file's commit and machine are the seed's)
     old = {**res, "commit": "0" * 40, "machine": {**res["machine"], "cpu": "Elsewhere CPU"},
            "seeds": [{k: v for k, v in s.items() if k not in ("commit", "machine", "date")}
-                     | {"sampled": 10, "sampled_infeasible": 9}]}
+                     | {"seed": 1, "sampled": 10, "sampled_infeasible": 9}]}
     (tmp_path / "old.json").write_text(json.dumps(old))
-    keep = [*argv[:argv.index("--")], "--keep", str(tmp_path / "old.json"), "--screen", "off",
-            *argv[argv.index("--"):]]
+    keep = [*argv[:argv.index("--seeds")], "--seeds", "2", "--keep", str(tmp_path / "old.json"),
+            "--screen", "off", *argv[argv.index("--seeds") + 2:]]
     assert search_full.main(keep) == 0
+    assert (tmp_path / "root" / "seed-0" / "mlflow.db").stat().st_mtime == first
+    assert not (tmp_path / "root" / "seed-1").exists()  # kept, not run
     got = json.loads((tmp_path / "out" / "search-full.json").read_text())
     k0, k1 = got["seeds"]
-    assert k0["commit"] == "0" * 40 and k0["machine"]["cpu"] == "Elsewhere CPU"
-    assert k1["commit"] == s1["commit"] and k1["sampled"] == s1["sampled"]
+    assert k1["commit"] == "0" * 40 and k1["machine"]["cpu"] == "Elsewhere CPU"
+    assert k0["commit"] == s["commit"] and k0["sampled"] == s["sampled"]
     assert got["sampled_infeasible_share"] == pytest.approx(
-        (9 + s1["sampled_infeasible"]) / (10 + s1["sampled"]))
+        (9 + s["sampled_infeasible"]) / (10 + s["sampled"]))
     assert "Elsewhere CPU" in (tmp_path / "out" / "search-full.md").read_text()
     bad = [*keep[:keep.index("--keep") + 1], str(tmp_path / "space.yaml"),
            *keep[keep.index("--keep") + 2:]]

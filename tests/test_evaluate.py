@@ -129,3 +129,42 @@ def test_compile_time_is_reported_for_every_compiling_recipe(tiny_checkpoint, sm
     assert r.compiles is compiles
     result, _ = evaluate.run_trial(lm.model, lm.processor, ev, r, threads=1)
     assert (result["compile_s"] > 0) is compiles
+
+
+def test_every_encoder_window_is_warmed_before_timing(tiny_checkpoint, small_manifest):
+    """The auto window gives clips of other lengths other encoder shapes: a compiled encoder
+    builds its graphs and the scripted step its traces in the warm-up, none while timing
+    (issue #19: compiling at the first clips made the frozen encoder look 6x slower)."""
+    import copy
+    import dataclasses
+
+    import numpy as np
+
+    from sweep.inputs.models import load_model
+    from sweep.measure import decode
+    from sweep.measure.compress import apply_recipe, recompile_count
+
+    lm = load_model(tiny_checkpoint)
+    ev = load_eval_set(small_manifest)
+    u = ev.utterances
+    # 1.4 s, 2.9 s, 4.4 s: windows of 2, 3 and 5 s with 1 s buckets
+    ev.utterances = [u[0], *(dataclasses.replace(x, audio=np.concatenate([x.audio] * k),
+                                                 duration_s=x.duration_s * k)
+                             for x, k in ((u[0], 2), (u[0], 3)))]
+    applied = apply_recipe(copy.deepcopy(lm.model), Recipe.parse(
+        "decode.loop=greedy,decode.compile=script,encoder.window=auto,encoder.bucket_s=1,"
+        "encoder.compile=default"))
+    windows = {applied.options.window.frames(x.duration_s, 3000) for x in ev}
+    assert len(windows) == 3
+    traces = decode.runtime(applied.model, applied.options).step.traces
+    at_warm = {}
+    m = evaluate.measure(applied.model, lm.processor, ev, language="ru", warmup=1,
+                         options=applied.options,
+                         on_warmed=lambda: at_warm.update(graphs=recompile_count(),
+                                                          traces=len(traces)))
+    assert m.figures["warm_windows"] == 2 and m.figures["warm_windows_s"] > 0
+    assert at_warm["traces"] == 2 * len(windows)  # the prompt step and the next, per window
+    assert len(traces) == at_warm["traces"] and recompile_count() == at_warm["graphs"]
+    # warmup=0 (the baseline, first looks): no pass at all before timing
+    bare = evaluate.measure(lm.model, lm.processor, ev, language="ru", warmup=0)
+    assert bare.figures["warm_windows"] == 0

@@ -14,7 +14,11 @@ def test_each_cap_runs_in_its_own_process_and_switches_onednn():
         assert r["onednn_kernel"]["int8_fbgemm"] == "not oneDNN"
     default, avx2 = (r["onednn_kernel"] for r in rows)
     assert "avx512" not in avx2["bf16"] and "avx512" not in avx2["int8_onednn"]
-    if "avx512_bf16" in machine.isa():  # uncapped, oneDNN's bf16 matmul uses it
+    # Uncapped, oneDNN's bf16 matmul takes the best bf16 ISA here: AMX tiles where usable
+    # (`avx10_1_512_amx` on a Xeon with AMX), else avx512_bf16 (`avx512_core_bf16`).
+    if machine.amx_usable(machine.cpu_flags(), machine.isa_cap()):
+        assert "amx" in default["bf16"]
+    elif "avx512_bf16" in machine.isa():
         assert "avx512_core_bf16" in default["bf16"]
     for r, cap in zip(rows, ("default", "AVX2")):
         r["machine"] = {"cpu": "x", "isa": [], "isa_cap": None if cap == "default" else cap}

@@ -141,6 +141,10 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
     first = evalset.utterances[0]
     warm = [transcribe(model, processor, first, language=langs[0], task=task, options=options)[3]
             for _ in range(max(0, warmup))]
+    t0 = time.perf_counter()
+    windows = warm_shapes(model, processor, evalset, langs, task=task,
+                          options=options) if warmup > 0 else 0
+    windows_s = time.perf_counter() - t0
     if on_warmed:
         on_warmed()
     rows, stopped = [], None
@@ -172,6 +176,7 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
         "loops": int(sum(r["loop"] for r in rows)),
         "model_size_mb": disk_mb, "param_mb": mem_mb, "sparsity": zero_share(model),
         "warmup_s": float(warm[0]) if warm else 0.0,
+        "warm_windows": windows, "warm_windows_s": windows_s,
         "n_utterances": len(rows), "dropped_empty_refs": sc.dropped_empty_refs,
         "clips_measured": len(rows),
         "numbers": sorted({scoring.number_mode(lang, numbers) for lang in langs}),
@@ -185,6 +190,40 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
     # Empty references are dropped from scoring; keep the error list aligned with scored rows.
     return Measurement(figures=figures, utterances=rows, errors=sc.per_utt, stopped=stopped,
                        probes=heard)
+
+
+WARM_TOKENS = 3  # tokens per shape warm-up: the prompt step and the next-token step both run
+WARM_PASSES = 2  # TorchScript optimises a trace at its second call (profiling executor)
+
+
+def warm_shapes(model, processor, evalset: EvalSet, langs: list[str], *, task: str,
+                options=None) -> int:
+    """Untimed passes, `WARM_TOKENS` tokens each, over one clip of every encoder window the set
+    will use beyond the first clip's; returns how many windows were warmed.
+
+    Why: the auto window (`encoder.window=auto`) gives clips of different lengths different
+    encoder shapes, and a compiled encoder (dynamo compiles again at the second shape, then
+    once for all) or a scripted decoding step (one trace per shape) pays that at the first clip
+    of each shape. Timing it charged a recipe its compilation: `encoder.compile=freeze` on the
+    window measured about 6x slower on its first clips and was stopped as hopeless (issue #19).
+    A server warms its buckets once at start-up; this warms the ones the set uses."""
+    from . import decode
+    from .window import full_frames
+
+    plan = options or decode.Plan.default()
+    full = full_frames(model)
+    seen = {plan.window.frames(evalset.utterances[0].duration_s, full)}
+    short = dataclasses.replace(plan, max_new_tokens=WARM_TOKENS)
+    warmed = 0
+    for utt, lang in zip(evalset, langs):
+        frames = plan.window.frames(utt.duration_s, full)
+        if frames in seen:
+            continue
+        seen.add(frames)
+        for _ in range(WARM_PASSES):
+            transcribe(model, processor, utt, language=lang, task=task, options=short)
+        warmed += 1
+    return warmed
 
 
 def hallucinations(model, processor, probes: list[Utterance], *, language: str,
