@@ -9,6 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The suite runs on two workers (`make test`: pytest-xdist), each with sweeps whose trials use
+# every core: OpenMP threads that spin at barriers then fight over two cores (a tiny-model
+# trial took 8 min instead of seconds, its threads spinning in libgomp). Passive waiting
+# sleeps instead. Read when torch loads OpenMP, so set before any test imports torch; Ray
+# workers and sweep processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 
