@@ -141,7 +141,7 @@ def test_every_encoder_window_is_warmed_before_timing(tiny_checkpoint, small_man
     import numpy as np
 
     from sweep.inputs.models import load_model
-    from sweep.measure import decode
+    from sweep.measure import decode, window
     from sweep.measure.compress import apply_recipe, recompile_count
 
     lm = load_model(tiny_checkpoint)
@@ -154,7 +154,8 @@ def test_every_encoder_window_is_warmed_before_timing(tiny_checkpoint, small_man
     applied = apply_recipe(copy.deepcopy(lm.model), Recipe.parse(
         "decode.loop=greedy,decode.compile=script,encoder.window=auto,encoder.bucket_s=1,"
         "encoder.compile=default"))
-    windows = {applied.options.window.frames(x.duration_s, 3000) for x in ev}
+    full = window.full_frames(applied.model)
+    windows = {applied.options.window.frames(x.duration_s, full) for x in ev}
     assert len(windows) == 3
     traces = decode.runtime(applied.model, applied.options).step.traces
     at_warm = {}
