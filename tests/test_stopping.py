@@ -158,6 +158,22 @@ def test_a_stopped_trial_keeps_its_partial_figures(tiny):
     assert 0.0 <= res["hallucination_rate"] <= 1.0 and len(res["probes"]) == 2
 
 
+def test_probes_decode_only_their_first_tokens(tiny):
+    """A probe answers "is any word heard?": decoding stops at `PROBE_TOKENS`, well before the
+    clip's own cap (28 tokens for 1 s), which the random tiny model reaches on every clip."""
+    from sweep.inputs.probes import probes
+    from sweep.measure import evaluate
+
+    lm, _, _ = tiny
+    heard = probes(seconds=1.0)[:3]
+    rate, texts = evaluate.hallucinations(lm.model, lm.processor, heard, language="en")
+    lengths = [len(lm.processor.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    assert rate == 1.0 and len(texts) == 3  # the random model "hears" words in all of them
+    assert max(lengths) <= evaluate.PROBE_TOKENS + 2, lengths  # re-tokenizing may split a few
+    full = evaluate.transcribe(lm.model, lm.processor, heard[0], language="en")[1]
+    assert len(full) > evaluate.PROBE_TOKENS + 2  # uncapped, the same probe runs on
+
+
 def test_on_the_tiny_model_clearly_over_is_stopped_and_just_inside_never(tiny):
     """Budgets around a recipe's own measured dWER: just inside it the trial runs every clip
     (and measures the same), far below it the trial stops at the first look."""

@@ -226,11 +226,20 @@ def warm_shapes(model, processor, evalset: EvalSet, langs: list[str], *, task: s
     return warmed
 
 
+# A probe asks one thing: is any word heard? The first tokens answer it; decoding a looping
+# hallucination to the clip's cap (64 tokens for 4 s) only costs wall time: 10 probes were most
+# of a tiny-model trial's 18 s in the test suite, and a real model that hallucinates loops too.
+PROBE_TOKENS = 16  # at most this many tokens per probe (its logged transcript is their text)
+
+
 def hallucinations(model, processor, probes: list[Utterance], *, language: str,
                    task: str = "transcribe", options=None) -> tuple[float, list[str]]:
-    """(share of the non-speech `probes` transcribed with any word, each transcript). Untimed:
-    probe time is not latency."""
-    heard = [transcribe(model, processor, p, language=language, task=task, options=options)[0]
+    """(share of the non-speech `probes` transcribed with any word in their first
+    `PROBE_TOKENS` tokens, those transcripts). Untimed: probe time is not latency."""
+    from . import decode
+
+    plan = dataclasses.replace(options or decode.Plan.default(), max_new_tokens=PROBE_TOKENS)
+    heard = [transcribe(model, processor, p, language=language, task=task, options=plan)[0]
              for p in probes]
     words = [bool(scoring.normalize(h, language, "none")) for h in heard]
     return sum(words) / len(probes), heard

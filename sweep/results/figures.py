@@ -76,7 +76,7 @@ FIGURES: tuple[Figure, ...] = (
                 "sets one: `max_dwer` is then judged on it)"),
     Figure("hallucination_rate", "min", to=(*_OBJ, "card"), label="hallucination",
            help="share of the non-speech probes (silence, noise, hum, tones) transcribed with "
-                "any word; untimed"),
+                "any word in its first tokens (`evaluate.PROBE_TOKENS`); untimed"),
     Figure("speedup", "max", unit="x", fmt=".2f", to=(*RECORDED, "report", "card"),
            relative=True, of="latency_median_s", label="speed-up", neutral=1.0,
            help="the baseline's median latency over the trial's"),
