@@ -620,6 +620,12 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     if not front:
         print(f"no finished trial meets the constraints {dict(space.constraints)}; "
               f"see {out / 'trials.csv'} for all {len(ok)} of them")
+    over = pareto.over_at_baseline(base_figs, constraints, base_figs)
+    if over:  # a budget the unchanged model misses: say so, not only "nothing feasible"
+        print("warning: the baseline itself is over " + ", ".join(
+            f"{k} {constraints[k]:g} (by {v:g})" for k, v in over.items())
+            + ": a trial is feasible only where it does better than the model it compresses",
+            file=sys.stderr)
     lost = (f"; {summary['interrupted']} interrupted by a kill ({summary['interrupted_rerun']} "
             f"re-run, {summary['interrupted_lost']} lost)" if summary["interrupted"] else "")
     if pruned:
