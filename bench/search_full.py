@@ -196,8 +196,9 @@ def write(result: dict, meta: dict, out: Path) -> dict[str, Path]:
              f"({meta['date']})", "",
              f"- {len(result['seeds'])} seeds x `--num-samples {meta['num_samples']}` on "
              f"`--dataset {meta['dataset']}`{meta['language_note']}, model {meta['model']}, "
-             f"sampler {meta['sampler']}, screening {meta.get('screen', 'each')} "
-             "(once: the first seed's, read by the others)",
+             f"sampler {meta['sampler']}, screening {meta.get('screen', 'each')}"
+             + (" (the first seed's, read by the others)" if meta.get("screen") == "once"
+                else ""),
              f"- machine: {meta['machine_line']}",
              f"- commit: {meta['commit']}; command: `{meta['command']}`",
              "- HV: the feasible front's hypervolume (WER, latency; against the baseline's "
