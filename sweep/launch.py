@@ -620,7 +620,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     if not front:
         print(f"no finished trial meets the constraints {dict(space.constraints)}; "
               f"see {out / 'trials.csv'} for all {len(ok)} of them")
-    over = pareto.over_at_baseline(base_figs, constraints, base_figs)
+    over = pareto.over_at_baseline(base_figs, constraints)
     if over:  # a budget the unchanged model misses: say so, not only "nothing feasible"
         print("warning: the baseline itself is over " + ", ".join(
             f"{k} {constraints[k]:g} (by {v:g})" for k, v in over.items())

@@ -182,8 +182,6 @@ def test_max_dwer_is_judged_on_the_upper_bound_when_the_row_has_it():
     assert pareto.constraint_values(r, {"max_hallucination": 0.2}) == [float("inf")]
 
 
-
-
 def test_constraints_the_baseline_itself_breaks_are_named():
     base = {**row(0, 0.5, 1.0), "dwer": 0.0, "speedup": 1.0, "hallucination_rate": 1.0}
     limits = {"max_dwer": 0.02, "min_speedup": 1.5, "max_hallucination": 0.2,
@@ -194,7 +192,9 @@ def test_constraints_the_baseline_itself_breaks_are_named():
     assert pareto.over_at_baseline(row(0, 0.5, 1.0), {"max_hallucination": 0.2}) == {}
     # as the launcher asks: the baseline's own figures (no dwer or speedup), as row and base
     figs = {"wer": 0.5, "cer": 0.25, "latency_median_s": 1.0, "hallucination_rate": 1.0}
-    assert pareto.over_at_baseline(figs, limits, figs) == pytest.approx(over)
+    assert pareto.over_at_baseline(figs, limits) == pytest.approx(over)
+
+
 def test_verdict_says_no_measurable_change_when_the_interval_holds_zero():
     assert report.verdict({"dwer_ci95_lo": -0.1, "dwer_ci95_hi": 0.05}) == "no measurable change"
     assert report.verdict({"dwer_ci95_lo": -0.3, "dwer_ci95_hi": -0.01}) == "better"
