@@ -20,10 +20,10 @@ from pathlib import Path
 from . import console
 from .inputs import cli
 from .results import figures, pareto, report, report_html, tracking
-from .search import local, worker
+from .search import local, lock, worker
 from .search.sampler import SAMPLERS, mark_finished
 from .measure import stopping
-from .search.sweepspec import DATA_KEYS, FILE, SweepSpec
+from .search.sweepspec import DATA_KEYS, FILE, SweepSpec, check_name, default_name
 
 # A 95% dWER interval's half-width is about this over sqrt(clips) on whisper-base speech
 # (measured: +-15-25% on 19 Russian clips, +-11-15% on 71): the clips a budget needs before a
@@ -220,21 +220,31 @@ def machine_profile(space, threads: int) -> dict:
 
 
 def run(args) -> dict:
+    # A failed trial reports no objectives; HyperSearch tells Optuna it failed.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    for flag, value in (("--resume", args.resume), ("--name", args.name)):
+        if value is not None:  # names become paths and MLflow filter strings
+            check_name(value, flag)
+    if args.resume:
+        args = _restore_args(args)
+    space, evalset, root, uri = validate(args)
+    name = args.resume or args.name or default_name(args.space, time.strftime("%Y%m%d-%H%M%S"))
+    here = root / "sweeps" / name
+    with lock.hold(here, name):  # one launcher per sweep, before Ray or MLflow is touched
+        if not args.resume and any(p.name != lock.FILE for p in here.iterdir()):
+            raise ValueError(f"`--name` must be new, got {name!r}: {here} exists "
+                             f"(continue it with --resume {name})")
+        return _sweep(args, space, evalset, root, uri, name)
+
+
+def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
+    """The sweep itself, under its lock: Ray, the parent run, Tune, then `finish`."""
     import ray
     from ray import tune
 
     from .search import sampler as search
 
-    # A failed trial reports no objectives; HyperSearch tells Optuna it failed.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    if args.resume:
-        args = _restore_args(args)
-    space, evalset, root, uri = validate(args)
-    name = args.resume or args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = root / "sweeps"
-    if not args.resume and (sweep_dir / name).exists():
-        raise ValueError(f"`--name` must be new, got {name!r}: {sweep_dir / name} exists "
-                         f"(continue it with --resume {name})")
     resources = search.init_ray(args.address)
     cpus = int(resources.get("CPU", 1))
     per_trial = args.cpus_per_trial or max(1, cpus // args.max_concurrent)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,24 @@ from typing import Any
 FILE = "hyper.json"  # beside Tune's experiment state
 DATA_KEYS = ("dataset", "config", "split", "audio_column", "text_column", "max_samples",
              "language")
+# A sweep's name becomes a folder (<root>/sweeps/<name>), an Optuna study and a value in MLflow
+# filter strings: letters, digits and . _ - only (a quote broke the filters, a slash the path)
+NAME_RULE = "1 to 100 of the characters A-Z a-z 0-9 . _ -, not starting with . or -"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(value: str, flag: str) -> str:
+    """`value` of `--name` or `--resume` (`flag`) if it is a safe sweep name, else a ValueError
+    naming the flag, the value and the rule."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(f"`{flag}` must be {NAME_RULE}, got {value!r}")
+    return value
+
+
+def default_name(space: str, stamp: str) -> str:
+    """`<space>-<stamp>` from a space's name or file, its other characters made `-`."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(space).stem).lstrip(".-") or "sweep"
+    return f"{stem[:80]}-{stamp}"
 
 
 @dataclass(frozen=True)

