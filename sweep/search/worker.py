@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..results import rows, tracking
+from ..results import rows
 
 # Per worker process: (model, data, threads, device) -> (loaded, evalset, calibration, baseline).
 _CACHE: dict = {}
@@ -53,6 +53,68 @@ class SweepContext:
     needs_calibration: bool = False
     inject: dict = field(default_factory=dict)  # test hooks: recipe key=value -> fault
     profile: int = 0  # --profile: top operators by self time logged per trial (0: none)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one trial runs: its key (Tune's trial id, the MLflow run's `hyper.trial_key`), the
+    CPUs and GPU ids it was given and the node. A Ray trial's comes from `ray_slot`; a trial run
+    outside Ray (bench.gpu's worker-path row, on a machine without Ray) passes its own."""
+
+    key: str
+    cpus: int
+    gpus: list
+    node_id: str
+
+
+def ray_slot() -> Slot:
+    from ray import tune
+
+    cpus, gpus = _assigned()
+    return Slot(tune.get_context().get_trial_id(), cpus, gpus, _node_id())
+
+
+class MlflowLog:
+    """A trial's record in the sweep's MLflow store (`sweep.results.tracking`, imported on first
+    use: the worker path itself runs without MLflow). Anything else with these methods can stand
+    in for it (bench.gpu's JSON file on the GPU machine, which has no MLflow)."""
+
+    def __init__(self, ctx: SweepContext):
+        self.ctx = ctx
+
+    def begin(self, slot: Slot, flat: dict, tags: dict) -> tuple[str, dict | None]:
+        from ..results import tracking
+
+        c = self.ctx
+        return tracking.begin_trial(c.tracking_uri, c.experiment_id, c.parent_run_id, c.sweep,
+                                    slot.key, flat, tags)
+
+    def finish(self, run_id: str, result: dict) -> None:
+        from ..results import tracking
+
+        tracking.finish_trial(self.ctx.tracking_uri, run_id, result)
+
+    def fail(self, run_id: str, exc: BaseException, status: str, trial_s: float) -> str:
+        from ..results import tracking
+
+        return tracking.fail_trial(self.ctx.tracking_uri, run_id, exc, status=status,
+                                   trial_s=trial_s)
+
+    def rung(self, run_id: str, n: int, figs: dict) -> None:
+        from ..results import tracking
+
+        tracking.log_rung(self.ctx.tracking_uri, run_id, n, figs)
+
+    def rung_figures(self, n: int) -> list[dict]:
+        from ..results import tracking
+
+        c = self.ctx
+        return tracking.rung_figures(c.tracking_uri, c.experiment_id, c.sweep, n)
+
+    def profile(self, run_id: str, prof: dict | None, error: str | None = None) -> None:
+        from ..results import tracking
+
+        tracking.log_profile(self.ctx.tracking_uri, run_id, prof, error)
 
 
 class InjectedFault(RuntimeError):
@@ -180,7 +242,7 @@ def _inject(ctx: SweepContext, flat: dict) -> None:
                     time.sleep(0.05)
 
 
-def _rung_judge(ctx: SweepContext, run_id: str):
+def _rung_judge(ctx: SweepContext, run_id: str, log: MlflowLog):
     """`--rungs`: at each rung the trial records its figures and goes on only when no trial
     that finished the whole set beat it on both dWER and speed on the same clips, and its dWER
     is within the budget. Every front member therefore measured the whole set."""
@@ -191,8 +253,8 @@ def _rung_judge(ctx: SweepContext, run_id: str):
     budget = getattr(ctx.early_stop, "max_dwer", None)
 
     def judge(n: int, figs: dict) -> None:
-        tracking.log_rung(ctx.tracking_uri, run_id, n, figs)
-        others = tracking.rung_figures(ctx.tracking_uri, ctx.experiment_id, ctx.sweep, n)
+        log.rung(run_id, n, figs)
+        others = log.rung_figures(n)
         # the unchanged model is on every rung too: what it beats cannot reach the front
         others.append({"dwer": 0.0, "speedup": 1.0, "trial_id": "baseline"})
         why = rung_verdict(figs, others, budget)
@@ -201,22 +263,21 @@ def _rung_judge(ctx: SweepContext, run_id: str):
     return judge
 
 
-def run_one(config: dict, ctx: SweepContext) -> dict:
-    """Measure one recipe and log it; returns the figures Tune and Optuna see."""
-    from ray import tune
-
+def run_one(config: dict, ctx: SweepContext, slot: Slot | None = None,
+            log: MlflowLog | None = None) -> dict:
+    """Measure one recipe and log it; returns the figures Tune and Optuna see. `slot` and `log`:
+    by default the Ray trial's and the sweep's MLflow store."""
     from ..measure.evaluate import run_trial
     from ..techniques.recipe import Recipe
 
     t0 = time.perf_counter()
     flat = {k: v for k, v in config.items()}
-    trial_key = tune.get_context().get_trial_id()
-    cpus, gpus = _assigned()
+    slot, log = slot or ray_slot(), log or MlflowLog(ctx)
+    trial_key, cpus, gpus = slot.key, slot.cpus, slot.gpus
     device = flat.get("device", "cpu")
-    run_id, done = tracking.begin_trial(
-        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.sweep, trial_key, flat,
-        {"device": device, "node": os.uname().nodename, "node_id": _node_id(),
-         "gpu_ids": gpus, "cpus": cpus})
+    run_id, done = log.begin(slot, flat, {"device": device, "node": os.uname().nodename,
+                                          "node_id": slot.node_id, "gpu_ids": gpus,
+                                          "cpus": cpus})
     if done is not None:  # finished by an earlier attempt: its row as logged, not run twice
         return {**reported(done, run_id, trial_key), "restored": True}
     try:
@@ -233,20 +294,19 @@ def run_one(config: dict, ctx: SweepContext) -> dict:
                                       numbers=ctx.numbers, max_slowdown=ctx.max_slowdown,
                                       early_stop=ctx.early_stop, confidence=ctx.confidence,
                                       probes=heard, rungs=ctx.rungs,
-                                      rung_judge=_rung_judge(ctx, run_id))
+                                      rung_judge=_rung_judge(ctx, run_id, log))
             except TrialTimeout:
                 raise TrialTimeout(f"trial ran past --trial-timeout {limit:.0f} s"
                                    f"{' (auto)' if ctx.trial_timeout == 'auto' else ''} "
                                    f"(recipe {flat})") from None
         result.update(trial_s=time.perf_counter() - t0, worker_prepare_s=load_s,
-                      node=os.uname().nodename, node_id=_node_id(), gpu_ids=gpus)
-        tracking.finish_trial(ctx.tracking_uri, run_id, result)
+                      node=os.uname().nodename, node_id=slot.node_id, gpu_ids=gpus)
+        log.finish(run_id, result)
         if ctx.profile:
-            _profile(ctx, loaded, evalset, calib, recipe, run_id)
+            _profile(ctx, loaded, evalset, calib, recipe, run_id, log)
     except Exception as e:  # noqa: BLE001 - a recipe's failure is a failed trial, not a dead sweep
         trial_s = time.perf_counter() - t0
-        msg = tracking.fail_trial(ctx.tracking_uri, run_id, e, status=STATUS_FAILED,
-                                  trial_s=trial_s)
+        msg = log.fail(run_id, e, STATUS_FAILED, trial_s)
         return {"status": STATUS_FAILED, "error": msg, "run_id": run_id,
                 "trial_key": trial_key, "trial_s": trial_s}
     return reported(rows.from_result(result), run_id, trial_key)
@@ -268,7 +328,8 @@ def trainable(config: dict, ctx: SweepContext) -> None:
     tune.report(run_one(config, ctx))
 
 
-def _profile(ctx: SweepContext, loaded, evalset, calib, recipe, run_id: str) -> None:
+def _profile(ctx: SweepContext, loaded, evalset, calib, recipe, run_id: str,
+             log: MlflowLog) -> None:
     """`--profile`: the finished trial's top operators by self time (torch.profiler, a few
     clips, untimed) as its MLflow artifacts profile.txt and profile.json. A profile that fails
     costs the trial nothing: its error becomes the run's `profile_error` tag."""
@@ -281,9 +342,9 @@ def _profile(ctx: SweepContext, loaded, evalset, calib, recipe, run_id: str) -> 
                               calibrate=None if calib is None else calibrator(
                                   loaded.processor, calib, ctx.language))
     except Exception as e:  # noqa: BLE001 - the trial's figures are logged already
-        tracking.log_profile(ctx.tracking_uri, run_id, None, f"{type(e).__name__}: {e}")
+        log.profile(run_id, None, f"{type(e).__name__}: {e}")
         return
-    tracking.log_profile(ctx.tracking_uri, run_id, prof)
+    log.profile(run_id, prof)
 
 
 def trainable_point(config: dict, ctx: SweepContext) -> None:
