@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,10 @@ ray = pytest.importorskip("ray")
 optuna = pytest.importorskip("optuna")
 
 
+from mlflow.tracking import MlflowClient  # noqa: E402
+
 from sweep import launch  # noqa: E402
+from sweep.results import tracking  # noqa: E402
 from sweep.search.sweepspec import SweepSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,3 +107,37 @@ def test_a_second_launcher_is_refused_and_a_killed_holder_blocks_nothing(
     summary = json.loads((here / "results" / "summary.json").read_text())
     assert summary["ok"] == 1 and summary["sweep"] == "n"
     assert json.loads((here / "hyper.lock").read_text())["pid"] == os.getpid()
+
+
+# ---- more runs than one page ------------------------------------------------------------------
+
+
+@pytest.fixture()
+def fast_dir(tmp_path):
+    """A folder in memory where there is one (/dev/shm): sqlite's commit per run on a disk
+    made the 1005 runs below take 30 s instead of 5."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="hyper-test-", dir=shm))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_sweep_of_more_runs_than_a_page_keeps_its_oldest(fast_dir):
+    """1005 trial runs (MLflow answers 1000 per request, newest first): every one is read
+    back, the baseline that ran first included."""
+    uri = tracking.default_uri(fast_dir)
+    exp_id = tracking.ensure_experiment(uri, fast_dir / "artifacts")
+    client = MlflowClient(uri)
+    t0 = int(time.time() * 1000)
+    for i in range(1005):  # MLflow has no batch API for runs
+        client.create_run(exp_id, start_time=t0 + i, tags={
+            "hyper.sweep": "long", "hyper.kind": "trial", "hyper.trial_key": f"t{i:04d}"})
+    got = tracking.sweep_rows(uri, exp_id, "long")
+    assert len(got) == 1005 and len({r["run_id"] for r in got}) == 1005
+    assert got[0]["trial_id"] == "t0000" and got[-1]["trial_id"] == "t1004"

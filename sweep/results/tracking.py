@@ -121,9 +121,22 @@ def safe_argv(argv: list[str]) -> str:
     return " ".join(out)
 
 
+# Runs per search request. MLflow answers at most this many, newest first, with a token for
+# the next page: one request alone silently dropped a long sweep's oldest runs (its baseline).
+PAGE = 1000
+
+
 def find_runs(client: MlflowClient, exp_id: str, **tags) -> list:
+    """Every run of the experiment whose tags equal `tags`, page by page."""
     flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    return retry(client.search_runs, [exp_id], filter_string=flt, max_results=1000)
+    out, token = [], None
+    while True:
+        page = retry(client.search_runs, [exp_id], filter_string=flt, max_results=PAGE,
+                     page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
 
 
 def start_parent(uri: str, exp_id: str, sweep: str, params: dict, tags: dict) -> str:
