@@ -258,3 +258,136 @@ def test_plot_and_html(tmp_path):
     assert text.count('class="pt"') == 7 + 1  # 7 ok trials + the baseline
     assert "http" not in text.replace("http://127.0.0.1:5000", "").replace(
         "http://www.w3.org/2000/svg", "")  # nothing fetched from elsewhere
+
+
+# ---------------------------------------------------------------------------------------------
+# the front says only what the data resolves (issue #25)
+
+
+def base_row(lat=1.0, **kw):
+    """The unchanged model's own trial: dWER 0 with the interval [0, 0] evaluate gives it."""
+    return row(0, BASE["wer"], lat, recipe={"device": "cpu"},
+               **{"dwer_ci95_lo": 0.0, "dwer_ci95_hi": 0.0, **kw})
+
+
+def ci(r, lo, hi):
+    return {**r, "dwer_ci95_lo": lo, "dwer_ci95_hi": hi}
+
+
+def ids(rows):
+    return [r["trial_id"] for r in rows]
+
+
+def test_a_slower_trial_whose_gain_is_inside_its_interval_is_off_the_front():
+    # the issue's resumed `quick` sweep: 2.3x slower, WER 11% lower, "no measurable change"
+    slow = ci(row(1, 0.445, 2.3), -0.25, 0.03)
+    fast = ci(row(2, 0.6, 0.5), 0.05, 0.35)  # measurably worse, 2x faster
+    rows = [base_row(), slow, fast]
+    assert report.verdict(slow) == pareto.NO_CHANGE
+    # on point estimates it would be on the front (the lowest WER of all)
+    assert not any(dominates((o["wer"], o["latency_median_s"]), (0.445, 2.3)) for o in rows)
+    front, unresolved = pareto.front_split(rows, baseline=BASE)
+    assert ids(front) == [0, 2] and ids(unresolved) == [1]
+    assert pareto.pareto_front(rows, baseline=BASE) == front
+    assert pareto.unresolved(rows, baseline=BASE) == unresolved
+    # no baseline trial among the rows: its figures take its place, dominating, never listed
+    assert pareto.front_split([slow, fast], baseline=BASE) == ([fast], [slow])
+    # neither a baseline trial nor its figures: nothing to tie with, points decide
+    assert ids(pareto.pareto_front([slow, fast])) == [1, 2]
+    # a 0.82x bf16 head with -11.8% [-24%, +1%] (issue #25, `--space full`): off as well
+    head = ci(row(3, 0.441, 1 / 0.82), -0.24, 0.01)
+    assert ids(pareto.front_split([base_row(), head], baseline=BASE)[1]) == [3]
+
+
+def test_a_slower_trial_with_a_resolved_gain_stays():
+    better = ci(row(1, 0.4, 1.5), -0.3, -0.05)  # interval excludes 0: measurably better
+    front, unresolved = pareto.front_split([base_row(), better], baseline=BASE)
+    assert ids(front) == [1, 0] and unresolved == []
+    assert pareto.knee(front)["trial_id"] == 1  # the only choice that is not the baseline
+
+
+def test_the_baseline_keeps_its_place_and_a_faster_trial_its_own():
+    # the reference the intervals are measured against stays beside a faster trial whose loss
+    # is unresolved, and beside a measurably worse one, as on points
+    fast = ci(row(1, 0.51, 0.7), -0.06, 0.10)
+    worse = ci(row(2, 0.6, 0.5), 0.01, 0.40)
+    assert pareto.front_split([base_row(), fast, worse], baseline=BASE) == (
+        [base_row(), fast, worse], [])
+    # a faster trial with an unresolved gain beats it (it would on points too)
+    gain = ci(row(3, 0.49, 0.7), -0.1, 0.06)
+    assert ids(pareto.front_split([base_row(), gain], baseline=BASE)[0]) == [3]
+
+
+def test_ties_in_speed_stay_and_trials_are_compared_on_their_points():
+    # as fast as the baseline, unresolved gain: tied on accuracy and on speed, both stay (on
+    # points the trial would dominate the baseline: an advantage the data does not resolve)
+    same = ci(row(1, 0.45, 1.0), -0.2, 0.05)
+    assert ids(pareto.pareto_front([base_row(), same], baseline=BASE)) == [1, 0]
+    assert ids(pareto.pareto_front([base_row(), {**same, "dwer_ci95_hi": -0.01}])) == [1]
+    # two trials, both faster than the baseline, overlapping intervals: the rows hold no paired
+    # test between them, so their points decide (the faster does not drive the other out)
+    a = ci(row(2, 0.515, 0.6), -0.05, 0.11)
+    b = ci(row(3, 0.48, 0.8), -0.12, 0.04)
+    front, unresolved = pareto.front_split([base_row(), a, b], baseline=BASE)
+    assert ids(front) == [3, 2] and unresolved == []  # b beats the baseline on points too
+    # rows without intervals (bench grids, older sweeps): exactly the point front, as before
+    plain = [base_row(dwer_ci95_lo=None), row(4, 0.45, 2.0)]
+    assert ids(pareto.pareto_front(plain, baseline=BASE)) == [4, 0]
+
+
+def test_an_infeasible_baseline_dominates_nothing():
+    # Russian whisper-base hallucinates on every probe: with max_hallucination 0.2 the baseline
+    # is off the front, and a slower trial under the limit stays however small its WER gain
+    limits = {"max_hallucination": 0.2}
+    base = {**BASE, "hallucination_rate": 1.0}
+    slow = ci(row(1, 0.49, 1.4, hallucination_rate=0.1), -0.1, 0.08)
+    rows = [base_row(hallucination_rate=1.0), slow]
+    assert ids(pareto.pareto_front(rows, constraints=limits, baseline=base)) == [1]
+    assert ids(pareto.pareto_front([slow], constraints=limits, baseline=base)) == [1]
+    # baseline figures within the limit: the slower trial is dominated
+    fine = {**BASE, "hallucination_rate": 0.1}
+    assert pareto.front_split([slow], constraints=limits, baseline=fine) == ([], [slow])
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_no_front_member_is_slower_than_the_baseline_unless_measurably_better(seed):
+    rnd = random.Random(seed)
+    rows = [base_row()]
+    for i in range(1, rnd.randint(2, 30)):
+        wer, half = rnd.uniform(0.3, 0.8), rnd.uniform(0.02, 0.2)
+        d = wer / BASE["wer"] - 1
+        rows.append(ci(row(i, wer, rnd.choice([0.5, 0.8, 1.0, 1.3, 2.0])), d - half, d + half))
+    front, unresolved = pareto.front_split(rows, baseline=BASE)
+    for r in front:
+        assert r["latency_median_s"] <= 1.0 or pareto.verdict(r) == "better", r
+    # the unresolved are the point front's members the resolution takes off; the front is the
+    # rest of it, and a tie at the baseline's own speed may keep one more
+    point = {r["trial_id"] for r in rows if not any(
+        dominates((o["wer"], o["latency_median_s"]), (r["wer"], r["latency_median_s"]))
+        for o in rows)}
+    assert set(ids(unresolved)) <= point and point - set(ids(unresolved)) <= set(ids(front))
+    assert all(r["latency_median_s"] == 1.0 for r in front if r["trial_id"] not in point)
+    assert not set(ids(front)) & set(ids(unresolved)) and front
+
+
+def test_export_and_the_files_use_the_resolved_front(tmp_path):
+    from sweep.ship.pick import ExportError, pick
+
+    slow = ci(row(1, 0.445, 2.3, run_id="s"), -0.25, 0.03)
+    fast = ci(row(2, 0.6, 0.5, run_id="f"), 0.05, 0.35)
+    base = base_row(run_id="b")
+    assert pick([base, slow, fast], "knee", baseline=BASE)["run_id"] == "f"
+    with pytest.raises(ExportError, match="1 beat it only inside the data's resolution"):
+        pick([base, slow], "knee", baseline=BASE)
+    paths = report.write_front([base, slow, fast], BASE, tmp_path)
+    data = json.loads(paths["pareto_json"].read_text())
+    assert [r["trial_id"] for r in data["front"]] == [0, 2] and data["unresolved"] == [1]
+    assert data["hypervolume"] == pytest.approx(pareto.hypervolume([(0.6, 0.5)], (0.75, 1.0)))
+    with open(paths["trials_csv"], newline="") as fh:
+        marks = {r["trial_id"]: r["front"] for r in csv.DictReader(fh)}
+    assert marks == {"0": "member", "1": "unresolved", "2": "member"}
+    table = report.format_table([base, fast], BASE, unresolved=[slow]).splitlines()
+    assert table[2].startswith("baseline (on the front)")
+    assert "(unresolved, off the front)" in table[4] and "no measurable change" in table[4]
+    assert table[-1] == report.UNRESOLVED_NOTE
+    assert report.UNRESOLVED not in report.format_table([base, fast], BASE)

@@ -4,6 +4,10 @@ A *row* is a plain dict for one trial with at least `trial_id`, `wer`, `cer`, `d
 `latency_median_s`, `speedup`, `device`, `status` and `recipe` (the flat recipe dict). Rows whose
 `status` is not "ok" (failed, timed out, looped...) never reach a front.
 
+The front says only what the data resolves: a trial's accuracy gain over the baseline counts only
+where its paired 95% dWER interval excludes 0 (`verdict`); inside it, speed and the other
+objectives decide (`front_split`).
+
 Units: fractions everywhere (`dwer` 0.05 = 5% relatively worse than the baseline, as
 `sweep.measure.scoring.relative` computes it); percentages appear only in
 `sweep.results.report`'s printed tables.
@@ -154,6 +158,69 @@ def loss_vector(row: Mapping, objectives: Objectives | None = None) -> list[floa
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# resolution: what the data tells apart
+#
+# A trial's dWER comes with a paired bootstrap 95% interval against the baseline, measured on the
+# same clips (`sweep.measure.scoring.bootstrap_dwer`). Where it holds 0 the data says "no
+# measurable change": against the baseline such a trial counts as no more accurate (its gain is
+# read as none; a loss stays what it measured), so speed decides. A trial 2.3x slower than the
+# baseline with dWER -11% [-25%, +3%] is dominated by the baseline; one 1.4x faster with +3%
+# [-4%, +8%] is on the front beside it, as before. The baseline is the reference the intervals
+# are measured against, so it keeps its place as it was. Between two trials the rows hold no
+# paired test (each has only its own against the baseline), so their point estimates decide;
+# overlapping marginal intervals would be a far stricter test than the paired one (on 69 clips,
+# +-15%: nearly every pair "tied", a measurably worse trial driving one with no measurable change
+# off the front because it is faster).
+
+NO_CHANGE = "no measurable change"
+# Objectives judged with the dWER interval (dWER is the WER relative to the baseline).
+RESOLVED = ("wer",)
+
+
+def dwer_interval(row: Mapping) -> tuple[float, float] | None:
+    """The row's 95% dWER interval (`dwer_ci95_lo`, `dwer_ci95_hi`, or a `dwer_ci95` pair as
+    bench rows keep it), else None."""
+    lo, hi = _num(row.get("dwer_ci95_lo")), _num(row.get("dwer_ci95_hi"))
+    pair = row.get("dwer_ci95")
+    if (lo is None or hi is None) and isinstance(pair, (list, tuple)) and len(pair) == 2:
+        lo, hi = _num(pair[0]), _num(pair[1])
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def verdict(row: Mapping) -> str | None:
+    """What the data says of a trial's accuracy against the baseline, from its paired 95% dWER
+    interval: "worse" or "better" only where the interval excludes 0, else NO_CHANGE; None
+    without an interval. The one definition: the front's ties and the tables' words."""
+    iv = dwer_interval(row)
+    if iv is None:
+        return None
+    return "worse" if iv[0] > 0 else "better" if iv[1] < 0 else NO_CHANGE
+
+
+def _is_baseline(row: Mapping) -> bool:
+    """A row measuring the unchanged model: its recipe says so, or its `origin` (trials.csv's,
+    whose recipe is text). A row without either is not known to be."""
+    return row.get("origin") == "baseline" or (
+        isinstance(row.get("recipe"), Mapping) and is_baseline_recipe(row["recipe"]))
+
+
+def _baseline_point(baseline: Mapping | None, objectives, constraints) -> Row | None:
+    """The baseline as a point that may dominate (never listed): its figures, the neutral value
+    of each relative one (dWER 0 [0, 0], speed-up 1.0). None without a figure of every
+    objective, or when it breaks a constraint (an infeasible point dominates nothing)."""
+    if not baseline:
+        return None
+    point: Row = {k: v for k, v in baseline.items() if k != "utterances"}
+    point.update({f.name: f.neutral for f in BY_NAME.values() if f.relative
+                  and f.neutral is not None})
+    point.update(dwer_ci95_lo=0.0, dwer_ci95_hi=0.0, status="ok")
+    if loss_vector(point, objectives) is None or (
+            constraints and not feasible(point, constraints, baseline)):
+        return None
+    return point
+
+
 def _candidates(rows: Iterable[Mapping], objectives, constraints, baseline):
     keep, losses = [], []
     for row in rows:
@@ -171,31 +238,74 @@ def _candidates(rows: Iterable[Mapping], objectives, constraints, baseline):
     return keep, np.asarray(losses, dtype=float).reshape(len(keep), -1)
 
 
-def _nondominated_mask(losses: np.ndarray) -> np.ndarray:
+def _nondominated_mask(losses: np.ndarray, no_gain: np.ndarray | None = None,
+                       acc: int | None = None) -> np.ndarray:
     """True for rows no other row dominates (<= everywhere and < somewhere). Equal points do
-    not dominate each other, so ties all stay."""
-    n = len(losses)
-    mask = np.ones(n, dtype=bool)
-    for i in range(n):
-        le = np.all(losses <= losses[i], axis=1)
-        lt = np.any(losses < losses[i], axis=1)
-        if np.any(le & lt):
-            mask[i] = False
-    return mask
+    not dominate each other, so ties all stay. Where `no_gain[t, b]`, row t counts as no more
+    accurate than row b in column `acc`: b is <= t there, and t is not < b."""
+    le = losses[:, None, :] <= losses[None, :, :]  # [j, i, c]: j at least as good as i in c
+    lt = losses[:, None, :] < losses[None, :, :]
+    if no_gain is not None and acc is not None:
+        le[:, :, acc] |= no_gain.T
+        lt[:, :, acc] &= ~no_gain
+    return ~np.any(le.all(axis=2) & lt.any(axis=2), axis=0)
+
+
+def front_split(rows: Iterable[Mapping], objectives: Objectives | None = None, *,
+                constraints: Mapping[str, float] | None = None,
+                baseline: Mapping | None = None) -> tuple[list[Row], list[Row]]:
+    """(front, unresolved), each sorted by the first objective, then the rest.
+
+    Candidates: rows that ran (`status == "ok"`), have every objective and (when `constraints`
+    is given) are feasible. The baseline takes part as its trial, or, where no candidate
+    measures it, as `baseline`'s figures (dominating, never listed). Against a baseline, a
+    trial whose `verdict` is NO_CHANGE counts as no more accurate (see above); every other
+    pair is compared on its point estimates. `unresolved`: candidates the point estimates leave
+    undominated but that are dominated once that counts: their advantage is inside the data's
+    resolution. They stay in the tables, marked, but export and the knee choose from `front`
+    alone. (It also keeps on the front a baseline as fast as a trial with an unresolved gain:
+    a tie.)"""
+    objs = _norm_objectives(objectives)
+    keep, losses = _candidates(rows, objs, constraints, baseline)
+    if not keep:
+        return [], []
+    base = [_is_baseline(r) for r in keep]
+    pseudo = None if any(base) else _baseline_point(baseline, objs, constraints)
+    if pseudo is not None:  # the last row: may dominate, is never listed
+        keep, base = [*keep, pseudo], [*base, True]
+        losses = np.vstack([losses, loss_vector(pseudo, objs)])
+    points = _nondominated_mask(losses)
+    acc = next((i for i, (m, _) in enumerate(objs) if m in RESOLVED), None)
+    resolved = points
+    if acc is not None:
+        base_a = np.array(base)
+        same = np.array([not b and verdict(r) == NO_CHANGE for r, b in zip(keep, base)])
+        resolved = _nondominated_mask(losses, np.outer(same, base_a), acc)
+    n = len(keep) - (pseudo is not None)
+
+    def listed(mask):
+        idx = sorted((i for i in range(n) if mask[i]), key=lambda i: tuple(losses[i]))
+        return [keep[i] for i in idx]
+
+    return listed(resolved), listed(points & ~resolved)
 
 
 def pareto_front(rows: Iterable[Mapping], objectives: Objectives | None = None, *,
                  constraints: Mapping[str, float] | None = None,
                  baseline: Mapping | None = None) -> list[Row]:
-    """The non-dominated rows among those that ran (`status == "ok"`), have every objective, and
-    (when `constraints` is given) are feasible. Sorted by the first objective, then the rest."""
-    keep, losses = _candidates(rows, objectives, constraints, baseline)
-    if not keep:
-        return []
-    mask = _nondominated_mask(losses)
-    idx = [i for i in range(len(keep)) if mask[i]]
-    idx.sort(key=lambda i: tuple(losses[i]))
-    return [keep[i] for i in idx]
+    """The front export and the knee choose from (`front_split`'s first part): the
+    non-dominated rows among those that ran, have every objective and meet the constraints,
+    an accuracy difference against the baseline counting only where the data resolves it.
+    Sorted by the first objective, then the rest."""
+    return front_split(rows, objectives, constraints=constraints, baseline=baseline)[0]
+
+
+def unresolved(rows: Iterable[Mapping], objectives: Objectives | None = None, *,
+               constraints: Mapping[str, float] | None = None,
+               baseline: Mapping | None = None) -> list[Row]:
+    """Rows the point estimates would put on the front but whose advantage is inside the
+    data's resolution (`front_split`'s second part): shown marked, never chosen."""
+    return front_split(rows, objectives, constraints=constraints, baseline=baseline)[1]
 
 
 def _group_value(row: Mapping, key: str) -> Any:

@@ -16,8 +16,8 @@ from typing import Any
 
 from . import figures
 from .pareto import (Objectives, _figure, _norm_objectives, _num, front_hypervolume,
-                     is_baseline_recipe, knee,
-                     pareto_front, reference_point)
+                     front_split, is_baseline_recipe, knee, reference_point)
+from .pareto import verdict as pareto_verdict
 
 
 def _recipe_defaults() -> dict[str, Any]:
@@ -89,21 +89,26 @@ def baseline_row(rows: Iterable[Mapping]) -> Mapping | None:
 
 def verdict(row: Mapping) -> str:
     """What the data says of a trial's accuracy, from its 95% dWER interval: "worse" or
-    "better" only when the interval excludes 0, else "no measurable change"."""
-    lo, hi = _num(row.get("dwer_ci95_lo")), _num(row.get("dwer_ci95_hi"))
-    if lo is None or hi is None:
-        return "—"
-    return "worse" if lo > 0 else "better" if hi < 0 else "no measurable change"
+    "better" only when the interval excludes 0, else "no measurable change" (`pareto.verdict`,
+    which the front's ties use too); "—" without an interval."""
+    return pareto_verdict(row) or "—"
+
+
+UNRESOLVED = "unresolved, off the front"
+UNRESOLVED_NOTE = (f"({UNRESOLVED}): its WER gain over the baseline is inside its 95% interval "
+                   "(no measurable change); without it, the baseline dominates it")
 
 
 def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
                  base_recipe: Mapping | None = None,
-                 objectives: Objectives | None = None) -> str:
+                 objectives: Objectives | None = None,
+                 unresolved: Iterable[Mapping] = ()) -> str:
     """A fixed-width table like the study's, the baseline first: Configuration, WER, dWER, CER,
     dCER, time per audio, delta, then one column per objective not among them. dWER/dCER are
     relative changes and delta the relative latency change, printed in percent (the only place
     percentages appear). A row measuring the baseline itself (on the front) is that first line,
-    labelled so, not a row of its own."""
+    labelled so, not a row of its own. `unresolved` (`pareto.unresolved`): rows listed after
+    the others, marked, with a line saying why they are not on the front."""
     extra = _extra(objectives)
     head = ("Configuration", "WER", "dWER", "CER", "dCER", "time per audio", "delta",
             *(f.name for f in extra), "accuracy")
@@ -124,12 +129,15 @@ def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
     own = baseline_row(rows)
     body = [cells("baseline", baseline, relative=False) if own is None else
             cells("baseline (on the front)", own)]
-    for row in rows:
+    marked = list(unresolved)  # trials only: a baseline is never taken off by a gain of its own
+    for row in [*rows, *marked]:
         if row is own:
             continue
         label = describe_recipe(row.get("recipe"), base_recipe)
         status = row.get("status", "ok")
-        body.append(cells(label + ("" if status == "ok" else f" ({status})"), row))
+        label += f" ({UNRESOLVED})" if any(row is m for m in marked) else (
+            "" if status == "ok" else f" ({status})")
+        body.append(cells(label, row))
     widths = [max(len(r[i]) for r in (head, *body)) for i in range(len(head))]
 
     def line(cells):
@@ -138,7 +146,8 @@ def format_table(rows: Iterable[Mapping], baseline: Mapping, *,
         return "  ".join([first, *rest]).rstrip()
 
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(head), sep, *(line(r) for r in body)])
+    return "\n".join([line(head), sep, *(line(r) for r in body),
+                      *([UNRESOLVED_NOTE] if marked else [])])
 
 
 def front_columns(front: Sequence[Mapping], baseline: Mapping,
@@ -181,7 +190,7 @@ def resolution(rows: Iterable[Mapping], front: Iterable[Mapping] = ()) -> tuple[
 
 # After the objectives, the reported figures (`sweep.results.figures`, destination `report`),
 # then these.
-_ROW_FIELDS = ("device", "status", "stop_reason", "trial_id")
+_ROW_FIELDS = ("device", "status", "front", "stop_reason", "trial_id")
 
 
 def recipe_string(recipe: Mapping | None) -> str:
@@ -258,18 +267,20 @@ def write_front(rows: Sequence[Mapping], baseline: Mapping, out_dir: str | os.Pa
                 objectives: Objectives | None = None, *,
                 constraints: Mapping[str, float] | None = None) -> dict[str, Path]:
     """Write `pareto.csv` (front rows; the objectives first: `wer`, `latency_median_s` by
-    default), `trials.csv` (every row) and `pareto.json` (objectives, constraints, baseline,
-    reference point, hypervolume, knee, front). Returns the paths by name. Per-utterance details
-    are left out."""
+    default), `trials.csv` (every row, its `front` column "member", "unresolved" (on the front
+    by point estimates only: `pareto.front_split`) or empty) and `pareto.json` (objectives,
+    constraints, baseline, reference point, hypervolume, knee, front, the unresolved trials'
+    ids). Returns the paths by name. Per-utterance details are left out."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
     objs = _norm_objectives(objectives)
-    front = pareto_front(rows, objs, constraints=constraints, baseline=baseline)
+    front, unresolved = front_split(rows, objs, constraints=constraints, baseline=baseline)
     paths = {"pareto_csv": out / "pareto.csv", "trials_csv": out / "trials.csv",
              "pareto_json": out / "pareto.json"}
     _write_csv(paths["pareto_csv"], front, objs)
-    _write_csv(paths["trials_csv"], rows, objs)
+    marks = {**{id(r): "unresolved" for r in unresolved}, **{id(r): "member" for r in front}}
+    _write_csv(paths["trials_csv"], [{**r, "front": marks.get(id(r), "")} for r in rows], objs)
     k = knee(front, objs)
     summary = {
         "objectives": [list(o) for o in objs],
@@ -279,6 +290,7 @@ def write_front(rows: Sequence[Mapping], baseline: Mapping, out_dir: str | os.Pa
         "n_ok": sum(1 for r in rows if r.get("status", "ok") == "ok"),
         "front": [{k_: v for k_, v in r.items() if k_ != "utterances"} for r in front],
         "knee": None if k is None else k.get("trial_id"),
+        "unresolved": [r.get("trial_id") for r in unresolved],
     }
     if all(_num(baseline.get(m)) for m, _ in objs):  # a baseline on every objective
         summary["reference_point"] = list(reference_point(baseline, None, objs,

@@ -51,15 +51,20 @@ def pick(rows: list[dict], rule: str, limit: float | None = None, *, objectives=
     if not rows:
         raise ExportError("the sweep has no finished trial with figures")
     if r.bounded is None:
-        front = pareto.pareto_front(rows, objectives, constraints=constraints, baseline=baseline)
+        front, unresolved = pareto.front_split(rows, objectives, constraints=constraints,
+                                               baseline=baseline)
         chosen = pareto.knee(front, objectives)
         if chosen is not None:
             return chosen
-        if front:  # the knee is never the baseline, and it alone is on the front
+        if front or unresolved:  # the knee is never the baseline, and it alone is on the front
             names = ", ".join(m for m, _ in pareto._norm_objectives(objectives))
+            inside = (f"; {len(unresolved)} beat it only inside the data's resolution (a dWER "
+                      "interval holding 0), marked `unresolved` in trials.csv"
+                      if unresolved else "")
             raise ExportError(f"`--knee` found only the baseline on the sweep's front ({names}): "
-                              "no trial beats the uncompressed model, so there is nothing to "
-                              "export; pick a trial anyway with --run RUN_ID or --max-dwer")
+                              f"no trial beats the uncompressed model{inside}, so there is "
+                              "nothing to export; pick a trial anyway with --run RUN_ID or "
+                              "--max-dwer")
         over = lambda row: sum(max(0.0, v) for v in pareto.constraint_values(  # noqa: E731
             row, constraints, baseline))
         why = (f"no trial meets the sweep's constraints {constraints}" if constraints else
