@@ -21,6 +21,13 @@ greedy loop with its compiled step (CUDA graphs on cuda) and the study's pruning
   every run decodes exactly `--tokens` tokens; a second pass decoding one token gives the time
   per 30 s window (features, encoder, prompt step), the difference the time per token.
 
+One more row runs a trial the way a sweep's GPU worker does (`sweep.search.worker.run_one`: the
+recipe checked, the device checked, model + clips + baseline prepared once, the trial timed and
+logged), with MLflow's log replaced by a local JSON file (`<stem>-worker-trial.json`): the
+carried model saved in the Hugging Face layout and loaded by `sweep.inputs.models`, the clips
+read through `sweep.inputs.data` (stdlib WAV without soundfile), the first warm start of the
+space as the recipe.
+
 Rows run cheapest first (eager, then compiled step, compile default, reduce-overhead,
 max-autotune; the small model before large-v3); a row that cannot run is recorded with its
 reason: needs cuda, package missing, device time, not selected, error.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import importlib.util
 import json
@@ -103,7 +111,7 @@ class Variant:
 @dataclass
 class Task:
     variant: Variant
-    part: str  # accuracy | latency
+    part: str  # accuracy | latency | worker
     rows: list[dict] = field(default_factory=list)
 
 
@@ -117,12 +125,7 @@ def variants(space_name: str) -> list[Variant]:
     from sweep.search.space import load_space
 
     space = load_space(space_name)
-    fixed = {n: d.value for n, d in space.params.items() if d.kind == "value" and n != "device"}
-
-    def with_fixed(flat):  # a fixed value joins the variants of its own technique only
-        heads = {k.split(".")[0] for k in flat}
-        return {**{k: v for k, v in fixed.items() if k.split(".")[0] in heads}, **flat}
-
+    with_fixed = functools.partial(_with_fixed, space)
     out = [Variant("baseline", {}, "baseline")]
     for name, dim in space.params.items():
         if dim.kind != "value":
@@ -141,9 +144,31 @@ def variants(space_name: str) -> list[Variant]:
     return unique
 
 
-def plan(vs: list[Variant]) -> list[Task]:
-    """Cheap first: by compile cost, the small model's accuracy before large-v3's latency."""
+def _with_fixed(space, flat: dict) -> dict:
+    """A fixed value of the space joins the variants of its own technique only."""
+    heads = {k.split(".")[0] for k in flat}
+    return {**{n: d.value for n, d in space.params.items() if d.kind == "value"
+               and n != "device" and n.split(".")[0] in heads}, **flat}
+
+
+def worker_variant(vs: list[Variant], space_name: str) -> Variant | None:
+    """The variant the worker-path trial runs: the space's first warm start (which `variants`
+    may have merged with the equal one-value change), else none."""
+    from sweep.search.space import load_space
+
+    space = load_space(space_name)
+    if not space.starts:
+        return None
+    flat = _with_fixed(space, dict(space.starts[0]))
+    return next((v for v in vs if v.flat == flat), None)
+
+
+def plan(vs: list[Variant], worker: Variant | None = None) -> list[Task]:
+    """Cheap first: by compile cost, the small model's accuracy before large-v3's latency; the
+    worker-path trial on the first warm start (its accuracy row's twin, through a sweep's
+    worker code) with its cost class."""
     tasks = [Task(v, p) for v in vs for p in ("accuracy", "latency")]
+    tasks += [Task(worker, "worker")] if worker is not None else []
     return sorted(tasks, key=lambda t: (t.variant.cost, t.part != "accuracy"))
 
 
@@ -167,7 +192,7 @@ def why_not(task: Task, opts: Options) -> tuple[str, str] | None:
 
 
 def out_of_time(task: Task, remaining: float, tiny: bool) -> str | None:
-    need = 0 if tiny else RESERVE_S[task.variant.cost][task.part == "latency"]
+    need = 0 if tiny else RESERVE_S[task.variant.cost][task.part != "accuracy"]
     if remaining < need:
         return (f"device time: {max(0.0, remaining):.0f} s of --time-budget left, this row "
                 f"needs ~{need} s (cost class {task.variant.cost})")
@@ -421,6 +446,78 @@ def deadline(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+# ---- a sweep's worker path -------------------------------------------------------------
+
+class JsonLog:
+    """`sweep.search.worker.run_one`'s log where MLflow is missing: the trial's record (the tags,
+    params, metrics and transcripts MLflow would get, by the same `sweep.results.rows` codec) in
+    one JSON file, rewritten at each step."""
+
+    def __init__(self, path: Path):
+        self.path, self.doc = path, {}
+
+    def _write(self) -> None:
+        from bench import common
+
+        common.write_json(self.path, self.doc)
+
+    def begin(self, slot, flat: dict, tags: dict):
+        from sweep.results import rows
+
+        self.doc = {"run_id": f"local-{slot.key}", "trial_key": slot.key, "status": "RUNNING",
+                    "tags": {k: str(v) for k, v in tags.items()} | rows.tags(tags),
+                    "params": rows.params(flat)}
+        self._write()
+        return self.doc["run_id"], None  # never a finished earlier attempt: a fresh file
+
+    def finish(self, run_id: str, result: dict) -> None:
+        from sweep.results import rows
+
+        metrics, tags = rows.to_mlflow(result)
+        self.doc |= {"status": "FINISHED" if result.get("status", "ok") == "ok" else "FAILED",
+                     "metrics": metrics, "tags": self.doc["tags"] | tags,
+                     "transcripts": result.get("utterances") or [],
+                     "probes": [{"id": p.get("id"), "hypothesis": p.get("hypothesis")}
+                                for p in result.get("probes") or []]}
+        self._write()
+
+    def fail(self, run_id: str, exc: BaseException, status: str, trial_s: float) -> str:
+        msg = f"{type(exc).__name__}: {exc}"
+        self.doc |= {"status": "FAILED", "metrics": {"trial_s": trial_s},
+                     "tags": self.doc.get("tags", {}) | {"status": status, "error": msg[:4000]},
+                     "traceback": "".join(traceback.format_exception(exc))[-4000:]}
+        self._write()
+        return msg
+
+    def rung(self, run_id: str, n: int, figs: dict) -> None:
+        self.doc.setdefault("rungs", {})[str(n)] = {k: float(figs[k]) for k in ("dwer", "speedup")}
+
+    def rung_figures(self, n: int) -> list[dict]:
+        return []  # one trial: nothing to compare with
+
+    def profile(self, run_id: str, prof: dict | None, error: str | None = None) -> None:
+        self.doc["profile"] = prof or {"error": error}
+        self._write()
+
+
+def worker_inputs(carry: Path, model, processor, where: Path, clips: int) -> tuple[str, dict]:
+    """The carried model saved in the Hugging Face layout (what `--model DIR` loads) and a
+    manifest of the carried clips in HYPER's format: the model spec and data options of a
+    sweep whose worker reads them."""
+    model_dir = where / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    manifest = where / "clips.jsonl"
+    lines = [json.dumps({"id": c["id"], "audio": str((carry / "clips" / c["file"]).resolve()),
+                         "text": c["text"], "lang": c["lang"]})
+             for c in map(json.loads, (carry / "clips" / "manifest.jsonl").read_text("utf-8")
+                          .splitlines())]
+    manifest.write_text("\n".join(lines) + "\n", "utf-8")
+    return str(model_dir), {"dataset": str(manifest), "max_samples": clips or None,
+                            "config": None, "split": "test", "audio_column": "audio",
+                            "text_column": "text", "language": "en"}
+
+
 # ---- the run ----------------------------------------------------------------------------
 
 class Run:
@@ -501,11 +598,46 @@ class Run:
                                                b, self.opts)})
         return rows
 
+    def worker_task(self, task: Task) -> list[dict]:
+        """One trial through `sweep.search.worker.run_one`, logged to a JSON file."""
+        import socket
+
+        import torch
+
+        from sweep.search import worker
+
+        if self.small is None:
+            self.accuracy_task(Task(Variant("baseline", {}, "baseline"), "accuracy"))
+        where = Path(tempfile.mkdtemp(prefix="hyper-gpu-worker-"))
+        try:
+            model_spec, data = worker_inputs(self.opts.carry, *self.small, where,
+                                             self.opts.clips)
+            ctx = worker.SweepContext(sweep="gpu-worker", model=model_spec, data=data,
+                                      language="en", numbers="none", tracking_uri="local-json",
+                                      experiment_id="-", parent_run_id="-",
+                                      cpus_per_trial=torch.get_num_threads())
+            slot = worker.Slot("gpu-worker-1", torch.get_num_threads(),
+                               ["0"] if self.opts.device == "cuda" else [], socket.gethostname())
+            stem = "gpu" if self.opts.device == "cuda" else "gpu-dryrun-cpu"
+            log = JsonLog(self.out / f"{stem}-worker-trial.json")
+            got = worker.run_one({"device": self.opts.device, **task.variant.flat}, ctx, slot,
+                                 log)
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+            worker._CACHE.clear()  # the worker's model: not kept beside this run's own
+        if got["status"] != worker.STATUS_OK:
+            raise RuntimeError(f"the worker's trial ended {got['status']}: {got.get('error')}")
+        keep = ("wer", "cer", "dwer", "latency_median_s", "speedup", "loops", "trial_s",
+                "worker_prepare_s", "hallucination_rate")
+        return [{**{k: got.get(k) for k in keep}, "log": log.path.name,
+                 "logged_status": log.doc["status"], "logged_metrics": len(log.doc["metrics"]),
+                 "transcripts": len(log.doc["transcripts"])}]
+
     def run_task(self, task: Task) -> None:
         v, opts = task.variant, self.opts
         head = {"variant": v.name, "recipe": v.flat, "source": v.source, "part": task.part,
-                "model": "carried" if task.part == "accuracy" else opts.model_large}
-        batches = [1] if task.part == "accuracy" else list(opts.batches)
+                "model": opts.model_large if task.part == "latency" else "carried"}
+        batches = list(opts.batches) if task.part == "latency" else [1]
         skip = why_not(task, opts)
         if skip is None and (late := out_of_time(task, self.remaining(),
                                                  "tiny" in opts.model_large)):
@@ -517,8 +649,8 @@ class Run:
         t0 = time.perf_counter()
         try:
             with deadline(min(opts.row_timeout, self.remaining())):
-                got = (self.accuracy_task(task) if task.part == "accuracy"
-                       else self.latency_rows(task))
+                got = {"accuracy": self.accuracy_task, "latency": self.latency_rows,
+                       "worker": self.worker_task}[task.part](task)
             task.rows = [{**head, "batch": 1, "status": "ok", **r} if "status" not in r
                          else {**head, **r} for r in got]
             for r in task.rows:
@@ -620,6 +752,16 @@ def markdown(doc: dict) -> str:
                              f(r["s_per_window"], ".4f"), f(r["ms_per_token"], ".2f"),
                              f(r.get("tokens_per_s"), ".0f"), f(r.get("peak_mem_mib"), ".0f"),
                              f(r["warmup_s"], ".1f")) for r in lat]), ""]
+    wrk = [r for r in rows if r["part"] == "worker" and r["status"] == "ok"]
+    if wrk:
+        lines += ["## A sweep's worker path (`sweep.search.worker.run_one`, log to JSON)", "",
+                  md_table(("recipe", "WER", "dWER", "speed-up", "trial s", "prepare s",
+                            "logged", "log file"),
+                           [(r["variant"], f(r["wer"]), pct(r.get("dwer")), f(r.get("speedup"),
+                                                                             ".2f"),
+                             f(r.get("trial_s"), ".1f"), f(r.get("worker_prepare_s"), ".1f"),
+                             f"{r['logged_status']}, {r['logged_metrics']} metrics, "
+                             f"{r['transcripts']} transcripts", r["log"]) for r in wrk]), ""]
     lines += ["## The study's GPU rows", "", md_table(("what", "study", "here", "why not"), [
         (c["what"], f(c["study"], ".2f"), f(c["here"], ".3f"), c.get("reason") or "")
         for c in doc.get("study_comparison", [])]), ""]
@@ -702,7 +844,8 @@ def main(argv=None) -> int:
         return 2
     run = Run(opts, out, "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None
                                                           else argv))
-    doc = run.go(plan(variants(opts.space)))
+    vs = variants(opts.space)
+    doc = run.go(plan(vs, worker_variant(vs, opts.space)))
     ok = sum(r["status"] == "ok" for r in doc["rows"])
     print(f"{ok}/{len(doc['rows'])} rows ok in {doc['wall_s']} s; wrote {out}", file=sys.stderr)
     return 0

@@ -19,7 +19,8 @@ from sweep.inputs.data import shared_dir
 REPO = Path(__file__).resolve().parents[1]
 # Absent on the GPU machine: importing any of them there fails, so here too.
 BLOCKED = ("ray", "mlflow", "jiwer", "soundfile", "num2words", "torchao", "bitsandbytes")
-SELECTED = ("baseline", "quant.scheme=bf16", "decode.loop=greedy")
+SELECTED = ("baseline", "quant.scheme=bf16", "decode.loop=greedy", "quant.scheme=fp16")
+WORKER = "quant.scheme=fp16"  # the gpu space's first warm start: the worker-path trial's recipe
 needs_shared = pytest.mark.skipif(shared_dir() is None,
                                   reason="needs the shared speech set ($HYPER_SHARED or ../shared)")
 
@@ -55,7 +56,8 @@ def test_dry_run_on_cpu_without_the_missing_packages(carry, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _results_state() == before  # a dry run never writes the GPU's results
-    assert sorted(p.name for p in out.iterdir()) == ["gpu-dryrun-cpu.json", "gpu-dryrun-cpu.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu-dryrun-cpu-worker-trial.json", "gpu-dryrun-cpu.json", "gpu-dryrun-cpu.md"]
     doc = json.loads((out / "gpu-dryrun-cpu.json").read_text())
     assert {"gpu", "driver", "versions", "rows", "study_comparison", "models"} <= set(doc)
     assert doc["kind"].startswith("cpu dry run") and doc["gpu"]["device"] == "cpu"
@@ -73,6 +75,19 @@ def test_dry_run_on_cpu_without_the_missing_packages(carry, tmp_path):
                 assert r["why"] == "needs cuda" and "device=cuda" in r["reason"], r
             if "int8_weight_only" in name or "int4" in name:
                 assert r["why"] == "package missing" and "torchao" in r["reason"], r
+    # the trial a sweep's GPU worker runs (sweep.search.worker.run_one), logged to JSON
+    wrk = rows.pop((WORKER, "worker", 1))
+    assert wrk["status"] == "ok", wrk
+    n = doc["models"]["accuracy"]["clips"]  # --tiny: 1 of the 2 carried
+    assert wrk["logged_status"] == "FINISHED" and wrk["transcripts"] == n
+    assert 0 <= wrk["wer"] and wrk["speedup"] > 0 and wrk["worker_prepare_s"] > 0
+    log = json.loads((out / wrk["log"]).read_text())
+    assert log["params"]["quant.scheme"] == "fp16" and log["params"]["device"] == "cpu"
+    assert {"wer", "dwer", "speedup", "latency_median_s", "trial_s"} <= set(log["metrics"])
+    assert log["tags"]["device"] == "cpu" and log["tags"]["kernels"]
+    assert [u["id"] for u in log["transcripts"]] == [
+        u["id"] for u in map(json.loads, (carry / "clips" / "manifest.jsonl").read_text()
+                             .splitlines())][:n]
     assert not rows  # nothing but those
     for name in SELECTED:
         lat = [doc["rows"][i] for i, r in enumerate(doc["rows"])
@@ -84,6 +99,7 @@ def test_dry_run_on_cpu_without_the_missing_packages(carry, tmp_path):
     assert 0 <= acc["wer"] and len(acc["hypotheses"]) == 1 and acc["kernels"]
     md = (out / "gpu-dryrun-cpu.md").read_text()
     assert "## Accuracy" in md and "## Latency" in md and "needs cuda" in md
+    assert "## A sweep's worker path" in md
 
 
 def test_a_cpu_run_refuses_the_results_folder(tmp_path):
@@ -94,7 +110,9 @@ def test_a_cpu_run_refuses_the_results_folder(tmp_path):
 
 
 def test_cheap_rows_first_and_time_left_out_with_its_reason():
-    tasks = gpu.plan(gpu.variants("gpu"))
+    vs = gpu.variants("gpu")
+    tasks = gpu.plan(vs, gpu.worker_variant(vs, "gpu"))
+    assert [t.variant.name for t in tasks if t.part == "worker"] == [WORKER]
     costs = [t.variant.cost for t in tasks]
     assert costs == sorted(costs) and tasks[0].variant.name == "baseline"
     assert tasks[-1].variant.flat == {"compile.mode": "max-autotune"}
