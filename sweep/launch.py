@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import console
 from .inputs import cli
-from .results import figures, pareto, report, report_html, tracking
+from .results import figures, journal, pareto, report, report_html, tracking
 from .search import local, lock, worker
 from .search.sampler import SAMPLERS, mark_finished
 from .measure import stopping
@@ -242,7 +242,7 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
     import ray
     from ray import tune
 
-    from .search import sampler as search
+    from .search import callbacks, sampler as search
 
     sweep_dir = root / "sweeps"
     resources = search.init_ray(args.address)
@@ -257,6 +257,10 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
     if "cuda" not in devices and space.mentions("cuda"):
         print("note: the cluster has no GPU, so cuda points are not searched", file=sys.stderr)
     exp_id = tracking.ensure_experiment(uri, root / "artifacts")
+    rows_dir = sweep_dir / name / journal.DIR  # each measured trial's record, before MLflow
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume:  # what the killed launcher measured but never got into MLflow
+        reconcile(uri, exp_id, rows_dir)
     spec = SweepSpec.from_args(args, name)  # what --resume and export read back
     parent = tracking.start_parent(uri, exp_id, name, {
         "space": args.space, "model": args.model, "dataset": evalset.name,
@@ -286,7 +290,8 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
                                     args.early_stop_min_clips),
         confidence=space.confidence, probes=args.probes,
         rungs=stopping.parse_rungs(args.rungs),
-        needs_calibration=cli.space_needs_calibration(space), inject=dict(args.inject or {}))
+        needs_calibration=cli.space_needs_calibration(space), inject=dict(args.inject or {}),
+        journal=str(rows_dir))
     trainable = tune.with_resources(tune.with_parameters(worker.trainable, ctx=ctx),
                                     search.resources_for(per_trial))
     total = args.num_samples + 1
@@ -313,7 +318,8 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(sweep_dir), verbose=0,
                     callbacks=[search.Progress(total, args.time_budget, space.objectives,
-                                               space.constraints)],
+                                               space.constraints),
+                               callbacks.Journal(ctx.journal)],
                     # A lost node's trial runs again elsewhere; a recipe's own failure does not
                     # raise (it is reported as a failed trial), so it is never retried.
                     failure_config=tune.FailureConfig(max_failures=2)))
@@ -338,7 +344,7 @@ def _run_points(args, ctx, trainable_of, points: list[dict], where: Path, label:
     results in `points` order (None for a point without one)."""
     from ray import tune
 
-    from .search import sampler as search
+    from .search import callbacks, sampler as search
 
     if not points:
         return []
@@ -348,7 +354,7 @@ def _run_points(args, ctx, trainable_of, points: list[dict], where: Path, label:
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=label, storage_path=str(where), verbose=0, callbacks=[
             search.Progress(len(points), None, space.objectives, space.constraints,
-                            label=label)]))
+                            label=label), callbacks.Journal(ctx.journal)]))
     with console.quiet_tune():
         grid = tuner.fit()
     got = {json.dumps(r.config["point"], sort_keys=True, default=str): r.metrics for r in grid}
@@ -544,6 +550,24 @@ def interrupted(rows: list[dict]) -> dict:
             "interrupted_lost": len(trials) - rerun}
 
 
+def reconcile(uri: str, exp_id: str, folder: Path) -> int:
+    """Trials measured but not in MLflow (logging them failed) logged from the sweep's journal
+    (`tracking.reconcile`); a record that still cannot be logged stays there for the next
+    --resume, with a warning. Returns how many were logged."""
+    records, problems = journal.load(folder)
+    try:
+        n, failed = tracking.reconcile(uri, exp_id, records)
+    except Exception as e:  # noqa: BLE001 - the store itself fails: the journal keeps them
+        n, failed = 0, [f"{type(e).__name__}: {e}"]
+    for line in problems + failed:
+        print(f"warning: journal: {line} (kept in {folder}; --resume tries again)",
+              file=sys.stderr)
+    if n:
+        print(f"note: {n} measured trials whose logging had failed were logged to MLflow from "
+              f"{folder}", file=sys.stderr)
+    return n
+
+
 def _guarded(what: str, fn, *args, **kwargs) -> None:
     """One output file that cannot be made must not cost the others (or the summary)."""
     try:
@@ -557,6 +581,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
 
     from .techniques.recipe import Recipe
 
+    reconciled = reconcile(uri, exp_id, root / "sweeps" / name / journal.DIR)
     killed = tracking.close_stale(uri, exp_id, name)
     rows = tracking.sweep_rows(uri, exp_id, name)  # MLflow holds every finished trial
     for line in screen_rows(rows, space.objectives):
@@ -611,7 +636,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
                **resolution_summary(rows, front, len(evalset), space),
                "wall_s": wall, "trial_sum_s": trial_sum, "out": str(out),
                "unreadable": sum(r["status"] == "unreadable" for r in rows),
-               **interrupted(rows), "stale_runs_killed": killed,
+               **interrupted(rows), "stale_runs_killed": killed, "reconciled": reconciled,
                "stale_optuna_failed": failed_ot, "stale_optuna_recovered": recovered_ot,
                **accounting(list(trials.values()), front, space, base_figs),
                "knee": (pareto.knee(front, objs) or {}).get("trial_id")}

@@ -20,7 +20,7 @@ optuna = pytest.importorskip("optuna")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from sweep import launch  # noqa: E402
-from sweep.results import tracking  # noqa: E402
+from sweep.results import journal, rows, tracking  # noqa: E402
 from sweep.search.sweepspec import SweepSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,3 +141,90 @@ def test_a_sweep_of_more_runs_than_a_page_keeps_its_oldest(fast_dir):
     got = tracking.sweep_rows(uri, exp_id, "long")
     assert len(got) == 1005 and len({r["run_id"] for r in got}) == 1005
     assert got[0]["trial_id"] == "t0000" and got[-1]["trial_id"] == "t1004"
+
+
+# ---- nothing measured is lost when logging fails -----------------------------------------------
+
+
+def _trial_runs(root: Path, sweep: str = "s"):
+    client = MlflowClient(tracking.default_uri(root))
+    exp = client.get_experiment_by_name("hyper")
+    return client, [r for r in tracking.find_runs(client, exp.experiment_id, **{
+        "hyper.sweep": sweep, "hyper.kind": "trial"})]
+
+
+def _table(client, run_id: str, name: str) -> list:
+    return json.loads(Path(client.download_artifacts(run_id, name)).read_text())["data"]
+
+
+def test_reconcile_logs_what_mlflow_lacks_once(fast_dir):
+    """A journal record whose run never got its figures is logged, with its transcripts, once;
+    one whose trial another attempt finished is left alone; a broken file is named."""
+    uri = tracking.default_uri(fast_dir)
+    exp = tracking.ensure_experiment(uri, fast_dir / "artifacts")
+    parent = tracking.start_parent(uri, exp, "s", {"space": "x"}, {})
+    folder = fast_dir / "rows"
+    folder.mkdir()
+    result = {"wer": 0.25, "cer": 0.1, "latency_median_s": 0.02, "kernels": {}, "device": "cpu",
+              "utterances": [{"id": f"u{i}", "hypothesis": "да", "latency_s": 0.02}
+                             for i in range(3)]}
+
+    def trial(key):
+        run_id, _ = tracking.begin_trial(uri, exp, parent, "s", key, {"quant.scheme": "bf16"},
+                                         {"device": "cpu"})
+        journal.save(folder, {**rows.record(result), "run_id": run_id, "trial_key": key,
+                              "sweep": "s"})
+        return run_id
+
+    lost = trial("a")  # measured, then logging failed: RUNNING without figures
+    old = trial("b")  # the same, but Tune ran the trial again and that attempt finished
+    new, _ = tracking.begin_trial(uri, exp, parent, "s", "b", {"quant.scheme": "bf16"}, {})
+    tracking.finish_trial(uri, new, result)
+    (folder / "broken.json").write_text("{")
+    records, problems = journal.load(folder)
+    assert len(records) == 2 and len(problems) == 1 and "broken.json" in problems[0]
+    assert tracking.reconcile(uri, exp, records) == (1, [])
+    client = MlflowClient(uri)
+    run = client.get_run(lost)
+    assert run.info.status == "FINISHED" and run.data.metrics["wer"] == 0.25
+    assert run.data.tags["status"] == "ok" and len(_table(client, lost, "transcripts.json")) == 3
+    assert client.get_run(old).info.status == "KILLED"
+    assert tracking.reconcile(uri, exp, records) == (0, [])  # logged once, not appended again
+    assert len(_table(client, lost, "transcripts.json")) == 3
+    got = tracking.sweep_rows(uri, exp, "s")
+    assert sorted(r["trial_id"] for r in got if r["status"] == "ok") == ["a", "b"]
+
+
+def test_trials_whose_logging_failed_stay_measured_and_reach_mlflow(
+        tmp_path, tiny_checkpoint, small_manifest, capsys, monkeypatch):
+    """The artifact store cannot be written while the trials run (a file stands where its
+    folder goes: a full disk would do the same): logging each measured trial fails midway.
+    No trial is FAILED (Optuna gets the figures) and the launcher says why; once the store is
+    writable again, the end of the sweep logs every row, figures and transcripts, from the
+    journal."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "artifacts").write_text("in the way")
+    finish = launch.finish
+
+    def store_back(*a, **k):
+        (root / "artifacts").unlink()
+        return finish(*a, **k)
+
+    monkeypatch.setattr(launch, "finish", store_back)
+    summary = launch.run(launch.parse_args(_argv(tmp_path, tiny_checkpoint, small_manifest,
+                                                 "--num-samples", "1")))
+    err = capsys.readouterr().err
+    assert "was measured but not logged to MLflow (" in err
+    assert "note: 2 measured trials whose logging had failed were logged" in err
+    client, runs = _trial_runs(root)
+    assert sorted(r.data.params["quant.scheme"] for r in runs) == ["bf16", "none"]
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    for r in runs:
+        assert {"wer", "latency_median_s", "speedup"} <= set(r.data.metrics)
+        assert len(_table(client, r.info.run_id, "transcripts.json")) == 3
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{root / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert {t.user_attrs["run_id"] for t in study.trials} == {r.info.run_id for r in runs}
+    assert summary["ok"] == 2 and summary["failed"] == 0 and summary["reconciled"] == 2
+    assert len(journal.load(root / "sweeps" / "s" / journal.DIR)[0]) == 2

@@ -62,6 +62,26 @@ def to_mlflow(result: Mapping) -> tuple[dict[str, float], dict[str, str]]:
     return metrics, tags({"kernels": {}, "status": "ok", **result})
 
 
+# Tables a trial's run keeps as artifacts: file -> (the result's list, its columns).
+TABLES = {"transcripts.json": ("utterances", ("id", "lang", "reference", "hypothesis",
+                                              "latency_s", "tokens", "loop")),
+          "probes.json": ("probes", ("id", "hypothesis"))}
+
+
+def record(result: Mapping) -> dict:
+    """Everything MLflow keeps of a measured trial, as plain data: `metrics` and `tags`
+    (`to_mlflow`), `tables` (artifact file -> column -> values) and `end`, the state its run
+    ends in: FINISHED, or FAILED for a trial stopped early (`pruned`: its partial figures are
+    logged all the same, and a resumed sweep does not take it for a finished one). The sweep's
+    journal keeps it before it is logged (`tracking.log_record`)."""
+    metrics, tags_ = to_mlflow(result)
+    tables = {name: {c: [u.get(c) for u in result[key]] for c in cols}
+              for name, (key, cols) in TABLES.items() if result.get(key)}
+    ok = result.get("status", "ok") == "ok"
+    return {"metrics": metrics, "tags": tags_, "tables": tables,
+            "end": "FINISHED" if ok else "FAILED"}
+
+
 def from_result(result: Mapping) -> dict:
     """The row of a trial measured in this process: exactly what `from_mlflow` reads back
     once `to_mlflow`'s output is logged."""

@@ -178,23 +178,54 @@ def begin_trial(uri: str, exp_id: str, parent: str, sweep: str, key: str, recipe
 
 
 def finish_trial(uri: str, run_id: str, result: dict) -> None:
-    """Log a finished trial's result (`rows.to_mlflow`), its transcripts, and end the run:
-    FINISHED, or FAILED with status `pruned` for a trial stopped early (its partial figures are
-    logged all the same; a resumed sweep does not take it for a finished one)."""
+    """Log a finished trial's result (`rows.record`: figures, tags, transcripts) and end the
+    run: FINISHED, or FAILED with status `pruned` for a trial stopped early."""
+    log_record(uri, run_id, rows.record(result))
+
+
+def log_record(uri: str, run_id: str, record: dict, again: bool = False) -> None:
+    """Log a trial's `rows.record` to its run and end the run as the record says. `again`: the
+    run may hold some of it from an attempt that failed midway (MLflow appends to a table
+    logged twice: a table already there is kept as it is)."""
     client = MlflowClient(uri)
     now = int(time.time() * 1000)
-    metrics, tags = rows.to_mlflow(result)
-    retry(client.log_batch, run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-          tags=[RunTag(k, v) for k, v in tags.items()])
-    if result.get("utterances"):
-        cols = ("id", "lang", "reference", "hypothesis", "latency_s", "tokens", "loop")
-        table = {c: [u.get(c) for u in result["utterances"]] for c in cols}
-        retry(client.log_table, run_id, data=table, artifact_file="transcripts.json")
-    if result.get("probes"):
-        table = {c: [p.get(c) for p in result["probes"]] for c in ("id", "hypothesis")}
-        retry(client.log_table, run_id, data=table, artifact_file="probes.json")
-    ok = result.get("status", "ok") == "ok"
-    retry(client.set_terminated, run_id, status="FINISHED" if ok else "FAILED")
+    retry(client.log_batch, run_id,
+          metrics=[Metric(k, float(v), now, 0) for k, v in record["metrics"].items()],
+          tags=[RunTag(k, v) for k, v in record["tags"].items()])
+    there = {a.path for a in retry(client.list_artifacts, run_id)} if again else set()
+    for name, table in record["tables"].items():
+        if name not in there:
+            retry(client.log_table, run_id, data=table, artifact_file=name)
+    retry(client.set_terminated, run_id, status=record["end"])
+
+
+def reconcile(uri: str, exp_id: str, records: list[dict]) -> tuple[int, list[str]]:
+    """Log the journal's records (`sweep.results.journal`) that MLflow lacks: a record whose
+    run has not ended as it says with its figures, unless another attempt of the same trial
+    finished. Returns (records logged, a warning per record that still could not be)."""
+    client = MlflowClient(uri)
+    logged, problems = 0, []
+    for sweep in sorted({r["sweep"] for r in records}):
+        runs = find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.kind": "trial"})
+        by_id = {r.info.run_id: r for r in runs}
+        for rec in (r for r in records if r["sweep"] == sweep):
+            run = by_id.get(rec["run_id"])
+            if run is None:
+                problems.append(f"trial {rec['trial_key']}: its run {rec['run_id']} is not in "
+                                f"{uri}, experiment {exp_id}")
+                continue
+            if (run.info.status == rec["end"] and set(rec["metrics"]) <= set(run.data.metrics)
+                    or any(r.info.status == "FINISHED" and r.info.run_id != rec["run_id"]
+                           and r.data.tags.get("hyper.trial_key") == rec["trial_key"]
+                           for r in runs)):
+                continue
+            try:
+                log_record(uri, rec["run_id"], rec, again=True)
+                logged += 1
+            except Exception as e:  # noqa: BLE001 - kept in the journal for the next try
+                problems.append(f"trial {rec['trial_key']} (run {rec['run_id']}): "
+                                f"{type(e).__name__}: {e}")
+    return logged, problems
 
 
 def fail_trial(uri: str, run_id: str, exc: BaseException, status: str = "failed",

@@ -7,12 +7,15 @@ process and reused by every trial that lands there (Tune's actor reuse), never r
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
-from ..results import rows
+from ..results import journal, rows
 
 # Per worker process: (model, data, threads, device) -> (loaded, evalset, calibration, baseline).
 _CACHE: dict = {}
@@ -53,6 +56,7 @@ class SweepContext:
     needs_calibration: bool = False
     inject: dict = field(default_factory=dict)  # test hooks: recipe key=value -> fault
     profile: int = 0  # --profile: top operators by self time logged per trial (0: none)
+    journal: str | None = None  # the sweep's journal folder (sweep.results.journal), if any
 
 
 @dataclass(frozen=True)
@@ -230,12 +234,15 @@ def _check_device(device: str, gpus: list) -> None:
 
 
 def _inject(ctx: SweepContext, flat: dict) -> None:
-    """Faults for the failure tests: a recipe value mapped to `raise` or `hang:<seconds>`."""
+    """Faults for the failure tests: a recipe value mapped to `raise`, `hang:<seconds>` or
+    `kill` (the worker SIGKILLs itself, as the OOM killer would)."""
     for cond, fault in ctx.inject.items():
         k, _, v = cond.partition("=")
         if str(flat.get(k)) == v:
             if fault == "raise":
                 raise InjectedFault(f"injected failure for {cond}")
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
             if fault.startswith("hang:"):  # busy in Python, like a decoding loop that never ends
                 end = time.time() + float(fault[5:])
                 while time.time() < end:
@@ -301,15 +308,43 @@ def run_one(config: dict, ctx: SweepContext, slot: Slot | None = None,
                                    f"(recipe {flat})") from None
         result.update(trial_s=time.perf_counter() - t0, worker_prepare_s=load_s,
                       node=os.uname().nodename, node_id=slot.node_id, gpu_ids=gpus)
-        log.finish(run_id, result)
-        if ctx.profile:
-            _profile(ctx, loaded, evalset, calib, recipe, run_id, log)
     except Exception as e:  # noqa: BLE001 - a recipe's failure is a failed trial, not a dead sweep
         trial_s = time.perf_counter() - t0
         msg = log.fail(run_id, e, STATUS_FAILED, trial_s)
         return {"status": STATUS_FAILED, "error": msg, "run_id": run_id,
                 "trial_key": trial_key, "trial_s": trial_s}
-    return reported(rows.from_result(result), run_id, trial_key)
+    unlogged = _keep(ctx, slot, run_id, result, log)
+    if ctx.profile and not unlogged:
+        try:
+            _profile(ctx, loaded, evalset, calib, recipe, run_id, log)
+        except Exception as e:  # noqa: BLE001 - logging the profile failed: the trial stands
+            print(f"warning: trial {trial_key}: its profile was not logged: {e}", file=sys.stderr)
+    return {**reported(rows.from_result(result), run_id, trial_key), **unlogged}
+
+
+def _keep(ctx: SweepContext, slot: Slot, run_id: str, result: dict, log) -> dict:
+    """A measured trial's record (`rows.record`): into the sweep's journal first, then to its
+    log. A log that fails costs nothing measured: the trial stays measured (Tune and Optuna get
+    its figures), its record goes to the launcher with them (a node without the launcher's
+    disk has no journal folder), and the launcher logs it from the journal at the end of the
+    sweep or on --resume (`tracking.reconcile`). Returns what the trial's result adds: nothing,
+    or why logging failed (`unlogged`) and the record as JSON (`journal`)."""
+    record = {**rows.record(result), "run_id": run_id, "trial_key": slot.key,
+              "sweep": ctx.sweep}
+    if ctx.journal and os.path.isdir(ctx.journal):
+        try:
+            journal.save(ctx.journal, record)
+        except OSError as e:
+            print(f"warning: trial {slot.key}: not written to {ctx.journal}: {e}",
+                  file=sys.stderr)
+    try:
+        log.finish(run_id, result)
+    except Exception as e:  # noqa: BLE001 - whatever failed, the measurement is kept
+        why = f"{type(e).__name__}: {e}"
+        print(f"warning: trial {slot.key} was measured but logging it failed ({why}); the "
+              "launcher logs it from the sweep's journal", file=sys.stderr)
+        return {"unlogged": why[:2000], "journal": json.dumps(record, default=journal.plain)}
+    return {}
 
 
 def reported(row: dict, run_id: str, trial_key: str) -> dict:
