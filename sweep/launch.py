@@ -610,8 +610,8 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     if baseline is not None:  # the baseline trial's own measurement of the baseline figures
         base_figs.update({k: baseline[k] for k in [*base_figs, *(m for m, _ in objs)]
                           if k in baseline})
-    front = pareto.pareto_front(ok, space.objectives, constraints=space.constraints,
-                                baseline=base_figs)
+    # unresolved: off the front, kept in the table (a WER gain inside its own interval)
+    front, unresolved = pareto.front_split(ok, objs, constraints=constraints, baseline=base_figs)
     out = Path(args.out) if args.out else root / "sweeps" / name / "results"
     links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{r['run_id']}"
              for r in ok}
@@ -632,7 +632,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     pruned = [r for r in trials.values() if r.get("status") == "pruned"]
     summary = {"sweep": name, "trials": len(trials), "ok": len(ok), "pruned": len(pruned),
                "failed": len(trials) - len(ok) - len(pruned), "front": len(front),
-               "hypervolume": hv, **stop_costs(ok, pruned),
+               "hypervolume": hv, "unresolved": len(unresolved), **stop_costs(ok, pruned),
                **resolution_summary(rows, front, len(evalset), space),
                "wall_s": wall, "trial_sum_s": trial_sum, "out": str(out),
                "unreadable": sum(r["status"] == "unreadable" for r in rows),
@@ -651,7 +651,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     _guarded("the front to MLflow", log_front, client, uri, exp_id, name, parent, front,
              base_figs, objs, out)
     tracking.retry(client.set_terminated, parent, status="FINISHED")
-    print(report.format_table(front, base_figs, objectives=objs))
+    print(report.format_table(front, base_figs, objectives=objs, unresolved=unresolved))
     if not front:
         print(f"no finished trial meets the constraints {dict(space.constraints)}; "
               f"see {out / 'trials.csv'} for all {len(ok)} of them")
