@@ -13,31 +13,44 @@ Routes:
   - `temperature` only 0 and `prompt` only empty, `stream` only false, `timestamp_granularities[]`
     only `segment`: the checkpoint decodes greedily and unprompted, as its trial was measured, so
     any other value is a 400 that says so, never silently another decoding.
-- `GET /health`; `GET /metrics` (Prometheus text, or JSON with `?format=json`): requests by route
-  and status, latency p50/p95, queue depth, requests in flight.
+- `GET /health` (no paths; open without the API key); `GET /metrics` (Prometheus text, or JSON
+  with `?format=json`): requests by route and status, latency p50/p95, queue depth, requests in
+  flight, decodes started, requests cancelled (client gone) and bodies timed out.
 
 Every error is OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}`: 413 over
-the upload limit (Content-Length first, then counted while reading), 415 for a body that is not
-multipart or a file that is not audio, 400 for an empty or undecodable file or a wrong field, 503
-with `Retry-After` when the queue is full. Audio is decoded before it is queued, so bad input
-fails fast. A bounded pool of `--workers` threads decodes, each with its own copy of the model
-(decoding state lives per model); SIGINT/SIGTERM stop accepting and finish every admitted request.
+the upload limit (Content-Length first, then counted while reading) or for audio whose header
+declares more samples than `--max-audio-s` of 48 kHz stereo (a compressed bomb, refused before
+decoding), 408 for a body not received within `--read-timeout-s` (one deadline for the whole
+body), 415 for a body that is not multipart or a file that is not audio, 400 for an empty or
+undecodable file or a wrong field, 401 without the API key when one is set, 403 for a Host or
+Origin header that is not this server's (DNS rebinding, web pages posting to localhost), 503 with
+`Retry-After` when the queue is full or memory ran out, 500 for a bug (logged; its text is never
+sent). Audio is decoded before it is queued, so bad input fails fast. A bounded pool of
+`--workers` threads decodes, each with its own copy of the model (decoding state lives per
+model); queued work whose client hung up is dropped (`cancelled` in /metrics). SIGINT/SIGTERM
+stop accepting and finish every admitted request, for at most `--shutdown-timeout-s`.
+See docs/serve.md for what is and is not protected.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import io
+import ipaddress
+import logging
 import math
 import os
 import queue
+import re
 import sys
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +66,14 @@ FIELDS = {  # the form fields each route reads; any other is a 400 naming them
 FORM_SLACK = 64 * 1024  # multipart boundaries and the small fields, on top of the file itself
 WINDOW = 1024  # latencies kept per route for the percentiles
 MIN_RATE, MAX_RATE = 4000, 384_000  # sample rates taken (1 Hz would resample 16000-fold)
+# Samples per second of audio a decode may hold, frames x channels: 48 kHz stereo. A few KB of
+# FLAC can declare 8 channels at 384 kHz (32x this), which would be decoded before being resampled.
+ORDINARY_RATE = 48_000 * 2
+BLOCK = 1 << 16  # frames decoded at a time: the multichannel buffer stays small
+READ_S_PER_MB, MIN_READ_S = 3.0, 10.0  # default body deadline: 3 s per MB of the limit, >= 10 s
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+OPEN_PATHS = ("/health",)  # answered without the API key: orchestrators' liveness probes
+log = logging.getLogger("sweep.serve")
 
 
 class ApiError(Exception):
@@ -73,7 +94,7 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class ServeOptions:
     checkpoint: str  # an exported checkpoint directory (`python -m sweep.export`)
-    host: str = "127.0.0.1"  # loopback only unless asked: no authentication here
+    host: str = "127.0.0.1"  # loopback only unless asked
     port: int = 8000  # 0: any free port (the ready line says which)
     workers: int = 1  # requests decoded at once, each worker with its own copy of the model
     queue: int = 8  # admitted requests waiting beyond the workers'; past it 503 + Retry-After
@@ -83,6 +104,12 @@ class ServeOptions:
     device: str | None = None  # default: the device the checkpoint's recipe was measured on
     warmup: bool = True  # decode 1 s of silence per worker before listening (first-call costs)
     verbose: bool = False  # uvicorn's info log and access log
+    # One deadline for the whole body (not an idle timeout: a byte a second would reset that),
+    # so a trickling client frees its slot; None: READ_S_PER_MB per MB of the limit.
+    read_timeout_s: float | None = None
+    shutdown_timeout_s: float = 30.0  # SIGTERM: requests still running after this are cut off
+    allowed_hosts: tuple[str, ...] = ()  # Host names taken besides loopback's and --host's
+    api_key: str | None = field(default=None, repr=False)  # `Authorization: Bearer KEY`
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -97,48 +124,156 @@ class ServeOptions:
             raise ValueError(f"`max_audio_s` must be > 0, got {self.max_audio_s=}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"`threads` must be at least 1, got {self.threads=}")
+        if self.read_timeout_s is not None and not 0 < self.read_timeout_s < math.inf:
+            raise ValueError(f"`read_timeout_s` must be > 0 seconds, got {self.read_timeout_s=}")
+        if not 0 <= self.shutdown_timeout_s < math.inf:
+            raise ValueError(f"`shutdown_timeout_s` must be >= 0 seconds, got "
+                             f"{self.shutdown_timeout_s=}")
+        hosts = tuple(h.strip().lower().strip("[]") for h in self.allowed_hosts)
+        for h in hosts:
+            if not re.fullmatch(r"\*|[a-z0-9_.-]+|[0-9a-f:.]+", h):
+                raise ValueError("`allowed_hosts` entries must be a host name or IP address "
+                                 f"(no scheme, port or path) or '*', got {h!r}")
+        object.__setattr__(self, "allowed_hosts", hosts)
+        key = self.api_key
+        if key is not None and (len(key) < 16 or not re.fullmatch(r"[\x21-\x7e]+", key)):
+            # the key itself is never printed: it is a secret
+            raise ValueError(f"`api_key` must be at least 16 visible ASCII characters without "
+                             f"spaces (e.g. `python -c 'import secrets; print(secrets."
+                             f"token_urlsafe())'`), got {len(key)} characters")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
+    @property
+    def body_timeout_s(self) -> float:
+        return self.read_timeout_s or max(MIN_READ_S, READ_S_PER_MB * self.max_upload_mb)
+
+    @property
+    def max_samples(self) -> int:
+        """Decoded samples (frames x channels) an upload may hold: `max_audio_s` of 48 kHz
+        stereo."""
+        return int(self.max_audio_s * ORDINARY_RATE)
+
+    def hosts(self) -> frozenset[str] | None:
+        """Host header names answered (None: any, with `*`): loopback's, --host's unless a
+        wildcard, and --allowed-host's."""
+        if "*" in self.allowed_hosts:
+            return None
+        own = () if _wildcard(self.host) else (self.host.lower().strip("[]"),)
+        return frozenset((*LOOPBACK, *own, *self.allowed_hosts))
+
+    def warnings(self) -> list[str]:
+        if _loopback(self.host) or self.api_key:
+            return []
+        return [f"listening on {self.host} without an API key: anyone who can reach this port "
+                "can transcribe. Set HYPER_API_KEY (or --api-key), and put a TLS reverse proxy "
+                "in front (docs/serve.md)"]
+
+
+def _wildcard(host: str) -> bool:
+    return host.strip("[]") in ("", "0.0.0.0", "::")
+
+
+def _loopback(host: str) -> bool:
+    h = host.lower().strip("[]")
+    try:
+        return h == "localhost" or ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
 
 # ---- audio -----------------------------------------------------------------------------------
 
 
-def decode_upload(data: bytes, name: str = "file", max_s: float | None = None) -> np.ndarray:
-    """float32 16 kHz mono samples of an uploaded file, or an ApiError: 400 empty, undecodable,
-    an odd sample rate or longer than `max_s` seconds (checked from the header, before
-    decoding: a small mp3 can hold hours), 415 not a format libsndfile knows."""
+def audio_header(data: bytes, name: str = "file", max_s: float | None = None):
+    """The upload's soundfile header, checked before a sample is decoded: an ApiError 400 for
+    an empty file, an odd sample rate or more than `max_s` seconds (a small mp3 can hold hours),
+    413 for more samples (frames x channels) than `max_s` of 48 kHz stereo (a few KB of FLAC
+    can declare 8 channels at 384 kHz), 415 for a format libsndfile does not know."""
     import soundfile as sf
-
-    from .inputs.data import to_mono_16k
 
     if not data:
         raise ApiError(400, f"`file` ({name}) is empty: upload the audio bytes", "file")
     try:
         head = sf.info(io.BytesIO(data))
-        if not MIN_RATE <= head.samplerate <= MAX_RATE:
-            raise ApiError(400, f"`file` ({name}) sample rate must be in [{MIN_RATE}, {MAX_RATE}]"
-                           f" Hz, got {head.samplerate}", "file")
-        if max_s is not None and head.frames / head.samplerate > max_s:
-            raise ApiError(400, f"`file` ({name}) must be at most {max_s:g} s of audio "
-                           f"(--max-audio-s), got {head.frames / head.samplerate:.0f} s", "file")
-        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as e:  # LibsndfileError, RuntimeError, TypeError on odd headers...
+        raise _undecodable(e, name, len(data)) from None
+    if not MIN_RATE <= head.samplerate <= MAX_RATE:
+        raise ApiError(400, f"`file` ({name}) sample rate must be in [{MIN_RATE}, {MAX_RATE}]"
+                       f" Hz, got {head.samplerate}", "file")
+    if max_s is not None and head.frames / head.samplerate > max_s:
+        raise ApiError(400, f"`file` ({name}) must be at most {max_s:g} s of audio "
+                       f"(--max-audio-s), got {head.frames / head.samplerate:.0f} s", "file")
+    if max_s is not None and head.frames * head.channels > (cap := int(max_s * ORDINARY_RATE)):
+        raise ApiError(413, f"`file` ({name}) declares {head.frames} frames x {head.channels} "
+                       f"channels at {head.samplerate} Hz = {head.frames * head.channels} samples "
+                       f"to decode; at most {cap} are taken ({max_s:g} s of 48 kHz stereo, "
+                       "--max-audio-s)", "file")
+    return head
+
+
+def decode_audio(data: bytes, name: str = "file", max_samples: int | None = None) -> np.ndarray:
+    """float32 16 kHz mono samples, decoded block by block: only BLOCK frames of every channel
+    are held at once, averaged into one mono buffer (float64 only when it is resampled, as
+    `to_mono_16k` does: the samples equal `sweep.transcribe`'s). More than `max_samples`
+    decoded (a header that lies) is a 413; running out of memory a 503, never "undecodable"."""
+    import soundfile as sf
+
+    from .inputs.data import SAMPLE_RATE, to_mono_16k
+
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            sr, ch = f.samplerate, f.channels
+            room = f.frames if max_samples is None else min(f.frames, max_samples // ch)
+            mono = np.empty(max(room, 0), np.float32 if sr == SAMPLE_RATE else np.float64)
+            extra, n = [], 0  # frames past the header's count (an estimate for some formats)
+            while len(block := f.read(BLOCK, dtype="float32", always_2d=True)):
+                if max_samples is not None and (n + len(block)) * ch > max_samples:
+                    raise ApiError(413, f"`file` ({name}) decodes to more than its header "
+                                   f"declared, past {max_samples} samples (--max-audio-s)",
+                                   "file")
+                if not np.isfinite(block).all():
+                    raise ApiError(400, f"`file` ({name}) holds non-finite samples (NaN or "
+                                   "inf)", "file")
+                # to_mono_16k's mean (float64), row by row: the same values, a block at a time
+                part = block[:, 0] if ch == 1 else block.astype(np.float64).mean(axis=1)
+                fit = max(0, min(len(part), len(mono) - n))
+                mono[n:n + fit] = part[:fit]
+                if fit < len(part):
+                    extra.append(part[fit:].astype(mono.dtype))
+                n += len(part)
+        mono = np.concatenate([mono, *extra]) if extra else mono[:n]
+        if not n:
+            raise ApiError(400, f"`file` ({name}) holds no samples", "file")
+        return mono if sr == SAMPLE_RATE else to_mono_16k(mono, sr)
     except ApiError:
         raise
-    except Exception as e:  # LibsndfileError, RuntimeError, TypeError on odd headers...
-        why = getattr(e, "error_string", "") or str(e)
-        if "format not recognised" in why.lower():
-            raise ApiError(415, f"`file` ({name}, {len(data)} bytes) is not audio this server "
-                           "reads: send wav, flac, ogg/opus or mp3", "file") from None
-        raise ApiError(400, f"`file` ({name}) cannot be decoded as audio: {why.strip()}",
-                       "file") from None
-    if not samples.shape[0]:
-        raise ApiError(400, f"`file` ({name}) holds no samples", "file")
-    if not np.isfinite(samples).all():
-        raise ApiError(400, f"`file` ({name}) holds non-finite samples (NaN or inf)", "file")
-    return to_mono_16k(samples, sr)
+    except MemoryError:
+        raise ApiError(503, f"`file` ({name}) could not be decoded now: the server is out of "
+                       "memory; retry later, or send shorter audio", "file",
+                       headers={"Retry-After": "5"}) from None
+    except Exception as e:
+        raise _undecodable(e, name, len(data)) from None
+
+
+def decode_upload(data: bytes, name: str = "file", max_s: float | None = None) -> np.ndarray:
+    """float32 16 kHz mono samples of an uploaded file: its header checked (`audio_header`),
+    then decoded within `max_s` of 48 kHz stereo (`decode_audio`)."""
+    audio_header(data, name, max_s)
+    return decode_audio(data, name, None if max_s is None else int(max_s * ORDINARY_RATE))
+
+
+def _undecodable(e: Exception, name: str, size: int) -> ApiError:
+    if isinstance(e, MemoryError):  # not the file's fault: said as it is
+        return ApiError(503, f"`file` ({name}) could not be read now: the server is out of "
+                        "memory; retry later", "file", headers={"Retry-After": "5"})
+    why = getattr(e, "error_string", "") or str(e)
+    if "format not recognised" in why.lower():
+        return ApiError(415, f"`file` ({name}, {size} bytes) is not audio this server "
+                        "reads: send wav, flac, ogg/opus or mp3", "file")
+    return ApiError(400, f"`file` ({name}) cannot be decoded as audio: {why.strip()}", "file")
 
 
 # ---- languages -------------------------------------------------------------------------------
@@ -196,11 +331,20 @@ def run(ck, audio: np.ndarray, language: str | None, default: str | None, task: 
 # ---- the worker pool -------------------------------------------------------------------------
 
 
+class Job:
+    """One request's work: `fn(checkpoint)`, settled into `future` on the request's loop."""
+
+    __slots__ = ("fn", "future", "loop", "state")
+
+    def __init__(self, fn: Callable, future: asyncio.Future, loop):
+        self.fn, self.future, self.loop, self.state = fn, future, loop, "queued"
+
+
 class Pool:
     """`len(checkpoints)` worker threads, each owning one loaded checkpoint, and admission of at
     most workers + `queue_limit` requests at once (from before their upload is read, so memory
-    stays bounded too). An admitted request keeps its slot until its worker is done with it,
-    whatever the client does meanwhile."""
+    stays bounded too). An admitted request keeps its slot until its worker is done with it, its
+    upload failed or timed out, or its client hung up before the work started (`cancel`)."""
 
     def __init__(self, checkpoints: list, queue_limit: int):
         self.checkpoints, self.queue_limit = checkpoints, queue_limit
@@ -227,14 +371,25 @@ class Pool:
         with self.lock:
             self.admitted -= 1
 
-    def submit(self, fn: Callable) -> asyncio.Future:
-        """`fn(checkpoint)` on the next free worker; its result (or error) in the future."""
+    def submit(self, fn: Callable) -> Job:
+        """`fn(checkpoint)` on the next free worker; its result (or error) in `job.future`."""
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        job = Job(fn, loop.create_future(), loop)
         with self.lock:
             self.queued += 1
-        self.jobs.put((fn, fut, loop))
-        return fut
+        self.jobs.put(job)
+        return job
+
+    def cancel(self, job: Job) -> bool:
+        """Drop `job` if no worker has started it (its client is gone): True when dropped, and
+        its slot is free; a job already running finishes (a decode cannot be interrupted)."""
+        with self.lock:
+            if job.state != "queued":
+                return False
+            job.state = "cancelled"
+            self.queued -= 1
+            self.admitted -= 1
+            return True
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the work ahead at the median job time."""
@@ -244,22 +399,25 @@ class Pool:
         return max(1, math.ceil(median * max(ahead, 1) / len(self.checkpoints)))
 
     def _work(self, ck) -> None:
-        while (item := self.jobs.get()) is not None:
-            fn, fut, loop = item
+        while (job := self.jobs.get()) is not None:
             with self.lock:
+                if job.state == "cancelled":  # counted out by `cancel` already
+                    continue
+                job.state = "running"
                 self.queued -= 1
                 self.running += 1
             t0 = time.perf_counter()
             try:
-                ok, out = True, fn(ck)
+                ok, out = True, job.fn(ck)
             except BaseException as e:  # the worker outlives any one request's failure
                 ok, out = False, e
             with self.lock:
+                job.state = "done"
                 self.running -= 1
                 self.admitted -= 1
                 self.model_s.append(time.perf_counter() - t0)
             try:
-                loop.call_soon_threadsafe(_settle, fut, ok, out)
+                job.loop.call_soon_threadsafe(_settle, job.future, ok, out)
             except RuntimeError:  # the loop is gone: nobody is waiting any more
                 pass
 
@@ -290,12 +448,20 @@ def percentile(values, q: float) -> float | None:
     return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))] if v else None
 
 
+EVENTS = {  # counters beside the requests', for /metrics
+    "decodes": "Uploads whose audio decoding started (after their header was checked).",
+    "cancelled": "Requests dropped before their transcription started: the client hung up.",
+    "timeouts": "Request bodies not received within --read-timeout-s (answered 408).",
+}
+
+
 class Metrics:
-    """Requests by route and status, and the latencies of the last answered requests."""
+    """Requests by route and status, the latencies of the last answered requests, and EVENTS."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
+        self.events: Counter = Counter({k: 0 for k in EVENTS})
         self.latency: dict[str, deque] = {r: deque(maxlen=WINDOW) for r in ROUTES}
         self.started = time.time()
 
@@ -305,12 +471,17 @@ class Metrics:
             if status == 200 and route in self.latency:
                 self.latency[route].append(seconds)
 
+    def count(self, event: str) -> None:
+        with self.lock:
+            self.events[event] += 1
+
     def snapshot(self, pool: Pool) -> dict:
         with self.lock:
             counts = [{"route": r, "status": s, "count": n}
                       for (r, s), n in sorted(self.counts.items())]
             lat = {r: list(d) for r, d in self.latency.items()}
-        return {"uptime_s": time.time() - self.started, "requests": counts,
+            events = dict(self.events)
+        return {"uptime_s": time.time() - self.started, "requests": counts, **events,
                 "latency_s": {r: {"p50": percentile(v, 0.5), "p95": percentile(v, 0.95),
                                   "count": len(v)} for r, v in lat.items()},
                 **pool.state()}
@@ -330,6 +501,9 @@ def prometheus(snap: dict) -> str:
                 out.append(f'hyper_request_latency_seconds{{route="{route}",'
                            f'quantile="0.{q[1:]}"}} {lat[q]:.6f}')
         out.append(f'hyper_request_latency_seconds_count{{route="{route}"}} {lat["count"]}')
+    for key, text in EVENTS.items():
+        out += [f"# HELP hyper_{key}_total {text}", f"# TYPE hyper_{key}_total counter",
+                f"hyper_{key}_total {snap[key]}"]
     for key, kind, text in (("queued", "gauge", "Requests waiting for a worker."),
                             ("in_flight", "gauge", "Requests being decoded."),
                             ("admitted", "gauge", "Requests admitted: uploading, queued or "
@@ -362,6 +536,81 @@ def _measured(app, metrics: Metrics):
     return asgi
 
 
+# ---- who may ask -----------------------------------------------------------------------------
+
+
+def host_name(value: str) -> str:
+    """A Host header's name without its port: `[::1]:8000` -> `::1`, `Example.org.:80` ->
+    `example.org`."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        return v[1:v.find("]")] if "]" in v else v
+    return (v.rsplit(":", 1)[0] if v.count(":") == 1 else v).rstrip(".")
+
+
+def _guard(app, opts: ServeOptions):
+    """ASGI middleware on every route, /health included: the Host header must name this server
+    (a web page whose DNS name is rebound to 127.0.0.1 would read the answers), a browser's
+    Origin too (a multipart POST needs no CORS preflight: any page could make a local server
+    work), then the API key when one is set (`Authorization: Bearer`), except on OPEN_PATHS."""
+    from urllib.parse import urlsplit
+
+    from fastapi.responses import JSONResponse
+
+    allowed, any_ip = opts.hosts(), _wildcard(opts.host)
+    key = opts.api_key.encode() if opts.api_key else None
+    named = "any host" if allowed is None else (
+        ", ".join(sorted(allowed)) + (" or an IP address" if any_ip else ""))
+
+    def ours(name: str) -> bool:
+        if allowed is None or name in allowed:
+            return True
+        try:  # a wildcard bind answers to its addresses; DNS rebinding needs a name
+            return any_ip and bool(ipaddress.ip_address(name))
+        except ValueError:
+            return False
+
+    def refusal(headers: dict, path: str) -> ApiError | None:
+        host = headers.get("host")
+        if host is None:
+            return ApiError(403, "the Host header is required")
+        if not ours(host_name(host)):
+            return ApiError(403, f"Host {host!r} is not a name of this server (it answers to "
+                            f"{named}; add one with --allowed-host)")
+        origin = headers.get("origin")
+        if origin is not None:
+            try:
+                name = urlsplit(origin).hostname or ""
+            except ValueError:
+                name = ""
+            if not ours(name):
+                return ApiError(403, f"Origin {origin!r} is not this server's: web pages "
+                                f"elsewhere may not call it (it answers to {named}; add one "
+                                "with --allowed-host)")
+        if key is None or path in OPEN_PATHS:
+            return None
+        scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if scheme.lower() != "bearer" or not given.strip():
+            return ApiError(401, "this server needs its API key: send `Authorization: Bearer "
+                            "KEY` (the key set with --api-key or HYPER_API_KEY)",
+                            headers=challenge)
+        if not hmac.compare_digest(given.strip().encode("latin-1"), key):  # constant time
+            return ApiError(401, "the API key is wrong (`Authorization: Bearer KEY`)",
+                            headers=challenge)
+        return None
+
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if (err := refusal(headers, scope.get("path", ""))) is None:
+            return await app(scope, receive, send)
+        await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(
+            scope, receive, send)
+    return asgi
+
+
 # ---- the application -------------------------------------------------------------------------
 
 
@@ -369,8 +618,14 @@ class _TooLarge(Exception):
     pass
 
 
-async def _read_form(request, limit: int):
-    """The multipart form, its body counted as it arrives: past `limit` bytes, a 413."""
+class _Gone(Exception):
+    """The client hung up before its transcription started."""
+
+
+async def _read_form(request, limit: int, timeout_s: float):
+    """The multipart form, its body counted as it arrives: past `limit` bytes a 413; not all of
+    it within `timeout_s` (one deadline for the whole body, however steadily it trickles) a 408;
+    the client gone, _Gone."""
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
 
@@ -383,16 +638,30 @@ async def _read_form(request, limit: int):
         if seen > limit:
             raise _TooLarge
         return msg
+    close = {"Connection": "close"}  # the rest of the body is not read: end the connection
     try:
-        return await Request(request.scope, receive).form(max_files=4, max_fields=16,
-                                                           max_part_size=FORM_SLACK)
+        async with asyncio.timeout(timeout_s):
+            return await Request(request.scope, receive).form(max_files=4, max_fields=16,
+                                                               max_part_size=FORM_SLACK)
     except _TooLarge:
         raise ApiError(413, f"the request body is over the upload limit of {limit} bytes "
-                       f"(read {seen} before stopping)", "file") from None
+                       f"(read {seen} before stopping)", "file", headers=close) from None
+    except TimeoutError:
+        size = request.headers.get("content-length")
+        raise ApiError(408, f"the request body must arrive within {timeout_s:g} s "
+                       f"(--read-timeout-s); {seen} of {size or 'an undeclared number of'} "
+                       "bytes came", headers=close) from None
     except HTTPException as e:  # python-multipart's parse errors, as Starlette reports them
         raise ApiError(400, f"the multipart body cannot be parsed: {e.detail}") from None
     except ClientDisconnect:
-        raise ApiError(400, "the client disconnected before the body was read") from None
+        raise _Gone from None
+
+
+async def _hung_up(request) -> None:
+    """Returns when the client disconnects. Once the body is read, uvicorn's `receive` waits
+    for the disconnect (or the end of the response)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _one(form, key: str):
@@ -476,6 +745,9 @@ def make_app(pool: Pool, opts: ServeOptions, about: dict):
     default = about.get("language")
     limit = opts.max_upload_bytes + FORM_SLACK
     metrics = Metrics()
+    # Audio decodes at once: one per worker (more would not finish sooner on these cores), so
+    # admitted uploads decode one after another and memory holds `workers` decodes at most.
+    decoding = asyncio.Semaphore(len(pool.checkpoints))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -495,17 +767,22 @@ def make_app(pool: Pool, opts: ServeOptions, about: dict):
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def failed(request, e: Exception):  # a bug, not bad input: said, logged, survived
-        import logging
-
-        logging.getLogger("sweep.serve").exception("request failed")
-        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body(),
-                            status_code=500)
+    async def failed(request, e: Exception):  # a bug, not bad input: logged, survived
+        ref = uuid.uuid4().hex[:12]
+        log.error("request %s to %s failed", ref, request.url.path, exc_info=e)
+        # The text stays in the log: an exception can name paths, settings or other requests.
+        return JSONResponse(ApiError(500, f"internal error (reference {ref} in the server's "
+                                          "log)").body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
         return JSONResponse(ApiError(400, f"invalid request: {e.errors()}").body(),
                             status_code=400)
+
+    def decode(data: bytes, name: str) -> np.ndarray:
+        audio_header(data, name, opts.max_audio_s)  # refused here, nothing is decoded
+        metrics.count("decodes")
+        return decode_audio(data, name, opts.max_samples)
 
     async def audio(request: Request, task: str):
         size = request.headers.get("content-length", "")
@@ -521,20 +798,46 @@ def make_app(pool: Pool, opts: ServeOptions, about: dict):
             raise ApiError(503, f"the server is busy: {pool.capacity} requests admitted "
                            f"({len(pool.checkpoints)} decoding, {pool.queue_limit} waiting); "
                            "retry later", headers={"Retry-After": str(pool.retry_after())})
-        submitted, form = False, None
+        job = watch = form = None
         try:
-            form = await _read_form(request, limit)
+            try:
+                form = await _read_form(request, limit, opts.body_timeout_s)
+            except ApiError as e:
+                if e.status == 408:
+                    metrics.count("timeouts")
+                raise
             fields = parse_fields(form, task)
             lang = language_code(ck.model, fields["language"])
             name = fields["upload"].filename or "upload"
             data = await fields["upload"].read()
-            samples = await asyncio.to_thread(decode_upload, data, name, opts.max_audio_s)
-            fut = pool.submit(lambda c: run(c, samples, lang, default, task))
-            submitted = True
-            row = await asyncio.shield(fut)  # a cancelled handler leaves the work to finish
+            watch = asyncio.ensure_future(_hung_up(request))
+            async with decoding:
+                if watch.done():
+                    raise _Gone
+                samples = await asyncio.to_thread(decode, data, name)
+            if watch.done():
+                raise _Gone
+            job = pool.submit(lambda c: run(c, samples, lang, default, task))
+            await asyncio.wait((job.future, watch), return_when=asyncio.FIRST_COMPLETED)
+            if not job.future.done() and pool.cancel(job):  # gone before a worker took it
+                raise _Gone
+            row = await asyncio.shield(job.future)  # running: it finishes whatever happens
+        except _Gone:
+            metrics.count("cancelled")
+            raise ApiError(499, "the client closed the connection before its transcription "
+                           "started") from None
+        except asyncio.CancelledError:  # --shutdown-timeout-s passed: drop what is queued
+            if job is not None:
+                pool.cancel(job)
+            raise
+        except MemoryError:
+            raise ApiError(503, "the server ran out of memory for this request; retry later",
+                           headers={"Retry-After": "5"}) from None
         finally:
-            if not submitted:
+            if job is None:
                 pool.leave()
+            if watch is not None:
+                watch.cancel()
             if form is not None:
                 await form.close()
         return _reply(row, fields["format"])
@@ -560,7 +863,7 @@ def make_app(pool: Pool, opts: ServeOptions, about: dict):
             return snap
         return PlainTextResponse(prometheus(snap), media_type="text/plain; version=0.0.4")
 
-    return _measured(app, metrics)
+    return _measured(_guard(app, opts), metrics)
 
 
 # ---- the command -----------------------------------------------------------------------------
@@ -580,7 +883,9 @@ def start_pool(opts: ServeOptions) -> tuple[Pool, dict]:
         silence = np.zeros(16000, dtype=np.float32)
         for ck in cks:
             run(ck, silence, None, lang or "en", "transcribe")
-    about = {"checkpoint": str(Path(opts.checkpoint).resolve()),
+    # The folder's name and the recipe's digest, not its path: /health answers without a key.
+    about = {"checkpoint": Path(opts.checkpoint).resolve().name,
+             "digest": cks[0].info.get("digest"),
              "recipe": cks[0].recipe.describe(), "language": lang,
              "device": cks[0].recipe.device, "threads": torch.get_num_threads()}
     return Pool(cks, opts.queue), about
@@ -605,6 +910,8 @@ def build(opts: ServeOptions, ready: Callable[[str], None] | None = None):
     serves until SIGINT/SIGTERM or `should_exit`, calling `ready(url)` once listening."""
     import uvicorn
 
+    for w in opts.warnings():
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     sock = listen(opts.host, opts.port)
     try:
         pool, about = start_pool(opts)
@@ -620,8 +927,10 @@ def build(opts: ServeOptions, ready: Callable[[str], None] | None = None):
                 ready(url_of(sock))
 
     level = "info" if opts.verbose else "warning"
+    # Past the shutdown timeout uvicorn cancels the requests still open: queued work is
+    # dropped, a decode already running finishes (the pool's workers are joined).
     config = uvicorn.Config(app, log_level=level, access_log=opts.verbose, lifespan="on",
-                            timeout_graceful_shutdown=None)
+                            timeout_graceful_shutdown=opts.shutdown_timeout_s)
     return Server(config), sock
 
 
@@ -636,13 +945,16 @@ def serve(opts: ServeOptions, ready: Callable[[str], None] | None = None) -> Non
     server.run(sockets=[sock])
 
 
-def main(argv=None) -> int:
+def options(argv=None) -> ServeOptions:
+    """The command line as ServeOptions (its checks are the options'); the API key from
+    --api-key, else $HYPER_API_KEY (the environment keeps it out of `ps`)."""
     ap = argparse.ArgumentParser(prog="python -m sweep.serve", description=(
         "Serve an exported checkpoint over HTTP with OpenAI's transcription API "
-        "(POST /v1/audio/transcriptions), plus GET /health and GET /metrics."))
+        "(POST /v1/audio/transcriptions), plus GET /health and GET /metrics. "
+        "What is and is not protected: docs/serve.md."))
     ap.add_argument("--checkpoint", required=True, help="the exported checkpoint directory")
     ap.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on (default loopback only: no authentication)")
+                    help="address to listen on (default loopback only); elsewhere set an API key")
     ap.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one")
     ap.add_argument("--workers", type=int, default=1,
                     help="requests decoded at once; each worker loads its own model copy")
@@ -651,7 +963,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-upload-mb", type=float, default=25.0,
                     help="largest audio upload in MB; a larger body gets 413")
     ap.add_argument("--max-audio-s", type=float, default=1800.0,
-                    help="longest audio in seconds; longer gets 400 before decoding")
+                    help="longest audio in seconds; longer gets 400 before decoding, and more "
+                         "samples than this long at 48 kHz stereo 413")
+    ap.add_argument("--read-timeout-s", type=float, default=None,
+                    help=f"deadline for a whole request body, answered 408 (default "
+                         f"{READ_S_PER_MB:g} s per MB of --max-upload-mb, at least "
+                         f"{MIN_READ_S:g} s)")
+    ap.add_argument("--shutdown-timeout-s", type=float, default=30.0,
+                    help="on SIGINT/SIGTERM, requests still open after this are cut off")
+    ap.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="a Host name clients use besides localhost and --host (repeatable; "
+                         "'*' turns the Host check off)")
+    ap.add_argument("--api-key", default=None,
+                    help="require `Authorization: Bearer KEY` (default $HYPER_API_KEY; none: "
+                         "no key)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: the cores divided among the workers)")
     ap.add_argument("--device", default=None, choices=("cpu", "cuda"),
@@ -659,25 +984,34 @@ def main(argv=None) -> int:
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip decoding 1 s of silence per worker before listening")
     ap.add_argument("--verbose", action="store_true", help="uvicorn's log and access log too")
-    args = ap.parse_args(argv)
-    if args.verbose:
-        from . import console
+    a = ap.parse_args(argv)
+    return ServeOptions(a.checkpoint, a.host, a.port, a.workers, a.queue, a.max_upload_mb,
+                        a.max_audio_s, a.threads, a.device, warmup=not a.no_warmup,
+                        verbose=a.verbose, read_timeout_s=a.read_timeout_s,
+                        shutdown_timeout_s=a.shutdown_timeout_s,
+                        allowed_hosts=tuple(a.allowed_host),
+                        api_key=a.api_key or os.environ.get("HYPER_API_KEY") or None)
 
-        console.set_verbose()
+
+def main(argv=None) -> int:
+    host = port = None
     try:
-        opts = ServeOptions(args.checkpoint, args.host, args.port, args.workers, args.queue,
-                            args.max_upload_mb, args.max_audio_s, args.threads, args.device,
-                            warmup=not args.no_warmup, verbose=args.verbose)
+        opts = options(argv)
+        host, port = opts.host, opts.port
+        if opts.verbose:
+            from . import console
+
+            console.set_verbose()
         serve(opts, ready=lambda url: print(
             f"HYPER serving {opts.checkpoint} at {url}/v1/audio/transcriptions ({opts.workers} "
-            f"worker(s), queue {opts.queue}, upload limit {opts.max_upload_mb:g} MB); "
+            f"worker(s), queue {opts.queue}, upload limit {opts.max_upload_mb:g} MB, "
+            f"{'API key required' if opts.api_key else 'no API key'}); "
             "Ctrl-C stops after the requests in flight", flush=True))
     except ValueError as e:  # CheckpointError, RecipeError, options: clear messages
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the port is taken, the address is not ours
-        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
-              file=sys.stderr)
+        print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -201,9 +201,9 @@ def test_declared_size_is_refused_before_the_body_is_read(ru_server):
     """A raw client announcing 100 MB gets 413 without sending a byte of it."""
     host, port = ru_server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
-                  b"Content-Type: multipart/form-data; boundary=b\r\n"
-                  b"Content-Length: 104857600\r\n\r\n")
+        s.sendall(f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                  "Content-Type: multipart/form-data; boundary=b\r\n"
+                  "Content-Length: 104857600\r\n\r\n".encode())
         head = s.recv(65536).decode()
     assert head.startswith("HTTP/1.1 413"), head
 
