@@ -11,7 +11,8 @@ from torch import nn
 
 from sweep.measure import blocks, kernels
 from sweep.measure.compress import CompressError, apply_recipe, layer_type_of
-from sweep.measure.int8 import TokenInt8Linear
+from sweep.measure import stored
+from sweep.measure.int8 import RowInt8Linear, TokenInt8Linear
 from sweep.techniques.recipe import Recipe, RecipeError
 
 PROMPT = torch.tensor([[50258, 50259, 50359, 50363]])  # sot, lang, transcribe, notimestamps
@@ -81,12 +82,58 @@ def test_int8_token_replaces_its_layer_type_and_stays_close(tiny_model):
     applied = apply_recipe(tiny_model, Recipe.parse("quant.enc_mlp=int8_token,"
                                                     "quant.enc_attn=int8_token"))
     kinds = {layer_type_of(n) for n, m in tiny_model.named_modules()
-             if isinstance(m, TokenInt8Linear)}
+             if isinstance(m, (TokenInt8Linear, RowInt8Linear))}
     assert kinds == {"enc_attn", "enc_mlp"}
-    assert applied.kernels["enc_mlp"] == "torch._int_mm(per-token)"
+    # per shape, the faster here of its two implementations (_int_mm needs VNNI to be fast)
+    assert set(applied.kernels["enc_mlp"].split("+")) <= {i.name for i in
+                                                          kernels.IMPLS["int8_token"]}
+    assert {i.name for i in kernels.IMPLS["int8_token"]} == {
+        "torch._int_mm(per-token)", "fbgemm(per-token rescaled)"}
     assert applied.kernels["dec_mlp"] == "fp32"
     assert cosine(logits(tiny_model), ref) > 0.99
     assert Recipe.parse("quant.enc_mlp=int8_token").describe() == "int8 tok (enc_mlp)"
+
+
+def test_rescaled_rows_on_fbgemm_keep_quiet_rows_that_one_scale_loses(monkeypatch):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128).eval()
+    x = torch.randn(64, 256)
+    x[0] *= 300  # one loud frame, the rest quiet
+    x[1] = 0  # an all-zero row stays exactly the bias
+    x[2] = x[2].abs() + 3  # a row far from zero (offset, not only scale)
+    for cap, bits in (("AVX2", 7), (None, None)):
+        if cap:  # fbgemm without VNNI sums pairs in int16: 7 bits, whatever this CPU has
+            monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", cap)
+        else:
+            monkeypatch.delenv("FBGEMM_ENABLE_INSTRUCTIONS", raising=False)
+        row = RowInt8Linear(lin)
+        assert bits is None or row.bits == bits
+        with torch.inference_mode():
+            ref, y, ao = lin(x), row(x), kernels.AoInt8Linear(lin)(x)
+        quiet = slice(3, None)
+        err = ((y[quiet] - ref[quiet]).norm() / ref[quiet].norm()).item()
+        assert err < 0.05 < 0.2 < ((ao[quiet] - ref[quiet]).norm() / ref[quiet].norm()).item()
+        assert torch.allclose(y[1], lin.bias, atol=1e-5)
+        for i in (0, 2):
+            assert ((y[i] - ref[i]).norm() / ref[i].norm()).item() < 0.05
+
+
+def test_rescaled_rows_3d_traced_and_stored():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=False).eval()
+    mod = RowInt8Linear(lin)
+    x = torch.randn(2, 5, 64)
+    with torch.inference_mode():
+        y = mod(x)
+        assert y.shape == (2, 5, 32) and cosine(y, lin(x)) > 0.999
+        traced = torch.jit.trace(mod, (x,), check_trace=False)  # the scripted greedy step
+        assert torch.allclose(traced(x), y, atol=1e-5)
+    form = stored.FORMS[RowInt8Linear]
+    own, spec = form.save(mod)
+    assert own["weight_int8"].dtype == torch.int8 and spec == {"bits": mod.bits}
+    again = form.load(own, spec, own)
+    with torch.inference_mode():
+        assert torch.equal(again(x), y)
 
 
 # ---- SmoothQuant ---------------------------------------------------------------------------

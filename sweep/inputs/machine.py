@@ -24,6 +24,17 @@ ISA_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "avx512f", "avx512_
              "avx512_fp16", "avx512_vnni", "avx_vnni", "avx2")
 # The environment variables oneDNN reads for its cap (the DNNL_ spelling is the older one).
 CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# The other libraries' caps, each read once by its library at first use: ATen's vectorised
+# kernels (elementwise, reductions, softmax), fbgemm's (torch.ao dynamic int8) and MKL's (fp32
+# sgemm, F.linear's). Together with oneDNN's they make a machine run as a lower class.
+OTHER_CAPS = {"ATEN_CPU_CAPABILITY": "ATen", "FBGEMM_ENABLE_INSTRUCTIONS": "fbgemm",
+              "MKL_ENABLE_INSTRUCTIONS": "MKL"}
+# What to set to run an AVX-512 or AMX machine as the AVX2-only class (AMD Zen 2/3, laptops):
+# bench.isa_cap checks that each takes effect, by timing and by the kernels' names.
+EMULATE_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# fbgemm's instruction levels with VNNI (int8 dot products without int16 saturation)
+_FBGEMM_VNNI = ("AVX512_E1", "AVX512_VNNI")
 # The encoder schemes a machine-aware start chooses between (sweep.search.space `when:`).
 ENCODER_SCHEMES = ("bf16", "dynamic_int8")
 
@@ -61,16 +72,39 @@ def isa_cap(env: Mapping[str, str] | None = None) -> str | None:
     return next((env[v].strip().upper() for v in CAP_VARS if env.get(v, "").strip()), None)
 
 
+def caps(env: Mapping[str, str] | None = None) -> str | None:
+    """Every ISA cap in force, as one text: oneDNN's value (`isa_cap`), then `ATen=avx2`,
+    `fbgemm=AVX2`, `MKL=AVX2` for the others set; None when nothing is capped. oneDNN's alone
+    reads as before (`AVX2`), so rows recorded before the other caps existed keep their
+    meaning."""
+    env = os.environ if env is None else env
+    parts = [isa_cap(env) or ""] + [f"{lib}={env[v].strip()}" for v, lib in OTHER_CAPS.items()
+                                     if env.get(v, "").strip()]
+    text = "; ".join(parts).strip("; ")
+    return text or None
+
+
 def info(cpuinfo: str | None = None, env: Mapping[str, str] | None = None) -> dict:
-    """`cpu` (model name), `isa` (relevant flags present) and `isa_cap` (oneDNN's cap or None):
-    the three fields every trial row and every benchmark's `machine` record."""
-    return {"cpu": cpu_model(cpuinfo), "isa": isa(cpu_flags(cpuinfo)), "isa_cap": isa_cap(env)}
+    """`cpu` (model name), `isa` (relevant flags present) and `isa_cap` (every cap in force,
+    `caps`, or None): the three fields every trial row and every benchmark's `machine` record."""
+    return {"cpu": cpu_model(cpuinfo), "isa": isa(cpu_flags(cpuinfo)), "isa_cap": caps(env)}
 
 
 def describe(m: Mapping) -> str:
-    """`AMD EPYC (avx512_bf16, avx512_vnni, ...; oneDNN capped at AVX2)` for printed lines."""
-    cap = f"; oneDNN capped at {m['isa_cap']}" if m.get("isa_cap") else ""
+    """`AMD EPYC (avx512_bf16, avx512_vnni, ...; capped at AVX2)` for printed lines."""
+    cap = f"; capped at {m['isa_cap']}" if m.get("isa_cap") else ""
     return f"{m.get('cpu', '?')} ({', '.join(m.get('isa') or ()) or 'no listed ISA'}{cap})"
+
+
+def fbgemm_vnni(flags: Iterable[str] | None = None,
+                env: Mapping[str, str] | None = None) -> bool:
+    """Whether fbgemm's int8 kernels (torch.ao dynamic int8) have VNNI here: the flag present and
+    `FBGEMM_ENABLE_INSTRUCTIONS` not capping it away. Without it fbgemm's u8 x s8 product sums
+    pairs in a saturating int16, so activations must keep to 7 bits (`reduce_range`)."""
+    env = os.environ if env is None else env
+    have = cpu_flags() if flags is None else set(flags)
+    cap = env.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip().upper()
+    return bool({"avx512_vnni", "amx_int8"} & set(have)) and (not cap or cap in _FBGEMM_VNNI)
 
 
 def amx_usable(flags: Iterable[str], cap: str | None = None) -> bool:

@@ -12,10 +12,12 @@ are GELU outputs, nearly all positive, and would lose a bit to a symmetric range
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
 
+from ..inputs import machine
 from . import kernels
 from .modules import run_calibration
 
@@ -86,6 +88,75 @@ def _compiled():
 
 
 kernels.impl("int8_token", "torch._int_mm(per-token)")(TokenInt8Linear)
+
+
+class RowInt8Linear(nn.Module):
+    """Per-token int8 on fbgemm's per-tensor kernel, for CPUs where `torch._int_mm` has no fast
+    kernel (no VNNI: it ran 25x slower than fp32 on an AVX2-only EPYC, issue #25).
+
+    Each row x is first mapped onto [-1, 1] by its own range (x = r * u + m, r and m per row), so
+    that one fixed activation scale fits every row and each uses the whole 7 bits fbgemm's AVX2
+    product allows (8 with VNNI); then y = r * (u W^T) + m * sum_k W[:, k] + b: the row's scale
+    and offset come back in place, as one rank-2 update (bias and offset) by the BLAS. The fixed
+    scale also spares fbgemm its own min/max pass over the activations (`linear_dynamic`).
+    Measured on random 1500 x 512 -> 2048 rows of varied scale under the AVX2 caps: relative
+    error 0.034 against per-tensor 0.178."""
+
+    def __init__(self, linear: nn.Linear, stats: dict | None = None):
+        super().__init__()
+        w = linear.weight.detach().float()
+        bias = torch.zeros(w.shape[0]) if linear.bias is None else linear.bias.detach().float()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import per_channel_dynamic_qconfig as qconfig
+            from torch.ao.quantization import quantize_dynamic
+            inner = kernels.fresh(linear)
+            inner.bias = nn.Parameter(torch.zeros_like(bias), requires_grad=False)
+            self.packed = quantize_dynamic(nn.Sequential(inner), {nn.Linear: qconfig},
+                                           torch.qint8)[0]._packed_params
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # (2, out): each output's weight sum (times the row offset m) and its bias (times 1)
+        self.register_buffer("offset_bias", torch.stack([w.sum(1), bias]))
+        self.bits = 8 if machine.fbgemm_vnni() else 7
+        self._levels()
+
+    def _levels(self) -> None:
+        levels = 2 ** self.bits - 1  # u in [-1, 1] -> q = round(u / scale) + zero in [0, levels]
+        self.scale, self.zero_point = 2.0 / levels, (levels + 1) // 2
+
+    @classmethod
+    def from_parts(cls, packed: nn.Module, offset_bias: torch.Tensor, bits: int) -> RowInt8Linear:
+        """Rebuilt from its own tensors (a stored checkpoint), without quantizing again."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        # a checkpoint written where fbgemm has VNNI keeps to 7 bits where it has not (overflow)
+        m.packed, m.bits = packed, min(int(bits), 8 if machine.fbgemm_vnni() else 7)
+        m.out_features = offset_bias.shape[1]
+        m.in_features = packed._weight_bias()[0].shape[1]
+        m.register_buffer("offset_bias", offset_bias)
+        m._levels()
+        return m
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        lo, hi = x2.amin(1, keepdim=True), x2.amax(1, keepdim=True)
+        r = (hi - lo).mul_(0.5).clamp_min_(1e-8)
+        m = (hi + lo).mul_(0.5)
+        inv = r.reciprocal()
+        # in-place and fused ops: each temporary of a 1500 x 2048 window costs page faults
+        u = torch.addcmul(-m * inv, x2, inv)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            u, self.scale, self.zero_point, self.packed._packed_params)
+        y = y.mul_(r).addmm_(torch.cat([m, torch.ones_like(m)], 1), self.offset_bias)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, per-token "
+                f"on fbgemm, {self.bits}-bit activations")
+
+
+kernels.impl("int8_token", "fbgemm(per-token rescaled)", ("cpu",))(RowInt8Linear)
 
 
 # ---- SmoothQuant (`quant.smooth`) -----------------------------------------------------------

@@ -90,7 +90,8 @@ class AoInt8Linear(nn.Module):
     """torch.ao int8 (deprecated, still the fastest here): per-channel int8 weights, activations
     quantized per call (dynamic) or with a calibrated scale (static: `stats`), fp32 out. With VNNI
     activations keep 8 bits: quantize_dynamic's fixed reduce_range (7 bits, against an AVX2 int16
-    overflow) cut whisper-base's encoder-output cosine from 0.99 to 0.98."""
+    overflow) cut whisper-base's encoder-output cosine from 0.99 to 0.98. VNNI as fbgemm sees it
+    (`machine.fbgemm_vnni`: its FBGEMM_ENABLE_INSTRUCTIONS cap counts)."""
 
     def __init__(self, linear: nn.Linear, stats: dict | None = None):
         super().__init__()
@@ -100,7 +101,7 @@ class AoInt8Linear(nn.Module):
             from torch.ao.quantization import quantize_dynamic
             q = quantize_dynamic(nn.Sequential(fresh(linear)), {nn.Linear: qconfig}, torch.qint8)
         self.packed = q[0]._packed_params  # a module, so that deepcopy/pickle work
-        self.reduce_range = not {"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()
+        self.reduce_range = not machine.fbgemm_vnni()
         self.scale, self.zero_point = _affine(stats, 127 if self.reduce_range else 255)
 
     def forward(self, x):
@@ -179,14 +180,14 @@ impl("bnb_nf4", "bitsandbytes.Linear4bit(nf4)", ("cuda",))(lambda lin, st: _bnb(
 
 
 def fingerprint(device: str = "cpu") -> str:
-    """What a timing holds for: CPU model and ISA flags (or the GPU), oneDNN's ISA cap when one
-    is set (it changes the bf16 kernels), torch/torchao versions."""
+    """What a timing holds for: CPU model and ISA flags (or the GPU), the ISA caps when any is
+    set (`machine.caps`: they change the kernels), torch/torchao versions."""
     cap = ""
     if device == "cuda":
         name, flags = torch.cuda.get_device_name(), [torch.cuda.get_device_capability()]
     else:
         name, flags = machine.cpu_model(), [f for f in _FLAGS if f in cpu_flags()]
-        cap = f"|cap={machine.isa_cap()}" if machine.isa_cap() else ""  # uncapped: key as before
+        cap = f"|cap={machine.caps()}" if machine.caps() else ""  # uncapped: key as before
     ao = importlib.util.find_spec("torchao") and importlib.metadata.version("torchao")
     digest = hashlib.sha1(f"{METHOD}|{name}|{flags}|{torch.__version__}|{ao}{cap}".encode())
     return f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')[:40]}-{digest.hexdigest()[:10]}"

@@ -308,6 +308,19 @@ register(int8.TokenInt8Linear, "token_int8_linear",
          lambda spec, dtype: "none", "int8 Linear with per-token activation scales")
 
 
+def _row_save(m: int8.RowInt8Linear):
+    qweight, _ = m.packed._weight_bias()  # packed with a zero bias: `offset_bias` holds it
+    return int8_parts(qweight) | {"offset_bias": m.offset_bias}, {"bits": m.bits}
+
+
+register(int8.RowInt8Linear, "row_int8_linear", _row_save,
+         lambda own, spec, every: int8.RowInt8Linear.from_parts(
+             packed_int8(int8_weight(own), torch.zeros(own["offset_bias"].shape[1])),
+             own["offset_bias"], spec["bits"]),
+         lambda spec, dtype: "none",
+         "int8 Linear with per-token activation ranges on fbgemm's kernel")
+
+
 def _part(m: nn.Module) -> tuple[dict, dict]:
     """A factor's own tensors and spec: a plain Linear as it is, else by its own form."""
     f = form_of(m)

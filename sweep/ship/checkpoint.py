@@ -262,10 +262,10 @@ def load(path, device: str | None = None) -> Checkpoint:
 
 
 def _int8_wider_than_here(modules: dict) -> bool:
-    from ..measure.kernels import cpu_flags
+    from ..inputs import machine
 
     full = any("reduce_range" in s and not s["reduce_range"] for s in modules.values())
-    return full and not {"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()
+    return full and not machine.fbgemm_vnni()
 
 
 def build(path: Path, info: dict, config) -> nn.Module:
