@@ -625,6 +625,8 @@ class Run:
         finally:
             shutil.rmtree(where, ignore_errors=True)
             worker._CACHE.clear()  # the worker's model: not kept beside this run's own
+        if got["status"] != worker.STATUS_OK and str(got.get("error")).startswith("DeviceTime"):
+            raise DeviceTime(got["error"].removeprefix("DeviceTime: "))  # the row's deadline
         if got["status"] != worker.STATUS_OK:
             raise RuntimeError(f"the worker's trial ended {got['status']}: {got.get('error')}")
         keep = ("wer", "cer", "dwer", "latency_median_s", "speedup", "loops", "trial_s",
