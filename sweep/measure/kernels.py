@@ -305,21 +305,35 @@ def _measure(cands: dict[str, Impl], linear: nn.Linear, tokens: int, compiled: b
             "tried": sorted(cands)}
 
 
-def encoder_speedups(d_model: int = 512, ffn: int = 2048, tokens: int = 1500) -> dict[str, float]:
-    """Speed-up over fp32 of each encoder scheme a machine-aware start chooses between
-    (`sweep.inputs.machine.ENCODER_SCHEMES`: bf16, dynamic int8) on an encoder layer's MLP
-    matmuls (`d_model` -> `ffn` -> `d_model` on `tokens` rows; whisper-base's by default), with
-    its fastest implementation here. The kernel table's entries (the keys a recipe's encoder
-    uses, so measured once per machine and threads, and cached); a scheme with no working
-    kernel is left out."""
-    out = {}
-    for scheme in machine.ENCODER_SCHEMES:
+# A scheme whose fastest kernel here runs the encoder's matmuls at under this share of fp32's
+# speed is not searched (the launcher says so): on an AVX2-only EPYC bf16 measured 0.11x (no
+# bf16 instructions) and int8_token on torch._int_mm 0.04x (no VNNI), issue #25.
+SLOW_SPEEDUP = 0.5
+
+
+def scheme_speedups(schemes, d_model: int = 512, ffn: int = 2048,
+                    tokens: int = 1500) -> dict[str, float | None]:
+    """Speed-up over fp32 of each scheme, with its fastest implementation here, on an encoder
+    layer's MLP matmuls (`d_model` -> `ffn` -> `d_model` on `tokens` rows; whisper-base's by
+    default); None for a scheme with no working kernel. The kernel table's entries (the keys a
+    recipe's encoder uses, so measured once per machine and threads, and cached)."""
+    out: dict[str, float | None] = {}
+    for scheme in schemes:
         fp32 = secs = 0.0
         try:
             for i, o in ((d_model, ffn), (ffn, d_model)):
                 impl, entry = choose(scheme, nn.Linear(i, o), tokens)
                 fp32, secs = fp32 + entry["seconds"]["fp32"], secs + entry["seconds"][impl.name]
         except KernelError:
+            out[scheme] = None
             continue
         out[scheme] = fp32 / secs
     return out
+
+
+def encoder_speedups(d_model: int = 512, ffn: int = 2048, tokens: int = 1500) -> dict[str, float]:
+    """`scheme_speedups` of the encoder schemes a machine-aware start chooses between
+    (`sweep.inputs.machine.ENCODER_SCHEMES`: bf16, dynamic int8); a scheme with no working
+    kernel is left out."""
+    got = scheme_speedups(machine.ENCODER_SCHEMES, d_model, ffn, tokens)
+    return {s: v for s, v in got.items() if v}

@@ -41,8 +41,8 @@ from __future__ import annotations
 import decimal
 import difflib
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -954,6 +954,28 @@ class Space:
                 if not problems:
                     out.append((i, point))
         return out
+
+    def without_values(self, drop: Iterable) -> Space:
+        """This space with the values `drop` taken out of every searched choice (a choice left
+        with one value becomes that value), and the warm starts setting any of them removed
+        (the kernel table found no fast kernel for them here: `sweep.launch.kernel_fit`).
+        Fixed values (`value:`) stay: the space asked for exactly them."""
+        drop = set(drop)
+
+        def gone(v):
+            return isinstance(v, str) and v in drop
+
+        params = {}
+        for name, dim in self.params.items():
+            vals = [c for c in dim.choices if not gone(c)] if dim.kind == "choice" else None
+            params[name] = (dim if vals is None or len(vals) == len(dim.choices) or not vals
+                            else Dim(name, "value", value=vals[0]) if len(vals) == 1
+                            else replace(dim, choices=tuple(vals)))
+        whens = self.start_when or ({},) * len(self.starts)
+        kept = [(st, w) for st, w in zip(self.starts, whens)
+                if not any(gone(v) for v in st.values())]
+        return replace(self, params=params, starts=tuple(st for st, _ in kept),
+                       start_when=tuple(w for _, w in kept) if self.start_when else ())
 
     # -- figures ---------------------------------------------------------------------------
 
