@@ -219,6 +219,46 @@ def machine_profile(space, threads: int) -> dict:
     return prof
 
 
+def kernel_fit(space, threads: int, devices=frozenset({"cpu"})):
+    """The space without the CPU schemes (and the warm starts using them) whose fastest kernel
+    here runs the encoder's matmuls several times slower than fp32 (`kernels.SLOW_SPEEDUP`) or
+    has no working kernel, measured from the kernel table at the trials' thread count (cached
+    per machine) and said in one line with the ratios: on an AVX2-only CPU bf16 is dropped
+    before any trial pays for it. A space whose trials may run on the cluster's GPU is left as
+    it is (those kernels are the GPU's)."""
+    from .techniques.quant import SCHEMES
+
+    if "cuda" in devices and "cuda" in (d.domain() if (d := space.params.get("device")) else ()):
+        return space
+    used = {v for d in space.params.values() if d.kind in ("choice", "value")
+            for v in d.domain()} | {v for st in space.starts for v in st.values()}
+    schemes = sorted(v for v in used if isinstance(v, str) and v in SCHEMES and v != "none"
+                     and not v.startswith("bnb_"))
+    if not schemes:
+        return space
+    import torch
+
+    from .measure.kernels import SLOW_SPEEDUP, scheme_speedups
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        speed = scheme_speedups(schemes)
+    finally:
+        torch.set_num_threads(before)
+    slow = {s: v for s, v in speed.items() if v is None or v < SLOW_SPEEDUP}
+    if not slow:
+        return space
+    fitted = space.without_values(slow)
+    print("kernels: not searched here: " + ", ".join(
+        f"{s} ({'no working kernel' if v is None else f'{v:.2f}x fp32'})"
+        for s, v in slow.items()) + f" on the encoder's matmuls at {threads} threads (under "
+        f"{SLOW_SPEEDUP:g}x: its fastest kernel on this CPU is several times slower than "
+        f"fp32); {len(space.starts) - len(fitted.starts)} of {len(space.starts)} warm starts "
+        "dropped with them", file=sys.stderr)
+    return fitted
+
+
 def run(args) -> dict:
     # A failed trial reports no objectives; HyperSearch tells Optuna it failed.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -249,6 +289,8 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
     cpus = int(resources.get("CPU", 1))
     per_trial = args.cpus_per_trial or max(1, cpus // args.max_concurrent)
     devices = {"cpu"} | ({"cuda"} if resources.get("GPU", 0) > 0 else set())
+    if not args.resume:  # a resumed sweep's searcher keeps the space it was given
+        space = kernel_fit(space, per_trial, devices)
     machine = None if args.resume else machine_profile(space, per_trial)  # picks the starts
     if args.address and uri.startswith("sqlite") and len(ray.nodes()) > 1:
         print(f"note: {uri} is a local file; trials on other machines cannot write it: pass "
@@ -319,7 +361,8 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
                     name=name, storage_path=str(sweep_dir), verbose=0,
                     callbacks=[search.Progress(total, args.time_budget, space.objectives,
                                                space.constraints),
-                               callbacks.Journal(ctx.journal)],
+                               callbacks.Journal(ctx.journal),
+                               callbacks.Deaths(uri, exp_id, name)],
                     # A lost node's trial runs again elsewhere; a recipe's own failure does not
                     # raise (it is reported as a failed trial), so it is never retried.
                     failure_config=tune.FailureConfig(max_failures=2)))
@@ -354,7 +397,8 @@ def _run_points(args, ctx, trainable_of, points: list[dict], where: Path, label:
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=label, storage_path=str(where), verbose=0, callbacks=[
             search.Progress(len(points), None, space.objectives, space.constraints,
-                            label=label), callbacks.Journal(ctx.journal)]))
+                            label=label), callbacks.Journal(ctx.journal),
+            callbacks.Deaths(ctx.tracking_uri, ctx.experiment_id, ctx.sweep)]))
     with console.quiet_tune():
         grid = tuner.fit()
     got = {json.dumps(r.config["point"], sort_keys=True, default=str): r.metrics for r in grid}
@@ -637,6 +681,8 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
                "wall_s": wall, "trial_sum_s": trial_sum, "out": str(out),
                "unreadable": sum(r["status"] == "unreadable" for r in rows),
                **interrupted(rows), "stale_runs_killed": killed, "reconciled": reconciled,
+               # attempts whose worker died (retried, or the trial's last word)
+               "worker_deaths": sum(r["status"] == "died" for r in rows),
                "stale_optuna_failed": failed_ot, "stale_optuna_recovered": recovered_ot,
                **accounting(list(trials.values()), front, space, base_figs),
                "knee": (pareto.knee(front, objs) or {}).get("trial_id")}
@@ -668,6 +714,9 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
                 else f", {summary['pruned_trial_s_mean'] / summary['ok_trial_s_mean']:.0%} of a "
                      "completed trial's seconds each")
         lost += f"; {len(pruned)} stopped early{cost}"
+    if summary["worker_deaths"]:
+        lost += (f"; {summary['worker_deaths']} attempts lost their worker (each run's `death` "
+                 "tag says why)")
     print(f"\n{len(ok)}/{len(trials)} trials ok{lost}, front of {len(front)}, hypervolume "
           f"{hv:.4f}; wall {wall:.0f}s for {trial_sum:.0f}s of trials. Files: {out}")
     if (res := report.resolution(rows, front)) is not None:

@@ -115,13 +115,43 @@ def test_lost_node_trial_is_retried_elsewhere_without_duplicates(tmp_path, tiny_
         runs = _runs(root)
         same = [r for r in runs if r.data.tags["hyper.trial_key"]
                 == victim.data.tags["hyper.trial_key"]]
-        assert {r.info.status for r in same} == {"KILLED", "FINISHED"}, [
+        assert {r.info.status for r in same} == {"FAILED", "FINISHED"}, [
             r.info.status for r in same]
+        (lost,) = [r for r in same if r.info.status == "FAILED"]  # says why, not only KILLED
+        assert lost.data.tags["status"] == "died" and lost.data.tags["death"]
         finished = [r.data.tags["hyper.trial_key"] for r in runs if r.info.status == "FINISHED"]
         assert len(finished) == len(set(finished))
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_trial_whose_worker_dies_says_why(tmp_path, tiny_checkpoint, small_manifest, capsys):
+    """The bf16 trial's worker SIGKILLs itself, as the OOM killer would: Tune retries it twice
+    and gives up. Each attempt's run ends FAILED with status `died` and Ray's report of the
+    death, the launcher says so, and the summary counts the deaths, not a lost interruption."""
+    space = tmp_path / "dies.yaml"
+    space.write_text("params:\n  quant.scheme: {choice: [none, bf16]}\n"
+                     "starts:\n  - {quant.scheme: bf16}\n")
+    argv = _argv(tmp_path, tiny_checkpoint, small_manifest, "--num-samples", "1", "--no-probes")
+    argv[argv.index("--space") + 1] = str(space)
+    args = launch.parse_args(argv)
+    args.inject = {"quant.scheme=bf16": "kill"}
+    summary = launch.run(args)
+    err = capsys.readouterr().err
+    runs = _runs(tmp_path / "root")
+    died = [r for r in runs if r.data.params["quant.scheme"] == "bf16"]
+    assert len(died) == 3, [(r.info.status, r.data.tags.get("status")) for r in died]
+    for r in died:
+        assert r.info.status == "FAILED" and r.data.tags["status"] == "died"
+        assert "ActorDiedError" in r.data.tags["death"], r.data.tags["death"]
+        assert r.data.tags["error"].startswith("ActorDiedError")
+    assert err.count("lost its worker") == 3, err
+    assert summary["worker_deaths"] == 3 and summary["failed"] == 1 and summary["ok"] == 1
+    assert summary["interrupted"] == 0
+    states = [t.state for t in _study(tmp_path / "root").trials]
+    assert sorted(states) == sorted([optuna.trial.TrialState.COMPLETE,
+                                     optuna.trial.TrialState.FAIL])
 
 
 def _hammer(uri, exp_id, parent, who, n):

@@ -275,6 +275,23 @@ def sweep_rows(uri: str, exp_id: str, sweep: str) -> list[dict]:
     return sorted((rows.from_run(r) for r in runs), key=lambda row: row["start_time"])
 
 
+def end_attempt(uri: str, exp_id: str, sweep: str, key: str, status: str, error: str,
+                death: str | None = None) -> list[str]:
+    """The trial's runs still RUNNING (an attempt Tune saw end in an error: its worker died,
+    or the trainable itself raised) end FAILED with `status` (`died`, `failed`), the error in
+    a line and, for a death, Ray's whole report as `death`. Returns their run ids."""
+    client = MlflowClient(uri)
+    tags = [RunTag("status", status), RunTag("error", error[:4000])]
+    tags += [RunTag("death", death[:5000])] if death else []
+    ended = []
+    for r in find_runs(client, exp_id, **{"hyper.sweep": sweep, "hyper.trial_key": key}):
+        if r.info.status == "RUNNING":
+            retry(client.log_batch, r.info.run_id, tags=tags)
+            retry(client.set_terminated, r.info.run_id, status="FAILED")
+            ended.append(r.info.run_id)
+    return ended
+
+
 def close_stale(uri: str, exp_id: str, sweep: str) -> int:
     """Mark trial runs still RUNNING after the sweep ended (a killed attempt) as KILLED."""
     client = MlflowClient(uri)
