@@ -26,12 +26,19 @@ from . import common
 
 CAPS = ("default", "AVX512_CORE_AMX", "AVX512_CORE_BF16", "AVX512_CORE_VNNI", "AVX512_CORE",
         "AVX2")
+# A setting that is not a oneDNN value: every library capped at once (sweep.inputs.machine's
+# EMULATE_AVX2: oneDNN, ATen, fbgemm, MKL), the stand-in for an AVX2-only CPU (issue #25).
+AVX2_CLASS = "avx2-class"
 SHAPE = (1500, 512, 2048)  # tokens, in, out: whisper-base's encoder fc1 on a 30 s window
-KERNELS = ("fp32", "bf16", "int8_fbgemm", "int8_onednn")
+KERNELS = ("fp32", "bf16", "int8_fbgemm", "int8_onednn", "int8_token_intmm", "int8_rowscaled",
+           "gelu")
 WHAT = {"fp32": "fp32 F.linear (MKL sgemm, not oneDNN)",
         "bf16": "bf16 F.linear (oneDNN matmul)",
         "int8_fbgemm": "dynamic int8, torch.ao, engine x86 (fbgemm)",
-        "int8_onednn": "dynamic int8, torch.ao, engine onednn"}
+        "int8_onednn": "dynamic int8, torch.ao, engine onednn",
+        "int8_token_intmm": "int8_token on torch._int_mm",
+        "int8_rowscaled": "int8_token on fbgemm, rows rescaled",
+        "gelu": "GELU on the fc1 output (ATen, GOP/s = elements/s)"}
 
 
 def child(threads: int, budget_s: float) -> dict:
@@ -51,15 +58,24 @@ def child(threads: int, budget_s: float) -> dict:
            "bf16": lambda: nn.functional.linear(xb, wb, bb)}
     for name, engine in (("int8_fbgemm", None), ("int8_onednn", "onednn")):
         fns[name] = _int8(lin, engine, x)
-    verbose = {"bf16": _onednn_kernel(fns["bf16"])}
-    verbose["int8_onednn"] = _onednn_kernel(fns["int8_onednn"])
-    verbose["int8_fbgemm"] = _onednn_kernel(fns["int8_fbgemm"])
+    from sweep.inputs import machine
+    from sweep.measure.int8 import RowInt8Linear, TokenInt8Linear
+
+    tok, row = TokenInt8Linear(lin), RowInt8Linear(lin)
+    h = lin(x)
+    fns |= {"int8_token_intmm": lambda: tok(x), "int8_rowscaled": lambda: row(x),
+            "gelu": lambda: nn.functional.gelu(h)}
+    verbose = {name: _onednn_kernel(fns[name])
+               for name in ("bf16", "int8_onednn", "int8_fbgemm", "int8_token_intmm")}
     secs = time_calls(fns, budget_s=budget_s)
     flops = 2 * m * k * n
-    return {"seconds": secs, "gops": {kk: flops / s / 1e9 for kk, s in secs.items()},
-            "onednn_kernel": verbose, "threads": threads,
+    gops = {kk: flops / s / 1e9 for kk, s in secs.items()}
+    gops["gelu"] = m * n / secs["gelu"] / 1e9
+    return {"seconds": secs, "gops": gops, "onednn_kernel": verbose, "threads": threads,
             "aten_capability": torch.backends.cpu.get_cpu_capability(),
-            "default_engine": torch.backends.quantized.engine}
+            "default_engine": torch.backends.quantized.engine,
+            "rowscaled_bits": row.bits, "caps": machine.caps(), "fbgemm_vnni":
+            machine.fbgemm_vnni()}
 
 
 def _int8(lin, engine: str | None, x):
@@ -110,9 +126,13 @@ def _onednn_kernel(fn) -> str:
 
 
 def run_setting(cap: str, threads: int, budget_s: float) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA",
-                                                           "DNNL_MAX_CPU_ISA")}
-    if cap != "default":
+    from sweep.inputs import machine
+
+    every = ("DNNL_MAX_CPU_ISA", *machine.EMULATE_AVX2)
+    env = {k: v for k, v in os.environ.items() if k not in every}
+    if cap == AVX2_CLASS:
+        env |= machine.EMULATE_AVX2
+    elif cap != "default":
         env["ONEDNN_MAX_CPU_ISA"] = cap
     out = subprocess.run([sys.executable, "-m", "bench.isa_cap", "--child", "--threads",
                           str(threads), "--budget", str(budget_s)], env=env, cwd=common.REPO,
@@ -151,13 +171,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
     body = []
     for r in rows:
         if "error" in r:
-            body.append((r["cap"], *["failed"] * len(KERNELS), "", "", r["error"]))
+            body.append((r["cap"], "", *["failed"] * len(KERNELS), "", "", "", r["error"]))
             continue
         g = r["gops"]
         rel = [f"{g[k]:.0f} ({g[k] / base['gops'][k]:.2f}x)" if base else f"{g[k]:.0f}"
                for k in KERNELS]
-        body.append((r["cap"], *rel, r["onednn_kernel"]["bf16"],
-                     r["onednn_kernel"]["int8_onednn"], r["onednn_kernel"]["int8_fbgemm"]))
+        body.append((r["cap"], r.get("aten_capability", "?"), *rel, r["onednn_kernel"]["bf16"],
+                     r["onednn_kernel"]["int8_onednn"], r["onednn_kernel"]["int8_fbgemm"],
+                     r["onednn_kernel"].get("int8_token_intmm", "?")))
     m, k, n = SHAPE
     lines = [f"# oneDNN's ISA cap: which kernels it switches ({meta['date']})", "",
              f"- matmul {m}x{k} -> {n} (whisper-base's encoder fc1, 30 s window), "
@@ -165,11 +186,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "rounds, the kernels interleaved in each; one subprocess per cap and round",
              f"- machine: {common.describe_machine(meta['machine'])}",
              f"- commit: {meta['commit']}; command: `{meta['command']}`", "",
-             common.md_table(("ONEDNN_MAX_CPU_ISA", *(WHAT[x] for x in KERNELS),
+             common.md_table(("ONEDNN_MAX_CPU_ISA", "ATen", *(WHAT[x] for x in KERNELS),
                               "oneDNN kernel, bf16", "oneDNN kernel, int8 (onednn engine)",
-                              "oneDNN kernel, int8 (fbgemm engine)"), body,
-                             "l" + "r" * len(KERNELS) + "lll"), "",
+                              "oneDNN kernel, int8 (fbgemm engine)",
+                              "oneDNN kernel, torch._int_mm"), body,
+                             "ll" + "r" * len(KERNELS) + "llll"), "",
              "In parentheses: against the same kernel without a cap." + noise(rows, base), "",
+             f"`{AVX2_CLASS}` sets every cap at once, as `sweep.inputs.machine.EMULATE_AVX2` "
+             "says: " + ", ".join(f"`{k}={v}`" for k, v in _emulate().items()) + ". ATen's "
+             "column is what torch reports it runs; fbgemm and MKL name no kernel, so only "
+             "their timings say whether their cap took hold.", "",
              "What the cap does not cover:",
              "- fp32 `F.linear` is MKL's sgemm, and torch.ao's dynamic int8 linear on the "
              "default `x86` engine is fbgemm's: neither goes through oneDNN, so the cap leaves "
@@ -183,11 +209,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _emulate() -> dict:
+    from sweep.inputs import machine
+
+    return machine.EMULATE_AVX2
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.isa_cap", description=__doc__.split(
         "\n\n")[0])
     ap.add_argument("--caps", default=",".join(CAPS),
-                    help="ONEDNN_MAX_CPU_ISA values to run, comma-separated (`default`: unset)")
+                    help="ONEDNN_MAX_CPU_ISA values to run, comma-separated (`default`: unset; "
+                         f"`{AVX2_CLASS}`: every library capped at AVX2)")
+    ap.add_argument("--stem", default="isa_cap", help="file names: STEM.json and STEM.md")
     ap.add_argument("--rounds", type=int, default=3, help="runs of every setting, interleaved")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     ap.add_argument("--budget", type=float, default=2.0,
@@ -211,14 +245,14 @@ def main(argv=None) -> int:
     for cap in caps:
         row = best_of(runs[cap])
         # every row says which machine and which cap it ran under
-        row["machine"] = {**common.machine(args.threads),
-                          "isa_cap": None if cap == "default" else cap}
+        row["machine"] = {**common.machine(args.threads), "isa_cap": row.get("caps") or (
+            None if cap == "default" else cap)}
         rows.append(row)
     meta = {**common.stamp(args.threads), "threads": args.threads, "rounds": args.rounds,
             "shape": SHAPE, "command": "python -m bench.isa_cap " + " ".join(argv or sys.argv[1:])}
     out = Path(args.out)
-    common.write_json(out / "isa_cap.json", {**meta, "rows": rows})
-    (out / "isa_cap.md").write_text(markdown(rows, meta), encoding="utf-8")
+    common.write_json(out / f"{args.stem}.json", {**meta, "rows": rows})
+    (out / f"{args.stem}.md").write_text(markdown(rows, meta), encoding="utf-8")
     print(markdown(rows, meta))
     return 0
 

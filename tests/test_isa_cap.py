@@ -26,3 +26,20 @@ def test_each_cap_runs_in_its_own_process_and_switches_onednn():
             "commit": "c", "command": "python -m bench.isa_cap"}
     text = isa_cap.markdown(rows, meta)
     assert "| AVX2 |" in text and "fbgemm" in text and "not oneDNN" in text
+
+
+def test_the_avx2_class_caps_every_library_in_its_process():
+    """`avx2-class` (machine.EMULATE_AVX2): ATen runs its AVX2 kernels, fbgemm's int8 is
+    treated as without VNNI (7-bit activations), oneDNN leaves AVX-512, and the row records every
+    cap in force."""
+    default, cls = (isa_cap.best_of([isa_cap.run_setting(c, 1, 0.05)])
+                    for c in ("default", isa_cap.AVX2_CLASS))
+    for r in (default, cls):
+        assert "error" not in r, r
+    assert default["caps"] is None and cls["aten_capability"] == "AVX2"
+    assert cls["caps"] == ("AVX2; ATen=avx2; fbgemm=AVX2; MKL=AVX2")
+    assert cls["rowscaled_bits"] == 7 and cls["fbgemm_vnni"] is False
+    assert default["rowscaled_bits"] == (8 if machine.fbgemm_vnni() else 7)
+    assert "avx512" not in cls["onednn_kernel"]["bf16"]
+    if "avx512f" in machine.isa():  # uncapped, ATen takes this CPU's wider vectors
+        assert default["aten_capability"].startswith("AVX512")
