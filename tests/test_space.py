@@ -386,3 +386,39 @@ def test_conditions_the_requires_imply_need_not_be_written():
                            "conditions": {"decode.compile": {"param": "decode.loop",
                                                              "in": ["greedy"], "else": "none"}}})
     assert own.conditions["decode.compile"].has_else
+
+
+def test_slow_schemes_leave_the_space_and_its_starts(monkeypatch, capsys):
+    """Kernel-aware narrowing (#25): a scheme the kernel table measured several times slower
+    than fp32 here leaves every choice and the warm starts using it, said in one line."""
+    from sweep import launch
+    from sweep.measure import kernels
+
+    space = load_space("full")
+    assert space.mentions("bf16") and any("bf16" in st.values() for st in space.starts)
+    speeds = {"bf16": 0.11, "int8_token": None}  # AVX2-only: no bf16 instructions
+    asked = []
+
+    def table(schemes, *a, **k):
+        asked.append(sorted(schemes))
+        return {s: speeds.get(s, 1.7) for s in schemes}
+
+    monkeypatch.setattr(kernels, "scheme_speedups", table)
+    fitted = launch.kernel_fit(space, threads=2)
+    assert "dynamic_int8" in asked[0] and "bf16" in asked[0] and "bnb_int8" not in asked[0]
+    assert not fitted.mentions("bf16") and not fitted.mentions("int8_token")
+    assert fitted.mentions("dynamic_int8") and fitted.objectives == space.objectives
+    kept = [st for st in space.starts if not {"bf16", "int8_token"} & set(st.values())]
+    assert list(fitted.starts) == kept and len(fitted.start_when) == len(kept) < len(space.starts)
+    err = capsys.readouterr().err
+    assert "not searched here: bf16 (0.11x fp32), int8_token (no working kernel)" in err
+    assert f"{len(space.starts) - len(kept)} of {len(space.starts)} warm starts dropped" in err
+    for point in fitted.start_points():  # what is left still resolves to valid recipes
+        Recipe.from_flat(point)
+    trial = optuna.create_study().ask()
+    assert "bf16" not in fitted.sample(trial).values()
+    speeds.update(bf16=0.9, int8_token=1.2)  # nothing slow: the space as it was
+    assert launch.kernel_fit(space, threads=2) is space
+    gpu = load_space("gpu")  # its trials run on the GPU when the cluster has one
+    assert launch.kernel_fit(space, threads=2, devices={"cpu", "cuda"}) is space
+    assert launch.kernel_fit(gpu, threads=2, devices={"cpu", "cuda"}) is gpu
