@@ -360,7 +360,7 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(sweep_dir), verbose=0,
                     callbacks=[search.Progress(total, args.time_budget, space.objectives,
-                                               space.constraints),
+                                               space.constraints, store=(uri, exp_id, name)),
                                callbacks.Journal(ctx.journal),
                                callbacks.Deaths(uri, exp_id, name)],
                     # A lost node's trial runs again elsewhere; a recipe's own failure does not

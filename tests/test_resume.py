@@ -6,6 +6,7 @@ front files."""
 import json
 import os
 import pickle
+import re
 import signal
 import sqlite3
 import subprocess
@@ -215,9 +216,13 @@ def test_shipped_space_survives_sigkill_and_resumes(case, tmp_path, tiny_checkpo
         for at in kills[1:]:
             left |= _kill_during_trial(_launch(resume, f), root, finished=at)
         assert left, "no kill caught a trial under way"
+        measured, start = len(_runs(root, "FINISHED")), log.stat().st_size
         done = _launch(resume, f)
         assert done.wait(timeout=1200) == 0, log.read_text()[-4000:]
     summary = _check_resumed(root, space_name, log, left)
+    # The resumed console counts the trials measured before the kill (it started at [1/N])
+    first = re.search(rb"^\[(\d+)/\d+\] ", log.read_bytes()[start:], re.M)
+    assert first and int(first[1]) >= measured >= 2, (measured, first)
     assert summary["trials"] >= samples + 1 - summary["failed"]
 
 

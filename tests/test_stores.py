@@ -228,3 +228,51 @@ def test_trials_whose_logging_failed_stay_measured_and_reach_mlflow(
     assert {t.user_attrs["run_id"] for t in study.trials} == {r.info.run_id for r in runs}
     assert summary["ok"] == 2 and summary["failed"] == 0 and summary["reconciled"] == 2
     assert len(journal.load(root / "sweeps" / "s" / journal.DIR)[0]) == 2
+
+
+# ---- a resumed sweep's console ----------------------------------------------------------------
+
+
+def test_a_resumed_sweeps_progress_counts_the_trials_measured_before(fast_dir, capsys):
+    """The killed launcher measured the baseline and a bf16 trial, one trial failed and one was
+    cut off. The resumed launcher's progress starts from them ([3/7], the front of two, the
+    best speed-up), counts the trial Tune re-runs (restored from MLflow) once, then goes on."""
+    from ray.tune.experiment import Trial
+
+    from sweep.search.sampler import Progress
+
+    uri = tracking.default_uri(fast_dir)
+    exp = tracking.ensure_experiment(uri, fast_dir / "artifacts")
+    parent = tracking.start_parent(uri, exp, "s", {"space": "x"}, {})
+    base = {"wer": 0.3, "cer": 0.1, "latency_median_s": 0.1}
+    bf16 = {"wer": 0.35, "cer": 0.12, "latency_median_s": 0.05, "speedup": 2.0, "dwer": 0.17,
+            "baseline": base, "kernels": {}}
+    for key, scheme, end in [("a", "none", {**base, "speedup": 1.0, "dwer": 0.0,
+                                           "baseline": base, "kernels": {}}),
+                             ("b", "bf16", bf16), ("c", "dynamic_int8", "failed"),
+                             ("d", "dynamic_int8", None)]:
+        run_id, _ = tracking.begin_trial(uri, exp, parent, "s", key, {"quant.scheme": scheme},
+                                         {"device": "cpu"})
+        if end == "failed":
+            tracking.fail_trial(uri, run_id, RuntimeError("boom"))
+        elif end:
+            tracking.finish_trial(uri, run_id, end)
+    progress = Progress(6, None, [("wer", "min"), ("latency_median_s", "min")],
+                        store=(uri, exp, "s"))
+    progress.setup()
+
+    # Tune's saved state knew a, b and d (the cut-off trial it runs again), not c: its searcher
+    # asks for another trial in c's place, so the sweep will have measured 7
+    known = [Trial("trainable", config={"quant.scheme": "bf16"}, trial_id=key, stub=True)
+             for key in ("a", "b", "d")]
+
+    def arrives(key, result):
+        trial = Trial("trainable", config={"quant.scheme": "bf16"}, trial_id=key, stub=True)
+        trial.set_status(Trial.RUNNING)
+        progress.on_trial_result(0, [*known, trial], trial, {**result, "status": "ok"})
+        return capsys.readouterr().err
+
+    assert arrives("b", {**bf16, "restored": True}).startswith(
+        "[3/7] running 0 failed 1 pruned 0 front 2 best 2.00x")
+    assert arrives("e", {**bf16, "speedup": 2.5, "latency_median_s": 0.04}).startswith(
+        "[4/7] running 0 failed 1 pruned 0 front 2 best 2.50x")

@@ -215,28 +215,64 @@ def resources_for(cpus_per_trial: int):
 class Progress(tune.Callback):
     """One line per finished trial: done/running/failed/pruned (stopped early as too slow), size
     of the front the sweep will report and best speed-up within the constraints (feasible rows
-    only, as in the final table), time left."""
+    only, as in the final table), time left. `store` (tracking URI, experiment id, sweep): a
+    resumed sweep counts the trials measured before the kill, as its summary does."""
 
     def __init__(self, total: int, time_budget: float | None, objectives,
-                 constraints: dict | None = None, label: str = ""):
+                 constraints: dict | None = None, label: str = "",
+                 store: tuple[str, str, str] | None = None):
         # Plain data only: Tune pickles callbacks with its experiment state.
         self.total, self.budget, self.objectives = total, time_budget, list(objectives)
         self.constraints = dict(constraints or {})
         self.label = label  # a phase's name (screening) before the counts
-        self.t0, self.done, self.failed, self.pruned = time.time(), 0, 0, 0
+        self.store = store
+        self.t0, self.done, self.failed, self.pruned, self.before = time.time(), 0, 0, 0, 0
         self.rows: list[dict] = []
+        self.seen: set[str] = set()  # trial ids counted
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def setup(self, **info):
+        """At the start of every launch, a resumed one too (whose callback comes back as Tune
+        pickled it when the sweep began): this launch's clock, and the sweep's trials already
+        measured (each trial's last attempt, as the summary counts them)."""
+        self.t0, self.before = time.time(), 0
+        if not getattr(self, "store", None):
+            return
+        from ..results import tracking
+
+        try:
+            rows = tracking.sweep_rows(*self.store)
+        except Exception as e:  # noqa: BLE001 - a count on the console is not worth a sweep
+            print(f"warning: the trials measured before are not counted: {e}", file=sys.stderr)
+            return
+        self.done = self.failed = self.pruned = 0
+        self.rows, self.seen = [], set()
+        last = {r["trial_id"]: r for r in rows if r["status"] not in ("killed", "running")}
+        for key, row in last.items():
+            self._count(key, row)
+        self.before, self.stored = self.done, set(last)
+
+    def _count(self, key: str, row: dict) -> None:
+        self.__dict__.setdefault("seen", set()).add(key)
         self.done += 1
-        status = result.get("status")
+        status = row.get("status")
         self.failed += status not in ("ok", "pruned")
         # getattr: a sweep resumed from before `pruned` was counted restores a callback without it
         self.pruned = getattr(self, "pruned", 0) + (status == "pruned")
         if status == "ok":
-            self.rows.append({**result, "recipe": dict(trial.config), "trial_id": trial.trial_id})
+            self.rows.append(row)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        status = result.get("status")
+        if trial.trial_id not in self.__dict__.get("seen", ()):  # a restored one: counted
+            self._count(trial.trial_id, {**result, "recipe": dict(trial.config),
+                                         "trial_id": trial.trial_id})
         running = sum(t.status == "RUNNING" for t in trials) - 1
+        # trials measured before a kill that Tune's saved state did not know yet: its searcher
+        # asks for others in their place, so the sweep measures them on top of its total
+        total = self.total + len(getattr(self, "stored", set()) - {t.trial_id for t in trials})
         elapsed = time.time() - self.t0
-        left = elapsed / self.done * (self.total - self.done)
+        now = max(1, self.done - getattr(self, "before", 0))  # trials ended in this launch
+        left = elapsed / now * max(0, total - self.done)
         if self.budget:
             left = min(left, max(0.0, self.budget - elapsed))
         what = (" ".join(_shown(result, m) for m in dict.fromkeys(
@@ -248,7 +284,7 @@ class Progress(tune.Callback):
                     and feasible(r, self.constraints or None, base)), default=None)
         sys.stderr.write(
             f"[{getattr(self, 'label', '') + ' ' if getattr(self, 'label', '') else ''}"
-            f"{self.done}/{self.total}] running {max(0, running)} failed {self.failed} "
+            f"{self.done}/{total}] running {max(0, running)} failed {self.failed} "
             f"pruned {self.pruned} front {self._front_size(base)} best "
             f"{'—' if best is None else f'{best:.2f}x'} | {elapsed:.0f}s, ~{left:.0f}s left | "
             f"{trial.trial_id}: {what}\n")
