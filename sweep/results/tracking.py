@@ -72,13 +72,16 @@ def retry(fn, *args, attempts: int = 8, **kwargs):
 
 
 def ensure_experiment(uri: str, artifact_root: Path, name: str = EXPERIMENT) -> str:
+    """The experiment's id, created if missing. Its artifacts go under `artifact_root` with a
+    local sqlite store; a tracking server keeps its own (`mlflow server --serve-artifacts`):
+    a local folder there would have each node write its runs' artifacts to its own disk."""
     client = MlflowClient(uri)
     exp = retry(client.get_experiment_by_name, name)
     if exp is not None:
         return exp.experiment_id
+    local = artifact_root.resolve().as_uri() if uri.startswith("sqlite:") else None
     try:
-        return retry(client.create_experiment, name,
-                     artifact_location=artifact_root.resolve().as_uri())
+        return retry(client.create_experiment, name, artifact_location=local)
     except Exception:  # noqa: BLE001 - created meanwhile by a concurrent launcher
         return client.get_experiment_by_name(name).experiment_id
 
