@@ -300,7 +300,6 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
         print("note: the cluster has no GPU, so cuda points are not searched", file=sys.stderr)
     exp_id = tracking.ensure_experiment(uri, root / "artifacts")
     rows_dir = sweep_dir / name / journal.DIR  # each measured trial's record, before MLflow
-    rows_dir.mkdir(parents=True, exist_ok=True)
     if args.resume:  # what the killed launcher measured but never got into MLflow
         reconcile(uri, exp_id, rows_dir)
     spec = SweepSpec.from_args(args, name)  # what --resume and export read back
@@ -343,6 +342,7 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
         t0 = time.time()
         (sweep_dir / name).mkdir(parents=True, exist_ok=True)
         spec.save(sweep_dir / name)
+        rows_dir.mkdir(exist_ok=True)  # after the spec: a folder without one is a new name
         if screen_wanted(args, space):
             space = run_screening(args, space, ctx, sweep_dir / name, devices, per_trial, uri,
                                   parent, machine)
