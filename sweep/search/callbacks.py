@@ -95,8 +95,8 @@ def why(trial) -> tuple[bool, str]:
 
 def gist(report: str) -> str:
     """Ray's report in a line: the error's name with its exit type and detail when Ray gives
-    them (a SIGKILLed worker: `UNEXPECTED_SYSTEM_EXIT`, "Worker unexpectedly exits with a
-    connection error code 2 ..."), else its first line."""
+    them (a SIGKILLed worker, Ray 2.60: "ActorDiedError SYSTEM_ERROR Worker unexpectedly exits
+    with a connection error code 2"), else its first line."""
     name = report.split(":", 1)[0] if ":" in report.split("\n", 1)[0] else ""
     kind = re.search(r"exit type: (\w+)", report, re.I)
     detail = re.search(r"exit detail: (.+?)(?:\. |\n|$)", report, re.I)
