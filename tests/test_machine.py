@@ -165,7 +165,8 @@ starts:
 @pytest.mark.parametrize("name", ["cpu", "full"])
 def test_shipped_starts_without_amx_skip_the_amx_levers(name):
     """The cpu and full spaces: on AMX, the bf16 mix at full speed (frozen compiled encoder,
-    bf16 cross K/V); without, int8 on the encoder with the scripted step, never those levers."""
+    bf16 cross K/V); without, per-token int8 on the encoder (the accurate int8, #25) with the
+    scripted step, never those levers."""
     from sweep.search.space import load_space
     from sweep.techniques.recipe import Recipe
 
@@ -175,7 +176,7 @@ def test_shipped_starts_without_amx_skip_the_amx_levers(name):
     assert any(r.encoder.compile == "freeze" and r.decode.cross_kv == "bf16" for r in amx)
     assert not any(r.encoder.compile == "freeze" or r.decode.cross_kv == "bf16"
                    for r in no_amx)
-    assert any(r.quant.by_layer_type()["enc_mlp"] == "dynamic_int8"
+    assert any(r.quant.by_layer_type()["enc_mlp"] == "int8_token"
                and r.decode.compile == "script" for r in no_amx)
     assert len(amx) < len(space.starts) and len(no_amx) < len(space.starts)
 
