@@ -2,10 +2,10 @@
 checkpoint, as its users would in production (torch + transformers only).
 
 Audio is read with soundfile and averaged/resampled to 16 kHz mono like every evaluation set
-(`sweep.inputs.data.to_mono_16k`). Clips up to 30 s are decoded exactly as the trial measured them
-(`sweep.measure.evaluate.transcribe`: greedy, `language=` and `task=` always passed); longer
-files use
-Whisper's sequential long-form decoding with the same greedy settings.
+(`sweep.inputs.data.to_mono_16k`). Files of any length are decoded exactly as the trial measured
+them (`sweep.measure.evaluate.transcribe`: greedy, `language=` and `task=` always passed), with
+the recipe's segmentation: Whisper's sequential long-form decoding beyond 30 s, or the speech
+its VAD finds, its pieces batched by `decode.batch`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 
 from .inputs.data import SAMPLE_RATE, Utterance, to_mono_16k
 from .measure.evaluate import TASKS, transcribe
-from .measure.scoring import max_new_tokens_for
 
 WINDOW_S = 30.0  # Whisper's input window; longer audio is decoded window by window
 
@@ -53,20 +52,6 @@ def _input_dtype(model) -> torch.dtype:
     return w.dtype if w.is_floating_point() else torch.float32
 
 
-def _long_form(model, processor, audio: np.ndarray, *, language: str, task: str) -> str:
-    fe = processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt",
-                                     truncation=False, padding="longest",
-                                     return_attention_mask=True)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        out = model.generate(fe.input_features.to(device=device, dtype=_input_dtype(model)),
-                             attention_mask=fe.attention_mask.to(device), language=language,
-                             task=task, return_timestamps=True, num_beams=1, do_sample=False,
-                             max_new_tokens=max_new_tokens_for(WINDOW_S))
-    ids = out["sequences"] if isinstance(out, dict) else out
-    return processor.tokenizer.decode(ids[0], skip_special_tokens=True)
-
-
 def transcribe_files(checkpoint, paths, *, language: str | None = None,
                      task: str = "transcribe", device: str | None = None) -> list[dict]:
     """Transcribe audio files with `checkpoint` (a directory, or what `sweep.load` returned).
@@ -89,21 +74,14 @@ def transcribe_files(checkpoint, paths, *, language: str | None = None,
 
 def transcribe_audio(ck, audio: np.ndarray, *, language: str, task: str = "transcribe",
                      name: str = "audio") -> dict:
-    """One float32 16 kHz mono clip with a loaded checkpoint (`sweep.serve` uses it too):
-    text, language, task, duration_s, seconds, cap_reached (None for long files) and tokens
-    (the content token ids; empty for long files)."""
-    import time
-
+    """One float32 16 kHz mono recording with a loaded checkpoint (`sweep.serve` uses it too),
+    segmented as its recipe says: text, language, task, duration_s, seconds, cap_reached (some
+    piece ran to its token cap) and tokens (the content token ids, every piece's)."""
     dur = audio.size / SAMPLE_RATE
-    if dur <= WINDOW_S:
-        text, tokens, cap, secs = transcribe(ck.model, ck.processor,
-                                             Utterance(name, audio, "", language, dur),
-                                             language=language, task=task,
-                                             options=getattr(ck, "options", None))
-    else:
-        t0 = time.perf_counter()
-        text = _long_form(ck.model, ck.processor, audio, language=language, task=task)
-        tokens, cap, secs = [], None, time.perf_counter() - t0
+    text, tokens, cap, secs = transcribe(ck.model, ck.processor,
+                                         Utterance(name, audio, "", language, dur),
+                                         language=language, task=task,
+                                         options=getattr(ck, "options", None))
     return {"text": text.strip(), "language": language, "task": task, "duration_s": dur,
             "seconds": secs, "cap_reached": cap, "tokens": list(tokens)}
 

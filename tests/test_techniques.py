@@ -70,7 +70,7 @@ def test_one_non_default_value_is_never_measured_as_the_baseline(tiny_model):
     assert checked > 40
     # the inert settings are refinements of an off technique, nothing else
     assert inert and all(i.split(".")[0] in ("prune", "struct", "quant", "encoder",
-                                                    "lowrank")
+                                                    "lowrank", "segment")
                          for i in inert), inert
 
 

@@ -22,6 +22,7 @@ SAMPLE_RATE = 16_000
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 EMBEDDED_MANIFEST = EMBEDDED_DIR / "manifest.jsonl"
 EMBEDDED_CALIBRATION = EMBEDDED_DIR / "calibration.jsonl"
+EMBEDDED_LONG = "embedded-long"  # long recordings built from the embedded clips (cached)
 # Other splits tried, in order, when a HF dataset's calibration needs one.
 _OTHER_SPLITS = ("validation", "dev", "train", "test")
 
@@ -218,7 +219,8 @@ def _parts(spec: str) -> list[str] | None:
         return None
     parts = spec.split(JOIN)
     for p in parts:
-        if not (p in ("embedded", "shared") or p.endswith(".jsonl") or Path(p).is_file()):
+        if not (p in ("embedded", EMBEDDED_LONG, "shared") or p.endswith(".jsonl")
+                or Path(p).is_file()):
             raise DataError(f"`dataset` {spec!r}: every part joined by {JOIN!r} must be "
                             f"embedded, shared or a JSONL manifest, got {p!r}")
     return parts
@@ -250,6 +252,8 @@ def _records(spec, config, split, audio_column, text_column, language) -> Iterab
         return _joined(spec, parts, language)
     if spec == "embedded":
         return _read_manifest(EMBEDDED_MANIFEST, language)
+    if spec == EMBEDDED_LONG:
+        return _read_manifest(embedded_long(), language)
     if spec == "shared":  # convenience: the shared speech set beside the checkout
         root = shared_dir()
         if root is None:
@@ -261,6 +265,15 @@ def _records(spec, config, split, audio_column, text_column, language) -> Iterab
             raise DataError(f"`dataset` manifest {spec} does not exist")
         return _read_manifest(Path(spec), language)
     return _hf_records(spec, config, split, audio_column, text_column, language)
+
+
+def embedded_long(cache_dir=None) -> Path:
+    """The manifest of `embedded-long`: six recordings of 45-120 s built from the embedded
+    clips (`sweep.inputs.longform`, seeded), written once under `$HYPER_CACHE/longform/`."""
+    from .longform import LongOptions, cached
+
+    clips = _materialize("embedded", _read_manifest(EMBEDDED_MANIFEST, None), None).utterances
+    return cached(clips, LongOptions(name="embedded_long"), "embedded", cache_dir)
 
 
 def _materialize(name: str, records: Iterable[Record], max_samples: int | None,
@@ -298,7 +311,8 @@ def load_eval_set(spec: str = "embedded", *, max_samples: int | None = None,
                   config: str | None = None, split: str = "test", audio_column: str = "audio",
                   text_column: str = "text", language: str | None = None,
                   exclude_ids: Iterable[str] = ()) -> EvalSet:
-    """Load `embedded`, `shared`, a `.jsonl` manifest, a `save_to_disk` folder or a HF id;
+    """Load `embedded`, `embedded-long`, `shared`, a `.jsonl` manifest, a `save_to_disk` folder or
+    a HF id;
     manifest sets joined by `+` (`shared+embedded`) are one set, in that order.
 
     Ids: a manifest line's `id`, else its `audio` path; `{split}/{row}` for HF datasets.
@@ -326,7 +340,7 @@ def calibration_set(eval_set_spec: str = "embedded", n: int = 8, *,
       validation/dev/train/test; a manifest has nothing left and raises `DataError`.
     """
     kw = {"audio_column": audio_column, "text_column": text_column, "language": language}
-    if eval_set_spec == "embedded":
+    if eval_set_spec in ("embedded", EMBEDDED_LONG):  # other sentences than either holds
         return _materialize("embedded:calibration",
                             _read_manifest(EMBEDDED_CALIBRATION, language), n)
     if calibration_split:

@@ -8,6 +8,9 @@ stored on the model. `decode()` dispatches on the plan's type through `RUNNERS`.
 - `GreedyPlan`: a lean greedy loop with generate's tokens (its step: `sweep.measure.greedy`): the
   encoder once, then per token only the decoder layers; optionally a compiled or a
   TorchScript-traced step.
+
+Both take `segment` (how a recording is cut into pieces: `sweep.measure.segment`) and `batch`
+(pieces or clips encoded and decoded together: `sweep.measure.batch`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 
 from . import window as win
 from .greedy import Greedy, Timing
+from .segment import Segmenting
 from .window import Window
 
 CROSS_DTYPES = {"model": None, "bf16": torch.bfloat16}  # decode.cross_kv -> dtype (None: same)
@@ -39,6 +43,12 @@ class Plan:
     no_repeat: int = 0  # HF's no_repeat_ngram_size: no n-gram twice (0 = off)
     cross_kv: str = "model"  # dtype of the cached cross-attention K/V (the greedy loop only)
     max_new_tokens: int = 0  # at most this many tokens per clip (0: the caller's cap)
+    segment: Segmenting = field(default_factory=Segmenting)  # pieces of a recording
+    batch: int = 1  # pieces or clips encoded and decoded together
+
+    def __post_init__(self):
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"`decode.batch` must be an integer >= 1, got batch={self.batch!r}")
 
     @staticmethod
     def default() -> Plan:
@@ -55,12 +65,15 @@ class Plan:
                 + (f", at most {self.max_new_tokens} tokens" if self.max_new_tokens else "")
                 + ("" if w.mode == "full" else f", encoder window {w.mode} ({w.bucket_s} s"
                    + (f", margin {w.margin_s:g} s" if w.margin_s else "")
-                   + (f", padding {w.pad_s:g} s" if w.pad_s else "") + ")"))
+                   + (f", padding {w.pad_s:g} s" if w.pad_s else "") + ")")
+                + ("" if not self.segment.vad else f", segments by {self.segment.describe()}")
+                + (f", batch {self.batch}" if self.batch > 1 else ""))
 
 
 @dataclass(frozen=True)
 class GeneratePlan(Plan):
     def __post_init__(self):
+        super().__post_init__()
         if self.compiled or self.scripted:
             raise ValueError("`decode.compile`=step|script needs decode.loop=greedy: generate() "
                              "runs its own Python loop")

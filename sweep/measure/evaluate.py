@@ -60,25 +60,14 @@ def _sync(device: torch.device) -> None:
 def transcribe(model, processor, utt: Utterance, *, language: str, task: str = "transcribe",
                options=None):
     """Decode one utterance greedily as the decoding `options` say (a `sweep.measure.decode.Plan`,
-    the
-    `options` of an applied recipe; default HF generate over the 30 s window); returns (text,
-    token ids, cap_reached, seconds)."""
-    from . import decode
+    the `options` of an applied recipe; default HF generate over the 30 s window, and Whisper's
+    sequential long-form decoding beyond 30 s); its segmentation (`segment.*`) included.
+    Returns (text, content token ids, cap_reached, seconds)."""
+    from . import batch
 
-    options = options or decode.Plan.default()
-    device = _device_of(model)
-    cap = scoring.max_new_tokens_for(utt.duration_s)
-    _sync(device)
-    t0 = time.perf_counter()
-    feats = decode.features(model, processor, [utt.audio], [utt.duration_s], options)
-    ids = decode.decode(model, feats, options, language=language, task=task, cap=cap)[0]
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    eos = processor.tokenizer.eos_token_id
-    cap_reached = eos not in ids and len(ids) >= cap
-    text = processor.tokenizer.decode(ids, skip_special_tokens=True)
-    content = [t for t in ids if t < eos]
-    return text, content, cap_reached, seconds
+    heard, seconds = batch.timed(model, processor, [utt.audio], options, language=language,
+                                 task=task)
+    return heard[0].text, heard[0].ids, heard[0].cap_reached, seconds
 
 
 def calibrator(processor, clips, language: str | None = None, task: str = "transcribe"):
@@ -138,9 +127,16 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
     if not len(evalset):
         raise ValueError(f"evaluation set {evalset.name!r} is empty: nothing to measure")
     langs = [_lang_of(u, language) for u in evalset]  # fail before any decoding
-    first = evalset.utterances[0]
-    warm = [transcribe(model, processor, first, language=langs[0], task=task, options=options)[3]
-            for _ in range(max(0, warmup))]
+    from . import batch
+
+    groups = batch.groups([u.duration_s for u in evalset], langs,
+                          options.batch if options is not None else 1)
+
+    def run(group: list[int]):
+        return batch.timed(model, processor, [evalset.utterances[i].audio for i in group],
+                           options, language=langs[group[0]], task=task)
+
+    warm = [run(groups[0])[1] for _ in range(max(0, warmup))]
     t0 = time.perf_counter()
     windows = warm_shapes(model, processor, evalset, langs, task=task,
                           options=options) if warmup > 0 else 0
@@ -148,17 +144,21 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
     if on_warmed:
         on_warmed()
     rows, stopped = [], None
-    for i, (utt, lang) in enumerate(zip(evalset, langs)):
-        text, ids, cap_reached, secs = transcribe(model, processor, utt, language=lang, task=task,
-                                                  options=options)
-        ref = scoring.normalize(utt.text, lang, numbers)
-        hyp = scoring.normalize(text, lang, numbers)
-        loop = scoring.count_loop(ids, cap_reached)
-        rows.append({"id": utt.id, "lang": lang, "reference": utt.text, "hypothesis": text,
-                     "ref_norm": ref, "hyp_norm": hyp, "latency_s": secs, "tokens": len(ids),
-                     "duration_s": utt.duration_s, "loop": loop})
+    for group in groups:
+        heard, secs = run(group)
+        for i, h in zip(group, heard):
+            utt, lang = evalset.utterances[i], langs[i]
+            ref = scoring.normalize(utt.text, lang, numbers)
+            hyp = scoring.normalize(h.text, lang, numbers)
+            # latency: what each clip of a batch waits (the batch); wall_s: its share of the
+            # wall time (throughput, and the too-slow test's sums)
+            rows.append({"id": utt.id, "lang": lang, "reference": utt.text,
+                         "hypothesis": h.text, "ref_norm": ref, "hyp_norm": hyp,
+                         "latency_s": secs, "wall_s": secs / len(group), "tokens": len(h.ids),
+                         "duration_s": utt.duration_s, "pieces": h.pieces,
+                         "loop": scoring.count_loop(h.ids, h.cap_reached)})
         if progress:
-            progress(i + 1, len(evalset))
+            progress(len(rows), len(evalset))
         if check:
             try:
                 check(rows)
@@ -167,12 +167,14 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
                 break
     sc = scoring.score([r["ref_norm"] for r in rows], [r["hyp_norm"] for r in rows])
     lat = np.array([r["latency_s"] for r in rows])
+    wall, audio_s = sum(r["wall_s"] for r in rows), sum(r["duration_s"] for r in rows)
     disk_mb, mem_mb = model_sizes(model)
     figures = {
         "wer": sc.wer, "cer": sc.cer,
         "latency_mean_s": float(lat.mean()), "latency_median_s": float(np.median(lat)),
         "latency_p90_s": float(np.quantile(lat, 0.9)),
-        "rtf": float(lat.sum() / sum(r["duration_s"] for r in rows)),
+        "rtf": float(wall / audio_s),
+        "throughput": float(audio_s / wall) if wall > 0 else float("inf"),
         "loops": int(sum(r["loop"] for r in rows)),
         "model_size_mb": disk_mb, "param_mb": mem_mb, "sparsity": zero_share(model),
         "warmup_s": float(warm[0]) if warm else 0.0,

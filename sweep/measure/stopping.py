@@ -215,8 +215,9 @@ class Stopper:
     def check(self, rows: list[dict]) -> None:
         n = len(rows)
         if self.max_slowdown and n >= self.slow_after:
-            ratio = (sum(r["latency_s"] for r in rows)
-                     / sum(r["latency_s"] for r in self.base_rows[:n]))
+            # wall_s: a clip's share of its batch's time (latency_s is the whole batch's)
+            ratio = (sum(r.get("wall_s", r["latency_s"]) for r in rows)
+                     / sum(r.get("wall_s", r["latency_s"]) for r in self.base_rows[:n]))
             if ratio > self.max_slowdown:
                 raise TooSlow(f"{ratio:.1f}x slower than the baseline on the first {n} clips "
                               f"(limit --max-slowdown {self.max_slowdown:g})")

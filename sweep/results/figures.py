@@ -86,7 +86,11 @@ FIGURES: tuple[Figure, ...] = (
     Figure("latency_p90_s", "min", "s", to=(*_OBJ, "card"), label="latency, p90 (s)",
            help="90th percentile of seconds per clip"),
     Figure("rtf", "min", to=(*RECORDED, "card", "baseline"), label="real-time factor",
-           help="seconds of compute per second of audio"),
+           help="seconds of wall time per second of audio"),
+    Figure("throughput", "max", "x", ".1f", to=(*_OBJ, "card"),
+           label="throughput (audio s per s)",
+           help="seconds of audio transcribed per second of wall time over the whole set, at "
+                "the trial's batch size, segmentation included (1 / rtf)"),
     Figure("model_size_mb", "min", "MB", ".1f", to=_OBJ, help="size on disk after the recipe"),
     Figure("param_mb", "min", "MB", ".0f", to=(*RECORDED, "card", "baseline"),
            label="size in memory (MB)",

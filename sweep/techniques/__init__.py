@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import struct, prune, lowrank, embed, quant, compile, encoder, decode  # noqa: F401
+from . import struct, prune, lowrank, embed, quant, compile, encoder, decode, segment  # noqa: F401
 from .base import (DEVICE, LAYER_TYPES, PARAMS, TARGETS, TECHNIQUES, Param, RecipeError, Requires,
                    Storage, Technique, technique)
 

@@ -1,0 +1,133 @@
+"""Transcribing clips and recordings as their decoding Plan says: each cut into pieces
+(`plan.segment`, `sweep.measure.segment`), the pieces of all of them encoded and decoded
+`plan.batch` at a time, the pieces' texts joined back per recording.
+
+Pieces are batched longest first: with the clip's window (`encoder.window=auto`) a batch is
+encoded on its longest piece's window, so pieces of like length go together. A long recording
+decoded sequentially by HF generate (the unchanged model's own long-form decoding, the
+baseline of a long-form set) is one call of its own: each window starts where the previous
+one's text ended, so its windows cannot be batched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import decode, scoring
+from .segment import Piece, is_long, pieces
+
+RATE = 16_000
+
+
+@dataclass(frozen=True)
+class Heard:
+    """One recording's transcription: its text, content token ids (every piece's, in order),
+    whether some piece ran to its token cap, and how many pieces it was decoded as."""
+    text: str
+    ids: list[int]
+    cap_reached: bool
+    pieces: int
+
+
+def _sync(model) -> None:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hf_long_form(model, processor, audio: np.ndarray, plan, *, language: str,
+                 task: str) -> list[int]:
+    """Token ids (timestamps included) of HF generate's sequential long-form decoding of one
+    recording: 30 s windows, each from the last complete segment's end timestamp on."""
+    from .window import input_dtype
+
+    fe = processor.feature_extractor(audio, sampling_rate=RATE, return_tensors="pt",
+                                     truncation=False, padding="longest",
+                                     return_attention_mask=True)
+    device = next(model.parameters()).device
+    cap = scoring.max_new_tokens_for(30.0)  # per window
+    kwargs = dict(return_timestamps=True, num_beams=1, do_sample=False,
+                  max_new_tokens=min(cap, plan.max_new_tokens) if plan.max_new_tokens else cap)
+    if getattr(model.generation_config, "is_multilingual", True):
+        kwargs.update(language=language, task=task)
+    if plan.no_repeat:
+        kwargs["no_repeat_ngram_size"] = plan.no_repeat
+    with torch.inference_mode():
+        out = model.generate(fe.input_features.to(device=device, dtype=input_dtype(model)),
+                             attention_mask=fe.attention_mask.to(device), **kwargs)
+    ids = out["sequences"] if isinstance(out, dict) else out
+    return [int(t) for t in ids[0].tolist()]
+
+
+def _own_long_form(plan, duration_s: float) -> bool:
+    return not plan.segment.vad and is_long(duration_s) and isinstance(plan, decode.GeneratePlan)
+
+
+def transcribe_many(model, processor, audios: list[np.ndarray], plan=None, *, language: str,
+                    task: str = "transcribe") -> list[Heard]:
+    """Transcribe several recordings (16 kHz float32) in one language, as `plan` says."""
+    plan = plan or decode.Plan.default()
+    tok = processor.tokenizer
+    eos = tok.eos_token_id
+    work: list[tuple[int, Piece]] = []
+    own: dict[int, list[int]] = {}
+    for i, audio in enumerate(audios):
+        if _own_long_form(plan, audio.size / RATE):
+            own[i] = hf_long_form(model, processor, audio, plan, language=language, task=task)
+        else:
+            work += [(i, p) for p in pieces(audio, plan.segment, windowed=True)]
+    got: list[tuple[list[int], bool]] = [([], False)] * len(work)
+    order = sorted(range(len(work)), key=lambda k: -work[k][1].audio.size)
+    for b in range(0, len(order), plan.batch):
+        idx = order[b:b + plan.batch]
+        part = [work[k][1] for k in idx]
+        durs = [p.duration_s for p in part]
+        cap = max(scoring.max_new_tokens_for(d) for d in durs)
+        feats = decode.features(model, processor, [p.audio for p in part], durs, plan)
+        rows = decode.decode(model, feats, plan, language=language, task=task, cap=cap)
+        for k, row, d in zip(idx, rows, durs):
+            # each piece as if decoded alone: its own cap (a batch decodes to its longest's)
+            own_cap = scoring.max_new_tokens_for(d)
+            row = row[:min(own_cap, plan.max_new_tokens) if plan.max_new_tokens else own_cap]
+            got[k] = (row, len(row) >= own_cap)
+    out = []
+    for i in range(len(audios)):
+        if i in own:
+            ids = own[i]
+            out.append(Heard(tok.decode(ids, skip_special_tokens=True).strip(),
+                             [t for t in ids if t < eos], False, 1))
+            continue
+        mine = [got[k] for k, (owner, _) in enumerate(work) if owner == i]
+        texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids, _ in mine]
+        out.append(Heard(" ".join(t for t in texts if t),
+                         [t for ids, _ in mine for t in ids if t < eos],
+                         any(cap for _, cap in mine), len(mine)))
+    return out
+
+
+def timed(model, processor, audios: list[np.ndarray], plan=None, *, language: str,
+          task: str = "transcribe") -> tuple[list[Heard], float]:
+    """`transcribe_many` and its wall seconds (segmentation included)."""
+    _sync(model)
+    t0 = time.perf_counter()
+    heard = transcribe_many(model, processor, audios, plan, language=language, task=task)
+    _sync(model)
+    return heard, time.perf_counter() - t0
+
+
+def groups(durations: list[float], langs: list[str], batch: int) -> list[list[int]]:
+    """Indices of the clips transcribed together: a long recording alone (its own pieces fill
+    the batches), up to `batch` consecutive short clips of one language together."""
+    out: list[list[int]] = []
+    for i, (d, lang) in enumerate(zip(durations, langs)):
+        last = out[-1] if out else None
+        if (last is None or is_long(d) or is_long(durations[last[0]]) or len(last) >= batch
+                or langs[last[0]] != lang):
+            out.append([i])
+        else:
+            last.append(i)
+    return out

@@ -1,0 +1,146 @@
+"""Segmentation: how a recording is cut into pieces the model transcribes, each within Whisper's
+30 s window (`segment.*` of a recipe).
+
+- `sequential` (the default): Whisper's own long-form decoding. A clip of at most 30 s is one
+  piece, as always. A longer recording goes window by window: with `decode.loop=generate`
+  through HF `generate`'s long-form decoding (timestamps; each window starts where the last
+  one's last complete segment ended: exactly what an unchanged model does, the baseline of a
+  long-form set); with the greedy loop, which decodes without timestamps, in consecutive
+  windows of at most 30 s, each cut at the quietest 100 ms of its last 5 s, so that a word is
+  rarely cut in two (`quiet_cuts`).
+- `vad`: Silero VAD v6 (ONNX, shipped inside faster-whisper's wheel: offline) finds the speech;
+  speech chunks are joined, silence between them left out, into pieces of at most `max_s`
+  seconds (faster-whisper's `BatchedInferencePipeline` and WhisperX do the same), each
+  transcribed on its own; non-speech is never decoded, so it cannot be "heard". A recording
+  without speech gives no piece and an empty transcript.
+
+Pieces are independent of one another, so several are encoded and decoded as one batch
+(`decode.batch`; `sweep.measure.batch`). Pure: numpy, and faster-whisper's VAD when asked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+METHODS = ("sequential", "vad")
+RATE = 16_000
+WINDOW_S = 30.0  # Whisper's window: any longer clip is long-form
+CUT_SEARCH_S = 5.0  # a greedy sequential window is cut in its last 5 s ...
+CUT_FRAME_S = 0.1  # ... at the quietest 100 ms
+
+
+@dataclass(frozen=True)
+class Segmenting:
+    """`segment.*` of a recipe (defaults: faster-whisper's batched pipeline's VAD settings)."""
+    method: str = "sequential"
+    max_s: float = 30.0  # vad: speech joined into pieces of at most this many seconds
+    threshold: float = 0.5  # vad: speech probability above which a 32 ms frame is speech
+    min_silence_s: float = 0.16  # vad: a pause shorter than this does not end a speech chunk
+    pad_s: float = 0.4  # vad: seconds kept on each side of a speech chunk
+
+    def __post_init__(self):
+        bad = []
+        if self.method not in METHODS:
+            bad.append(f"`segment.method` must be one of {METHODS}, got method={self.method!r}")
+        for name, lo, hi, lo_open in (("max_s", 1.0, WINDOW_S, False),
+                                      ("threshold", 0.0, 1.0, True),
+                                      ("min_silence_s", 0.0, 10.0, False),
+                                      ("pad_s", 0.0, 5.0, False)):
+            v = getattr(self, name)
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and (v > lo if lo_open else v >= lo) and v <= hi)
+            if not ok:
+                bad.append(f"`segment.{name}` must be in {'(' if lo_open else '['}{lo:g}, "
+                           f"{hi:g}], got {name}={v!r}")
+        if bad:
+            raise ValueError("; ".join(bad))
+
+    @property
+    def vad(self) -> bool:
+        return self.method == "vad"
+
+    def describe(self) -> str:
+        if not self.vad:
+            return "sequential"
+        return (f"VAD (threshold {self.threshold:g}, silence {self.min_silence_s:g} s, padding "
+                f"{self.pad_s:g} s, pieces <= {self.max_s:g} s)")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of a recording transcribed on its own: its samples, and where they came from
+    (`spans`: (start, end) sample ranges of the recording, in order; a VAD piece joins several)."""
+    audio: np.ndarray
+    spans: tuple[tuple[int, int], ...]
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.size / RATE
+
+
+def is_long(duration_s: float) -> bool:
+    """A clip longer than Whisper's window: transcribed in several windows."""
+    return duration_s > WINDOW_S
+
+
+def speech(audio: np.ndarray, seg: Segmenting) -> list[tuple[int, int]]:
+    """Speech chunks of `audio` (16 kHz float32) as (start, end) samples, by Silero VAD with
+    `seg`'s threshold, minimum silence and padding; none longer than `seg.max_s`."""
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    if audio.size == 0:
+        return []
+    opts = VadOptions(threshold=seg.threshold, min_silence_duration_ms=int(
+        round(seg.min_silence_s * 1000)), speech_pad_ms=int(round(seg.pad_s * 1000)),
+        max_speech_duration_s=seg.max_s)
+    out = [(int(s["start"]), int(s["end"])) for s in get_speech_timestamps(
+        np.ascontiguousarray(audio, dtype=np.float32), opts, sampling_rate=RATE)]
+    # padding may overrun max_s by a little: cut what is over (rare, and never speech's core)
+    limit = int(seg.max_s * RATE)
+    return [(s, min(e, s + limit)) for s, e in out if e > s]
+
+
+def join(audio: np.ndarray, chunks: list[tuple[int, int]], max_s: float) -> list[Piece]:
+    """Consecutive chunks joined, the audio between them left out, into pieces of at most
+    `max_s` seconds (faster-whisper's `collect_chunks`)."""
+    limit, pieces, cur, n = int(round(max_s * RATE)), [], [], 0
+    for s, e in chunks:
+        if cur and n + (e - s) > limit:
+            pieces.append(cur)
+            cur, n = [], 0
+        cur.append((s, e))
+        n += e - s
+    if cur:
+        pieces.append(cur)
+    return [Piece(np.concatenate([audio[s:e] for s, e in p]), tuple(p)) for p in pieces]
+
+
+def quiet_cuts(audio: np.ndarray, window_s: float = WINDOW_S) -> list[tuple[int, int]]:
+    """Consecutive (start, end) windows of at most `window_s` covering `audio`, each but the
+    last ended at the quietest `CUT_FRAME_S` (lowest RMS) of its last `CUT_SEARCH_S`."""
+    win, frame = int(window_s * RATE), int(CUT_FRAME_S * RATE)
+    search = min(int(CUT_SEARCH_S * RATE), win // 2)
+    out, start = [], 0
+    while audio.size - start > win:
+        lo, hi = start + win - search, start + win
+        frames = audio[lo:hi][: (hi - lo) // frame * frame].reshape(-1, frame)
+        energy = (frames.astype(np.float64) ** 2).mean(axis=1)
+        q = int(np.argmin(energy[::-1]))  # the latest of equally quiet frames: longer windows
+        cut = lo + (len(energy) - q) * frame - frame // 2
+        out.append((start, cut))
+        start = cut
+    out.append((start, int(audio.size)))
+    return out
+
+
+def pieces(audio: np.ndarray, seg: Segmenting, *, windowed: bool) -> list[Piece]:
+    """The pieces `audio` is transcribed as. `windowed`: cut a long sequential recording into
+    30 s windows here (the greedy loop); else it stays one piece (HF generate seeks itself)."""
+    if seg.vad:
+        return join(audio, speech(audio, seg), seg.max_s)
+    if windowed and is_long(audio.size / RATE):
+        return [Piece(audio[s:e], ((s, e),)) for s, e in quiet_cuts(audio)]
+    return [Piece(audio, ((0, int(audio.size)),))]

@@ -1,0 +1,96 @@
+"""Long-form sets (issue #28): recordings built from utterances with pauses and stretches of
+silence or noise, the embedded long set loading offline, and the builder's command."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sweep.inputs import longform
+from sweep.inputs.data import Utterance, calibration_set, load_eval_set
+from sweep.inputs.longform import LongformError, LongOptions, build
+
+SR = 16000
+
+
+def _utts(n=5):
+    """Tones of different pitch and length stand in for speech: each is recognisable."""
+    out = []
+    for i in range(n):
+        d = 1.0 + 0.5 * i
+        t = np.arange(int(d * SR)) / SR
+        out.append(Utterance(f"u{i}", (0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t))
+                             .astype(np.float32), f"word{i} w{i}", "ru", d))
+    return out
+
+
+def test_build_joins_utterances_with_pauses_and_stretches_where_it_says():
+    utts = {u.id: u for u in _utts()}
+    opts = LongOptions(n=3, min_s=20, max_s=30, stretch_every=2, stretch_s=(3, 4), seed=5)
+    recs = build(list(utts.values()), opts)
+    assert [r.id for r in recs] == ["long_01", "long_02", "long_03"]
+    assert sorted(round(r.duration_s) for r in recs) == sorted(
+        round(r.duration_s) for r in build(list(utts.values()), opts))  # seeded
+    for r in recs:
+        assert 20 <= r.duration_s <= 30 + 5.0  # a last pause and utterance may pass it
+        assert r.text == " ".join(utts[p[2]].text for p in r.parts)  # the whole text
+        spans = sorted([(a, b) for a, b, _ in r.parts] + [(a, b) for a, b, _ in r.stretches])
+        assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))  # no overlap
+        assert r.stretches and all(3 <= b - a <= 4 for a, b, _ in r.stretches)
+        for a, _, uid in r.parts:  # the utterance's own samples, where the part says
+            got = r.audio[int(round(a * SR)):int(round(a * SR)) + utts[uid].audio.size]
+            assert np.allclose(got, utts[uid].audio, atol=1e-6)
+        for a, b, kind in r.stretches:
+            x = r.audio[int(a * SR) + 10:int(b * SR) - 10].astype(np.float64)
+            rms = np.sqrt(np.mean(x ** 2))
+            assert rms == 0 if kind == "silence" else abs(20 * np.log10(rms) + 45) < 1.0
+    other = build(list(utts.values()), LongOptions(n=3, min_s=20, max_s=30, seed=6))
+    assert [r.text for r in other] != [r.text for r in recs]
+
+
+@pytest.mark.parametrize("kw, rule", [
+    ({"n": 0}, "`n` must be an integer >= 1"),
+    ({"min_s": 50, "max_s": 40}, "min_s <= max_s"),
+    ({"pause_s": (2.0, 1.0)}, "`pause_s` must be a range"),
+    ({"kinds": ("music",)}, "`kinds` must be some of"),
+])
+def test_options_are_checked_naming_the_rule(kw, rule):
+    with pytest.raises(LongformError, match=rule):
+        LongOptions(**kw)
+    with pytest.raises(LongformError, match="need utterances with audio and text"):
+        build([Utterance("a", np.zeros(0, np.float32), "x", "ru", 0.0)])
+
+
+def test_embedded_long_loads_offline_built_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPER_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ev = load_eval_set("embedded-long")
+    assert ev.name == "embedded-long" and len(ev) == 6 and not ev.skipped
+    assert all(45 <= u.duration_s <= 120 for u in ev) and ev.total_s > 400
+    (manifest,) = tmp_path.glob("longform/*/manifest.jsonl")
+    rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+    for u, row in zip(ev, rows):  # one row per recording, its reference the whole text
+        assert u.text == row["text"] and len(u.text.split()) > 20 and u.lang == "ru"
+        assert row["stretches"] and row["parts"]
+    assert sum(len(r["stretches"]) for r in rows) >= 10
+    stamp = manifest.stat().st_mtime_ns
+    again = load_eval_set("embedded-long")
+    assert manifest.stat().st_mtime_ns == stamp and again.fingerprint == ev.fingerprint
+    assert np.array_equal(again.utterances[0].audio, ev.utterances[0].audio)
+    # nothing of the evaluation set is calibrated on
+    assert calibration_set("embedded-long").name == "embedded:calibration"
+    assert longform.silence_spans(manifest)[ev.utterances[0].id] == [
+        tuple(s) for s in rows[0]["stretches"]]
+
+
+def test_command_builds_recordings_any_set_reads(small_manifest, tmp_path, capsys):
+    from sweep.inputs.longform.__main__ import main
+
+    assert main(["--dataset", small_manifest, "--out", str(tmp_path), "--n", "2",
+                 "--min-s", "12", "--max-s", "15", "--stretch-every", "1"]) == 0
+    assert "wrote 2 recordings" in capsys.readouterr().out
+    ev = load_eval_set(str(tmp_path / "manifest.jsonl"))
+    assert len(ev) == 2 and all(u.duration_s >= 12 for u in ev)
+    assert main(["--dataset", small_manifest, "--out", str(tmp_path), "--min-s", "9",
+                 "--max-s", "3"]) == 2
+    assert "min_s <= max_s" in capsys.readouterr().err

@@ -1,0 +1,186 @@
+"""Segmentation and batching (issue #28): the VAD keeps speech and drops silence, long
+recordings are cut into windows at quiet points, pieces batched give the texts of pieces
+decoded one by one, a long recording is scored whole, throughput is the set's audio over its
+wall time, and the probes go through the same segmentation."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sweep.inputs.data import EvalSet, Utterance, load_eval_set
+from sweep.inputs.longform import LongOptions, build
+from sweep.inputs.probes import probes
+from sweep.measure import batch, evaluate, segment
+from sweep.measure.decode import plan_for
+from sweep.measure.segment import Segmenting
+from sweep.techniques.recipe import Recipe, RecipeError
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return load_eval_set("embedded", max_samples=4).utterances
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A narrow random Whisper (init_std 0.3: its tokens depend on the audio) and the real
+    processor."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from sweep.inputs.models import load_model
+
+    lm = load_model("random:tiny")
+    torch.manual_seed(0)
+    cfg = WhisperConfig(
+        vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=448, init_std=0.3,
+        decoder_start_token_id=50258, eos_token_id=50257, pad_token_id=50257, bos_token_id=50257)
+    model = WhisperForConditionalGeneration(cfg).eval()
+    model.generation_config = lm.model.generation_config
+    return model, lm.processor
+
+
+def _plan(text: str, tokens: int = 6):
+    """The recipe's decoding options, at most `tokens` per piece (random weights never stop)."""
+    return dataclasses.replace(plan_for(Recipe.parse(text)), max_new_tokens=tokens)
+
+
+def _gap(s: float):
+    return np.zeros(int(s * SR), np.float32)
+
+
+def test_vad_keeps_the_speech_drops_the_silence_and_joins_up_to_max_s(clips):
+    a, b = clips[0].audio, clips[1].audio
+    audio = np.concatenate([_gap(1), a, _gap(10), b, _gap(0.5)])
+    vad = Segmenting("vad")
+    chunks = segment.speech(audio, vad)
+    assert len(chunks) == 2
+    (s0, e0), (s1, e1) = chunks  # each utterance inside its chunk, padding around it
+    assert s0 <= SR < SR + a.size <= e0 and s1 <= SR + a.size + 10 * SR < e1
+    joined = segment.pieces(audio, vad, windowed=True)
+    assert len(joined) == 1 and joined[0].duration_s < 6 < audio.size / SR
+    assert np.array_equal(joined[0].audio, np.concatenate([audio[s:e] for s, e in chunks]))
+    apart = segment.pieces(audio, Segmenting("vad", max_s=3.0, pad_s=0.2), windowed=True)
+    assert len(apart) == 2 and all(p.duration_s <= 3.0 for p in apart)
+    assert segment.pieces(_gap(40), vad, windowed=True) == []  # nothing to decode
+
+
+def test_the_vad_hears_no_speech_in_the_hallucination_probes():
+    assert all(segment.speech(p.audio, Segmenting("vad")) == [] for p in probes())
+
+
+def test_sequential_windows_are_cut_at_the_quietest_moment():
+    rng = np.random.default_rng(0)
+    audio = (0.3 * rng.standard_normal(70 * SR)).astype(np.float32)
+    for quiet in (27.2, 54.0):
+        audio[int(quiet * SR):int((quiet + 0.3) * SR)] *= 0.01
+    cuts = segment.quiet_cuts(audio)
+    assert cuts[0][0] == 0 and cuts[-1][1] == audio.size
+    assert all(e0 == s1 for (_, e0), (s1, _) in zip(cuts, cuts[1:]))  # no gap, no overlap
+    assert all(e - s <= 30 * SR for s, e in cuts) and len(cuts) == 3
+    assert 27.2 < cuts[0][1] / SR < 27.5 and 54.0 < cuts[1][1] / SR < 54.3  # in the quiet
+    one = segment.pieces(audio[:20 * SR], Segmenting(), windowed=True)
+    assert len(one) == 1 and one[0].audio.size == 20 * SR
+    assert len(segment.pieces(audio, Segmenting(), windowed=False)) == 1  # HF seeks itself
+
+
+def test_segment_and_batch_recipes_are_checked_and_planned():
+    with pytest.raises(RecipeError, match=r"`segment.threshold` must be in \(0, 1\)"):
+        Recipe.parse("segment.method=vad,segment.threshold=1.0")
+    with pytest.raises(RecipeError, match="`segment.pad_s` must leave room"):
+        Recipe.parse("segment.method=vad,segment.max_s=2,segment.pad_s=1")
+    with pytest.raises(RecipeError, match=r"`decode.batch` must be in \[1, 64\]"):
+        Recipe.parse("decode.batch=0")
+    with pytest.raises(RecipeError, match="`segment.method` must be one of"):
+        Recipe.parse("segment.method=energy")
+    assert Recipe.parse("segment.threshold=0.3,segment.max_s=10").is_baseline  # sequential
+    r = Recipe.parse("segment.method=vad,segment.max_s=12,segment.pad_s=0.1,decode.batch=4")
+    assert not r.is_baseline and "VAD segments <= 12 s" in r.describe()
+    plan = plan_for(r)
+    assert plan.segment == Segmenting("vad", 12.0, 0.5, 0.16, 0.1) and plan.batch == 4
+    assert "batch 4" in plan.describe() and plan_for(Recipe()).batch == 1
+    with pytest.raises(ValueError, match="`segment.max_s` must be in"):
+        Segmenting("vad", max_s=31)
+
+
+def test_groups_keep_a_long_recording_alone_and_batch_short_clips_of_one_language():
+    durs = [2, 3, 40, 1, 1, 1, 2, 2]
+    langs = ["ru"] * 6 + ["en", "en"]
+    assert batch.groups(durs, langs, 3) == [[0, 1], [2], [3, 4, 5], [6, 7]]
+    assert batch.groups(durs, langs, 1) == [[i] for i in range(8)]
+
+
+@pytest.mark.parametrize("recipe", ["decode.loop=greedy", "segment.method=vad"])
+def test_batched_pieces_give_the_texts_of_pieces_decoded_one_by_one(tiny, clips, recipe):
+    model, proc = tiny
+    audios = [np.concatenate([c.audio, _gap(2.0), clips[-1 - i].audio]) for i, c in
+              enumerate(clips[:3])]
+    one = batch.transcribe_many(model, proc, audios, _plan(recipe), language="ru")
+    many = batch.transcribe_many(model, proc, audios, _plan(recipe + ",decode.batch=4"),
+                                 language="ru")
+    assert [h.text for h in many] == [h.text for h in one] and all(h.text for h in one)
+    assert [h.ids for h in many] == [h.ids for h in one]
+
+
+def test_a_long_recording_is_decoded_and_scored_whole(tiny, clips):
+    model, proc = tiny
+    (rec,) = build(clips, LongOptions(n=1, min_s=40, max_s=40, stretch_s=(5, 6), seed=1))
+    ev = EvalSet("long", [Utterance(rec.id, rec.audio, rec.text, "ru", rec.duration_s)])
+    base = evaluate.measure(model, proc, ev, warmup=0, options=_plan(""))
+    greedy = evaluate.measure(model, proc, ev, warmup=0, options=_plan("decode.loop=greedy"))
+    vad = evaluate.measure(model, proc, ev, warmup=0,
+                           options=_plan("segment.method=vad,segment.max_s=10"))
+    for m in (base, greedy, vad):
+        (row,) = m.utterances
+        assert row["duration_s"] > 30 and row["reference"] == rec.text and row["hypothesis"]
+        assert m.figures["n_utterances"] == 1 and m.figures["wer"] > 0
+    # HF generate's own long-form decoding (one call), windows for the greedy loop, and
+    # speech pieces of at most 10 s for the VAD
+    assert [m.utterances[0]["pieces"] for m in (base, greedy)] == [1, 2]
+    assert vad.utterances[0]["pieces"] >= 40 * 0.6 / 10
+
+
+def test_throughput_is_the_sets_audio_over_its_wall_time(tiny, clips):
+    model, proc = tiny
+    ev = EvalSet("four", list(clips))
+    m = evaluate.measure(model, proc, ev, warmup=0, options=_plan("decode.batch=2"))
+    rows, f = m.utterances, m.figures
+    assert [r["latency_s"] for r in rows[::2]] == [r["latency_s"] for r in rows[1::2]]
+    assert all(r["wall_s"] == pytest.approx(r["latency_s"] / 2) for r in rows)
+    wall, audio = sum(r["wall_s"] for r in rows), sum(u.duration_s for u in clips)
+    assert f["throughput"] == pytest.approx(audio / wall) and f["rtf"] == pytest.approx(
+        wall / audio)
+    one = evaluate.measure(model, proc, ev, warmup=0, options=_plan(""))
+    assert one.figures["throughput"] == pytest.approx(
+        audio / sum(r["latency_s"] for r in one.utterances))
+    assert [r["hypothesis"] for r in rows] == [r["hypothesis"] for r in one.utterances]
+
+
+def test_probes_go_through_the_segmentation(tiny):
+    model, proc = tiny
+    heard, texts = evaluate.hallucinations(model, proc, probes(), language="ru",
+                                           options=_plan(""))
+    assert heard > 0.5  # random weights make words up for anything
+    none, texts = evaluate.hallucinations(model, proc, probes(), language="ru",
+                                          options=_plan("segment.method=vad"))
+    assert none == 0 and texts == [""] * len(probes())  # no speech: nothing decoded
+
+
+def test_evaluate_json_reports_throughput_for_recipe_and_baseline(tiny_checkpoint,
+                                                                   small_manifest, tmp_path):
+    import json
+
+    out = tmp_path / "out.json"
+    assert evaluate.main(["--model", tiny_checkpoint, "--dataset", small_manifest, "--recipe",
+                          "segment.method=vad,decode.batch=3", "--json", str(out),
+                          "--threads", "1", "--warmup", "0"]) == 0
+    d = json.loads(out.read_text())
+    assert d["throughput"] > 0 and d["baseline"]["throughput"] > 0
+    assert d["throughput"] == pytest.approx(
+        sum(r["duration_s"] for r in d["utterances"]) / sum(r["wall_s"] for r in d["utterances"]))
+    assert len({r["latency_s"] for r in d["utterances"]}) == 1  # one batch of three
