@@ -26,7 +26,7 @@ from .inputs import cli
 from .results import figures, rows
 from .ship.pick import RULES, ExportError, describe_row, pick
 from .techniques.recipe import Recipe
-from .search.sweepspec import DATA_KEYS, SweepSpec
+from .search.sweepspec import DATA_KEYS, SweepSpec, check_name
 
 # The sweep's data options recorded in metrics.json (beside `dataset` and `n_utterances`).
 DATA_OUT = (*DATA_KEYS[1:], "numbers", "warmup")
@@ -55,18 +55,23 @@ def _client(args):
 
 def find_sweep(client, exp_id: str, sweep: str):
     """The parent run: `latest` (by start time), a sweep name, or a parent run id."""
+    from .results import tracking
+
     kind = "tags.`hyper.kind` = 'sweep'"
     if sweep == "latest":
         found = client.search_runs([exp_id], kind, order_by=["attributes.start_time DESC"],
                                    max_results=1)
-    else:
-        found = client.search_runs([exp_id], f"{kind} and tags.`hyper.sweep` = '{sweep}'")
-        if not found and re.fullmatch(r"[0-9a-f]{32}", sweep):
-            found = [r for r in client.search_runs([exp_id], kind, max_results=1000)
-                     if r.info.run_id == sweep]
+    elif re.fullmatch(r"[0-9a-f]{32}", sweep):
+        found = [r for r in tracking.find_runs(client, exp_id, **{"hyper.kind": "sweep"})
+                 if r.info.run_id == sweep] or tracking.find_runs(
+            client, exp_id, **{"hyper.kind": "sweep", "hyper.sweep": sweep})
+    else:  # a name goes into MLflow's filter string: the launcher's rule first
+        found = tracking.find_runs(client, exp_id, **{"hyper.kind": "sweep",
+                                                      "hyper.sweep": check_name(sweep,
+                                                                                "--sweep")})
     if not found:
-        names = sorted({r.data.tags.get("hyper.sweep") for r in client.search_runs(
-            [exp_id], kind, max_results=1000)} - {None})
+        names = sorted({r.data.tags.get("hyper.sweep") for r in tracking.find_runs(
+            client, exp_id, **{"hyper.kind": "sweep"})} - {None})
         raise ExportError(f"`--sweep` must be latest, a sweep name or a parent run id, got "
                           f"{sweep!r}; sweeps here: {names or 'none'}")
     return found[0]
@@ -75,8 +80,10 @@ def find_sweep(client, exp_id: str, sweep: str):
 def trial_rows(client, exp_id: str, parent_id: str) -> list[dict]:
     """The sweep's finished, successful trials as rows (`rows.from_run`, as the sweep read
     them); `pick` skips those lacking a figure its rule ranks on."""
-    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
-                              "tags.`hyper.kind` = 'trial'", max_results=5000)
+    from .results import tracking
+
+    runs = tracking.find_runs(client, exp_id, **{"mlflow.parentRunId": parent_id,
+                                                 "hyper.kind": "trial"})
     return [row for row in map(rows.from_run, runs) if row["status"] == "ok"]
 
 

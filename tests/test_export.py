@@ -434,6 +434,8 @@ def test_export_refuses_unknown_sweeps_and_runs(store, tmp_path, capsys):
     root, _ = store
     assert _export(root, tmp_path, "--sweep", "nope", "--knee") == 2
     assert "sweeps here: ['t']" in capsys.readouterr().err
+    assert _export(root, tmp_path, "--sweep", "t' or '1'='1", "--knee") == 2  # a filter string
+    assert "`--sweep` must be 1 to 100 of the characters" in capsys.readouterr().err
     assert _export(root, tmp_path, "--run", "0" * 32) == 2
     assert "is not a run of this tracking store" in capsys.readouterr().err
     assert _export(tmp_path / "empty", tmp_path, "--knee") == 2
