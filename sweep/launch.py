@@ -238,6 +238,7 @@ def kernel_fit(space, threads: int, devices=frozenset({"cpu"})):
         return space
     import torch
 
+    from .measure import int8  # noqa: F401 - registers int8_token's implementations
     from .measure.kernels import SLOW_SPEEDUP, scheme_speedups
 
     before = torch.get_num_threads()

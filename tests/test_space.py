@@ -432,3 +432,21 @@ def test_slow_schemes_leave_the_space_and_its_starts(monkeypatch, capsys):
     gpu = load_space("gpu")  # its trials run on the GPU when the cluster has one
     assert launch.kernel_fit(space, threads=2, devices={"cpu", "cuda"}) is space
     assert launch.kernel_fit(gpu, threads=2, devices={"cpu", "cuda"}) is gpu
+
+
+def test_kernel_fit_measures_every_scheme_it_names(tmp_path):
+    """Unmocked, in a fresh process: int8_token's implementations are registered by the time the
+    kernel table is asked (it once came back 'no working kernel' and was dropped)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from sweep import launch; from sweep.search.space import space_from_dict; "
+            "s = space_from_dict({'params': {'quant.enc_mlp': {'choice': "
+            "['inherit', 'int8_token']}}}); f = launch.kernel_fit(s, threads=1); "
+            "print('kept' if f.mentions('int8_token') else 'dropped')")
+    env = {**os.environ, "HYPER_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "kept", out.stderr[-2000:]
