@@ -26,7 +26,8 @@ NOT_FIGURES = {"recipe": "params", "baseline": "baseline_* metrics", "kernels": 
                "device": "tag", "utterances": "transcripts.json", "notes": "the evaluate JSON",
                "numbers": "the sweep's --numbers",
                "status": "tag", "probes": "probes.json",
-               "cpu": "tag", "isa": "tag", "isa_cap": "tag"}
+               "cpu": "tag", "isa": "tag", "isa_cap": "tag",
+               "hallucination_by_lang": "the evaluate JSON (hallucination_excess: the figure)"}
 
 
 @pytest.fixture(scope="module")

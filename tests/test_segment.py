@@ -184,3 +184,26 @@ def test_evaluate_json_reports_throughput_for_recipe_and_baseline(tiny_checkpoin
     assert d["throughput"] == pytest.approx(
         sum(r["duration_s"] for r in d["utterances"]) / sum(r["wall_s"] for r in d["utterances"]))
     assert len({r["latency_s"] for r in d["utterances"]}) == 1  # one batch of three
+
+
+def test_probe_rate_is_judged_against_the_baselines_own_per_language(tiny, clips):
+    from sweep.results import pareto
+
+    model, proc = tiny
+    mixed = [dataclasses.replace(c, lang="en" if i % 2 else "ru") for i, c in enumerate(clips)]
+    ev = EvalSet("two languages", mixed)
+    few = probes()[:3]
+    base = evaluate.measure(model, proc, ev, warmup=0, options=_plan(""), probes=few)
+    vad = evaluate.measure(model, proc, ev, warmup=0, options=_plan("segment.method=vad"),
+                           probes=few)
+    assert set(base.figures["hallucination_by_lang"]) == {"ru", "en"}
+    assert len(base.probes) == 6 and {p["id"].rsplit("@", 1)[1] for p in base.probes} == {
+        "ru", "en"}
+    assert vad.figures["hallucination_by_lang"] == {"ru": 0.0, "en": 0.0}
+    worse = evaluate.compare(base, vad)["hallucination_excess"]
+    better = evaluate.compare(vad, base)["hallucination_excess"]
+    assert better == -min(base.figures["hallucination_by_lang"].values()) < 0 < worse
+    rule = {"max_extra_hallucination": 0.0}
+    assert pareto.feasible({"hallucination_excess": better}, rule)
+    assert not pareto.feasible({"hallucination_excess": worse}, rule)
+    assert not pareto.feasible({}, rule)  # not measured: not judged feasible

@@ -77,6 +77,11 @@ FIGURES: tuple[Figure, ...] = (
     Figure("hallucination_rate", "min", to=(*_OBJ, "card"), label="hallucination",
            help="share of the non-speech probes (silence, noise, hum, tones) transcribed with "
                 "any word in its first tokens (`evaluate.PROBE_TOKENS`); untimed"),
+    Figure("hallucination_excess", "min", fmt="+.2f", to=(*RECORDED, "report"), relative=True,
+           neutral=0.0, label="hallucination vs baseline",
+           help="the probe rate over the baseline's own in the same language, in the language "
+                "where it is most over (the set's languages each probed): a rate the baseline "
+                "itself fails says nothing of a recipe, this does (`max_extra_hallucination`)"),
     Figure("speedup", "max", unit="x", fmt=".2f", to=(*RECORDED, "report", "card"),
            relative=True, of="latency_median_s", label="speed-up", neutral=1.0,
            help="the baseline's median latency over the trial's"),

@@ -29,7 +29,8 @@ from .figures import DEFAULT_OBJECTIVES as DEFAULT_OBJECTIVES  # the one default
 # Metrics a search may optimise, and the constraint keys (`Space` validates against these).
 METRICS = names("objective")
 DIRECTIONS = ("min", "max")
-CONSTRAINTS = ("max_dwer", "max_dcer", "max_latency_s", "min_speedup", "max_hallucination")
+CONSTRAINTS = ("max_dwer", "max_dcer", "max_latency_s", "min_speedup", "max_hallucination",
+               "max_extra_hallucination")
 # Reference point's relative WER allowance when no `max_dwer` constraint is given.
 DEFAULT_REF_DWER = 0.5
 
@@ -83,7 +84,9 @@ def constraint_values(row: Mapping, constraints: Mapping[str, float] | None,
     max_dwer: dwer - max_dwer, or `dwer_upper` - max_dwer when the row has that bound (the
     space asked for feasibility at a confidence, and every trial of it carries the bound);
     max_dcer: dcer - max_dcer; max_latency_s: latency_median_s - max_latency_s;
-    min_speedup: min_speedup - speedup; max_hallucination: hallucination_rate - limit.
+    min_speedup: min_speedup - speedup; max_hallucination: hallucination_rate - limit;
+    max_extra_hallucination: hallucination_excess - limit (the probe rate judged against the
+    baseline's own in each language: 0 = no worse than the unchanged model anywhere).
     """
     out = []
     for key, limit in (constraints or {}).items():
@@ -93,6 +96,11 @@ def constraint_values(row: Mapping, constraints: Mapping[str, float] | None,
             out.append(math.inf if v is None else v - limit)
         elif key == "max_hallucination":
             v = _num(row.get("hallucination_rate"))
+            out.append(math.inf if v is None else v - limit)
+        elif key == "max_extra_hallucination":
+            v = _num(row.get("hallucination_excess"))
+            if v is None and row is baseline:  # the baseline against itself
+                v = 0.0
             out.append(math.inf if v is None else v - limit)
         elif key == "max_dcer":
             v = _figure(row, "dcer", baseline)

@@ -468,7 +468,7 @@ def _check_constraints(ck: _Checker, raw: Any) -> dict[str, float]:
             ck.err(k, f"must be a number, got {value!r}")
         elif key in ("max_latency_s", "min_speedup") and v <= 0:
             ck.err(k, f"must be > 0, got {value!r}")
-        elif key == "max_hallucination" and not 0 <= v <= 1:
+        elif key in ("max_hallucination", "max_extra_hallucination") and not 0 <= v <= 1:
             ck.err(k, f"is a share of the probes and must be in [0, 1], got {value!r}")
         elif key in ("max_dwer", "max_dcer") and v <= -1:
             ck.err(k, f"is a relative change (0.02 = 2% worse) and must be > -1, got {value!r}")
