@@ -136,6 +136,19 @@ def test_rescaled_rows_3d_traced_and_stored():
         assert torch.equal(again(x), y)
 
 
+def test_rescaled_rows_run_eager_inside_a_compiled_model():
+    """torch.compile around the module (compile.mode) leaves its prologue eager: inductor's
+    dynamic-shape code for it once corrupted the heap."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    net[0], net[2] = RowInt8Linear(net[0]), RowInt8Linear(net[2])
+    compiled = torch.compile(net, dynamic=True)
+    with torch.inference_mode():
+        for n in (50, 37, 11):
+            x = torch.randn(3, n, 64)
+            assert torch.allclose(compiled(x), net(x), atol=1e-5)
+
+
 # ---- SmoothQuant ---------------------------------------------------------------------------
 
 

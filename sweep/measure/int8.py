@@ -137,10 +137,14 @@ class RowInt8Linear(nn.Module):
         m._levels()
         return m
 
+    # Never compiled: inductor's C++ for this prologue (row min/max, dynamic shapes, torch 2.13)
+    # read and wrote out of bounds (wrong values, then heap corruption); eager it is three
+    # passes, and fbgemm's kernel is opaque to inductor anyway.
+    @torch.compiler.disable
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
-        lo, hi = x2.amin(1, keepdim=True), x2.amax(1, keepdim=True)
+        lo, hi = torch.aminmax(x2, dim=1, keepdim=True)  # one pass
         r = (hi - lo).mul_(0.5).clamp_min_(1e-8)
         m = (hi + lo).mul_(0.5)
         inv = r.reciprocal()
