@@ -27,7 +27,11 @@ Origin header that is not this server's (DNS rebinding, web pages posting to loc
 `Retry-After` when the queue is full or memory ran out, 500 for a bug (logged; its text is never
 sent). Audio is decoded before it is queued, so bad input fails fast. A bounded pool of
 `--workers` threads decodes, each with its own copy of the model (decoding state lives per
-model); queued work whose client hung up is dropped (`cancelled` in /metrics). SIGINT/SIGTERM
+model); queued work whose client hung up is dropped (`cancelled` in /metrics). Dynamic
+batching (`--max-batch N`, `--batch-wait-ms W`): a worker that takes a request waits up to W ms
+for more of the same language and task, up to N, and decodes them as one batch; every upload
+is segmented as its recipe says (a long one into 30 s windows or VAD speech pieces) and the
+pieces of all of them are batched (`sweep.measure.batch`). SIGINT/SIGTERM
 stop accepting and finish every admitted request, for at most `--shutdown-timeout-s`.
 See docs/serve.md for what is and is not protected.
 """
@@ -42,7 +46,6 @@ import ipaddress
 import logging
 import math
 import os
-import queue
 import re
 import sys
 import threading
@@ -72,6 +75,7 @@ ORDINARY_RATE = 48_000 * 2
 BLOCK = 1 << 16  # frames decoded at a time: the multichannel buffer stays small
 READ_S_PER_MB, MIN_READ_S = 3.0, 10.0  # default body deadline: 3 s per MB of the limit, >= 10 s
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
+MAX_BATCH, MAX_WAIT_MS = 64, 10_000  # --max-batch, --batch-wait-ms ranges
 OPEN_PATHS = ("/health",)  # answered without the API key: orchestrators' liveness probes
 log = logging.getLogger("sweep.serve")
 
@@ -110,12 +114,19 @@ class ServeOptions:
     shutdown_timeout_s: float = 30.0  # SIGTERM: requests still running after this are cut off
     allowed_hosts: tuple[str, ...] = ()  # Host names taken besides loopback's and --host's
     api_key: str | None = field(default=None, repr=False)  # `Authorization: Bearer KEY`
+    max_batch: int = 1  # requests decoded together (1: one at a time)
+    batch_wait_ms: float = 10.0  # how long a worker waits for a batch to fill
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"`port` must be in [0, 65535], got {self.port=}")
         if self.workers < 1:
             raise ValueError(f"`workers` must be at least 1, got {self.workers=}")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise ValueError(f"`max_batch` must be in [1, {MAX_BATCH}], got {self.max_batch=}")
+        if not 0 <= self.batch_wait_ms <= MAX_WAIT_MS:
+            raise ValueError(f"`batch_wait_ms` must be in [0, {MAX_WAIT_MS}] ms, got "
+                             f"{self.batch_wait_ms=}")
         if self.queue < 0:
             raise ValueError(f"`queue` must be at least 0, got {self.queue=}")
         if not self.max_upload_mb > 0:
@@ -328,30 +339,58 @@ def run(ck, audio: np.ndarray, language: str | None, default: str | None, task: 
     return transcribe_audio(ck, audio, language=lang, task=task)
 
 
+def run_many(ck, audios: list[np.ndarray], key: tuple[str, str]) -> list[dict]:
+    """Several requests of one (language, task) decoded as one batch: each segmented as the
+    recipe says, the pieces of all of them `max(decode.batch, requests)` at a time. The rows of
+    `sweep.transcribe.transcribe_audio`; `seconds` is the batch's."""
+    import dataclasses
+
+    from .inputs.data import SAMPLE_RATE
+    from .measure.batch import timed
+
+    (lang, task), plan = key, ck.options
+    plan = dataclasses.replace(plan, batch=max(plan.batch, len(audios)))
+    heard, secs = timed(ck.model, ck.processor, audios, plan, language=lang, task=task)
+    return [{"text": h.text, "language": lang, "task": task, "duration_s": a.size / SAMPLE_RATE,
+             "seconds": secs, "cap_reached": h.cap_reached, "tokens": list(h.ids)}
+            for a, h in zip(audios, heard)]
+
+
 # ---- the worker pool -------------------------------------------------------------------------
 
 
 class Job:
-    """One request's work: `fn(checkpoint)`, settled into `future` on the request's loop."""
+    """One request's work: `fn(checkpoint)`, settled into `future` on the request's loop. With
+    a `key` (language, task) it may be decoded in a batch with others of the same key, its
+    `payload` (the samples) handed to the pool's `batch_fn`."""
 
-    __slots__ = ("fn", "future", "loop", "state")
+    __slots__ = ("fn", "future", "loop", "state", "key", "payload")
 
-    def __init__(self, fn: Callable, future: asyncio.Future, loop):
+    def __init__(self, fn: Callable, future: asyncio.Future, loop, key=None, payload=None):
         self.fn, self.future, self.loop, self.state = fn, future, loop, "queued"
+        self.key, self.payload = key, payload
 
 
 class Pool:
     """`len(checkpoints)` worker threads, each owning one loaded checkpoint, and admission of at
     most workers + `queue_limit` requests at once (from before their upload is read, so memory
     stays bounded too). An admitted request keeps its slot until its worker is done with it, its
-    upload failed or timed out, or its client hung up before the work started (`cancel`)."""
+    upload failed or timed out, or its client hung up before the work started (`cancel`).
+    `max_batch` > 1: a worker that takes a job with a key waits up to `batch_wait_s` for more
+    queued jobs of that key, up to `max_batch`, and runs them as one `batch_fn(checkpoint,
+    payloads, key)`; jobs of other keys keep their place in the queue."""
 
-    def __init__(self, checkpoints: list, queue_limit: int):
+    def __init__(self, checkpoints: list, queue_limit: int, max_batch: int = 1,
+                 batch_wait_s: float = 0.0, batch_fn: Callable | None = None):
         self.checkpoints, self.queue_limit = checkpoints, queue_limit
         self.capacity = len(checkpoints) + queue_limit
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.batch_fn = batch_fn or (lambda ck, payloads, key: run_many(ck, payloads, key))
+        self.jobs: deque = deque()  # Jobs in arrival order; None: a worker's stop signal
         self.lock = threading.Lock()
+        self.ready = threading.Condition(self.lock)
         self.admitted = self.queued = self.running = 0
+        self.batches = self.batched = 0  # batches of several jobs, and the jobs in them
         self.model_s: deque = deque(maxlen=WINDOW)  # seconds per job, for Retry-After
         self.threads = [threading.Thread(target=self._work, args=(ck,), daemon=True,
                                          name=f"hyper-serve-{i}")
@@ -371,13 +410,15 @@ class Pool:
         with self.lock:
             self.admitted -= 1
 
-    def submit(self, fn: Callable) -> Job:
-        """`fn(checkpoint)` on the next free worker; its result (or error) in `job.future`."""
+    def submit(self, fn: Callable, key=None, payload=None) -> Job:
+        """`fn(checkpoint)` on the next free worker, or in a batch of its `key` (see the class);
+        its result (or error) in `job.future`."""
         loop = asyncio.get_running_loop()
-        job = Job(fn, loop.create_future(), loop)
-        with self.lock:
+        job = Job(fn, loop.create_future(), loop, key, payload)
+        with self.ready:
             self.queued += 1
-        self.jobs.put(job)
+            self.jobs.append(job)
+            self.ready.notify_all()
         return job
 
     def cancel(self, job: Job) -> bool:
@@ -398,40 +439,78 @@ class Pool:
         median = times[len(times) // 2] if times else 1.0
         return max(1, math.ceil(median * max(ahead, 1) / len(self.checkpoints)))
 
+    def _take(self) -> list[Job] | None:
+        """The next job and, batching, the queued ones of its key it waited for; None: stop."""
+        with self.ready:
+            while True:
+                while not self.jobs:
+                    self.ready.wait()
+                job = self.jobs.popleft()
+                if job is None:
+                    return None
+                if job.state == "queued":  # a cancelled one was counted out by `cancel`
+                    break
+            batch = [job]
+            deadline = time.monotonic() + self.batch_wait_s
+            while job.key is not None and len(batch) < self.max_batch:
+                keep: deque = deque()  # the others, in their order (cancelled ones dropped)
+                for j in self.jobs:
+                    if (j is not None and j.key == job.key and j.state == "queued"
+                            and len(batch) < self.max_batch):
+                        batch.append(j)
+                    elif j is None or j.state == "queued":
+                        keep.append(j)
+                self.jobs = keep
+                left = deadline - time.monotonic()
+                if len(batch) >= self.max_batch or left <= 0 or None in self.jobs:
+                    break
+                self.ready.wait(left)
+            for j in batch:
+                j.state = "running"
+            self.queued -= len(batch)
+            self.running += len(batch)
+            if len(batch) > 1:
+                self.batches += 1
+                self.batched += len(batch)
+            return batch
+
     def _work(self, ck) -> None:
-        while (job := self.jobs.get()) is not None:
-            with self.lock:
-                if job.state == "cancelled":  # counted out by `cancel` already
-                    continue
-                job.state = "running"
-                self.queued -= 1
-                self.running += 1
+        while (batch := self._take()) is not None:
             t0 = time.perf_counter()
             try:
-                ok, out = True, job.fn(ck)
-            except BaseException as e:  # the worker outlives any one request's failure
-                ok, out = False, e
+                if len(batch) == 1:
+                    outs = [(True, batch[0].fn(ck))]
+                else:
+                    rows = self.batch_fn(ck, [j.payload for j in batch], batch[0].key)
+                    outs = [(True, r) for r in rows]
+            except BaseException as e:  # the worker outlives any one batch's failure
+                outs = [(False, e)] * len(batch)
             with self.lock:
-                job.state = "done"
-                self.running -= 1
-                self.admitted -= 1
-                self.model_s.append(time.perf_counter() - t0)
-            try:
-                job.loop.call_soon_threadsafe(_settle, job.future, ok, out)
-            except RuntimeError:  # the loop is gone: nobody is waiting any more
-                pass
+                self.running -= len(batch)
+                self.admitted -= len(batch)
+                for j in batch:
+                    j.state = "done"
+                    self.model_s.append((time.perf_counter() - t0) / len(batch))
+            for job, (ok, out) in zip(batch, outs):
+                try:
+                    job.loop.call_soon_threadsafe(_settle, job.future, ok, out)
+                except RuntimeError:  # the loop is gone: nobody is waiting any more
+                    pass
 
     def close(self) -> None:
         """Finish every queued job, then stop the workers."""
-        for _ in self.threads:
-            self.jobs.put(None)
+        with self.ready:
+            self.jobs.extend([None] * len(self.threads))
+            self.ready.notify_all()
         for t in self.threads:
             t.join()
 
     def state(self) -> dict:
         with self.lock:
             return {"workers": len(self.checkpoints), "queue_limit": self.queue_limit,
-                    "admitted": self.admitted, "queued": self.queued, "in_flight": self.running}
+                    "admitted": self.admitted, "queued": self.queued, "in_flight": self.running,
+                    "max_batch": self.max_batch, "batches": self.batches,
+                    "batched": self.batched}
 
 
 def _settle(fut: asyncio.Future, ok: bool, out) -> None:
@@ -510,6 +589,9 @@ def prometheus(snap: dict) -> str:
                                                   "decoding."),
                             ("workers", "gauge", "Worker threads (model copies)."),
                             ("queue_limit", "gauge", "Requests allowed to wait."),
+                            ("max_batch", "gauge", "Requests decoded together at most."),
+                            ("batches", "counter", "Batches of several requests decoded."),
+                            ("batched", "counter", "Requests decoded in those batches."),
                             ("uptime_s", "gauge", "Seconds since start.")):
         out += [f"# HELP hyper_{key} {text}", f"# TYPE hyper_{key} {kind}",
                 f"hyper_{key} {snap[key]:g}"]
@@ -817,7 +899,9 @@ def make_app(pool: Pool, opts: ServeOptions, about: dict):
                 samples = await asyncio.to_thread(decode, data, name)
             if watch.done():
                 raise _Gone
-            job = pool.submit(lambda c: run(c, samples, lang, default, task))
+            known = lang or default  # batched only with a language: detection is per clip
+            job = pool.submit(lambda c: run(c, samples, lang, default, task),
+                              key=(known, task) if known else None, payload=samples)
             await asyncio.wait((job.future, watch), return_when=asyncio.FIRST_COMPLETED)
             if not job.future.done() and pool.cancel(job):  # gone before a worker took it
                 raise _Gone
@@ -883,12 +967,15 @@ def start_pool(opts: ServeOptions) -> tuple[Pool, dict]:
         silence = np.zeros(16000, dtype=np.float32)
         for ck in cks:
             run(ck, silence, None, lang or "en", "transcribe")
+            if opts.max_batch > 1:  # the greedy loop's cache and traces per batch size
+                run_many(ck, [silence] * opts.max_batch, (lang or "en", "transcribe"))
     # The folder's name and the recipe's digest, not its path: /health answers without a key.
     about = {"checkpoint": Path(opts.checkpoint).resolve().name,
              "digest": cks[0].info.get("digest"),
              "recipe": cks[0].recipe.describe(), "language": lang,
-             "device": cks[0].recipe.device, "threads": torch.get_num_threads()}
-    return Pool(cks, opts.queue), about
+             "device": cks[0].recipe.device, "threads": torch.get_num_threads(),
+             "segment": cks[0].options.segment.describe(), "batch_wait_ms": opts.batch_wait_ms}
+    return Pool(cks, opts.queue, opts.max_batch, opts.batch_wait_ms / 1000), about
 
 
 def listen(host: str, port: int):
@@ -977,6 +1064,12 @@ def options(argv=None) -> ServeOptions:
     ap.add_argument("--api-key", default=None,
                     help="require `Authorization: Bearer KEY` (default $HYPER_API_KEY; none: "
                          "no key)")
+    ap.add_argument("--max-batch", type=int, default=1,
+                    help="requests of one language decoded together as one batch (their "
+                         "segments batched); 1: one at a time")
+    ap.add_argument("--batch-wait-ms", type=float, default=10.0,
+                    help="how long a worker holding a request waits for more to fill its "
+                         "batch (--max-batch > 1)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: the cores divided among the workers)")
     ap.add_argument("--device", default=None, choices=("cpu", "cuda"),
@@ -990,7 +1083,8 @@ def options(argv=None) -> ServeOptions:
                         verbose=a.verbose, read_timeout_s=a.read_timeout_s,
                         shutdown_timeout_s=a.shutdown_timeout_s,
                         allowed_hosts=tuple(a.allowed_host),
-                        api_key=a.api_key or os.environ.get("HYPER_API_KEY") or None)
+                        api_key=a.api_key or os.environ.get("HYPER_API_KEY") or None,
+                        max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms)
 
 
 def main(argv=None) -> int:
@@ -1004,7 +1098,10 @@ def main(argv=None) -> int:
             console.set_verbose()
         serve(opts, ready=lambda url: print(
             f"HYPER serving {opts.checkpoint} at {url}/v1/audio/transcriptions ({opts.workers} "
-            f"worker(s), queue {opts.queue}, upload limit {opts.max_upload_mb:g} MB, "
+            f"worker(s), queue {opts.queue}, "
+            + (f"batches of up to {opts.max_batch} within {opts.batch_wait_ms:g} ms, "
+               if opts.max_batch > 1 else "")
+            + f"upload limit {opts.max_upload_mb:g} MB, "
             f"{'API key required' if opts.api_key else 'no API key'}); "
             "Ctrl-C stops after the requests in flight", flush=True))
     except ValueError as e:  # CheckpointError, RecipeError, options: clear messages
