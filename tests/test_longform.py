@@ -94,3 +94,34 @@ def test_command_builds_recordings_any_set_reads(small_manifest, tmp_path, capsy
     assert main(["--dataset", small_manifest, "--out", str(tmp_path), "--min-s", "9",
                  "--max-s", "3"]) == 2
     assert "min_s <= max_s" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_model_vad_recipe_of_the_long_space_hallucinates_less_on_the_stretches(real_model):
+    """The `long` space's VAD start on embedded-long, against sequential decoding (the
+    baseline): fewer inserted words (words in no reference: what is made up on the silence,
+    noise and hum stretches), and no worse WER beyond the space's budget."""
+    import jiwer
+
+    from sweep.measure import evaluate
+    from sweep.search.space import load_space
+    from sweep.techniques.recipe import Recipe
+
+    ev = load_eval_set("embedded-long")
+    start = next(p for p in load_space("long").start_points()
+                 if p.get("segment.method") == "vad" and p.get("encoder.window") == "full")
+    result, base = evaluate.run_trial(real_model.model, real_model.processor, ev,
+                                      Recipe.from_flat(start), language="ru", warmup=0)
+
+    def inserted(rows):
+        return sum(jiwer.process_words(r["ref_norm"], r["hyp_norm"] or "-").insertions
+                   for r in rows)
+
+    seq, vad = inserted(base.utterances), inserted(result["utterances"])
+    print(f"\nsequential: WER {base.figures['wer']:.3f}, {seq} inserted words, throughput "
+          f"{base.figures['throughput']:.2f}; VAD recipe ({Recipe.from_flat(start).describe()})"
+          f": WER {result['wer']:.3f}, {vad} inserted words, throughput "
+          f"{result['throughput']:.2f}")
+    assert vad < seq
+    assert result["dwer"] <= 0.1
+    assert all(r["pieces"] >= 2 for r in result["utterances"])

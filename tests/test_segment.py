@@ -125,6 +125,12 @@ def test_batched_pieces_give_the_texts_of_pieces_decoded_one_by_one(tiny, clips,
                                  language="ru")
     assert [h.text for h in many] == [h.text for h in one] and all(h.text for h in one)
     assert [h.ids for h in many] == [h.ids for h in one]
+    # the batches' shapes, warmed before timing: 3 pieces or more in batches of 4, then 1 each
+    pieces = sum(h.pieces for h in one)
+    shapes = batch.warm(model, proc, [audios, [audios[0]]], ["ru", "ru"],
+                        _plan(recipe + ",decode.batch=4"))
+    assert shapes == len({min(4, pieces - 4 * b) for b in range(-(-pieces // 4))} | {
+        one[0].pieces})
 
 
 def test_a_long_recording_is_decoded_and_scored_whole(tiny, clips):

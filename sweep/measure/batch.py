@@ -67,23 +67,29 @@ def _own_long_form(plan, duration_s: float) -> bool:
     return not plan.segment.vad and is_long(duration_s) and isinstance(plan, decode.GeneratePlan)
 
 
+def _batches(work: list[tuple[int, Piece]], size: int) -> list[list[int]]:
+    """Indices into `work` decoded together: longest first, `size` at a time."""
+    order = sorted(range(len(work)), key=lambda k: -work[k][1].audio.size)
+    return [order[b:b + size] for b in range(0, len(order), size)]
+
+
+def _work(audios: list[np.ndarray], plan) -> list[tuple[int, Piece]]:
+    """(recording index, piece) of every recording not decoded by HF's own long-form."""
+    return [(i, p) for i, a in enumerate(audios) if not _own_long_form(plan, a.size / RATE)
+            for p in pieces(a, plan.segment, windowed=True)]
+
+
 def transcribe_many(model, processor, audios: list[np.ndarray], plan=None, *, language: str,
                     task: str = "transcribe") -> list[Heard]:
     """Transcribe several recordings (16 kHz float32) in one language, as `plan` says."""
     plan = plan or decode.Plan.default()
     tok = processor.tokenizer
     eos = tok.eos_token_id
-    work: list[tuple[int, Piece]] = []
-    own: dict[int, list[int]] = {}
-    for i, audio in enumerate(audios):
-        if _own_long_form(plan, audio.size / RATE):
-            own[i] = hf_long_form(model, processor, audio, plan, language=language, task=task)
-        else:
-            work += [(i, p) for p in pieces(audio, plan.segment, windowed=True)]
+    own = {i: hf_long_form(model, processor, a, plan, language=language, task=task)
+           for i, a in enumerate(audios) if _own_long_form(plan, a.size / RATE)}
+    work = _work(audios, plan)
     got: list[tuple[list[int], bool]] = [([], False)] * len(work)
-    order = sorted(range(len(work)), key=lambda k: -work[k][1].audio.size)
-    for b in range(0, len(order), plan.batch):
-        idx = order[b:b + plan.batch]
+    for idx in _batches(work, plan.batch):
         part = [work[k][1] for k in idx]
         durs = [p.duration_s for p in part]
         cap = max(scoring.max_new_tokens_for(d) for d in durs)
@@ -117,6 +123,31 @@ def timed(model, processor, audios: list[np.ndarray], plan=None, *, language: st
     heard = transcribe_many(model, processor, audios, plan, language=language, task=task)
     _sync(model)
     return heard, time.perf_counter() - t0
+
+
+def warm(model, processor, recordings: list[list[np.ndarray]], languages: list[str], plan, *,
+         task: str = "transcribe", tokens: int = 3, passes: int = 2) -> int:
+    """Untimed passes of `tokens` tokens over one batch of every shape (pieces in the batch,
+    encoder window) that transcribing `recordings` (each a group transcribed together) will
+    decode; returns the shapes warmed. A scripted step traces, and a compiled one compiles,
+    per shape: a batch of a size first met while timing paid for it there."""
+    import dataclasses
+
+    from .window import full_frames
+
+    short, full, seen = dataclasses.replace(plan, max_new_tokens=tokens), full_frames(model), {}
+    for group, lang in zip(recordings, languages):
+        work = _work(group, plan)
+        for idx in _batches(work, plan.batch):
+            part = [work[k][1].audio for k in idx]
+            key = (len(part), max(plan.window.frames(a.size / RATE, full) for a in part), lang)
+            seen.setdefault(key, part)
+    for (_, _, lang), part in seen.items():
+        for _ in range(passes):
+            feats = decode.features(model, processor, part, [a.size / RATE for a in part],
+                                    short)
+            decode.decode(model, feats, short, language=lang, task=task, cap=tokens)
+    return len(seen)
 
 
 def groups(durations: list[float], langs: list[str], batch: int) -> list[list[int]]:

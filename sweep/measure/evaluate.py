@@ -140,6 +140,10 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
     t0 = time.perf_counter()
     windows = warm_shapes(model, processor, evalset, langs, task=task,
                           options=options) if warmup > 0 else 0
+    if warmup > 0 and options is not None and options.batch > 1:  # every batch's shape
+        windows += batch.warm(model, processor,
+                              [[evalset.utterances[i].audio for i in g] for g in groups],
+                              [langs[g[0]] for g in groups], options, task=task)
     windows_s = time.perf_counter() - t0
     if on_warmed:
         on_warmed()
