@@ -7,6 +7,12 @@ clients (short shared Russian clips, round robin) and reports latency p50/p95, t
 failed / lost / mismatched requests (all must be 0). A second server with `--low-queue` waiting
 slots gets the same load without retries: its 503s and their Retry-After are counted, and every
 admitted request must still be answered right. Writes bench/results/serve.json and serve.md.
+
+`--batching N` (issue #28) compares instead a batch-1 server (`--max-batch 1`) with a batching
+one (`--max-batch N --batch-wait-ms W`) at each `--concurrency` (default 1, 4, 16), the two
+servers running side by side and loaded in turn at each level (interleaved): throughput
+(requests and audio seconds per second) and p95 latency, every request answered 200 or 503
+(none failed, lost or answered with another text). Writes serve-batching.json and .md.
 """
 
 from __future__ import annotations
@@ -160,6 +166,73 @@ def _progress(total: int):
     return report
 
 
+def batching(ck: Path, clips, want, args, flags: list[str], durations: list[float]) -> dict:
+    """The batch-1 and the batching server at each concurrency, loaded in turn."""
+    kinds = {"batch-1": ["--max-batch", "1"],
+             f"batch-{args.batching}": ["--max-batch", str(args.batching), "--batch-wait-ms",
+                                        f"{args.batch_wait_ms:g}"]}
+    most = max(args.concurrency)
+    base = flags + ["--queue", str(max(most, args.clients))]
+    runs: dict = {k: {} for k in kinds}
+    mean_s = sum(durations) / len(durations)
+    with server(ck, *base, *kinds["batch-1"]) as (one, startup), \
+            server(ck, *base, *list(kinds.values())[1]) as (many, _):
+        health = json.loads(_get(f"{one}/health"))
+        for url in (one, many):  # untimed: one-time costs, and every answer checked
+            warm = load(url, clips, want, len(clips), 1)
+            if warm["ok"] != len(clips) or warm["mismatched"]:
+                raise SystemExit(f"error: the server's answers differ from sweep.transcribe's: "
+                                 f"{warm}")
+        for c in args.concurrency:
+            for kind, url in zip(kinds, (one, many)):
+                print(f"{kind}, {c} concurrent clients", file=sys.stderr)
+                r = load(url, clips, want, max(args.requests, c), c)
+                r["audio_s_per_s"] = r["throughput_rps"] * mean_s  # clips sent round robin
+                runs[kind][str(c)] = r
+    top, (k1, kn) = str(most), list(kinds)
+    gain = runs[kn][top]["throughput_rps"] / max(runs[k1][top]["throughput_rps"], 1e-9)
+    return {"health": health, "startup_s": startup,
+            "kinds": {k: " ".join(v) for k, v in kinds.items()}, "runs": runs,
+            "concurrency": args.concurrency, f"gain_at_{top}": gain,
+            "p95_no_worse_at_" + top: runs[kn][top]["latency_p95_s"]
+            <= runs[k1][top]["latency_p95_s"],
+            "all_answered": all(r["lost"] == 0 and r["failed"] == 0
+                                for v in runs.values() for r in v.values()),
+            # batch-1 answers are sweep.transcribe's exactly; a batch may differ from them
+            # where a kernel's numbers depend on the batch (per-tensor dynamic int8 scales its
+            # activations by the whole batch's range)
+            "batch1_right": all(r["mismatched"] == 0 for r in runs[k1].values()),
+            "batched_differ": sum(r["mismatched"] for r in runs[kn].values())}
+
+
+def batching_markdown(res: dict) -> str:
+    b, m = res["batching"], res["machine"]
+    head = ["server", "clients", "requests", "200", "503", "failed", "lost", "text differs",
+            "p50 s", "p95 s", "req/s", "audio s/s"]
+    rows = [[k, c, r["requests"], r["ok"], r["busy_503"], r["failed"], r["lost"],
+             r["mismatched"], f"{r['latency_p50_s']:.3f}", f"{r['latency_p95_s']:.3f}",
+             f"{r['throughput_rps']:.2f}", f"{r['audio_s_per_s']:.1f}"]
+            for c in map(str, b["concurrency"]) for k, v in b["runs"].items() for r in [v[c]]]
+    top = str(max(b["concurrency"]))
+    return "\n".join([
+        "# sweep.serve: batch-1 against dynamic batching (loopback)", "",
+        f"- date: {res['date']}; commit: {res['commit']}",
+        f"- machine: {common.describe_machine(m)}",
+        f"- ISA flags: {', '.join(res['isa_flags']) or 'none'}; kernels: {res['isa_note']}",
+        f"- checkpoint: {res['checkpoint']} (recipe: {res['recipe']})",
+        f"- clips: {res['clips']} shared Russian clips up to {res['max_clip_s']:g} s "
+        f"(mean {res['mean_clip_s']:.2f} s), round robin; servers: "
+        + "; ".join(f"{k}: {v}" for k, v in b["kinds"].items()) + f"; flags {res['flags']}",
+        "", common.md_table(head, rows), "",
+        f"At {top} clients the batching server's throughput is {b['gain_at_' + top]:.2f}x the "
+        f"batch-1 server's, p95 {'no worse' if b['p95_no_worse_at_' + top] else 'worse'}; "
+        f"every request answered 200 or 503 (none failed or lost): {b['all_answered']}; the "
+        f"batch-1 server's texts are sweep.transcribe's: {b['batch1_right']}; the batching "
+        f"server's differ from them in {b['batched_differ']} answers (a batch changes the "
+        "numbers of kernels that scale by the whole batch, e.g. per-tensor dynamic int8). "
+        "Both servers run side by side, loaded in turn at each level.", ""])
+
+
 def markdown(res: dict) -> str:
     m, runs = res["machine"], res["runs"]
     rows = [[name, r["requests"], r["clients"], r["ok"], r["busy_503"], r["failed"], r["lost"],
@@ -200,6 +273,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="server --threads")
     ap.add_argument("--low-queue", type=int, default=1, help="--queue of the low-queue run")
     ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--batching", type=int, default=0, metavar="N",
+                    help="compare a batch-1 server with one batching up to N requests at each "
+                         "--concurrency (instead of the load and low-queue runs)")
+    ap.add_argument("--batch-wait-ms", type=float, default=20.0,
+                    help="--batch-wait-ms of the batching server")
+    ap.add_argument("--concurrency", default="1,4,16",
+                    type=lambda v: [int(x) for x in v.split(",")],
+                    help="concurrent clients of the --batching comparison, comma-separated")
     args = ap.parse_args(argv)
 
     from sweep import transcribe
@@ -220,12 +301,25 @@ def main(argv=None) -> int:
         clips = [(p.name, p.read_bytes()) for p in paths]
         flags = ["--workers", str(args.workers), "--queue", str(args.clients)]
         flags += ["--threads", str(args.threads)] if args.threads else []
+        if args.batching:
+            flags = flags[:2] + flags[4:]  # each server's queue holds the most clients
         res = {"isa_flags": [f for f in ISA if f in cpu_flags()], "isa_note": decode.isa_note(),
                "checkpoint": str(args.checkpoint or "embedded whisper-base, exported"),
                "clips": len(clips), "max_clip_s": args.max_clip_s,
                "mean_clip_s": sum(r["duration_s"] for r in rows) / len(rows),
                "flags": " ".join(flags), "low_queue": args.low_queue,
                "low_queue_capacity": 1 + args.low_queue, "runs": {}}
+        if args.batching:
+            res["batching"] = batching(ck, clips, want, args, flags,
+                                       [r["duration_s"] for r in rows])
+            health = res["batching"].pop("health")
+            res.update(common.stamp(health["threads"]), recipe=health["recipe"],
+                       startup_s=res["batching"].pop("startup_s"))
+            common.write_json(out / "serve-batching.json", res)
+            (out / "serve-batching.md").write_text(batching_markdown(res), encoding="utf-8")
+            print(batching_markdown(res))
+            ok = res["batching"]["all_answered"] and res["batching"]["batch1_right"]
+            return 0 if ok else 1
         with server(ck, *flags) as (url, startup):
             health = json.loads(_get(f"{url}/health"))
             res.update(common.stamp(health["threads"]), recipe=health["recipe"],

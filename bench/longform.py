@@ -1,0 +1,312 @@
+"""`python -m bench.longform`: long recordings, HYPER's recipes against HF and faster-whisper.
+
+The recordings are built (`sweep.inputs.longform`) from clips that are not in the embedded set
+(default: the shared Russian clips, ../shared/speech), utterances joined with pauses and
+stretches of silence, noise and hum, the reference the whole text. Compared, in one run:
+
+- `hf-fp32-seq`: the unchanged HF whisper-base, fp32, sequential long-form `generate` (its own
+  30 s windows, seeking on timestamps): the baseline every ratio is taken against;
+- HYPER recipes (`--recipe NAME=RECIPE`, repeatable; default: VAD + batch 8 + int8 + the
+  scripted greedy loop, with and without the window on each piece);
+- faster-whisper (the same weights, CTranslate2, in its own process): int8 and fp32 sequential
+  (`WhisperModel.transcribe`, greedy, no VAD), and int8 `BatchedInferencePipeline` (batch 8,
+  its VAD on, as its README benchmarks it).
+
+Every variant is prepared once; then for each recording every variant transcribes it in turn,
+the order rotating per recording (interleaved: machine drift hits all alike). Per variant: WER
+and CER on the whole recordings, dWER against hf-fp32-seq with its paired bootstrap 95%
+interval over recordings, and throughput (audio seconds per wall second, the whole set), with
+its ratio to hf-fp32-seq and to faster-whisper batched int8. The verdict (issue #28): a recipe
+within 2% dWER (95% upper bound within +10%) at >= 4x hf-fp32-seq's throughput and >= 1.5x
+faster-whisper batched int8's. Writes longform-<tag>.json and .md under --out.
+
+Smoke: `python -m bench.longform --n 1 --min-s 35 --max-s 40 --out /tmp/lf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import common
+
+RECIPES = (
+    ("vad-b8-int8-script", "segment.method=vad,decode.batch=8,decode.loop=greedy,"
+     "decode.compile=script,quant.scheme=dynamic_int8"),
+    ("vad10-b8-int8-script-window", "segment.method=vad,segment.max_s=10.0,decode.batch=8,"
+     "decode.loop=greedy,decode.compile=script,quant.scheme=dynamic_int8,encoder.window=auto,"
+     "encoder.bucket_s=5,encoder.margin_s=1.0"),
+)
+PEERS = (("fw-int8-seq", "int8", "sequential"), ("fw-int8-batched8-vad", "int8", "batched"),
+         ("fw-fp32-seq", "float32", "sequential"))
+BASELINE = "hf-fp32-seq"
+MAX_DWER, MAX_DWER_UPPER = 0.02, 0.10  # "as accurate" (issue #16's rule)
+MIN_GAIN_HF, MIN_GAIN_FW = 4.0, 1.5  # issue #28's throughput bars
+
+
+@dataclass
+class Variant:
+    name: str
+    recipe: str = ""  # Recipe.parse text (HF variants; "" = the unchanged model)
+    compute_type: str = ""  # faster-whisper variants
+    mode: str = ""  # faster-whisper: sequential | batched
+    runner: object = field(default=None, repr=False)
+    options: object = None
+    prepare_s: float = 0.0
+
+    def prepare(self, loaded, threads: int, batch: int) -> None:
+        t0 = time.perf_counter()
+        if self.compute_type:
+            self.runner = Peer(self.compute_type, self.mode, threads, batch)
+        else:
+            from sweep.measure.compress import apply_recipe
+            from sweep.measure.decode import Plan
+            from sweep.techniques.recipe import Recipe
+
+            recipe = Recipe.parse(self.recipe)
+            if recipe.is_baseline:
+                self.runner, self.options = loaded.model, Plan.default()
+            else:
+                applied = apply_recipe(copy.deepcopy(loaded.model), recipe)
+                self.runner, self.options = applied.model, applied.options
+        self.prepare_s = time.perf_counter() - t0
+
+    def run(self, processor, audio: np.ndarray, lang: str) -> tuple[str, float]:
+        """(text, wall seconds, features and segmentation included)."""
+        if self.compute_type:
+            return self.runner(audio, lang)
+        from sweep.measure.batch import timed
+
+        heard, secs = timed(self.runner, processor, [audio], self.options, language=lang)
+        return heard[0].text, secs
+
+
+class Peer:
+    """faster-whisper in its own process (CTranslate2's OpenMP threads slow torch's for the
+    rest of a process they ran in: bench/recipes.py's Peer); waits for its spinning threads
+    to sleep after each call."""
+
+    SETTLE_S = 0.3
+
+    def __init__(self, compute_type: str, mode: str, threads: int, batch: int):
+        import multiprocessing as mp
+
+        from sweep.inputs.models import embedded_ct2_dir
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_peer_main, daemon=True, args=(
+            child, str(embedded_ct2_dir()), compute_type, mode, threads, batch))
+        self.proc.start()
+        status = self.conn.recv()
+        if status != "ready":
+            raise RuntimeError(f"faster-whisper {compute_type} {mode} did not start: {status}")
+
+    def __call__(self, audio, lang: str):
+        self.conn.send((audio, lang))
+        reply = self.conn.recv()
+        time.sleep(self.SETTLE_S)
+        if isinstance(reply, str):
+            raise RuntimeError(f"faster-whisper failed: {reply}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(10)
+
+
+def _peer_main(conn, ct2_dir: str, compute_type: str, mode: str, threads: int,
+               batch: int) -> None:
+    try:
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+        model = WhisperModel(ct2_dir, device="cpu", compute_type=compute_type,
+                             cpu_threads=threads)
+        pipe = BatchedInferencePipeline(model) if mode == "batched" else None
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
+        conn.send(f"{type(e).__name__}: {e}")
+        return
+    conn.send("ready")
+    while True:
+        try:
+            audio, lang = conn.recv()
+        except EOFError:
+            return
+        try:
+            t0 = time.perf_counter()
+            if pipe is not None:  # its defaults: VAD on, no timestamps, 30 s chunks
+                segments, _ = pipe.transcribe(audio, language=lang, task="transcribe",
+                                              beam_size=1, batch_size=batch, temperature=0)
+            else:  # Whisper's sequential long-form decoding, greedy, like HF generate's
+                segments, _ = model.transcribe(audio, language=lang, task="transcribe",
+                                               beam_size=1, vad_filter=False, temperature=0,
+                                               condition_on_previous_text=False)
+            text = " ".join(s.text.strip() for s in segments)  # decoding happens here
+            conn.send((text.strip(), time.perf_counter() - t0))
+        except Exception as e:  # noqa: BLE001
+            conn.send(f"{type(e).__name__}: {e}")
+
+
+def recordings(args):
+    """The long-form set: built from `--dataset` (cached under $HYPER_CACHE), or a manifest."""
+    from sweep.inputs.data import load_eval_set
+    from sweep.inputs.longform import LongOptions, cached
+
+    if args.manifest:
+        return load_eval_set(args.manifest)
+    clips = load_eval_set(args.dataset, language=args.language).utterances
+    embedded = {u.text for u in load_eval_set("embedded")}
+    clips = [u for u in clips if u.text not in embedded]  # none of the embedded set's clips
+    opts = LongOptions(n=args.n, min_s=args.min_s, max_s=args.max_s, seed=args.seed,
+                       name=f"bench_{args.dataset.replace('+', '_')}")
+    return load_eval_set(str(cached(clips, opts, args.dataset)))
+
+
+def measure(variants: list[Variant], loaded, ev, repeats: int) -> dict:
+    """Per variant and repeat: texts and seconds per recording, interleaved per recording."""
+    out = {v.name: {"texts": [None] * len(ev), "seconds": [[] for _ in ev]} for v in variants}
+    for rep in range(repeats):
+        for i, utt in enumerate(ev):
+            k = (i + rep) % len(variants)
+            for v in variants[k:] + variants[:k]:
+                text, secs = v.run(loaded.processor, utt.audio, utt.lang or "ru")
+                out[v.name]["texts"][i] = text
+                out[v.name]["seconds"][i].append(secs)
+                print(f"  {utt.id} ({utt.duration_s:.0f} s) {v.name}: {secs:.1f} s",
+                      file=sys.stderr)
+    return out
+
+
+def summarize(variants: list[Variant], ev, raw: dict) -> list[dict]:
+    from sweep.measure import scoring
+
+    refs = [scoring.normalize(u.text, u.lang) for u in ev]
+    audio_s = ev.total_s
+    rows, errs = [], {}
+    for v in variants:
+        r = raw[v.name]
+        sc = scoring.score(refs, [scoring.normalize(t, u.lang) for t, u in zip(r["texts"], ev)])
+        errs[v.name] = sc.per_utt
+        wall = sum(float(np.median(s)) for s in r["seconds"])
+        rows.append({"name": v.name, "recipe": v.recipe, "faster_whisper": (
+            f"{v.compute_type} {v.mode}" if v.compute_type else None), "wer": sc.wer,
+            "cer": sc.cer, "throughput": audio_s / wall, "wall_s": wall,
+            "prepare_s": v.prepare_s, "texts": r["texts"], "seconds": r["seconds"]})
+    by = {r["name"]: r for r in rows}
+    base, fw = by[BASELINE], by.get("fw-int8-batched8-vad")
+    for r in rows:
+        r["dwer"] = scoring.relative(r["wer"], base["wer"])
+        r["dwer_ci95"] = list(scoring.bootstrap_dwer(errs[BASELINE], errs[r["name"]]))
+        r["x_hf_fp32_seq"] = r["throughput"] / base["throughput"]
+        r["x_fw_int8_batched"] = r["throughput"] / fw["throughput"] if fw else None
+        r["meets_28"] = bool(not r["faster_whisper"] and r["name"] != BASELINE
+                             and r["dwer"] <= MAX_DWER and r["dwer_ci95"][1] <= MAX_DWER_UPPER
+                             and r["x_hf_fp32_seq"] >= MIN_GAIN_HF
+                             and (r["x_fw_int8_batched"] or 0) >= MIN_GAIN_FW)
+    return rows
+
+
+def markdown(res: dict) -> str:
+    head = ["variant", "WER", "CER", "dWER", "dWER 95% CI", "audio s/s", "x HF fp32 seq",
+            "x fw int8 batched", "meets #28"]
+    rows = [[r["name"], common.pct(r["wer"], False), common.pct(r["cer"], False),
+             common.pct(r["dwer"]), f"[{common.pct(r['dwer_ci95'][0])}, "
+             f"{common.pct(r['dwer_ci95'][1])}]", f"{r['throughput']:.1f}",
+             f"{r['x_hf_fp32_seq']:.2f}", "-" if r["x_fw_int8_batched"] is None
+             else f"{r['x_fw_int8_batched']:.2f}", "yes" if r["meets_28"] else "no"]
+            for r in res["rows"]]
+    recipes = [f"- `{r['name']}`: `{r['recipe'] or 'fp32, unchanged'}`" for r in res["rows"]
+               if not r["faster_whisper"]]
+    return "\n".join([
+        "# Long-form: HYPER recipes against HF and faster-whisper", "",
+        f"- date: {res['date']}; commit: {res['commit']}",
+        f"- machine: {common.describe_machine(res['machine'])}",
+        f"- kernels: {res['isa_note']}",
+        f"- set: {res['set']['recordings']} recordings, {res['set']['audio_s']:.0f} s "
+        f"({res['set']['source']}); {res['repeats']} repeat(s), interleaved per recording; "
+        f"throughput = audio seconds / median wall seconds per recording, summed", "",
+        common.md_table(head, rows), "", *recipes, "",
+        f"meets #28: dWER <= {MAX_DWER:.0%} with its 95% upper bound <= {MAX_DWER_UPPER:.0%}, "
+        f">= {MIN_GAIN_HF:g}x hf-fp32-seq's throughput and >= {MIN_GAIN_FW:g}x "
+        "fw-int8-batched8-vad's.", ""])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.longform", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="shared",
+                    help="the clips the recordings are built from (embedded-set clips left out)")
+    ap.add_argument("--language", default="ru")
+    ap.add_argument("--manifest", default=None, help="a long-form manifest instead")
+    ap.add_argument("--n", type=int, default=6, help="recordings built")
+    ap.add_argument("--min-s", type=float, default=45.0)
+    ap.add_argument("--max-s", type=float, default=116.0)
+    ap.add_argument("--seed", type=int, default=28)
+    ap.add_argument("--recipe", action="append", default=[], metavar="NAME=RECIPE",
+                    help="a HYPER recipe to compare (repeatable; default: the built-in two)")
+    ap.add_argument("--no-peers", action="store_true", help="skip faster-whisper")
+    ap.add_argument("--batch", type=int, default=8, help="faster-whisper's batch size")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="default: every core")
+    ap.add_argument("--tag", default="cpu", help="results: longform-<tag>.json and .md")
+    ap.add_argument("--out", default=str(common.RESULTS))
+    args = ap.parse_args(argv)
+
+    import os
+
+    import torch
+
+    from sweep.inputs.cli import quiet_transformers
+    from sweep.inputs.models import load_model
+    from sweep.measure.decode import isa_note
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    quiet_transformers()
+    ev = recordings(args)
+    recipes = [r.split("=", 1) for r in args.recipe] if args.recipe else [list(r) for r in
+                                                                            RECIPES]
+    variants = [Variant(BASELINE)] + [Variant(n, recipe=r) for n, r in recipes]
+    if not args.no_peers:
+        variants += [Variant(n, compute_type=c, mode=m) for n, c, m in PEERS]
+    loaded = load_model("embedded:whisper-base")
+    for v in variants:
+        print(f"preparing {v.name}", file=sys.stderr)
+        v.prepare(loaded, threads, args.batch)
+    print(f"{len(ev)} recordings, {ev.total_s:.0f} s, {len(variants)} variants",
+          file=sys.stderr)
+    from sweep.measure.batch import warm
+
+    for v in variants:  # untimed: first-call costs (traces, caches) on the first recording
+        v.run(loaded.processor, ev.utterances[0].audio[:16000 * 35], ev.utterances[0].lang
+              or "ru")
+        if v.options is not None and v.options.batch > 1:  # and every batch shape of the set
+            warm(v.runner, loaded.processor, [[u.audio] for u in ev],
+                 [u.lang or "ru" for u in ev], v.options)
+    try:
+        raw = measure(variants, loaded, ev, args.repeats)
+    finally:
+        for v in variants:
+            if isinstance(v.runner, Peer):
+                v.runner.close()
+    res = {**common.stamp(threads), "isa_note": isa_note(), "repeats": args.repeats,
+           "set": {"recordings": len(ev), "audio_s": ev.total_s, "source": (
+               args.manifest or f"{args.dataset} ({args.language}) clips, seed {args.seed}"),
+               "ids": [u.id for u in ev], "durations_s": [u.duration_s for u in ev]},
+           "rows": summarize(variants, ev, raw)}
+    out = Path(args.out)
+    common.write_json(out / f"longform-{args.tag}.json", res)
+    (out / f"longform-{args.tag}.md").write_text(markdown(res), encoding="utf-8")
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
