@@ -143,6 +143,7 @@ def validate(args) -> tuple:
 
         read_saved(args.screen_from, space)  # raises naming the rule
     evalset = cli.load_data(args)  # raises DataError naming the problem
+    cli.require_references(evalset)  # a sweep ranks by WER; agreement WER: sweep.evaluate
     from .inputs.models import check_spec
 
     check_spec(args.model)

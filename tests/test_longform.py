@@ -125,3 +125,37 @@ def test_real_model_vad_recipe_of_the_long_space_hallucinates_less_on_the_stretc
     assert vad < seq
     assert result["dwer"] <= 0.1
     assert all(r["pieces"] >= 2 for r in result["utterances"])
+
+
+def _unlabelled(small_manifest, tmp_path):
+    rows = [json.loads(x) for x in open(small_manifest, encoding="utf-8")]
+    path = tmp_path / "nolabels.jsonl"
+    path.write_text("".join(json.dumps({"id": f"n{i}", "audio": r["audio"], "lang": "ru"})
+                            + "\n" for i, r in enumerate(rows)), encoding="utf-8")
+    return path
+
+
+def test_a_set_without_references_is_scored_by_agreement_never_as_wer(
+        tiny_checkpoint, small_manifest, tmp_path, capsys):
+    from sweep import launch
+    from sweep.inputs.data import DataError
+    from sweep.measure import evaluate
+
+    path = _unlabelled(small_manifest, tmp_path)
+    ev = load_eval_set(str(path))
+    assert not ev.labelled and len(ev) == 3 and {u.text for u in ev} == {""}
+    with pytest.raises(DataError, match="never mixed"):
+        load_eval_set(f"{path}+{small_manifest}")
+    out = tmp_path / "out.json"
+    assert evaluate.main(["--model", tiny_checkpoint, "--dataset", str(path), "--recipe",
+                          "decode.loop=greedy,decode.batch=3", "--json", str(out),
+                          "--threads", "1", "--warmup", "0"]) == 0
+    d = json.loads(out.read_text())
+    assert "agreement WER" in capsys.readouterr().out
+    assert not {"wer", "cer", "dwer"} & set(d) and not {"wer", "cer"} & set(d["baseline"])
+    assert d["baseline"]["agreement_wer"] == 0.0 and d["agreement_wer"] >= 0.0
+    assert d["scored_against"] == evaluate.AGREEMENT
+    assert all("baseline_transcript" in r and "reference" not in r for r in d["utterances"])
+    assert launch.main(["--space", "quick", "--model", tiny_checkpoint, "--dataset", str(path),
+                        "--root", str(tmp_path / "root")]) == 2
+    assert "has no references" in capsys.readouterr().err

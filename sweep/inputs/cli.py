@@ -60,6 +60,18 @@ def load_data(args):
                          text_column=args.text_column, language=args.language)
 
 
+def require_references(evalset) -> None:
+    """A sweep's fronts, constraints and MLflow runs are WER against references: a set without
+    any (scored by agreement with the baseline's transcripts) is refused, before Ray starts."""
+    from .data import DataError
+
+    if not evalset.labelled:
+        raise DataError(f"`dataset` {evalset.name!r} has no references (no line has `text`): "
+                        "a sweep needs them; measure a recipe on it with `python -m "
+                        "sweep.evaluate --recipe ...`, which scores agreement WER against the "
+                        "baseline's own transcripts")
+
+
 def load_calibration(args):
     """A calibration set disjoint from the evaluation set; the embedded one when none is left."""
     from .data import DataError, calibration_set

@@ -46,6 +46,9 @@ class EvalSet:
     utterances: list[Utterance]
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
+    # False: a manifest without any `text`: scored against the baseline's own transcripts
+    # (agreement WER, `sweep.measure.evaluate.agree`), never against references
+    labelled: bool = True
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -118,8 +121,9 @@ def _read_wav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
             from exc
 
 
-# A record is (id, text, lang, audio source) before any audio is decoded.
-Record = tuple[str, str, "str | None", "str | Path | bytes | None"]
+# A record is (id, text, lang, audio source) before any audio is decoded; text None: the set
+# has no references.
+Record = tuple[str, "str | None", "str | None", "str | Path | bytes | None"]
 
 
 def _read_manifest(path: Path, language: str | None) -> list[Record]:
@@ -128,7 +132,7 @@ def _read_manifest(path: Path, language: str | None) -> list[Record]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise DataError(f"`dataset` manifest {path} cannot be read: {exc}") from exc
-    records = []
+    objs = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -140,10 +144,19 @@ def _read_manifest(path: Path, language: str | None) -> list[Record]:
         if not isinstance(obj, dict):
             raise DataError(f"`dataset` line {n} of {path} is not a JSON object: every line "
                             "needs `audio` and `text`")
-        for key in ("audio", "text"):
+        objs.append((n, obj))
+    # a manifest none of whose lines has a `text` is unlabelled (scored by agreement with the
+    # baseline's transcripts); otherwise every line needs one
+    unlabelled = bool(objs) and not any("text" in obj for _, obj in objs)
+    records = []
+    for n, obj in objs:
+        if unlabelled:
+            obj["text"] = None
+        for key in ("audio",) if unlabelled else ("audio", "text"):
             if key not in obj:
                 raise DataError(f"`dataset` line {n} of {path} lacks `{key}`: every line needs "
-                                "`audio` and `text` (and optionally `lang`)")
+                                "`audio` and `text` (and optionally `lang`), or no line a "
+                                "`text` (scored against the baseline's transcripts)")
             if not isinstance(obj[key], str):
                 raise DataError(f"`dataset` line {n} of {path}: `{key}` must be a string, "
                                 f"not {type(obj[key]).__name__}")
@@ -287,7 +300,15 @@ def _materialize(name: str, records: Iterable[Record], max_samples: int | None,
         if uid in excluded:
             continue
         reason = None
-        if not text.strip():
+        if text is None:  # no reference at all: kept (agreement WER)
+            if any(u.text for u in out.utterances):
+                raise DataError(f"`dataset` {name!r} joins sets with and without references "
+                                f"({uid} has none): agreement WER and WER are never mixed")
+            out.labelled, text = False, ""
+        elif not out.labelled:
+            raise DataError(f"`dataset` {name!r} joins sets with and without references "
+                            f"({uid} has one): agreement WER and WER are never mixed")
+        if out.labelled and not text.strip():
             reason = "empty reference"
         elif src is None:
             reason = "no audio"

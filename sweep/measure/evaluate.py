@@ -295,6 +295,53 @@ def compare(trial: Measurement, base: Measurement, confidence: float | None = No
     return out
 
 
+AGREEMENT = "agreement with the baseline's own transcripts (no references)"
+
+
+def placeholder(evalset: EvalSet) -> EvalSet:
+    """An unlabelled set with a stand-in reference per clip, so that the baseline can be
+    measured (and timed) as any set is; `agree` then scores it against its own transcripts."""
+    return dataclasses.replace(evalset, utterances=[dataclasses.replace(u, text="x")
+                                                    for u in evalset])
+
+
+def agree(evalset: EvalSet, base: Measurement, numbers: str = "auto"
+          ) -> tuple[EvalSet, Measurement]:
+    """The set with the baseline's transcripts as its references, and the baseline scored
+    against them (WER 0): what a recipe's agreement WER is measured on. A clip the baseline
+    heard nothing in has no reference (dropped from scoring, counted)."""
+    utts = [dataclasses.replace(u, text=r["hypothesis"].strip())
+            for u, r in zip(evalset, base.utterances)]
+    rows = [{**r, "reference": r["hypothesis"], "ref_norm": r["hyp_norm"]}
+            for r in base.utterances]
+    sc = scoring.score([r["ref_norm"] for r in rows], [r["hyp_norm"] for r in rows])
+    figs = {**base.figures, "wer": sc.wer, "cer": sc.cer,
+            "dropped_empty_refs": sc.dropped_empty_refs}
+    return (dataclasses.replace(evalset, name=f"{evalset.name} (references: the baseline's "
+                                "transcripts)", utterances=utts),
+            dataclasses.replace(base, figures=figs, utterances=rows, errors=sc.per_utt))
+
+
+AGREEMENT_KEYS = {"wer": "agreement_wer", "cer": "agreement_cer"}
+NOT_FOR_AGREEMENT = ("dwer", "dcer", "dwer_ci95", "dwer_upper")  # changes from 0: the same
+
+
+def as_agreement(out: dict) -> dict:
+    """A result scored against the baseline's transcripts, its figures named as such:
+    `agreement_wer`, `agreement_cer` (never `wer`, `cer`); the changes against the baseline's
+    0 are left out (they are the agreement figures themselves)."""
+    def rename(d: dict) -> dict:
+        return {AGREEMENT_KEYS.get(k, k): v for k, v in d.items() if k not in NOT_FOR_AGREEMENT}
+
+    res = rename(out)
+    res["baseline"] = rename(out.get("baseline") or {})
+    res["utterances"] = [{("baseline_transcript" if k == "reference" else k): v
+                          for k, v in r.items() if k != "ref_norm"}
+                         for r in out.get("utterances", [])]
+    res["scored_against"] = AGREEMENT
+    return res
+
+
 def set_threads(threads: int | None) -> int:
     if threads is not None:
         if threads < 1:
@@ -450,8 +497,15 @@ def main(argv=None) -> int:
     threads = set_threads(args.threads)
     print(f"evaluating {loaded.spec} on {evalset.name} ({len(evalset)} utterances, "
           f"{evalset.skipped} skipped, {threads} threads)", file=sys.stderr)
+    agreement = not evalset.labelled  # no references: scored against the baseline's texts
+    if agreement:
+        print(f"{evalset.name} has no references: the recipe is scored by its {AGREEMENT} "
+              "(agreement WER, never WER)", file=sys.stderr)
+        evalset = placeholder(evalset)
     base = measure(loaded.model, loaded.processor, evalset, language=args.language,
                    warmup=args.warmup, numbers=args.numbers, progress=cli.progress("baseline"))
+    if agreement:
+        evalset, base = agree(evalset, base, args.numbers)
     out = {**base.figures, "dwer": 0.0, "dcer": 0.0, "dwer_ci95": [0.0, 0.0], "speedup": 1.0,
            "kernels": {}, "recipe": recipe.to_flat(), "compile_s": 0.0, "recompiles": 0,
            "threads": threads, "utterances": base.utterances, **machine.info()}
@@ -467,7 +521,15 @@ def main(argv=None) -> int:
                skipped_reasons=evalset.skipped_reasons)
     from ..results.report import format_table
 
-    print(format_table(rows, base.figures))
+    if agreement:
+        out = as_agreement(out)
+        print(f"scored by {AGREEMENT}:")
+        for name, f in (("baseline", out["baseline"]), (recipe.describe(), out)):
+            print(f"  {name}: agreement WER {100 * f['agreement_wer']:.1f}%, agreement CER "
+                  f"{100 * f['agreement_cer']:.1f}%, median latency "
+                  f"{f['latency_median_s']:.3f} s, throughput {f['throughput']:.1f}x")
+    else:
+        print(format_table(rows, base.figures))
     if out.get("kernels"):
         print("kernels: " + ", ".join(f"{k}={v}" for k, v in out["kernels"].items()))
     if prof_opts:
