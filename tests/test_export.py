@@ -201,14 +201,14 @@ def test_static_int8_scales_are_stored_so_loading_needs_no_audio(tiny, clips, tm
 
 
 def test_int8_checkpoint_from_a_vnni_cpu_warns_where_there_is_none(tiny, tmp_path, monkeypatch):
-    from sweep.measure import kernels
+    from sweep.inputs import machine
 
-    if not {"avx512_vnni", "avx_vnni", "amx_int8"} & kernels.cpu_flags():
+    if not machine.fbgemm_vnni():
         pytest.skip("exported here, int8 activations are 7-bit already")
     out = save_checkpoint(tiny.model, tiny.processor, Recipe.parse("embed.dtype=int8"),
                           tmp_path / "ck")
     assert not any("VNNI" in n for n in sweep.load(out).notes)
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2"})
     with pytest.warns(UserWarning, match="this CPU lacks VNNI"):
         sweep.load(out)
 

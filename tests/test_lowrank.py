@@ -144,9 +144,12 @@ def test_factors_are_quantized_with_their_layer_type(tiny_model):
         calibrate=calibrate)
     fc1 = tiny_model.model.encoder.layers[0].fc1
     assert isinstance(fc1, lowrank.LowRankLinear)
-    assert type(fc1.down).__name__ == type(fc1.up).__name__ == "TokenInt8Linear"
+    assert {type(fc1.down).__name__, type(fc1.up).__name__} <= {"TokenInt8Linear",
+                                                                  "RowInt8Linear"}
     assert layer_type_of("model.encoder.layers.0.fc1.down") == "enc_mlp"
-    assert applied.kernels["enc_mlp"] == "torch._int_mm(per-token)"
+    # per shape, the faster here of int8_token's implementations
+    assert set(applied.kernels["enc_mlp"].split("+")) <= {"torch._int_mm(per-token)",
+                                                          "fbgemm(per-token rescaled)"}
     assert "low-rank 0.6 (enc_mlp), int8 tok (enc_mlp)" == Recipe.parse(
         "lowrank.energy=0.6,lowrank.layers=enc_mlp,quant.enc_mlp=int8_token").describe()
 
