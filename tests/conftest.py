@@ -15,6 +15,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # sleeps instead. Read when torch loads OpenMP, so set before any test imports torch; Ray
 # workers and sweep processes inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Inductor's kernels go to one cache per run, shared by its workers and the processes they
+# start, not to /tmp/torchinductor_root, which every process on the machine shares: a kernel
+# left there by another run aborted a test that passed with a fresh cache.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hyper-inductor-")
 
 REPO = Path(__file__).resolve().parents[1]
 
