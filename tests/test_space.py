@@ -440,4 +440,6 @@ def test_kernel_fit_measures_every_scheme_it_names(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == "kept", out.stderr[-2000:]
+    # measured (kept, or dropped for its speed on a slow class), never "no working kernel"
+    assert "int8_token (no working kernel)" not in out.stderr, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "kept" or "int8_token (0." in out.stderr
