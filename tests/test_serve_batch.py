@@ -3,16 +3,14 @@ the pool's batching on real threads, then a real uvicorn server on a loopback po
 tiny-Whisper checkpoint exported with a VAD recipe."""
 
 import asyncio
-import contextlib
-import dataclasses
 import io
 import threading
-import time
 
 import numpy as np
 import pytest
 import requests
 import soundfile as sf
+from test_serve import one_thread, running  # noqa: F401 - one_thread: autouse, module-wide
 
 from sweep import serve, transcribe
 from sweep.inputs.data import load_eval_set
@@ -21,16 +19,6 @@ from sweep.ship.checkpoint import save_checkpoint
 from sweep.techniques.recipe import Recipe
 
 RECIPE = "segment.method=vad,segment.max_s=10,decode.loop=greedy,decode.batch=2"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_pool_batches_queued_jobs_of_one_key_in_order_and_loses_none():
@@ -72,22 +60,6 @@ def test_serve_options_check_the_batch_flags():
     assert (opts.max_batch, opts.batch_wait_ms) == (8, 25.0)
 
 
-@contextlib.contextmanager
-def running(opts: serve.ServeOptions):
-    server, sock = serve.build(dataclasses.replace(opts, warmup=False, threads=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield serve.url_of(sock)
-    finally:
-        server.should_exit = True
-        thread.join(60)
-
-
 @pytest.fixture(scope="module")
 def vad_checkpoint(tiny_checkpoint, tmp_path_factory):
     from sweep.inputs.models import load_model
@@ -127,7 +99,7 @@ def test_concurrent_requests_are_batched_and_a_long_upload_segmented(vad_checkpo
     assert all(want) and row["duration_s"] > 30
     got = [None] * len(uploads)
     with running(serve.ServeOptions(str(vad_checkpoint), port=0, max_batch=4,
-                                    batch_wait_ms=1000, queue=8)) as url:
+                                    batch_wait_ms=1000, queue=8)) as (url, _):
         def send(i):
             r = requests.post(f"{url}/v1/audio/transcriptions", timeout=300,
                               files={"file": (f"{i}.wav", uploads[i])})

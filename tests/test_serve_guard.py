@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
-from test_serve import MB, _post, _wait_for, running
+from test_serve import MB, _post, _wait_for, one_thread, running  # noqa: F401 - autouse
 
 from sweep import serve
 from sweep.inputs import data
@@ -25,17 +25,6 @@ from sweep.ship.checkpoint import save_checkpoint
 from sweep.techniques.recipe import Recipe
 
 KEY = "hyper-test-key-0123456789"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as in test_serve (a second one spins against other processes)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
