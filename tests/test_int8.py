@@ -120,6 +120,19 @@ def test_rescaled_rows_on_fbgemm_keep_quiet_rows_that_one_scale_loses(monkeypatc
             assert ((y[i] - ref[i]).norm() / ref[i].norm()).item() < 0.05
 
 
+def test_int_mm_is_never_a_candidate_without_vnni(monkeypatch, tmp_path):
+    """Under oneDNN's AVX2 cap `_int_mm` sums pairs in a saturating int16 (wrong, and 25x slow on
+    a real AVX2-only CPU): the kernel table leaves it out with the reason, and `int8_token`
+    falls back to the rescaled rows on fbgemm."""
+    monkeypatch.setattr(kernels.machine, "onednn_vnni", lambda *a, **k: False)
+    monkeypatch.setenv("HYPER_CACHE", str(tmp_path))  # not the session's cache: other choices
+    impl, entry = kernels.choose("int8_token", nn.Linear(64, 128), 16)
+    assert impl.name == "fbgemm(per-token rescaled)"
+    assert "needs VNNI" in entry["failed"]["torch._int_mm(per-token)"]
+    gated = {i.name for impls in kernels.IMPLS.values() for i in impls if i.vnni}
+    assert {"torch._int_mm(per-token)", "torchao.Int8DynamicActivationInt8Weight"} <= gated
+
+
 def test_rescaled_rows_3d_traced_and_stored():
     torch.manual_seed(0)
     lin = nn.Linear(64, 32, bias=False).eval()

@@ -37,7 +37,7 @@ def test_the_avx2_class_caps_every_library_in_its_process():
     for r in (default, cls):
         assert "error" not in r, r
     assert default["caps"] is None and cls["aten_capability"] == "AVX2"
-    assert cls["caps"] == ("AVX2; ATen=avx2; fbgemm=AVX2; MKL=AVX2")
+    assert cls["caps"] == ("AVX2; ATen=avx2; fbgemm=AVX2; MKL=AVX2; CTranslate2=AVX2")
     assert cls["rowscaled_bits"] == 7 and cls["fbgemm_vnni"] is False
     assert default["rowscaled_bits"] == (8 if machine.fbgemm_vnni() else 7)
     assert "avx512" not in cls["onednn_kernel"]["bf16"]

@@ -47,6 +47,15 @@ def test_amx_counts_only_when_present_and_not_capped_away():
     assert not machine.amx_usable(machine.cpu_flags(EPYC))
 
 
+def test_onednn_int8_needs_vnni_present_and_not_capped_away():
+    xeon, epyc = machine.cpu_flags(XEON), machine.cpu_flags(EPYC)
+    assert machine.onednn_vnni(xeon, "DEFAULT") and machine.onednn_vnni(epyc, "AVX512_CORE_VNNI")
+    assert machine.onednn_vnni(epyc, "AVX512_CORE_BF16") and machine.onednn_vnni(xeon, "ALL")
+    for cap in ("AVX2", "AVX512_CORE", "SSE41"):
+        assert not machine.onednn_vnni(xeon, cap), cap
+    assert not machine.onednn_vnni({"avx2", "fma"}, "DEFAULT")
+
+
 def test_encoder_scheme_by_isa_and_by_measurement():
     xeon, epyc = machine.cpu_flags(XEON), machine.cpu_flags(EPYC)
     assert machine.encoder_scheme(xeon)[0] == "bf16"

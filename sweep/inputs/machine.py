@@ -26,13 +26,15 @@ ISA_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "avx512f", "avx512_
 CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 # The other libraries' caps, each read once by its library at first use: ATen's vectorised
 # kernels (elementwise, reductions, softmax), fbgemm's (torch.ao dynamic int8) and MKL's (fp32
-# sgemm, F.linear's). Together with oneDNN's they make a machine run as a lower class.
+# sgemm, F.linear's) and CTranslate2's own kernels (faster-whisper; its int8 GEMM is oneDNN's).
+# Together with oneDNN's they make a machine run as a lower class.
 OTHER_CAPS = {"ATEN_CPU_CAPABILITY": "ATen", "FBGEMM_ENABLE_INSTRUCTIONS": "fbgemm",
-              "MKL_ENABLE_INSTRUCTIONS": "MKL"}
+              "MKL_ENABLE_INSTRUCTIONS": "MKL", "CT2_FORCE_CPU_ISA": "CTranslate2"}
 # What to set to run an AVX-512 or AMX machine as the AVX2-only class (AMD Zen 2/3, laptops):
 # bench.isa_cap checks that each takes effect, by timing and by the kernels' names.
 EMULATE_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-                "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+                "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                "CT2_FORCE_CPU_ISA": "AVX2"}
 # fbgemm's instruction levels with VNNI (int8 dot products without int16 saturation)
 _FBGEMM_VNNI = ("AVX512_E1", "AVX512_VNNI")
 # The encoder schemes a machine-aware start chooses between (sweep.search.space `when:`).
@@ -105,6 +107,19 @@ def fbgemm_vnni(flags: Iterable[str] | None = None,
     have = cpu_flags() if flags is None else set(flags)
     cap = env.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip().upper()
     return bool({"avx512_vnni", "amx_int8"} & set(have)) and (not cap or cap in _FBGEMM_VNNI)
+
+
+def onednn_vnni(flags: Iterable[str] | None = None, cap: str | None = None) -> bool:
+    """Whether oneDNN's int8 x int8 product (`torch._int_mm`, torchao's int8 activations) has
+    VNNI (or AMX) here: the flag present and `cap` (oneDNN's, default the one in force) keeping
+    it. Without it oneDNN sums pairs of products in a saturating int16: under
+    `ONEDNN_MAX_CPU_ISA=AVX2` `_int_mm` of full-range int8 was 18% off, per-token int8 Linears
+    100% off, and on a real AVX2-only EPYC it ran 25x slower than fp32 (issue #25)."""
+    have = cpu_flags() if flags is None else set(flags)
+    cap = isa_cap() if cap is None else cap.strip().upper()
+    present = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & have)
+    return present and (cap is None or cap in ("DEFAULT", "ALL")
+                        or any(k in cap for k in ("VNNI", "BF16", "FP16", "AMX", "AVX10")))
 
 
 def amx_usable(flags: Iterable[str], cap: str | None = None) -> bool:

@@ -87,7 +87,7 @@ def _compiled():
     return torch.compile(_token_linear, dynamic=True)
 
 
-kernels.impl("int8_token", "torch._int_mm(per-token)")(TokenInt8Linear)
+kernels.impl("int8_token", "torch._int_mm(per-token)", vnni=True)(TokenInt8Linear)
 
 
 class RowInt8Linear(nn.Module):
