@@ -34,7 +34,9 @@ HALFWIDTH_SQRT_N = 1.0
 SCREEN_DIMS, SCREEN_SAMPLES = 12, 20
 
 
-def parse_args(argv=None) -> Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m sweep.launch`'s parser: every flag, its default and help (the docs' flags
+    table is generated from it)."""
     ap = argparse.ArgumentParser(prog="python -m sweep.launch", description=(
         "Search pruning x quantization x compile for the fastest Whisper that is still "
         "accurate enough."))
@@ -111,7 +113,11 @@ def parse_args(argv=None) -> Namespace:
                     help="show third-party output HYPER filters as known noise (torchao, torch, "
                          "Optuna, Tune's console) on this machine and in the workers")
     cli.add_model_data_args(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None) -> Namespace:
+    args = build_parser().parse_args(argv)
     args.inject = {}  # fault injection for the failure tests (Python API only)
     return args
 
