@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -20,18 +19,14 @@ from pathlib import Path
 from . import console
 from .inputs import cli
 from .results import figures, journal, pareto, report, report_html, tracking
-from .search import local, lock, worker
-from .search.sampler import SAMPLERS, mark_finished
 from .measure import stopping
+from .results.summary import (accounting, interrupted, origin, resolution_summary,
+                              resolution_warning, screen_rows, stop_costs)
+from .search import local, lock, worker
+from .search.sampler import SAMPLERS
+from .search.screening import SCREEN_DIMS, SCREEN_SAMPLES, run_screening, screen_wanted
+from .search.study import mark_stale_optuna, searcher_study, write_importances
 from .search.sweepspec import DATA_KEYS, FILE, SweepSpec, check_name, default_name
-
-# A 95% dWER interval's half-width is about this over sqrt(clips) on whisper-base speech
-# (measured: +-15-25% on 19 Russian clips, +-11-15% on 71): the clips a budget needs before a
-# sweep has measured anything. The summary replaces it with this sweep's own intervals.
-HALFWIDTH_SQRT_N = 1.0
-# --screen auto: screening costs about as much as a dozen trials, worth it on a large space
-# with a long search, not on a short one
-SCREEN_DIMS, SCREEN_SAMPLES = 12, 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,228 +375,6 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
                       evalset)
 
 
-def screen_wanted(args, space) -> bool:
-    if getattr(args, "screen_from", None):
-        return True
-    if args.screen == "auto":
-        searched = [d for d in space.params.values() if d.kind != "value"]
-        return len(searched) > SCREEN_DIMS and args.num_samples >= SCREEN_SAMPLES
-    return args.screen == "on"
-
-
-def _run_points(args, ctx, trainable_of, points: list[dict], where: Path, label: str,
-                space) -> list[dict | None]:
-    """Measure fixed points through Tune (the same workers and logging as the search); their
-    results in `points` order (None for a point without one)."""
-    from ray import tune
-
-    from .search import callbacks, sampler as search
-
-    if not points:
-        return []
-    tuner = tune.Tuner(trainable_of(ctx), param_space={
-        "point": tune.grid_search([dict(p) for p in points])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name=label, storage_path=str(where), verbose=0, callbacks=[
-            search.Progress(len(points), None, space.objectives, space.constraints,
-                            label=label), callbacks.Journal(ctx.journal),
-            callbacks.Deaths(ctx.tracking_uri, ctx.experiment_id, ctx.sweep)]))
-    with console.quiet_tune():
-        grid = tuner.fit()
-    got = {json.dumps(r.config["point"], sort_keys=True, default=str): r.metrics for r in grid}
-    return [got.get(json.dumps(p, sort_keys=True, default=str)) for p in points]
-
-
-def run_screening(args, space, ctx, sweep_path: Path, devices, per_trial: int, uri: str,
-                  parent: str, machine: dict | None = None):
-    """Screening (`sweep.search.screen`): the warm starts, then each dimension's values alone
-    from the baseline and the best start, on the first --screen-clips clips with early
-    stopping; returns the space bounded by it. Its table is `screen/screen.json` (kept: a
-    resumed sweep reads it instead of screening again) and an artifact of the parent run."""
-    import dataclasses
-
-    from ray import tune
-
-    from .search import sampler as search, screen
-
-    out = sweep_path / "screen"
-    saved = out / "screen.json"
-    if saved.is_file():
-        narrowed, _ = screen.narrow(space, json.loads(saved.read_text())["rows"])
-        return narrowed
-    out.mkdir(parents=True, exist_ok=True)
-    if getattr(args, "screen_from", None):
-        return _screened_before(args, space, out, uri, parent)
-    sctx = dataclasses.replace(
-        ctx, sweep=f"{ctx.sweep}/screen", probes=False, rungs=(),
-        timeout_min_s=worker.SCREEN_TIMEOUT_MIN_S,
-        data={**ctx.data, "max_samples": args.screen_clips},
-        early_stop=stopping.EarlyStop(max_dwer=space.constraints.get("max_dwer"),
-                                      # the first look (and its stop of a model that
-                                      # loops on each clip) must come before the last clip
-                                      min_clips=min(4, max(2, args.screen_clips // 2))))
-
-    def trainable_of(c):
-        return tune.with_resources(tune.with_parameters(worker.trainable_point, ctx=c),
-                                   lambda config: search.resources_for(per_trial)(
-                                       config["point"]))
-
-    t0 = time.time()
-    starts = space.fitting_starts(frozenset(devices), machine)  # as the joint search's
-    print(f"screening: {len(starts)} warm starts on {args.screen_clips} clips", file=sys.stderr)
-    found = _run_points(args, sctx, trainable_of, [p for _, p in starts], out, "starts", space)
-    best = screen.best_start(space, found)
-    anchors = {"baseline": {}}
-    if best is not None:
-        i = starts[best][0]
-        anchors[f"start {i + 1}"] = space.starts[i]
-    points = screen.plan(space, anchors, frozenset(devices))
-    print(f"screening: {len(points)} single changes from {', '.join(anchors)}", file=sys.stderr)
-    results = _run_points(args, sctx, trainable_of, [p.point for p in points], out, "points",
-                          space)
-    rows = screen.table(points, results)
-    return _screened(space, {"anchors": anchors, "clips": args.screen_clips, "rows": rows,
-                             "seconds": time.time() - t0}, out, uri, parent)
-
-
-def _screened_before(args, space, out: Path, uri: str, parent: str):
-    """--screen-from: an earlier sweep's table, kept and logged as this sweep's own."""
-    from .search import screen
-
-    saved = screen.read_saved(args.screen_from, space)
-    print(f"screening: read from {saved['from']} ({len(saved['rows'])} points, measured "
-          "there)", file=sys.stderr)
-    return _screened(space, {k: v for k, v in saved.items() if k != "changes"}, out, uri, parent)
-
-
-def _screened(space, table: dict, out: Path, uri: str, parent: str):
-    """The space bounded by a screening `table`; the table saved in `out` (screen.json, read
-    again on resume, and screen.csv), logged to the parent run and printed."""
-    from mlflow.tracking import MlflowClient
-
-    from .search import screen
-
-    narrowed, changes = screen.narrow(space, table["rows"])
-    saved = out / "screen.json"
-    saved.write_text(json.dumps({**table, "changes": changes}, indent=1, default=str))
-    report.write_screening(table["rows"], out / "screen.csv")
-    client = MlflowClient(uri)
-    for f in (saved, out / "screen.csv"):
-        tracking.retry(client.log_artifact, parent, str(f), "screen")
-    print(report.format_screening(table["rows"]), file=sys.stderr)
-    for line in changes or ["nothing out of reach: the space is searched as written"]:
-        print(f"screening: {line}", file=sys.stderr)
-    return narrowed
-
-
-def resolution_warning(space, n_clips: int) -> list[str]:
-    """A warning when `n_clips` cannot resolve the space's `max_dwer`: the expected 95% interval
-    half-width is wider than the budget. Says how many clips would."""
-    budget = space.constraints.get("max_dwer")
-    if budget is None or budget <= 0:
-        return []
-    half = HALFWIDTH_SQRT_N / n_clips ** 0.5
-    if half <= budget:
-        return []
-    need = clips_to_resolve(half, n_clips, budget)
-    return [f"warning: {n_clips} clips resolve dWER to about +-{half:.0%} (95% interval), "
-            f"wider than the budget max_dwer {budget:+.0%}: feasibility is decided on noise; "
-            f"about {need} clips would resolve it (--max-samples, or a larger --dataset)"]
-
-
-def origin(row: dict, space) -> str:
-    """`baseline`, `start` (one of the space's warm starts) or `sampled` (the sampler's)."""
-    from .techniques.recipe import Recipe
-
-    if pareto.is_baseline_recipe(row.get("recipe")):
-        return "baseline"
-    try:
-        starts = [Recipe.from_flat(p).to_flat()
-                  for p in space.start_points(frozenset({"cpu", "cuda"}))]
-    except ValueError:
-        starts = []
-    return "start" if row.get("recipe") in starts else "sampled"
-
-
-def accounting(trials: list[dict], front: list[dict], space, baseline: dict) -> dict:
-    """Whether the search earned its place: front members by origin, and how many sampled
-    trials were infeasible (failed, stopped, or over a constraint)."""
-    def count(rows, what):
-        return sum(origin(r, space) == what for r in rows)
-
-    sampled = [r for r in trials if origin(r, space) == "sampled"]
-    return {"front_from_starts": count(front, "start"),
-            "front_from_sampling": count(front, "sampled"),
-            # of those, mutations of a front member (--sampler local; the rest are TPE's)
-            "front_from_mutation": sum(bool(r.get("parent_run")) for r in front),
-            "sampled_by_mutation": sum(bool(r.get("parent_run")) for r in sampled),
-            "front_from_baseline": count(front, "baseline"),
-            "sampled": len(sampled),
-            "sampled_infeasible": sum(not pareto.feasible(r, space.constraints or None, baseline)
-                                      for r in sampled)}
-
-
-def stop_costs(ok: list[dict], pruned: list[dict]) -> dict:
-    """What early stopping saved: mean seconds of a stopped trial against a completed one (the
-    baseline trial excluded: it re-uses the worker's measurement), and the clips it measured."""
-    done = [float(r["trial_s"]) for r in ok if pareto._num(r.get("trial_s"))
-            and not pareto.is_baseline_recipe(r.get("recipe"))]
-    stopped = [float(r["trial_s"]) for r in pruned if pareto._num(r.get("trial_s"))]
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {"pruned_trial_s_mean": mean(stopped), "ok_trial_s_mean": mean(done),
-            "pruned_clips_mean": mean([float(r["clips_measured"]) for r in pruned
-                                       if pareto._num(r.get("clips_measured"))])}
-
-
-def resolution_summary(rows: list[dict], front: list[dict], n_clips: int, space) -> dict:
-    """The data's resolution in the summary: the median half-width of the trials' 95% dWER
-    intervals and, against `max_dwer`, how many clips would resolve the budget."""
-    res = report.resolution(rows, front)
-    budget = space.constraints.get("max_dwer")
-    out = {"dwer_ci_halfwidth_median": None if res is None else res[0], "clips_to_resolve": None}
-    if res is not None and budget and budget > 0:
-        out["clips_to_resolve"] = max(n_clips, clips_to_resolve(res[0], n_clips, budget))
-    return out
-
-
-def clips_to_resolve(half: float, n_clips: int, budget: float) -> int:
-    """Clips for a half-width of `budget`, from `half` measured on `n_clips` (1/sqrt(n))."""
-    return math.ceil(round(n_clips * (half / budget) ** 2, 6))
-
-
-def screen_rows(rows: list[dict], objectives) -> list[str]:
-    """Mark rows the front cannot use and say why: an `ok` row missing a finite figure it is
-    ranked or plotted on (the objectives, `report.axes`) becomes `unreadable`. Returns one
-    warning per unusable row, naming its trial (failed and pruned trials are ordinary and not
-    warned about)."""
-    need = dict.fromkeys([m for m, _ in objectives] + list(report.axes(objectives)))
-    for r in rows:
-        if r["status"] == "ok":
-            bad = [m for m in need if pareto._num(r.get(m)) is None]
-            if bad:
-                r.update(status="unreadable", error=f"no finite {', '.join(bad)} in its run")
-    return [f"warning: trial {r.get('trial_id')} (MLflow run {r.get('run_id')}) skipped: "
-            f"{r.get('error')}" for r in rows if r["status"] == "unreadable"]
-
-
-def interrupted(rows: list[dict]) -> dict:
-    """Trials whose attempt was killed mid-trial (the launcher or its node died). Re-run: a
-    later attempt of the same trial, or of the same recipe, ended (Tune re-runs a trial its last
-    saved state knew; one it did not know yet is asked of the searcher again, a warm start under
-    a new id). Lost: neither (counted here, never measured)."""
-    def key(r):
-        return json.dumps(r.get("recipe"), sort_keys=True, default=str)
-
-    killed = [r for r in rows if r["status"] == "killed"]
-    ended = [r for r in rows if r["status"] != "killed"]
-    ids, recipes = {r["trial_id"] for r in ended}, {key(r) for r in ended}
-    trials = {r["trial_id"]: r["trial_id"] in ids or key(r) in recipes for r in killed}
-    rerun = sum(trials.values())
-    return {"interrupted": len(trials), "interrupted_rerun": rerun,
-            "interrupted_lost": len(trials) - rerun}
-
-
 def reconcile(uri: str, exp_id: str, folder: Path) -> int:
     """Trials measured but not in MLflow (logging them failed) logged from the sweep's journal
     (`tracking.reconcile`); a record that still cannot be logged stays there for the next
@@ -761,35 +534,6 @@ def log_front(client, uri, exp_id, name, parent, front, base_figs, objs, out: Pa
         tracking.retry(client.log_artifact, parent, str(out / "report.html"))
 
 
-def mark_stale_optuna(root: Path, name: str, rows: list[dict], space) -> tuple[int, int]:
-    """Optuna trials still RUNNING once Tune is done were asked for by a killed launcher.
-    One whose trial finished in MLflow before the kill (same sampled params, a FINISHED run no
-    COMPLETE trial holds) is told COMPLETE with that run's figures, so Optuna keeps every
-    measurement; the others become FAIL. Returns (recovered, failed)."""
-    import optuna
-
-    study = searcher_study(root, name)
-    done = optuna.trial.TrialState.COMPLETE
-    linked = {t.user_attrs.get("run_id") for t in study.trials if t.state == done}
-    spare = [r for r in rows if r["status"] == "ok" and r.get("run_id") not in linked]
-    recovered = failed = 0
-    for t in study.trials:
-        if t.state != optuna.trial.TrialState.RUNNING:
-            continue
-        row = next((r for r in spare if all(str(r["recipe"].get(k)) == str(v)
-                                            for k, v in t.params.items())), None)
-        if row is None:
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            failed += 1
-            continue
-        spare.remove(row)
-        mark_finished(optuna.trial.Trial(study, t._trial_id), space, row)
-        study._storage.set_trial_state_values(t._trial_id, done,
-                                              [float(row[m]) for m, _ in space.objectives])
-        recovered += 1
-    return recovered, failed
-
-
 def remeasure(args, front: list[dict], out: Path, objectives=None) -> list[dict]:
     """The front's recipes measured again on `--eval-dataset`, so the front is not judged only
     on the data it was searched on."""
@@ -812,30 +556,6 @@ def remeasure(args, front: list[dict], out: Path, objectives=None) -> list[dict]
     (out / "front_eval.json").write_text(json.dumps(
         {"dataset": ev.name, "baseline": base.figures, "rows": rows}, indent=1, default=str))
     return rows
-
-
-def searcher_study(root: Path, name: str):
-    import optuna
-
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'optuna.db'}")
-
-
-def write_importances(study, out: Path, objectives=pareto.DEFAULT_OBJECTIVES) -> None:
-    """Optuna's parameter importances per objective, in the space's order as the study's
-    values (fANOVA needs enough finished trials)."""
-    import optuna
-
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    imp = {}
-    if len(done) >= 4:
-        for i, (name, way) in enumerate(list(objectives)[:len(study.directions)]):
-            sign = -1.0 if way == "max" else 1.0  # PED-ANOVA ranks what makes `target` low
-            try:
-                imp[name] = optuna.importance.get_param_importances(
-                    study, target=lambda t, i=i, sign=sign: sign * t.values[i])
-            except (RuntimeError, ValueError, ZeroDivisionError) as e:
-                imp[name] = {"error": str(e)}
-    (out / "importances.json").write_text(json.dumps(imp, indent=1))
 
 
 def main(argv=None) -> int:

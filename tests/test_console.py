@@ -120,14 +120,14 @@ IMPORTANCES = """
 import json, sys
 import optuna
 from pathlib import Path
-from sweep import launch
+from sweep.search.study import write_importances
 study = optuna.create_study(directions=["minimize", "maximize"])
 for i in range(8):  # few trials, one parameter only sampled under a condition: coarse notes
     t = study.ask()
     x, y = t.suggest_float("x", 0, 1), t.suggest_categorical("y", ["a", "b"])
     z = t.suggest_int("z", 0, 3) if y == "a" else 0
     study.tell(t, [x + (y == "a") + z, 1 - x])
-launch.write_importances(study, Path(sys.argv[1]), [("wer", "min"), ("speedup", "max")])
+write_importances(study, Path(sys.argv[1]), [("wer", "min"), ("speedup", "max")])
 print(json.dumps(json.loads((Path(sys.argv[1]) / "importances.json").read_text())))
 """
 

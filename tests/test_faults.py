@@ -256,6 +256,7 @@ def test_stale_optuna_trial_that_finished_in_mlflow_is_recovered(tmp_path):
     """Killed between MLflow's FINISHED and Optuna's tell: the measurement reaches Optuna at the
     end of the sweep (COMPLETE, its run id and constraint); a trial never measured is FAIL."""
     from sweep.search.space import space_from_dict
+    from sweep.search.study import mark_stale_optuna
 
     space = space_from_dict({"params": {"quant.scheme": {"choice": ["none", "bf16"]}},
                              "constraints": {"max_dwer": 0.1}})
@@ -267,7 +268,7 @@ def test_stale_optuna_trial_that_finished_in_mlflow_is_recovered(tmp_path):
         space.sample(study.ask())
     rows = [{"status": "ok", "run_id": "r1", "wer": 0.30, "latency_median_s": 0.5, "dwer": 0.2,
              "recipe": {"quant.scheme": "bf16"}, "baseline": {"wer": 0.25}}]
-    assert launch.mark_stale_optuna(tmp_path, "s", rows, space) == (1, 1)
+    assert mark_stale_optuna(tmp_path, "s", rows, space) == (1, 1)
     measured, lost = optuna.load_study(study_name="s", storage=storage).trials
     assert measured.state == optuna.trial.TrialState.COMPLETE
     assert measured.values == [0.30, 0.5] and measured.user_attrs["run_id"] == "r1"

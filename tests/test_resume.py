@@ -288,7 +288,7 @@ def test_parent_run_ends_failed_when_the_end_of_sweep_breaks(tmp_path, tiny_chec
 
 
 def test_interrupted_trials_are_rerun_by_id_or_recipe_else_lost():
-    from sweep.launch import interrupted
+    from sweep.results.summary import interrupted
 
     def row(tid, status, **recipe):
         return {"trial_id": tid, "status": status, "recipe": recipe}

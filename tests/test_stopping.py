@@ -260,18 +260,18 @@ def test_probes_are_non_speech_and_deterministic(tmp_path):
 
 
 def test_resolution_warning_names_the_clips_a_budget_needs():
-    from sweep import launch
+    from sweep.results.summary import clips_to_resolve, resolution_warning
     from sweep.search.space import space_from_dict
 
     tight = space_from_dict({"params": {"prune.rate": {"float": [0.0, 0.3]}},
                              "constraints": {"max_dwer": 0.02}})
-    (line,) = launch.resolution_warning(tight, 19)
+    (line,) = resolution_warning(tight, 19)
     assert "19 clips resolve dWER to about +-23%" in line
     assert "about 2500 clips would resolve it" in line
     loose = space_from_dict({"params": {"prune.rate": {"float": [0.0, 0.3]}},
                              "constraints": {"max_dwer": 0.25}})
-    assert launch.resolution_warning(loose, 40) == []
-    assert launch.clips_to_resolve(0.2, 19, 0.1) == 76
+    assert resolution_warning(loose, 40) == []
+    assert clips_to_resolve(0.2, 19, 0.1) == 76
 
 
 def test_t_quantile_without_scipy_is_close(monkeypatch):
