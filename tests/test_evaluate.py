@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from sweep.evaluate import main as evaluate_main
 from sweep.measure import evaluate
 from sweep.inputs.data import load_eval_set
 from sweep.techniques.recipe import Recipe
@@ -52,7 +53,7 @@ def test_language_is_required_when_utterances_lack_it(tiny_model, tmp_path):
 
 def test_cli_writes_trial_json_with_baseline(tiny_checkpoint, small_manifest, tmp_path, capsys):
     out = tmp_path / "out.json"
-    rc = evaluate.main(["--model", tiny_checkpoint, "--dataset", small_manifest, "--recipe",
+    rc = evaluate_main(["--model", tiny_checkpoint, "--dataset", small_manifest, "--recipe",
                         "quant.scheme=dynamic_int8,prune.rate=0.3", "--json", str(out),
                         "--threads", "1", "--warmup", "0"])
     assert rc == 0
@@ -68,7 +69,7 @@ def test_cli_writes_trial_json_with_baseline(tiny_checkpoint, small_manifest, tm
 
 
 def test_cli_refuses_bad_recipe_before_loading(tmp_path, capsys):
-    rc = evaluate.main(["--model", "random:tiny", "--recipe", "prune.rtae=0.3"])
+    rc = evaluate_main(["--model", "random:tiny", "--recipe", "prune.rtae=0.3"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "prune.rtae" in err and "prune.rate" in err

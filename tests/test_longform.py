@@ -147,6 +147,7 @@ def test_a_set_without_references_is_scored_by_agreement_never_as_wer(
         tiny_checkpoint, small_manifest, tmp_path, capsys):
     from sweep import launch
     from sweep.inputs.data import DataError
+    from sweep.evaluate import main as evaluate_main
     from sweep.measure import evaluate
 
     path = _unlabelled(small_manifest, tmp_path)
@@ -155,7 +156,7 @@ def test_a_set_without_references_is_scored_by_agreement_never_as_wer(
     with pytest.raises(DataError, match="never mixed"):
         load_eval_set(f"{path}+{small_manifest}")
     out = tmp_path / "out.json"
-    assert evaluate.main(["--model", tiny_checkpoint, "--dataset", str(path), "--recipe",
+    assert evaluate_main(["--model", tiny_checkpoint, "--dataset", str(path), "--recipe",
                           "decode.loop=greedy,decode.batch=3", "--json", str(out),
                           "--threads", "1", "--warmup", "0"]) == 0
     d = json.loads(out.read_text())

@@ -4,7 +4,7 @@ by `sweep.evaluate` (the sweep's MLflow artifacts are tested with its figures, t
 
 import json
 
-from sweep.measure import evaluate
+from sweep import evaluate  # the command (its measuring: sweep.measure.evaluate)
 from sweep.measure.profile import ProfileOptions
 
 

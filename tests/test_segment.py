@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sweep.evaluate import main as evaluate_main
 from sweep.inputs.data import EvalSet, Utterance, load_eval_set
 from sweep.inputs.longform import LongOptions, build
 from sweep.inputs.probes import probes
@@ -182,7 +183,7 @@ def test_evaluate_json_reports_throughput_for_recipe_and_baseline(tiny_checkpoin
     import json
 
     out = tmp_path / "out.json"
-    assert evaluate.main(["--model", tiny_checkpoint, "--dataset", small_manifest, "--recipe",
+    assert evaluate_main(["--model", tiny_checkpoint, "--dataset", small_manifest, "--recipe",
                           "segment.method=vad,decode.batch=3", "--json", str(out),
                           "--threads", "1", "--warmup", "0"]) == 0
     d = json.loads(out.read_text())
