@@ -231,7 +231,7 @@ def export(args) -> int:
                           f"here, the sweep measured {params['n_utterances']}: not the same data")
     loaded = load_model(ns.model, device=recipe.device)
     calibrate = None
-    if cli.needs_calibration(recipe.to_flat()):  # as the trial was calibrated
+    if recipe.calibrates:  # as the trial was calibrated
         calibrate = calibrator(loaded.processor, cli.load_calibration(ns), ns.language)
     langs = sorted({u.lang for u in evalset if u.lang}) if evalset else [ns.language]
     metrics = {

@@ -34,22 +34,19 @@ def add_model_data_args(ap) -> None:
                    help="torch CPU threads (default: torch's own choice)")
 
 
+# Moved: `Recipe.calibrates`, `sweep.techniques.recipe.space_calibrates`. These two forward
+# until their last callers (sweep.launch, bench.recipes) move; then they go with this arrow
+# against the layers (inputs importing techniques).
 def needs_calibration(flat: dict) -> bool:
-    """Some active technique of the recipe learns from calibration audio (static int8 scales,
-    the int8 fallback's sensitivities, low-rank bases): its `calibrates`."""
     from ..techniques.recipe import Recipe
 
-    return any(cfg.active and getattr(cfg, "calibrates", False)
-               for cfg in Recipe.from_flat(flat).configs())
+    return Recipe.from_flat(flat).calibrates
 
 
 def space_needs_calibration(space) -> bool:
-    """Some recipe of `space` may need calibration audio: it can choose static int8 or searches
-    a parameter a technique declares `CALIBRATED`."""
-    from ..techniques import TECHNIQUES
+    from ..techniques.recipe import space_calibrates
 
-    return space.mentions("static_int8") or any(
-        space.mentions(p) for cls in TECHNIQUES.values() for p in getattr(cls, "CALIBRATED", ()))
+    return space_calibrates(space)
 
 
 def load_data(args):
@@ -98,13 +95,13 @@ def quiet_transformers() -> None:
 
 
 def load_model_data(args, recipe=None):
-    """Data first (cheap, validates input), then the model; calibration only when needed."""
+    """Data first (cheap, validates input), then the model; calibration only when `recipe`
+    (a `Recipe`) `calibrates`."""
     from .models import load_model
 
     quiet_transformers()
     evalset = load_data(args)
-    calib = load_calibration(args) if recipe is not None and needs_calibration(
-        recipe.to_flat()) else None
+    calib = load_calibration(args) if recipe is not None and recipe.calibrates else None
     loaded = load_model(args.model, device=args.device)
     return loaded, evalset, calib
 

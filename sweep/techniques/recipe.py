@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from . import DEVICE, PARAMS, TECHNIQUES, RecipeError, Technique, plugin_error
 
-__all__ = ["PARAMS", "TECHNIQUES", "Recipe", "RecipeError"]
+__all__ = ["PARAMS", "TECHNIQUES", "Recipe", "RecipeError", "space_calibrates"]
 
 
 class Recipe:
@@ -107,6 +107,10 @@ class Recipe:
     is_baseline = property(lambda self: not any(cfg.active for cfg in self.configs()))
     # torch.compile anywhere (each technique says whether it compiles)
     compiles = property(lambda self: any(c.active and c.compiles for c in self.configs()))
+    # Some active technique learns from calibration audio (static int8 scales, the int8
+    # fallback's sensitivities, low-rank bases): each technique's `calibrates`.
+    calibrates = property(lambda self: any(c.active and getattr(c, "calibrates", False)
+                                           for c in self.configs()))
 
     def cheap(self) -> Recipe | None:
         """The recipe without its costly preparation (each technique's `cheap`: no compiling,
@@ -123,3 +127,11 @@ class Recipe:
         """Short text for tables and progress lines, e.g. "int8 dyn (enc+dec), prune l1 0.30"."""
         text = ", ".join(cfg.describe() for cfg in self.configs() if cfg.active) or "fp32"
         return text + ("" if self.device == "cpu" else f" [{self.device}]")
+
+
+def space_calibrates(space) -> bool:
+    """Some recipe of `space` (anything with `mentions(name_or_value)`, a `Space`) may need
+    calibration audio: it can choose static int8 or searches a parameter a technique declares
+    `CALIBRATED`. The launcher loads a calibration set for its workers only then."""
+    return space.mentions("static_int8") or any(
+        space.mentions(p) for cls in TECHNIQUES.values() for p in getattr(cls, "CALIBRATED", ()))
