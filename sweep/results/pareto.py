@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,11 +27,9 @@ import numpy as np
 from .figures import BY_NAME, names
 from .figures import DEFAULT_OBJECTIVES as DEFAULT_OBJECTIVES  # the one default, re-exported
 
-# Metrics a search may optimise, and the constraint keys (`Space` validates against these).
+# Metrics a search may optimise (the constraint keys are `CONSTRAINTS`, below).
 METRICS = names("objective")
 DIRECTIONS = ("min", "max")
-CONSTRAINTS = ("max_dwer", "max_dcer", "max_latency_s", "min_speedup", "max_hallucination",
-               "max_extra_hallucination")
 # Reference point's relative WER allowance when no `max_dwer` constraint is given.
 DEFAULT_REF_DWER = 0.5
 
@@ -76,44 +75,76 @@ def _figure(row: Mapping, key: str, baseline: Mapping | None) -> float | None:
     return _relative(t, b)
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """A bound a space may put on one figure (`constraints: {max_dwer: 0.02}`): an upper bound
+    (`max_*`) or a lower one (`min_*`) on `figure`, a relative figure derived from the
+    baseline when the row lacks it (`_figure`). The one table of constraints: spaces validate
+    against it, `constraint_values` judges rows by it."""
+    name: str
+    figure: str
+    upper: str | None = None  # judged on this figure instead where the row has it
+    lo: float = 0.0  # a limit must be above lo (at or above it when `hi` is finite)...
+    hi: float = math.inf  # ...and at most hi
+    what: str = ""  # what the limit is, in words, for its error
+    at_baseline: bool = True  # False: the unchanged model misses it by definition
+
+    def __post_init__(self):
+        if self.name[:4] not in ("max_", "min_") or self.figure not in BY_NAME:
+            raise ValueError(f"constraint `{self.name}`: name must start max_/min_ and figure "
+                             f"must be one of FIGURES, got {self.figure!r}")
+
+    @property
+    def side(self) -> str:  # "max": the figure must stay at or under the limit
+        return self.name[:3]
+
+    def refuses(self, limit: float) -> str | None:
+        """Why `limit` is no limit for this constraint (None: it is one)."""
+        closed = math.isfinite(self.hi)
+        if (self.lo <= limit <= self.hi) if closed else limit > self.lo:
+            return None
+        rule = f"must be in [{self.lo:g}, {self.hi:g}]" if closed else f"must be > {self.lo:g}"
+        return f"{self.what} and {rule}" if self.what else rule
+
+    def value(self, row: Mapping, limit: float, baseline: Mapping | None = None) -> float:
+        """Optuna-style: <= 0 is met; a missing figure (failed trial) gives +inf."""
+        v = _num(row.get(self.upper)) if self.upper else None
+        v = _figure(row, self.figure, baseline) if v is None else v
+        fig = BY_NAME[self.figure]
+        if v is None and row is baseline and fig.relative and fig.of is None:
+            v = fig.neutral  # the baseline against itself, on a figure not derived from another
+        if v is None:
+            return math.inf
+        return float(v - limit if self.side == "max" else limit - v)
+
+
+_SHARE = "is a share of the probes"
+_RELATIVE = "is a relative change (0.02 = 2% worse)"
+CONSTRAINTS: dict[str, Constraint] = {c.name: c for c in (
+    # `dwer_upper`: the space asked for feasibility at a confidence, and every trial of it
+    # carries the one-sided bound
+    Constraint("max_dwer", "dwer", upper="dwer_upper", lo=-1.0, what=_RELATIVE),
+    Constraint("max_dcer", "dcer", lo=-1.0, what=_RELATIVE),
+    Constraint("max_latency_s", "latency_median_s"),
+    Constraint("min_speedup", "speedup", at_baseline=False),
+    Constraint("max_hallucination", "hallucination_rate", hi=1.0, what=_SHARE),
+    # the probe rate judged against the baseline's own in each language: 0 = no worse than
+    # the unchanged model anywhere
+    Constraint("max_extra_hallucination", "hallucination_excess", hi=1.0, what=_SHARE),
+)}
+
+
 def constraint_values(row: Mapping, constraints: Mapping[str, float] | None,
                       baseline: Mapping | None = None) -> list[float]:
     """Optuna-style constraint values, one per constraint in `constraints`' order: <= 0 is
-    feasible. A figure that is missing (failed trial) gives +inf.
-
-    max_dwer: dwer - max_dwer, or `dwer_upper` - max_dwer when the row has that bound (the
-    space asked for feasibility at a confidence, and every trial of it carries the bound);
-    max_dcer: dcer - max_dcer; max_latency_s: latency_median_s - max_latency_s;
-    min_speedup: min_speedup - speedup; max_hallucination: hallucination_rate - limit;
-    max_extra_hallucination: hallucination_excess - limit (the probe rate judged against the
-    baseline's own in each language: 0 = no worse than the unchanged model anywhere).
-    """
+    feasible (`Constraint.value`: figure - limit for max_*, limit - figure for min_*). A
+    figure that is missing (failed trial) gives +inf."""
     out = []
     for key, limit in (constraints or {}).items():
-        if key == "max_dwer":
-            v = _num(row.get("dwer_upper"))
-            v = _figure(row, "dwer", baseline) if v is None else v
-            out.append(math.inf if v is None else v - limit)
-        elif key == "max_hallucination":
-            v = _num(row.get("hallucination_rate"))
-            out.append(math.inf if v is None else v - limit)
-        elif key == "max_extra_hallucination":
-            v = _num(row.get("hallucination_excess"))
-            if v is None and row is baseline:  # the baseline against itself
-                v = 0.0
-            out.append(math.inf if v is None else v - limit)
-        elif key == "max_dcer":
-            v = _figure(row, "dcer", baseline)
-            out.append(math.inf if v is None else v - limit)
-        elif key == "max_latency_s":
-            v = _num(row.get("latency_median_s"))
-            out.append(math.inf if v is None else v - limit)
-        elif key == "min_speedup":
-            v = _figure(row, "speedup", baseline)
-            out.append(math.inf if v is None else limit - v)
-        else:
+        if key not in CONSTRAINTS:
             raise ValueError(f"unknown constraint `{key}`; allowed: {', '.join(CONSTRAINTS)}")
-    return [float(v) for v in out]
+        out.append(CONSTRAINTS[key].value(row, limit, baseline))
+    return out
 
 
 def feasible(row: Mapping, constraints: Mapping[str, float] | None,
@@ -131,7 +162,8 @@ def over_at_baseline(baseline: Mapping, constraints: Mapping[str, float] | None
     `min_speedup` is left out: the baseline misses it by definition. The rest say something
     about the budget: Russian whisper-base hears words in every silence probe, so
     `max_hallucination` 0.2 leaves feasible only trials that hallucinate less than it does."""
-    limits = {k: v for k, v in (constraints or {}).items() if k != "min_speedup"}
+    limits = {k: v for k, v in (constraints or {}).items()
+              if k not in CONSTRAINTS or CONSTRAINTS[k].at_baseline}
     values = constraint_values(baseline, limits, baseline)
     return {k: v for k, v in zip(limits, values) if v > 0 and math.isfinite(v)}
 
