@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sweep.launch import front_url  # noqa: E402
+from sweep.results.tracking import front_url, run_url, ui_url  # noqa: E402
 
 
 def small_sweep(root: Path) -> None:
@@ -80,15 +80,15 @@ def main(argv=None) -> int:
                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    host = f"http://127.0.0.1:{args.port}"
+    host = ui_url(port=args.port)
     ui = subprocess.Popen([sys.executable, "-m", "sweep.ui", "--root", str(root), "--port",
                            str(args.port)], cwd=REPO, start_new_session=True,
                           env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
         wait_for(host)
         shoot(browser, front_url(exp, host), out / "front.png", args.wait_ms)
-        shoot(browser, f"{host}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/"
-              "report.html?workflowType=machine_learning", out / "report.png", args.wait_ms)
+        shoot(browser, run_url(exp, parent.info.run_id, host) + "/artifacts/report.html?"
+              "workflowType=machine_learning", out / "report.png", args.wait_ms)
     finally:
         os.killpg(ui.pid, signal.SIGTERM)  # the UI we started and its workers, nothing else
         ui.wait(timeout=30)

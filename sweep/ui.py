@@ -1,4 +1,5 @@
-"""`python -m sweep.ui`: the MLflow UI for HYPER's tracking store, on 127.0.0.1 by default."""
+"""`python -m sweep.ui`: the MLflow UI for HYPER's tracking store, on loopback by default
+(`tracking.UI_HOST`, `UI_PORT`: the address the launcher's links point to)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .results.tracking import default_uri
+from .results.tracking import UI_HOST, UI_PORT, default_uri, ui_url
 
 
 def command(root: Path, host: str, port: int, uri: str | None = None) -> list[str]:
@@ -22,9 +23,9 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default="mlruns", help="the sweep root holding mlflow.db")
     ap.add_argument("--tracking-uri", default=None,
                     help="backend store (default: <root>/mlflow.db)")
-    ap.add_argument("--host", default="127.0.0.1",
+    ap.add_argument("--host", default=UI_HOST,
                     help="interface to listen on; 0.0.0.0 exposes every run to the network")
-    ap.add_argument("--port", type=int, default=5000, help="port")
+    ap.add_argument("--port", type=int, default=UI_PORT, help="port")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
     if args.tracking_uri is None and not (root / "mlflow.db").is_file():
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
               "(python -m sweep.launch) or pass --root/--tracking-uri", file=sys.stderr)
         return 2
     cmd = command(root, args.host, args.port, args.tracking_uri)
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    print(f"MLflow UI on {ui_url(args.host, args.port)} (Ctrl-C stops it)", file=sys.stderr)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.execv(cmd[0], cmd)
 

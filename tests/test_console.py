@@ -143,7 +143,6 @@ def test_importances_warn_only_when_verbose(tmp_path, verbose):
 def test_the_front_is_tagged_in_mlflow(quiet_sweep):
     from mlflow.tracking import MlflowClient
 
-    from sweep import launch
     from sweep.results import tracking
 
     tmp, p = quiet_sweep
@@ -151,12 +150,12 @@ def test_the_front_is_tagged_in_mlflow(quiet_sweep):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("hyper").experiment_id
     front = json.loads((tmp / "root" / "sweeps" / "q" / "results" / "pareto.json").read_text())
-    tagged = client.search_runs([exp], launch.FRONT_FILTER)  # what the UI's search box runs
+    tagged = client.search_runs([exp], tracking.FRONT_FILTER)  # what the UI's search box runs
     assert {r.info.run_id for r in tagged} == {r["run_id"] for r in front["front"]}
     knee = client.search_runs([exp], 'tags.hyper.knee = "true"')
     # None where the baseline alone is on the front (the knee is never the baseline)
     assert [r.data.tags["hyper.trial_key"] for r in knee] == [front["knee"]] * bool(front["knee"])
-    assert launch.front_url(exp) in p.stdout
+    assert tracking.front_url(exp) in p.stdout
     parent = client.search_runs([exp], "tags.`hyper.kind` = 'sweep'")[0].info.run_id
     top = {a.path for a in client.list_artifacts(parent)}
     assert {"report.html", "front_table.json", "front"} <= top, top
@@ -165,4 +164,4 @@ def test_the_front_is_tagged_in_mlflow(quiet_sweep):
     assert len(table["data"]) == len(front["front"]) and "full_recipe" in table["columns"]
     # a resumed sweep whose front changed: the old members lose their tags
     tracking.mark_front(uri, exp, "q", [], None)
-    assert client.search_runs([exp], launch.FRONT_FILTER) == []
+    assert client.search_runs([exp], tracking.FRONT_FILTER) == []

@@ -307,6 +307,29 @@ def close_stale(uri: str, exp_id: str, sweep: str) -> int:
 
 
 FRONT_TAGS = ("hyper.front", "hyper.knee")
+FRONT_FILTER = 'tags.hyper.front = "true"'  # the runs `mark_front` tags, in the UI's search box
+# Where `python -m sweep.ui` listens by default: the links the launcher prints point there.
+UI_HOST, UI_PORT = "127.0.0.1", 5000
+
+
+def ui_url(host: str = UI_HOST, port: int = UI_PORT) -> str:
+    return f"http://{host}:{port}"
+
+
+def run_url(exp_id: str, run_id: str, ui: str | None = None) -> str:
+    """A run's page in the MLflow UI at `ui` (default: `sweep.ui`'s own address)."""
+    return f"{ui or ui_url()}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def front_url(exp_id: str, ui: str | None = None) -> str:
+    """The MLflow UI's run list of the experiment, searched for the front's runs, fastest first
+    (MLflow 3's UI opens GenAI pages unless told `workflowType=machine_learning`, and nests
+    child runs under their parent when sorted by start time)."""
+    from urllib.parse import quote
+
+    return (f"{ui or ui_url()}/#/experiments/{exp_id}/runs?workflowType=machine_learning&"
+            f"searchFilter={quote(FRONT_FILTER)}&orderByKey={quote('metrics.`latency_median_s`')}"
+            "&orderByAsc=true")
 
 
 def mark_front(uri: str, exp_id: str, sweep: str, front: list[str], knee: str | None) -> None:
