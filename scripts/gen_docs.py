@@ -86,10 +86,8 @@ def _flag(action) -> str:
 
 
 def _default(action) -> str:
-    if isinstance(action, argparse._StoreTrueAction):
+    if action.nargs == 0:  # a switch (store_true, store_false...): not given unless asked
         return "off"
-    if isinstance(action, argparse._StoreFalseAction):
-        return "on"
     text = _code(action.default)
     if action.nargs == "?" and action.const is not None:
         text += f" (the flag alone: `{action.const}`)"
