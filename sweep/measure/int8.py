@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..inputs import machine
-from . import kernels
+from . import kernels, stored
 from .modules import run_calibration
 
 
@@ -231,3 +231,27 @@ def _side(mod: nn.Module, side: str) -> nn.Module:
 
 _CONSUMERS = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               "self_attn.out_proj": ("self_attn.out_proj",), "fc1": ("fc1",)}
+
+
+# ---- stored forms (sweep.measure.stored) ----------------------------------------------------
+
+stored.register(
+    TokenInt8Linear, "token_int8_linear",
+    lambda m: ({"weight_int8": m.weight_int8, "weight_scale": m.weight_scale, "bias": m.bias},
+               {}),
+    lambda own, spec, every: TokenInt8Linear.from_parts(own["weight_int8"], own["weight_scale"],
+                                                        own.get("bias")),
+    lambda spec, dtype: "none", "int8 Linear with per-token activation scales")
+
+
+def _row_save(m: RowInt8Linear):
+    qweight, _ = m.packed._weight_bias()  # packed with a zero bias: `offset_bias` holds it
+    return stored.int8_parts(qweight) | {"offset_bias": m.offset_bias}, {"bits": m.bits}
+
+
+stored.register(
+    RowInt8Linear, "row_int8_linear", _row_save,
+    lambda own, spec, every: RowInt8Linear.from_parts(
+        stored.packed_int8(stored.int8_weight(own), torch.zeros(own["offset_bias"].shape[1])),
+        own["offset_bias"], spec["bits"]),
+    lambda spec, dtype: "none", "int8 Linear with per-token activation ranges on fbgemm's kernel")

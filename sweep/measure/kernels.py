@@ -23,6 +23,7 @@ from torch import nn
 
 from ..inputs import machine
 from ..inputs.machine import cpu_flags
+from . import stored
 
 METHOD = 4  # bump when timing changes, so that choices measured the old way are not reused
 # Relative L2 from fp32 (random data) beyond which a candidate is broken: the sound ones measure
@@ -348,3 +349,41 @@ def encoder_speedups(d_model: int = 512, ffn: int = 2048, tokens: int = 1500) ->
     kernel is left out."""
     got = scheme_speedups(machine.ENCODER_SCHEMES, d_model, ffn, tokens)
     return {s: v for s, v in got.items() if v}
+
+
+# ---- stored forms (sweep.measure.stored): what a checkpoint saves of these modules ---------
+
+
+def _cast_save(m: CastLinear):
+    own = {"weight": m.linear.weight} | ({"bias": m.linear.bias} if m.linear.bias is not None
+                                         else {})
+    return own, {"dtype": stored.name_of(m.dtype), "autocast": m.autocast}
+
+
+def _cast_load(own, spec, every):
+    m = CastLinear.__new__(CastLinear)
+    nn.Module.__init__(m)
+    m.dtype, m.autocast = stored.DTYPES[spec["dtype"]], bool(spec["autocast"])
+    m.linear = stored.meta_linear(own["weight"], own.get("bias"))
+    return m
+
+
+stored.register(
+    CastLinear, "cast_linear", _cast_save, _cast_load,
+    lambda spec, dtype: "exact" if not spec["autocast"] and stored.DTYPES[spec["dtype"]] == dtype
+    else "approximate", "Linear cast to bf16/fp16 (or autocast)")
+
+
+def _ao_save(m: AoInt8Linear):
+    qweight, bias = m.packed._weight_bias()
+    own = stored.int8_parts(qweight) | ({"bias": bias} if bias is not None else {})
+    # reduce_range: 7-bit activations, chosen by the exporting CPU (no VNNI); static: the
+    # calibrated activation scale and zero point
+    return own, {"reduce_range": m.reduce_range, "scale": m.scale, "zero_point": m.zero_point}
+
+
+stored.register(
+    AoInt8Linear, "ao_int8_linear", _ao_save,
+    lambda own, spec, every: stored.ao_int8_module(
+        AoInt8Linear, stored.packed_int8(stored.int8_weight(own), own.get("bias")), spec),
+    lambda spec, dtype: "none", "torch.ao int8 Linear (packed int8 weights)")

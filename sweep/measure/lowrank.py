@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import stored
 from .modules import run_calibration
 
 
@@ -148,3 +149,25 @@ def factor(linear: nn.Linear, mean: torch.Tensor, cov: torch.Tensor,
         up.weight.copy_(v)
         up.bias.copy_(v @ (v.T @ (b - mean)) + mean)
     return LowRankLinear(down.eval(), up.eval()), k
+
+
+# ---- stored form (sweep.measure.stored): each factor as it runs ----------------------------
+
+
+def _lowrank_save(m: LowRankLinear):
+    own, spec = {}, {}
+    for part in ("down", "up"):
+        tensors, spec[part] = stored.save_part(getattr(m, part))
+        own |= {f"{part}.{k}": t for k, t in tensors.items()}
+    return own, spec
+
+
+def _lowrank_load(own, spec, every):
+    return LowRankLinear(*(stored.load_part(
+        {k[len(part) + 1:]: t for k, t in own.items() if k.startswith(part + ".")},
+        spec[part], every) for part in ("down", "up")))
+
+
+stored.register(LowRankLinear, "lowrank_linear", _lowrank_save, _lowrank_load,
+                lambda spec, dtype: "none",
+                "Linear as two low-rank factors (each stored as it runs)")

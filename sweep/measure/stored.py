@@ -4,7 +4,9 @@ JSON spec) and how loading rebuilds it from them, never from fp32 weights. So a 
 runs the trial's very tensors with the trial's kernels, and its weight file is as small as what
 runs (int8 tensors with their per-channel scales and zero points, bf16 tensors...).
 
-A module class registers its form with `register`. Each form also says what plain transformers
+A module class registers its form with `register` beside the class (kernels, int8, lowrank,
+tied); a technique's `Storage.forms` names those modules, and loading a checkpoint imports the
+ones its recipe's techniques name. Each form also says what plain transformers
 (`from_pretrained(dir)` alone) makes of it: `exact` (the same computation: plain keys in the
 model's dtype, or torchao tensors under transformers' `TorchAoConfig`), `approximate` (plain keys
 in another dtype, which transformers upcasts) or `none` (tensors transformers cannot read).
@@ -19,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import int8, kernels, lowrank
 from .modules import set_module
 
 PLAIN = ("exact", "approximate", "none")  # best first
@@ -178,16 +179,16 @@ def rebuild(model: nn.Module, tensors: dict, specs: dict, tied: dict) -> nn.Modu
     return model.eval()
 
 
-def _param(t: torch.Tensor) -> nn.Parameter:
+def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def _meta_linear(weight: torch.Tensor, bias: torch.Tensor | None, out_in=None) -> nn.Linear:
+def meta_linear(weight: torch.Tensor, bias: torch.Tensor | None, out_in=None) -> nn.Linear:
     out_f, in_f = out_in or weight.shape
     lin = nn.Linear(in_f, out_f, bias is not None, device="meta")
-    lin.weight = _param(weight)
+    lin.weight = frozen(weight)
     if bias is not None:
-        lin.bias = _param(bias)
+        lin.bias = frozen(bias)
     return lin
 
 
@@ -221,26 +222,7 @@ register(None, "cast_stack", None, None,
          "stack cast as a whole to bf16/fp16")
 
 
-# ---- kernels' modules -----------------------------------------------------------------------
-
-
-def _cast_save(m: kernels.CastLinear):
-    own = {"weight": m.linear.weight} | ({"bias": m.linear.bias} if m.linear.bias is not None
-                                         else {})
-    return own, {"dtype": name_of(m.dtype), "autocast": m.autocast}
-
-
-def _cast_load(own, spec, every):
-    m = kernels.CastLinear.__new__(kernels.CastLinear)
-    nn.Module.__init__(m)
-    m.dtype, m.autocast = DTYPES[spec["dtype"]], bool(spec["autocast"])
-    m.linear = _meta_linear(own["weight"], own.get("bias"))
-    return m
-
-
-register(kernels.CastLinear, "cast_linear", _cast_save, _cast_load,
-         lambda spec, dtype: "exact" if not spec["autocast"] and DTYPES[spec["dtype"]] == dtype
-         else "approximate", "Linear cast to bf16/fp16 (or autocast)")
+# ---- int8 weights, as kernels.AoInt8Linear and tied's int8 modules hold them -------------
 
 
 def int8_parts(qweight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -283,46 +265,12 @@ def ao_int8_module(cls: type, packed: nn.Module, spec: dict) -> nn.Module:
     return m
 
 
-def _ao_save(m: kernels.AoInt8Linear):
-    qweight, bias = m.packed._weight_bias()
-    own = int8_parts(qweight) | ({"bias": bias} if bias is not None else {})
-    # reduce_range: 7-bit activations, chosen by the exporting CPU (no VNNI); static: the
-    # calibrated activation scale and zero point
-    return own, {"reduce_range": m.reduce_range, "scale": m.scale, "zero_point": m.zero_point}
+# ---- a module's parts, each in its own form (lowrank.LowRankLinear's factors) -------------
 
 
-register(kernels.AoInt8Linear, "ao_int8_linear", _ao_save,
-         lambda own, spec, every: ao_int8_module(
-             kernels.AoInt8Linear, packed_int8(int8_weight(own), own.get("bias")), spec),
-         lambda spec, dtype: "none", "torch.ao int8 Linear (packed int8 weights)")
-
-
-# ---- per-token int8 and low-rank factors (#16) -----------------------------------------------
-
-
-register(int8.TokenInt8Linear, "token_int8_linear",
-         lambda m: ({"weight_int8": m.weight_int8, "weight_scale": m.weight_scale,
-                     "bias": m.bias}, {}),
-         lambda own, spec, every: int8.TokenInt8Linear.from_parts(
-             own["weight_int8"], own["weight_scale"], own.get("bias")),
-         lambda spec, dtype: "none", "int8 Linear with per-token activation scales")
-
-
-def _row_save(m: int8.RowInt8Linear):
-    qweight, _ = m.packed._weight_bias()  # packed with a zero bias: `offset_bias` holds it
-    return int8_parts(qweight) | {"offset_bias": m.offset_bias}, {"bits": m.bits}
-
-
-register(int8.RowInt8Linear, "row_int8_linear", _row_save,
-         lambda own, spec, every: int8.RowInt8Linear.from_parts(
-             packed_int8(int8_weight(own), torch.zeros(own["offset_bias"].shape[1])),
-             own["offset_bias"], spec["bits"]),
-         lambda spec, dtype: "none",
-         "int8 Linear with per-token activation ranges on fbgemm's kernel")
-
-
-def _part(m: nn.Module) -> tuple[dict, dict]:
-    """A factor's own tensors and spec: a plain Linear as it is, else by its own form."""
+def save_part(m: nn.Module) -> tuple[dict, dict]:
+    """A part's own tensors and spec (a low-rank factor): a plain Linear as it is, else by its
+    own form."""
     f = form_of(m)
     if f is None:
         if type(m) is not nn.Linear:
@@ -333,26 +281,11 @@ def _part(m: nn.Module) -> tuple[dict, dict]:
     return own, {"kind": f.kind, **spec}
 
 
-def _lowrank_save(m: lowrank.LowRankLinear):
-    own, spec = {}, {}
-    for part in ("down", "up"):
-        tensors, spec[part] = _part(getattr(m, part))
-        own |= {f"{part}.{k}": t for k, t in tensors.items()}
-    return own, spec
-
-
-def _lowrank_load(own, spec, every):
-    parts = {}
-    for part in ("down", "up"):
-        mine = {k[len(part) + 1:]: t for k, t in own.items() if k.startswith(part + ".")}
-        kind = spec[part]["kind"]
-        parts[part] = _meta_linear(mine["weight"], mine.get("bias")) if kind == "linear" \
-            else KINDS[kind].load(mine, spec[part], every)
-    return lowrank.LowRankLinear(parts["down"], parts["up"])
-
-
-register(lowrank.LowRankLinear, "lowrank_linear", _lowrank_save, _lowrank_load,
-         lambda spec, dtype: "none", "Linear as two low-rank factors (each stored as it runs)")
+def load_part(own: dict, spec: dict, every: dict) -> nn.Module:
+    """The part `save_part` saved."""
+    if spec["kind"] == "linear":
+        return meta_linear(own["weight"], own.get("bias"))
+    return KINDS[spec["kind"]].load(own, spec, every)
 
 
 # ---- torchao's quantized tensors (nn.Linear with a tensor-subclass weight) -------------------
@@ -383,7 +316,7 @@ def _torchao_save(m: nn.Linear):
 
 
 register(None, "torchao_linear", _torchao_save,
-         lambda own, spec, every: _meta_linear(own["weight"], own.get("bias")),
+         lambda own, spec, every: meta_linear(own["weight"], own.get("bias")),
          lambda spec, dtype: "exact" if spec["config"] else "none", "torchao-quantized Linear")
 
 

@@ -54,7 +54,7 @@ def apply(model, dtype: str, ctx) -> None:
         head = kernels.CastLinear.__new__(kernels.CastLinear)
         nn.Module.__init__(head)
         head.dtype, head.autocast = torch.bfloat16, False
-        head.linear = stored._meta_linear(weight, None)  # the very same tensor: stored once
+        head.linear = stored.meta_linear(weight, None)  # the very same tensor: stored once
         model.proj_out = head
         ctx.kernels["head"] = "cast-bf16 (tied embedding)"
     elif dtype == "int8":
@@ -83,7 +83,7 @@ stored.register(
 stored.register(
     CastEmbedding, "cast_embedding",
     lambda m: ({"weight": m.weight}, {"out_dtype": stored.name_of(m.out_dtype)}),
-    lambda own, spec, every: CastEmbedding(stored._param(own["weight"]),
+    lambda own, spec, every: CastEmbedding(stored.frozen(own["weight"]),
                                            stored.DTYPES[spec["out_dtype"]]),
     # plain transformers upcasts the weight: the same rows, looked up in its dtype
     lambda spec, dtype: "exact" if stored.DTYPES[spec["out_dtype"]] == dtype else "approximate",

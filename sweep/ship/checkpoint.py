@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import shutil
 import time
@@ -111,7 +112,7 @@ def save_checkpoint(base_model: nn.Module, processor, recipe: Recipe, out_dir, *
     kind of folder)."""
     from safetensors.torch import save_file
 
-    from ..measure import stored, tied  # noqa: F401 - tied registers its stored forms
+    from ..measure import stored
     from ..measure.compress import apply_recipe
 
     out = Path(out_dir)
@@ -239,7 +240,7 @@ def load(path, device: str | None = None) -> Checkpoint:
     if shapes != info["config_shapes"]:
         raise CheckpointError(f"config.json shapes {shapes} do not match recipe.json's "
                               f"{info['config_shapes']}")
-    model = build(path, info, config)
+    model = build(path, info, config, recipe)
     processor = WhisperProcessor.from_pretrained(path, local_files_only=True)
     _, again, _, _ = split(recipe)
     applied = apply_recipe(model.to(recipe.device), again, known_kernels=info["kernels"])
@@ -268,13 +269,19 @@ def _int8_wider_than_here(modules: dict) -> bool:
     return full and not machine.fbgemm_vnni()
 
 
-def build(path: Path, info: dict, config) -> nn.Module:
+def build(path: Path, info: dict, config, recipe: Recipe) -> nn.Module:
     """The model as exported: built empty (meta device) from `config`, then every weight taken
-    from the safetensors file, stored modules rebuilt from their own tensors."""
+    from the safetensors file, stored modules rebuilt from their own tensors (by the forms of
+    `recipe`'s stored techniques: `Storage.forms`, as export ran their `apply`)."""
     from safetensors import safe_open
     from transformers import GenerationConfig, WhisperForConditionalGeneration
 
-    from ..measure import stored, tied  # noqa: F401 - tied registers its stored forms
+    from ..measure import stored
+
+    for cfg in recipe.configs():
+        if cfg.active:
+            for module in cfg.STORAGE.forms:
+                importlib.import_module(module)
 
     with safe_open(path / info["weights"], framework="pt") as f:
         metadata = f.metadata() or {}

@@ -102,16 +102,22 @@ class Storage:
     load from recipe.json (a predicate on its config), and why (the model card says it).
     `stored`: the modules it installs are saved as they run, each in its stored form (the
     tensors it computes with: int8 with its scales and zero points, bf16...;
-    `sweep.measure.stored`), and rebuilt from those at load, never from fp32 weights."""
+    `sweep.measure.stored`), and rebuilt from those at load, never from fp32 weights.
+    `forms`: the modules defining those module classes, each registering its classes' stored
+    forms beside them; loading a checkpoint imports them before rebuilding its modules."""
     baked: bool = False
     reapplied: Callable[[Any], bool] = lambda cfg: True
     why: str = "re-applied at load from recipe.json"
     stored: bool = False  # implies baked: applied at export, its modules saved as they run
+    forms: tuple[str, ...] = ()  # import paths, e.g. ("sweep.measure.tied",)
 
     def __post_init__(self):
         if self.stored and not self.baked:
             raise TypeError("Storage(stored=True) needs baked=True: stored modules are made at "
                             "export")
+        if self.forms and not self.stored:
+            raise TypeError(f"Storage(forms={self.forms}) needs stored=True: only stored modules "
+                            "have forms")
 
 
 def technique(prefix: str):

@@ -19,7 +19,8 @@ class EmbedConfig(Technique):
              "bf16 = one bf16 tensor for both (with every Linear bf16 too: the whole model in "
              "bf16, as plain from_pretrained runs a bf16 checkpoint)")}
     STORAGE = Storage(True, lambda cfg: False, "the tied matrix stored once in its dtype (int8: "
-                      "with its per-row scales), the head rebuilt from it at load", stored=True)
+                      "with its per-row scales), the head rebuilt from it at load", stored=True,
+                      forms=("sweep.measure.tied",))
 
     def apply(self, model, ctx) -> None:
         from ..measure import tied

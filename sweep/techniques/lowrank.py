@@ -23,7 +23,8 @@ class LowRankConfig(Technique):
     }
     # The factors are plain Linear layers (or what quant makes of them): stored as they run.
     STORAGE = Storage(True, lambda cfg: False, "factors stored as they run (two Linear layers "
-                      "per factored projection, each as quant made it)", stored=True)
+                      "per factored projection, each as quant made it)", stored=True,
+                      forms=("sweep.measure.lowrank",))
     CALIBRATED = ("lowrank.energy",)  # what needs calibration audio when not its default
 
     def canonical(self):  # which layers means nothing while nothing is factored

@@ -54,7 +54,8 @@ class QuantConfig(Technique):
     CALIBRATED = ("quant.fallback_blocks", "quant.fallback_budget", "quant.smooth")
     STORAGE = Storage(True, lambda cfg: False, "stored as it runs: int8 layers as int8 tensors "
                       "with their scales and zero points, bf16/fp16 layers in that dtype, each "
-                      "rebuilt at load with the trial's kernel", stored=True)
+                      "rebuilt at load with the trial's kernel", stored=True,
+                      forms=("sweep.measure.kernels", "sweep.measure.int8"))
 
     def by_layer_type(self) -> dict[str, str]:  # `inherit` resolved
         return {t: self.scheme if getattr(self, t) == "inherit" else getattr(self, t)
