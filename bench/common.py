@@ -9,7 +9,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sweep.inputs.machine import describe as describe_isa
+from sweep.inputs.machine import git_commit as _git_commit
 from sweep.inputs.machine import info as isa_info
 from sweep.results.report import jsonable
 
@@ -26,14 +26,7 @@ RESULTS = REPO / "bench" / "results"
 
 def git_commit() -> str:
     """HEAD, with `-dirty` when tracked files differ (the figures then are not HEAD's)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=REPO, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=REPO, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("-dirty" if dirty.strip() else "")
+    return _git_commit(dirty=True)
 
 
 def _versions(packages: Sequence[str]) -> dict:

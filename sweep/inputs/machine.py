@@ -15,6 +15,7 @@ import functools
 import os
 import platform
 import re
+import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -39,6 +40,21 @@ EMULATE_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
 _FBGEMM_VNNI = ("AVX512_E1", "AVX512_VNNI")
 # The encoder schemes a machine-aware start chooses between (sweep.search.space `when:`).
 ENCODER_SCHEMES = ("bf16", "dynamic_int8")
+
+
+def git_commit(dirty: bool = False) -> str:
+    """The checkout's HEAD ("unknown" outside one); `dirty`: with `-dirty` when tracked files
+    differ from it (a benchmark's figures then are not HEAD's)."""
+    repo = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=repo, timeout=10).stdout.strip()
+        changed = dirty and subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+            text=True, cwd=repo, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if changed else "")
 
 
 @functools.cache

@@ -10,7 +10,6 @@ import os
 import platform
 import socket
 import sqlite3
-import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from ..inputs.machine import git_commit  # noqa: F401 - the launcher's parent-run tag
 from . import figures, rows
 
 EXPERIMENT = "hyper"
@@ -86,14 +86,6 @@ def ensure_experiment(uri: str, artifact_root: Path, name: str = EXPERIMENT) -> 
         return client.get_experiment_by_name(name).experiment_id
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def host_info() -> dict:
     """The launcher's machine (a parent run's `host.*` params): its CPU, ISA and oneDNN cap as
     `sweep.inputs.machine.info` gives them (every trial row records its worker's own)."""
@@ -153,7 +145,8 @@ def start_parent(uri: str, exp_id: str, sweep: str, params: dict, tags: dict) ->
     run = retry(client.create_run, exp_id, run_name=sweep,
                 tags={"hyper.sweep": sweep, "hyper.kind": "sweep", **tags})
     batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    retry(client.log_batch, run.info.run_id, params=batch)
+    for i in range(0, len(batch), 100):  # MLflow takes at most 100 params a request
+        retry(client.log_batch, run.info.run_id, params=batch[i:i + 100])
     return run.info.run_id
 
 
