@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import decode, scoring
+from .modules import sync
 from .segment import Piece, is_long, pieces
 
 RATE = 16_000
@@ -31,12 +32,6 @@ class Heard:
     ids: list[int]
     cap_reached: bool
     pieces: int
-
-
-def _sync(model) -> None:
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def hf_long_form(model, processor, audio: np.ndarray, plan, *, language: str,
@@ -118,10 +113,10 @@ def transcribe_many(model, processor, audios: list[np.ndarray], plan=None, *, la
 def timed(model, processor, audios: list[np.ndarray], plan=None, *, language: str,
           task: str = "transcribe") -> tuple[list[Heard], float]:
     """`transcribe_many` and its wall seconds (segmentation included)."""
-    _sync(model)
+    sync(model)
     t0 = time.perf_counter()
     heard = transcribe_many(model, processor, audios, plan, language=language, task=task)
-    _sync(model)
+    sync(model)
     return heard, time.perf_counter() - t0
 
 

@@ -28,3 +28,11 @@ def run_calibration(model: nn.Module, calibrate, *, hooks=(), swaps=None) -> Non
             h.remove()
         for n, m in own.items():
             set_module(model, n, m)
+
+
+def sync(where: nn.Module | torch.device) -> None:
+    """Wait for the device's queued work (a model's, or a device's): a CUDA clock reads the
+    time the work was queued, not done. Nothing to wait for on CPU."""
+    device = next(where.parameters()).device if isinstance(where, nn.Module) else where
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
