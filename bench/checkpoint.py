@@ -72,7 +72,7 @@ def export_trials(root: Path, threads: int) -> dict[str, dict]:
     from sweep import export
     from sweep.inputs.data import load_eval_set
     from sweep.inputs.models import load_model
-    from sweep.measure.evaluate import run_trial
+    from sweep.measure.evaluate import MeasureOptions, run_trial
     from sweep.results import tracking
     from sweep.search.sweepspec import SweepSpec
     from sweep.techniques.recipe import Recipe
@@ -90,8 +90,9 @@ def export_trials(root: Path, threads: int) -> dict[str, dict]:
     for name, (text, target) in VARIANTS.items():
         recipe = Recipe.parse(text)
         print(f"trial: {name}", file=sys.stderr)
-        result, base = run_trial(loaded.model, loaded.processor, evalset, recipe, baseline=base,
-                                 language=LANGUAGE, threads=threads, warmup=1)
+        result, base = run_trial(loaded.model, loaded.processor, evalset, recipe,
+                                 MeasureOptions(language=LANGUAGE, threads=threads, warmup=1),
+                                 baseline=base)
         run_id, _ = tracking.begin_trial(uri, exp, parent, "bench", name, result["recipe"],
                                          {"device": "cpu"})
         tracking.finish_trial(uri, run_id, result)

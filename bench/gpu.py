@@ -362,8 +362,9 @@ def accuracy(model, processor, evalset, base, v: Variant, device: str) -> dict:
 
     recipe = _recipe(v, device)
     _peak_reset(device)
-    res, _ = evaluate.run_trial(model, processor, evalset, recipe, baseline=base, language="en",
-                                numbers="none")
+    res, _ = evaluate.run_trial(model, processor, evalset, recipe,
+                                evaluate.MeasureOptions(language="en", numbers="none"),
+                                baseline=base)
     keep = ("wer", "cer", "dwer", "dcer", "dwer_ci95", "latency_median_s", "speedup", "loops",
             "compile_s", "recompiles", "prepare_s", "kernels", "notes", "sparsity")
     return {**{k: res.get(k) for k in keep}, "peak_mem_mib": _peak_mib(device),

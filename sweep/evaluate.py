@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from .inputs import cli, machine
-from .measure.evaluate import (AGREEMENT, FIGURES, agree, as_agreement, calibrator, measure,
-                               placeholder, run_trial, set_threads)
+from .measure.evaluate import (AGREEMENT, FIGURES, MeasureOptions, agree, as_agreement,
+                               calibrator, measure, placeholder, run_trial, set_threads)
 from .techniques.recipe import Recipe
 
 
@@ -61,10 +61,10 @@ def main(argv=None) -> int:
            "threads": threads, "utterances": base.utterances, **machine.info()}
     rows = []  # format_table adds the baseline row itself
     if not recipe.is_baseline:
-        out, _ = run_trial(loaded.model, loaded.processor, evalset, recipe, baseline=base,
-                           language=args.language, threads=args.threads, calibration=calib,
-                           warmup=args.warmup, numbers=args.numbers,
-                           progress=cli.progress(recipe.describe()))
+        how = MeasureOptions(language=args.language, threads=args.threads, warmup=args.warmup,
+                             numbers=args.numbers)
+        out, _ = run_trial(loaded.model, loaded.processor, evalset, recipe, how, baseline=base,
+                           calibration=calib, progress=cli.progress(recipe.describe()))
         rows.append({"name": recipe.describe(), **out})
     out["baseline"] = {k: base.figures[k] for k in FIGURES if k in base.figures}
     out.update(model=loaded.spec, dataset=evalset.name, skipped=evalset.skipped,

@@ -8,6 +8,7 @@ the moment it ends, so nothing measured is lost when the launcher dies (see `--r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -19,143 +20,59 @@ from pathlib import Path
 from . import console
 from .inputs import cli
 from .results import figures, journal, pareto, report, report_html, tracking
-from .measure import stopping
 from .results.summary import (accounting, interrupted, origin, resolution_summary,
                               resolution_warning, screen_rows, stop_costs)
 from .search import local, lock, worker
-from .search.sampler import SAMPLERS
-from .search.screening import SCREEN_DIMS, SCREEN_SAMPLES, run_screening, screen_wanted
+from .search.screening import run_screening, screen_wanted
 from .search.study import mark_stale_optuna, searcher_study, write_importances
-from .search.sweepspec import DATA_KEYS, FILE, SweepSpec, check_name, default_name
+from .search.sweepspec import FILE, SweepOptions, check_name, default_name
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`python -m sweep.launch`'s parser: every flag, its default and help (the docs' flags
-    table is generated from it)."""
+def build_parser(options: type[SweepOptions] | None = None) -> argparse.ArgumentParser:
+    """`python -m sweep.launch`'s parser: one flag per field of `options` (default
+    `SweepOptions`, read now), then the model and data flags (`cli.add_model_data_args`). The
+    docs' flags table is generated from it."""
     ap = argparse.ArgumentParser(prog="python -m sweep.launch", description=(
         "Search pruning x quantization x compile for the fastest Whisper that is still "
         "accurate enough."))
-    ap.add_argument("--space", default="quick",
-                    help="search space: a name in search_spaces/ (quick, cpu, gpu, full) or a "
-                         "path to your own YAML")
-    ap.add_argument("--num-samples", type=int, default=8,
-                    help="trials to sample, plus the baseline which always runs first")
-    ap.add_argument("--time-budget", type=float, default=None,
-                    help="stop starting trials after this many seconds")
-    ap.add_argument("--max-concurrent", type=int, default=1,
-                    help="trials measured at once (each gets --cpus-per-trial CPUs)")
-    ap.add_argument("--cpus-per-trial", type=int, default=None,
-                    help="CPUs (= torch threads) per CPU trial "
-                         "(default: all CPUs / --max-concurrent)")
-    ap.add_argument("--sampler", default="local", choices=SAMPLERS,
-                    help="Optuna sampler: local (mostly single changes to members of the "
-                         "feasible front, TPE for the rest), multi-objective TPE, NSGA-II or "
-                         "random search")
-    ap.add_argument("--seed", type=int, default=0, help="sampler seed")
-    ap.add_argument("--name", default=None, help="sweep name (default: <space>-<time>)")
-    ap.add_argument("--root", default="mlruns",
-                    help="where the tracking store, Optuna study and sweep folders live")
-    ap.add_argument("--tracking-uri", default=None,
-                    help="MLflow tracking URI (default sqlite:///<root>/mlflow.db; a shared "
-                         "server is required on a multi-node cluster)")
-    ap.add_argument("--address", default=None,
-                    help="join this Ray cluster (ray start --head) instead of a local Ray")
-    ap.add_argument("--eval-dataset", default=None,
-                    help="re-measure the front on this second data set at the end")
-    ap.add_argument("--out", default=None,
-                    help="folder for the front's files (default <root>/sweeps/<name>/results)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed passes before timing")
-    ap.add_argument("--profile", type=int, nargs="?", const=20, default=0, metavar="TOP",
-                    help="after each trial, profile its transcription of a few clips "
-                         "(torch.profiler) and log the TOP operators by self CPU time as the "
-                         "run's profile.txt/profile.json in MLflow (TOP default 20; 0: off)")
-    ap.add_argument("--trial-timeout", default="auto",
-                    help="seconds after which a trial is stopped and recorded as failed; auto: "
-                         f"{worker.AUTO_TIMEOUT_FACTOR:g}x the baseline's seconds for the set, "
-                         f"at least {worker.AUTO_TIMEOUT_MIN_S:g} s; off: never")
-    ap.add_argument("--max-slowdown", type=float, default=3.0,
-                    help="stop (prune) a trial whose first clips take this many times the "
-                         "baseline's; 0 measures every trial to the end")
-    ap.add_argument("--early-stop", default="auto", choices=("auto", "on", "off"),
-                    help="stop a trial once it clearly cannot be feasible (its dWER interval is "
-                         "above the space's max_dwer, or it loops on most clips); auto: on when "
-                         "the space has max_dwer")
-    ap.add_argument("--early-stop-min-clips", type=int, default=4,
-                    help="clips measured before the first early-stop check (then at 2x, 4x, ...)")
-    ap.add_argument("--rungs", default=None, metavar="SHARES",
-                    help="successive halving inside each trial: after these shares of the set "
-                         "(e.g. 0.25,0.5) a trial goes on only if no trial that measured the "
-                         "whole set beats it on both dWER and speed-up there, and its dWER is "
-                         "within max_dwer; stopped ones are pruned (default: off)")
-    ap.add_argument("--screen", default="auto", choices=("auto", "on", "off"),
-                    help="before the joint search, measure each dimension's values alone (from "
-                         "the baseline and the best warm start, on --screen-clips clips) and "
-                         "drop what is out of reach of the budget; auto: on for spaces of more "
-                         f"than {SCREEN_DIMS} searched parameters when --num-samples >= "
-                         f"{SCREEN_SAMPLES}")
-    ap.add_argument("--screen-from", default=None, metavar="PATH",
-                    help="use an earlier sweep's screening (its folder or screen/screen.json, "
-                         "same space, machine and data) instead of screening again; implies "
-                         "--screen on")
-    ap.add_argument("--screen-clips", type=int, default=8,
-                    help="clips each screening point is measured on (the first ones)")
-    ap.add_argument("--no-probes", dest="probes", action="store_false",
-                    help="skip the non-speech hallucination probes after each trial's clips")
-    ap.add_argument("--resume", default=None, metavar="SWEEP",
-                    help="continue a killed sweep by name: finished trials are kept, "
-                         "unfinished ones run again")
-    ap.add_argument("--verbose", action="store_true",
-                    help="show third-party output HYPER filters as known noise (torchao, torch, "
-                         "Optuna, Tune's console) on this machine and in the workers")
+    (options or SweepOptions).add_arguments(ap)
     cli.add_model_data_args(ap)
     return ap
 
 
 def parse_args(argv=None) -> Namespace:
+    """The command line as parsed; `run` makes it `SweepOptions`. `inject` (fault injection for
+    the failure tests, Python API only) is no option: it is never saved or logged."""
     args = build_parser().parse_args(argv)
-    args.inject = {}  # fault injection for the failure tests (Python API only)
+    args.inject = {}
     return args
 
 
-def validate(args) -> tuple:
-    """All cheap checks, before Ray or a model: space, data, model spec, tracking store."""
+def validate(opts: SweepOptions) -> tuple:
+    """All cheap checks, before Ray or a model: space, each option's own rule, data, model
+    spec, tracking store. Returns the options as checked (a relative manifest made absolute,
+    `--trial-timeout` parsed) with the space, data, root and tracking URI."""
     from .search.space import load_space
 
-    space = load_space(args.space)
-    # Ray workers run in other directories: a relative manifest path must not reach them.
-    from .inputs.data import absolute
-
-    args.dataset = absolute(args.dataset)
-    if args.num_samples < 0:
-        raise ValueError(f"`--num-samples` must be >= 0, got {args.num_samples}")
-    if args.profile < 0:
-        raise ValueError(f"`--profile` must be >= 0 operators (0: off), got {args.profile}")
-    if args.max_concurrent < 1:
-        raise ValueError(f"`--max-concurrent` must be >= 1, got {args.max_concurrent}")
-    stopping.parse_rungs(args.rungs)  # raises naming the rule
-    args.trial_timeout = worker.parse_timeout(args.trial_timeout)
-    if args.screen_clips < 2:
-        raise ValueError(f"`--screen-clips` must be >= 2 (a paired test needs two), got "
-                         f"{args.screen_clips}")
-    if args.early_stop_min_clips < 1:
-        raise ValueError(f"`--early-stop-min-clips` must be >= 1, got {args.early_stop_min_clips}")
-    if getattr(args, "screen_from", None):
+    space = load_space(opts.space)
+    opts = opts.checked()  # raises naming the flag, the value and the rule
+    if opts.screen_from:
         from .search.screen import read_saved
 
-        read_saved(args.screen_from, space)  # raises naming the rule
-    evalset = cli.load_data(args)  # raises DataError naming the problem
+        read_saved(opts.screen_from, space)  # raises naming the rule
+    evalset = cli.load_data(opts)  # raises DataError naming the problem
     cli.require_references(evalset)  # a sweep ranks by WER; agreement WER: sweep.evaluate
     from .inputs.models import check_spec
 
-    check_spec(args.model)
-    if args.address:
+    check_spec(opts.model)
+    if opts.address:
         from .search.sampler import check_address
 
-        check_address(args.address)
-    root = Path(args.root).resolve()
-    uri = args.tracking_uri or tracking.default_uri(root)
+        check_address(opts.address)
+    root = Path(opts.root).resolve()
+    uri = opts.tracking_uri or tracking.default_uri(root)
     tracking.check_uri(uri)
-    return space, evalset, root, uri
+    return opts, space, evalset, root, uri
 
 
 # What to type in the MLflow UI's search box to list the front's trial runs (`log_front`).
@@ -166,17 +83,16 @@ class SweepFailed(RuntimeError):
     """Every trial failed: nothing to build a front from (the errors are in MLflow)."""
 
 
-def _restore_args(args) -> Namespace:
-    """The original command's options for `--resume NAME`, from its saved `SweepSpec` (only
+def _restore_args(opts: SweepOptions) -> SweepOptions:
+    """The original command's options for `--resume NAME`, from its saved spec (only
     --time-budget and --verbose may change)."""
-    sweep_dir = Path(args.root).resolve() / "sweeps" / args.resume
+    sweep_dir = Path(opts.root).resolve() / "sweeps" / opts.resume
     if not (sweep_dir / FILE).is_file():
         raise ValueError(f"`--resume` must name a sweep under {sweep_dir.parent}, got "
-                         f"{args.resume!r} (no {FILE} there)")
-    spec = SweepSpec.load(sweep_dir)
-    return Namespace(**{**vars(spec), "resume": args.resume, "inject": {},
-                        "verbose": getattr(args, "verbose", False),
-                        "time_budget": args.time_budget or spec.time_budget})
+                         f"{opts.resume!r} (no {FILE} there)")
+    spec = type(opts).load(sweep_dir)
+    return dataclasses.replace(spec, resume=opts.resume, verbose=opts.verbose,
+                               time_budget=opts.time_budget or spec.time_budget)
 
 
 @contextmanager
@@ -263,24 +179,29 @@ def kernel_fit(space, threads: int, devices=frozenset({"cpu"})):
 
 
 def run(args) -> dict:
+    """Run a sweep. `args`: `SweepOptions`, or the parsed command line (`parse_args`), whose
+    `inject` (fault injection, the failure tests') reaches the workers."""
     # A failed trial reports no objectives; HyperSearch tells Optuna it failed.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    for flag, value in (("--resume", args.resume), ("--name", args.name)):
+    inject = dict(getattr(args, "inject", None) or {})
+    opts = args if isinstance(args, SweepOptions) else SweepOptions.from_namespace(args)
+    for flag, value in (("--resume", opts.resume), ("--name", opts.name)):
         if value is not None:  # names become paths and MLflow filter strings
             check_name(value, flag)
-    if args.resume:
-        args = _restore_args(args)
-    space, evalset, root, uri = validate(args)
-    name = args.resume or args.name or default_name(args.space, time.strftime("%Y%m%d-%H%M%S"))
+    if opts.resume:
+        opts = _restore_args(opts)
+    opts, space, evalset, root, uri = validate(opts)
+    name = opts.resume or opts.name or default_name(opts.space, time.strftime("%Y%m%d-%H%M%S"))
     here = root / "sweeps" / name
     with lock.hold(here, name):  # one launcher per sweep, before Ray or MLflow is touched
-        if not args.resume and any(p.name != lock.FILE for p in here.iterdir()):
+        if not opts.resume and any(p.name != lock.FILE for p in here.iterdir()):
             raise ValueError(f"`--name` must be new, got {name!r}: {here} exists "
                              f"(continue it with --resume {name})")
-        return _sweep(args, space, evalset, root, uri, name)
+        return _sweep(opts, space, evalset, root, uri, name, inject)
 
 
-def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
+def _sweep(opts: SweepOptions, space, evalset, root: Path, uri: str, name: str,
+           inject: dict) -> dict:
     """The sweep itself, under its lock: Ray, the parent run, Tune, then `finish`."""
     import ray
     from ray import tune
@@ -288,14 +209,14 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
     from .search import callbacks, sampler as search
 
     sweep_dir = root / "sweeps"
-    resources = search.init_ray(args.address)
+    resources = search.init_ray(opts.address)
     cpus = int(resources.get("CPU", 1))
-    per_trial = args.cpus_per_trial or max(1, cpus // args.max_concurrent)
+    per_trial = opts.cpus_per_trial or max(1, cpus // opts.max_concurrent)
     devices = {"cpu"} | ({"cuda"} if resources.get("GPU", 0) > 0 else set())
-    if not args.resume:  # a resumed sweep's searcher keeps the space it was given
+    if not opts.resume:  # a resumed sweep's searcher keeps the space it was given
         space = kernel_fit(space, per_trial, devices)
-    machine = None if args.resume else machine_profile(space, per_trial)  # picks the starts
-    if args.address and uri.startswith("sqlite") and len(ray.nodes()) > 1:
+    machine = None if opts.resume else machine_profile(space, per_trial)  # picks the starts
+    if opts.address and uri.startswith("sqlite") and len(ray.nodes()) > 1:
         print(f"note: {uri} is a local file; trials on other machines cannot write it: pass "
               "--tracking-uri http://<server> (ignore this on a one-machine cluster)",
               file=sys.stderr)
@@ -303,66 +224,48 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
         print("note: the cluster has no GPU, so cuda points are not searched", file=sys.stderr)
     exp_id = tracking.ensure_experiment(uri, root / "artifacts")
     rows_dir = sweep_dir / name / journal.DIR  # each measured trial's record, before MLflow
-    if args.resume:  # what the killed launcher measured but never got into MLflow
+    if opts.resume:  # what the killed launcher measured but never got into MLflow
         reconcile(uri, exp_id, rows_dir)
-    spec = SweepSpec.from_args(args, name)  # what --resume and export read back
-    parent = tracking.start_parent(uri, exp_id, name, {
-        "space": args.space, "model": args.model, "dataset": evalset.name,
-        "n_utterances": len(evalset), "skipped_utterances": evalset.skipped,
-        "skipped_reasons": "; ".join(evalset.skipped_reasons)[:5000],
-        **{f"data.{k}": getattr(args, k) for k in DATA_KEYS}, "numbers": args.numbers,
-        "sampler": args.sampler, "seed": args.seed, "num_samples": args.num_samples,
-        "max_concurrent": args.max_concurrent, "cpus_per_trial": per_trial,
-        "trial_timeout": args.trial_timeout, "warmup": args.warmup,
-        "command": tracking.safe_argv(sys.argv), "spec": spec.to_json(),
-        **{f"version.{k}": v for k, v in tracking.versions().items()},
-        **{f"host.{k}": v for k, v in tracking.host_info().items()},
-        **{f"machine.{k}": v for k, v in (machine or {}).items() if k != "isa"},
-    }, {"git_commit": tracking.git_commit()})
+    spec = opts.spec(name)  # what --resume and export read back
+    parent = tracking.start_parent(uri, exp_id, name, parent_params(spec, evalset, per_trial,
+                                                                    machine),
+                                   {"git_commit": tracking.git_commit()})
     for line in resolution_warning(space, len(evalset)):
         print(line, file=sys.stderr)
     if evalset.skipped:
         print(f"note: {evalset.skipped} utterances skipped: {evalset.skipped_reasons[:3]}",
               file=sys.stderr)
-    ctx = worker.SweepContext(
-        sweep=name, model=args.model, data=spec.data(), profile=args.profile,
-        language=args.language, numbers=args.numbers, tracking_uri=uri,
-        experiment_id=exp_id, parent_run_id=parent, cpus_per_trial=per_trial,
-        warmup=args.warmup, trial_timeout=args.trial_timeout,
-        max_slowdown=getattr(args, "max_slowdown", None),
-        early_stop=stopping.resolve(args.early_stop, space.constraints.get("max_dwer"),
-                                    args.early_stop_min_clips),
-        confidence=space.confidence, probes=args.probes,
-        rungs=stopping.parse_rungs(args.rungs),
-        needs_calibration=cli.space_needs_calibration(space), inject=dict(args.inject or {}),
-        journal=str(rows_dir))
+    ctx = worker.SweepContext.for_sweep(
+        opts, space, sweep=name, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent,
+        cpus_per_trial=per_trial, needs_calibration=cli.space_needs_calibration(space),
+        inject=inject, journal=str(rows_dir))
     trainable = tune.with_resources(tune.with_parameters(worker.trainable, ctx=ctx),
                                     search.resources_for(per_trial))
-    total = args.num_samples + 1
-    print(f"sweep {name}: {total} trials ({args.num_samples} + baseline) of space "
-          f"{args.space} on {cpus} CPUs, {per_trial} per trial; MLflow {uri}", file=sys.stderr)
+    total = opts.num_samples + 1
+    print(f"sweep {name}: {total} trials ({opts.num_samples} + baseline) of space "
+          f"{opts.space} on {cpus} CPUs, {per_trial} per trial; MLflow {uri}", file=sys.stderr)
     with _parent_ends(uri, parent):
         t0 = time.time()
         (sweep_dir / name).mkdir(parents=True, exist_ok=True)
         spec.save(sweep_dir / name)
         rows_dir.mkdir(exist_ok=True)  # after the spec: a folder without one is a new name
-        if screen_wanted(args, space):
-            space = run_screening(args, space, ctx, sweep_dir / name, devices, per_trial, uri,
+        if screen_wanted(opts, space):
+            space = run_screening(opts, space, ctx, sweep_dir / name, devices, per_trial, uri,
                                   parent, machine)
-        if args.resume and tune.Tuner.can_restore(str(sweep_dir / name)):
+        if opts.resume and tune.Tuner.can_restore(str(sweep_dir / name)):
             tuner = tune.Tuner.restore(str(sweep_dir / name), trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            searcher = search.make_searcher(space, sampler=args.sampler, seed=args.seed,
+            searcher = search.make_searcher(space, sampler=opts.sampler, seed=opts.seed,
                                             storage=f"sqlite:///{root / 'optuna.db'}",
                                             study_name=name, devices=devices,
                                             machine_profile=machine)
             tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-                search_alg=searcher, num_samples=total, max_concurrent_trials=args.max_concurrent,
-                time_budget_s=args.time_budget, reuse_actors=True),
+                search_alg=searcher, num_samples=total, max_concurrent_trials=opts.max_concurrent,
+                time_budget_s=opts.time_budget, reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(sweep_dir), verbose=0,
-                    callbacks=[search.Progress(total, args.time_budget, space.objectives,
+                    callbacks=[search.Progress(total, opts.time_budget, space.objectives,
                                                space.constraints, store=(uri, exp_id, name)),
                                callbacks.Journal(ctx.journal),
                                callbacks.Deaths(uri, exp_id, name)],
@@ -371,8 +274,22 @@ def _sweep(args, space, evalset, root: Path, uri: str, name: str) -> dict:
                     failure_config=tune.FailureConfig(max_failures=2)))
         with console.quiet_tune():
             tuner.fit()
-        return finish(args, space, name, time.time() - t0, uri, exp_id, parent, root,
+        return finish(opts, space, name, time.time() - t0, uri, exp_id, parent, root,
                       evalset)
+
+
+def parent_params(spec: SweepOptions, evalset, per_trial: int, machine: dict | None) -> dict:
+    """The sweep's parent run's params: each saved option (`SweepOptions.params`), the whole
+    spec as `spec`, and what the launch found: the data set's name and size, the CPUs each trial
+    got, the command, versions, host and machine."""
+    return {**spec.params(), "dataset": evalset.name,
+            "n_utterances": len(evalset), "skipped_utterances": evalset.skipped,
+            "skipped_reasons": "; ".join(evalset.skipped_reasons)[:5000],
+            "cpus_per_trial": per_trial,
+            "command": tracking.safe_argv(sys.argv), "spec": spec.to_json(),
+            **{f"version.{k}": v for k, v in tracking.versions().items()},
+            **{f"host.{k}": v for k, v in tracking.host_info().items()},
+            **{f"machine.{k}": v for k, v in (machine or {}).items() if k != "isa"}}
 
 
 def reconcile(uri: str, exp_id: str, folder: Path) -> int:
@@ -401,7 +318,7 @@ def _guarded(what: str, fn, *args, **kwargs) -> None:
         print(f"warning: could not write {what}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
-def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
+def finish(opts, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     from mlflow.tracking import MlflowClient
 
     from .techniques.recipe import Recipe
@@ -437,7 +354,7 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
                           if k in baseline})
     # unresolved: off the front, kept in the table (a WER gain inside its own interval)
     front, unresolved = pareto.front_split(ok, objs, constraints=constraints, baseline=base_figs)
-    out = Path(args.out) if args.out else root / "sweeps" / name / "results"
+    out = Path(opts.out) if opts.out else root / "sweeps" / name / "results"
     links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{r['run_id']}"
              for r in ok}
     for r in rows:  # where each trial came from: trials.csv and the accounting say it
@@ -467,8 +384,8 @@ def finish(args, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
                "stale_optuna_failed": failed_ot, "stale_optuna_recovered": recovered_ot,
                **accounting(list(trials.values()), front, space, base_figs),
                "knee": (pareto.knee(front, objs) or {}).get("trial_id")}
-    if args.eval_dataset and front:
-        summary["eval"] = remeasure(args, front, out, objs)
+    if opts.eval_dataset and front:
+        summary["eval"] = remeasure(opts, front, out, objs)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     client = MlflowClient(uri)
     for k in ("hypervolume", "wall_s", "trial_sum_s", "front", "ok", "failed"):
@@ -534,21 +451,22 @@ def log_front(client, uri, exp_id, name, parent, front, base_figs, objs, out: Pa
         tracking.retry(client.log_artifact, parent, str(out / "report.html"))
 
 
-def remeasure(args, front: list[dict], out: Path, objectives=None) -> list[dict]:
+def remeasure(opts: SweepOptions, front: list[dict], out: Path, objectives=None) -> list[dict]:
     """The front's recipes measured again on `--eval-dataset`, so the front is not judged only
     on the data it was searched on."""
-    from .measure.evaluate import measure, run_trial
+    from .measure.evaluate import MeasureOptions, measure, run_trial
     from .inputs.models import load_model
     from .techniques.recipe import Recipe
 
     cli.quiet_transformers()
-    ev = cli.load_data(Namespace(**{**vars(args), "dataset": args.eval_dataset}))
-    lm = load_model(args.model, device=args.device)
-    base = measure(lm.model, lm.processor, ev, language=args.language, numbers=args.numbers)
+    ev = cli.load_data(dataclasses.replace(opts, dataset=opts.eval_dataset))
+    lm = load_model(opts.model, device=opts.device)
+    base = measure(lm.model, lm.processor, ev, language=opts.language, numbers=opts.numbers)
     rows = []
     for r in front:
         res, _ = run_trial(lm.model, lm.processor, ev, Recipe.from_flat(r["recipe"]),
-                           baseline=base, language=args.language, numbers=args.numbers)
+                           MeasureOptions(language=opts.language, numbers=opts.numbers),
+                           baseline=base)
         rows.append({"trial_id": r["trial_id"], "recipe": r["recipe"], "status": "ok",
                      **figures.flatten(res)})
     print(f"\nthe front re-measured on {ev.name} ({len(ev)} utterances):")

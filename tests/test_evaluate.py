@@ -88,7 +88,8 @@ def test_real_model_baseline_wer_on_real_russian_speech(real_model, speech_manif
 def test_real_model_dynamic_int8_keeps_wer(real_model, speech_manifest):
     ev = _real_ru(speech_manifest)
     res, base = evaluate.run_trial(real_model.model, real_model.processor, ev,
-                                   Recipe.parse("quant.scheme=dynamic_int8"), warmup=1)
+                                   Recipe.parse("quant.scheme=dynamic_int8"),
+                                   evaluate.MeasureOptions(warmup=1))
     assert res["wer"] <= 1.25 * base.figures["wer"], (res["wer"], base.figures["wer"])
     assert res["kernels"] and set(res["kernels"]) >= {"enc_attn", "dec_mlp"}
     lo, hi = res["dwer_ci95"]
@@ -103,14 +104,15 @@ def test_a_trial_far_slower_than_the_baseline_is_stopped_early(tiny_checkpoint, 
     base = evaluate.measure(lm.model, lm.processor, ev, warmup=0)
     seen = []
     res, _ = evaluate.run_trial(lm.model, lm.processor, ev, Recipe.parse("prune.rate=0.1"),
-                                baseline=base, warmup=0, max_slowdown=1e-6,
-                                progress=lambda done, total: seen.append(done))
+                                evaluate.MeasureOptions(warmup=0, max_slowdown=1e-6),
+                                baseline=base, progress=lambda done, total: seen.append(done))
     # A stopped trial is returned, not raised: what it measured is kept and logged as pruned.
     assert res["status"] == "pruned" and res["stop_kind"] == evaluate.TooSlow.kind
     assert "slower than the baseline on the first 2 clips" in res["stop_reason"]
     assert seen == [1, 2] and res["n_utterances"] == 2  # stopped before the third clip
     res, _ = evaluate.run_trial(lm.model, lm.processor, ev, Recipe.parse("prune.rate=0.1"),
-                                baseline=base, warmup=0, max_slowdown=1e6)
+                                evaluate.MeasureOptions(warmup=0, max_slowdown=1e6),
+                                baseline=base)
     assert res["n_utterances"] == 3
 
 
@@ -128,7 +130,8 @@ def test_compile_time_is_reported_for_every_compiling_recipe(tiny_checkpoint, sm
     ev.utterances = ev.utterances[:1]
     r = Recipe.parse(recipe)
     assert r.compiles is compiles
-    result, _ = evaluate.run_trial(lm.model, lm.processor, ev, r, threads=1)
+    result, _ = evaluate.run_trial(lm.model, lm.processor, ev, r,
+                                   evaluate.MeasureOptions(threads=1))
     assert (result["compile_s"] > 0) is compiles
 
 

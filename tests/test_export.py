@@ -334,7 +334,8 @@ def store(tmp_path_factory, tiny, tiny_checkpoint, small_manifest):
             "speedup": 0.05 / lat, "threads": 1, "kernels": {},
             "baseline": {"wer": 0.20, "cer": 0.10, "latency_median_s": 0.05}})
     real, _ = evaluate.run_trial(tiny.model, tiny.processor, load_eval_set(small_manifest),
-                                 Recipe.parse("quant.scheme=dynamic_int8"), warmup=0)
+                                 Recipe.parse("quant.scheme=dynamic_int8"),
+                                 evaluate.MeasureOptions(warmup=0))
     ids["real"], _ = tracking.begin_trial(uri, exp, parent, "t", "real", real["recipe"],
                                           {"device": "cpu"})
     tracking.finish_trial(uri, ids["real"], real)

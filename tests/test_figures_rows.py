@@ -35,14 +35,14 @@ def result(tiny_checkpoint, small_manifest):
     """A real trial result of the tiny model on one clip, as the worker completes it."""
     from sweep.inputs.data import load_eval_set
     from sweep.inputs.probes import probes
-    from sweep.measure.evaluate import run_trial
+    from sweep.measure.evaluate import MeasureOptions, run_trial
     from sweep.inputs.models import load_model
     from sweep.techniques.recipe import Recipe
 
     lm = load_model(tiny_checkpoint)
     res, _ = run_trial(lm.model, lm.processor, load_eval_set(small_manifest, max_samples=1),
-                       Recipe.parse("prune.rate=0.25"), warmup=0, confidence=0.9,
-                       probes=probes(seconds=1.0)[:2])
+                       Recipe.parse("prune.rate=0.25"),
+                       MeasureOptions(warmup=0, confidence=0.9), probes=probes(seconds=1.0)[:2])
     return {**res, "trial_s": 2.5, "worker_prepare_s": 1.25, "node": os.uname().nodename,
             "node_id": "node-x", "gpu_ids": []}
 

@@ -134,15 +134,15 @@ def tiny(tiny_checkpoint, small_manifest):
 
 def test_a_stopped_trial_keeps_its_partial_figures(tiny):
     from sweep.inputs.probes import probes
-    from sweep.measure.evaluate import run_trial
+    from sweep.measure.evaluate import MeasureOptions, run_trial
     from sweep.techniques.recipe import Recipe
 
     lm, evalset, base = tiny
     recipe = Recipe.parse("prune.rate=0.25")
     # a budget no trial can meet (90% fewer errors than the baseline): stopped at the first look
-    res, _ = run_trial(lm.model, lm.processor, evalset, recipe, baseline=base, warmup=0,
-                       early_stop=EarlyStop(max_dwer=-0.9, min_clips=2),
-                       probes=probes(seconds=1.0)[:2])
+    res, _ = run_trial(lm.model, lm.processor, evalset, recipe,
+                       MeasureOptions(warmup=0, early_stop=EarlyStop(max_dwer=-0.9, min_clips=2)),
+                       baseline=base, probes=probes(seconds=1.0)[:2])
     assert res["status"] == "pruned" and res["stop_kind"] == "over_budget"
     assert res["clips_measured"] == 2 < len(evalset)
     assert "over the budget max_dwer -90.0%" in res["stop_reason"]
@@ -151,9 +151,9 @@ def test_a_stopped_trial_keeps_its_partial_figures(tiny):
     for k in ("wer", "cer", "dwer", "speedup", "latency_median_s"):
         assert np.isfinite(res[k]), k
     # a budget anything meets: never stopped, the whole set, probes heard
-    res, _ = run_trial(lm.model, lm.processor, evalset, recipe, baseline=base, warmup=0,
-                       early_stop=EarlyStop(max_dwer=100.0, min_clips=2),
-                       probes=probes(seconds=1.0)[:2])
+    res, _ = run_trial(lm.model, lm.processor, evalset, recipe,
+                       MeasureOptions(warmup=0, early_stop=EarlyStop(max_dwer=100.0, min_clips=2)),
+                       baseline=base, probes=probes(seconds=1.0)[:2])
     assert res["status"] == "ok" and res["clips_measured"] == len(evalset)
     assert 0.0 <= res["hallucination_rate"] <= 1.0 and len(res["probes"]) == 2
 
@@ -177,20 +177,25 @@ def test_probes_decode_only_their_first_tokens(tiny):
 def test_on_the_tiny_model_clearly_over_is_stopped_and_just_inside_never(tiny):
     """Budgets around a recipe's own measured dWER: just inside it the trial runs every clip
     (and measures the same), far below it the trial stops at the first look."""
-    from sweep.measure.evaluate import run_trial
+    from sweep.measure.evaluate import MeasureOptions, run_trial
     from sweep.techniques.recipe import Recipe
 
     lm, evalset, base = tiny
     recipe = Recipe.parse("prune.rate=0.25")
-    full, _ = run_trial(lm.model, lm.processor, evalset, recipe, baseline=base, warmup=0,
-                        early_stop=EarlyStop(enabled=False))
+    full, _ = run_trial(lm.model, lm.processor, evalset, recipe,
+                        MeasureOptions(warmup=0, early_stop=EarlyStop(enabled=False)),
+                        baseline=base)
     d = full["dwer"]
-    inside, _ = run_trial(lm.model, lm.processor, evalset, recipe, baseline=base, warmup=0,
-                          early_stop=EarlyStop(max_dwer=d + 0.01, min_clips=2))
+    inside, _ = run_trial(lm.model, lm.processor, evalset, recipe,
+                          MeasureOptions(warmup=0,
+                                         early_stop=EarlyStop(max_dwer=d + 0.01, min_clips=2)),
+                          baseline=base)
     assert inside["status"] == "ok" and inside["clips_measured"] == len(evalset)
     assert inside["dwer"] == d
-    over, _ = run_trial(lm.model, lm.processor, evalset, recipe, baseline=base, warmup=0,
-                        early_stop=EarlyStop(max_dwer=d - 1.0, min_clips=2))
+    over, _ = run_trial(lm.model, lm.processor, evalset, recipe,
+                        MeasureOptions(warmup=0,
+                                       early_stop=EarlyStop(max_dwer=d - 1.0, min_clips=2)),
+                        baseline=base)
     assert over["status"] == "pruned" and over["stop_kind"] == "over_budget"
     assert over["clips_measured"] == 2
 
@@ -210,8 +215,9 @@ def test_a_broken_cheap_part_is_stopped_before_compiling_or_calibrating(tiny, mo
                  "prune.rate=0.25,quant.scheme=static_int8"):
         graphs = recompile_count()
         res, _ = evaluate.run_trial(lm.model, lm.processor, evalset, Recipe.parse(text),
-                                    baseline=base, warmup=0, calibration=evalset,
-                                    early_stop=EarlyStop(max_dwer=-0.9, min_clips=2))
+                                    evaluate.MeasureOptions(
+                                        warmup=0, early_stop=EarlyStop(max_dwer=-0.9, min_clips=2)),
+                                    baseline=base, calibration=evalset)
         assert res["status"] == "pruned" and res["stop_kind"] == "over_budget", text
         assert res["stop_reason"].startswith("first look, before compiling or calibrating: "
                                              "its cheap part (prune l1 0.25"), res["stop_reason"]
@@ -220,8 +226,9 @@ def test_a_broken_cheap_part_is_stopped_before_compiling_or_calibrating(tiny, mo
     # within budget: the first look passes and the recipe itself is prepared and measured
     res, _ = evaluate.run_trial(lm.model, lm.processor, evalset,
                                 Recipe.parse("prune.rate=0.25,quant.scheme=static_int8"),
-                                baseline=base, warmup=0, calibration=evalset,
-                                early_stop=EarlyStop(max_dwer=100.0, min_clips=2))
+                                evaluate.MeasureOptions(
+                                    warmup=0, early_stop=EarlyStop(max_dwer=100.0, min_clips=2)),
+                                baseline=base, calibration=evalset)
     assert res["status"] == "ok" and res["clips_measured"] == len(evalset) and len(calls) == 1
     # nothing costly, or nothing cheap to look at: no first look
     assert Recipe.parse("prune.rate=0.25").cheap() is None
@@ -229,12 +236,12 @@ def test_a_broken_cheap_part_is_stopped_before_compiling_or_calibrating(tiny, mo
 
 
 def test_confidence_gives_an_upper_bound_above_the_point_estimate(tiny):
-    from sweep.measure.evaluate import run_trial
+    from sweep.measure.evaluate import MeasureOptions, run_trial
     from sweep.techniques.recipe import Recipe
 
     lm, evalset, base = tiny
     res, _ = run_trial(lm.model, lm.processor, evalset, Recipe.parse("prune.rate=0.25"),
-                       baseline=base, warmup=0, confidence=0.9)
+                       MeasureOptions(warmup=0, confidence=0.9), baseline=base)
     lo, hi = res["dwer_ci95"]
     assert lo <= res["dwer_upper"] <= hi + 1e-12  # one-sided 90% lies inside two-sided 95%
 

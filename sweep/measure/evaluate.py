@@ -26,7 +26,7 @@ from ..inputs.data import EvalSet, Utterance
 
 TASKS = ("transcribe", "translate")
 FIGURES = figures.names("baseline")  # the keys copied under `baseline` in results
-__all__ = ["TooSlow", "Stopped", "EarlyStop", "measure", "run_trial"]
+__all__ = ["TooSlow", "Stopped", "EarlyStop", "MeasureOptions", "measure", "run_trial"]
 
 
 @dataclass
@@ -350,16 +350,29 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measurement | None = None,
-              language: str | None = None, task: str = "transcribe", threads: int | None = None,
-              calibration: EvalSet | None = None, warmup: int = 1, numbers: str = "auto",
-              progress=None, max_slowdown: float | None = None,
-              early_stop: EarlyStop | None = None, confidence: float | None = None,
-              probes: list[Utterance] | None = None, rungs: tuple[float, ...] = (),
+@dataclass(frozen=True)
+class MeasureOptions:
+    """How `run_trial` measures a recipe, passed whole (the sweep's worker builds it from the
+    sweep's options, `sweep.evaluate` from its command line). A new setting is one field."""
+
+    language: str | None = None  # generate()'s language (None: each utterance's own `lang`)
+    task: str = "transcribe"
+    threads: int | None = None  # torch CPU threads (None: torch's own choice)
+    warmup: int = 1  # untimed passes before timing
+    numbers: str = "auto"  # number normalisation before scoring (`scoring.normalize`)
+    max_slowdown: float | None = None  # stop a trial this many times slower than the baseline
+    early_stop: EarlyStop | None = None  # stop a trial that clearly cannot be feasible
+    confidence: float | None = None  # also dwer's one-sided upper bound at this level
+    rungs: tuple[float, ...] = ()  # shares of the set after which `rung_judge` may stop it
+
+
+def run_trial(model, processor, evalset: EvalSet, recipe, opts: MeasureOptions | None = None, *,
+              baseline: Measurement | None = None, calibration: EvalSet | None = None,
+              progress=None, probes: list[Utterance] | None = None,
               rung_judge=None) -> tuple[dict, Measurement]:
-    """Apply `recipe` to a copy of `model`, measure it and the baseline; returns (result, base).
-    `rungs`/`rung_judge`: shares of the set after which `rung_judge(n, figures)` may stop the
-    trial (`sweep.measure.stopping.Stopper`).
+    """Apply `recipe` to a copy of `model`, measure it and the baseline as `opts` says; returns
+    (result, base). `rung_judge(n, figures)` may stop the trial at `opts.rungs`
+    (`sweep.measure.stopping.Stopper`).
 
     Pass the returned baseline Measurement back in to reuse it across trials of one worker.
     A trial stopped early (`max_slowdown`, `early_stop`) returns `status` "pruned", its
@@ -367,40 +380,42 @@ def run_trial(model, processor, evalset: EvalSet, recipe, *, baseline: Measureme
     """
     from .compress import Applied, apply_recipe, recompile_count
 
-    n_threads = set_threads(threads)
+    o = opts or MeasureOptions()
+    n_threads = set_threads(o.threads)
     if baseline is None:
-        baseline = measure(model, processor, evalset, language=language, task=task,
-                           warmup=warmup, numbers=numbers, probes=probes)
+        baseline = measure(model, processor, evalset, language=o.language, task=o.task,
+                           warmup=o.warmup, numbers=o.numbers, probes=probes)
     if recipe.is_baseline:
         # The baseline trial is the measurement every other trial is compared with: measuring
         # the same unchanged model again would only cost a full pass over the data.
         applied = Applied(model=model, kernels={}, sparsity=None,
                           notes=["baseline: the measurement every trial compares with"])
         return _result(recipe, applied, baseline, baseline, 0.0, {}, n_threads,
-                       confidence), baseline
+                       o.confidence), baseline
+    early_stop = o.early_stop
     cheap = recipe.cheap() if early_stop is not None and early_stop.enabled else None
     if cheap is not None and len(evalset) <= early_stop.min_clips:
         cheap = None  # no look before the last clip: nothing to save
-    stopper = Stopper(baseline.utterances, len(evalset), early_stop, max_slowdown,
-                      rungs=rungs, judge=rung_judge, first_look=cheap is not None)
+    stopper = Stopper(baseline.utterances, len(evalset), early_stop, o.max_slowdown,
+                      rungs=o.rungs, judge=rung_judge, first_look=cheap is not None)
     if cheap is not None:
         looked = _first_look(model, processor, evalset, recipe, cheap, stopper, baseline,
-                             language=language, task=task, numbers=numbers,
-                             confidence=confidence, n_threads=n_threads)
+                             language=o.language, task=o.task, numbers=o.numbers,
+                             confidence=o.confidence, n_threads=n_threads)
         if looked is not None:
             return looked, baseline
     calibrate = None if calibration is None else calibrator(processor, calibration,
-                                                             language, task)
+                                                             o.language, o.task)
     t0 = time.perf_counter()
     applied = apply_recipe(copy.deepcopy(model), recipe, calibrate=calibrate)
     prepare_s = time.perf_counter() - t0
     graphs = {}
-    trial = measure(applied.model, processor, evalset, language=language, task=task,
-                    warmup=warmup, numbers=numbers, progress=progress,
+    trial = measure(applied.model, processor, evalset, language=o.language, task=o.task,
+                    warmup=o.warmup, numbers=o.numbers, progress=progress,
                     on_warmed=lambda: graphs.setdefault("warm", recompile_count()),
                     check=stopper.check, options=applied.options, probes=probes)
     return _result(recipe, applied, trial, baseline, prepare_s, graphs, n_threads,
-                   confidence), baseline
+                   o.confidence), baseline
 
 
 def _first_look(model, processor, evalset: EvalSet, recipe, cheap, stopper: Stopper,

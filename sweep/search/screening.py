@@ -15,10 +15,7 @@ from .. import console
 from ..measure import stopping
 from ..results import report, tracking
 from . import worker
-
-# --screen auto: screening costs about as much as a dozen trials, worth it on a large space
-# with a long search, not on a short one
-SCREEN_DIMS, SCREEN_SAMPLES = 12, 20
+from .sweepspec import SCREEN_DIMS, SCREEN_SAMPLES  # --screen auto's rule, beside its help
 
 
 def screen_wanted(args, space) -> bool:

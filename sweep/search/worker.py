@@ -57,6 +57,35 @@ class SweepContext:
     inject: dict = field(default_factory=dict)  # test hooks: recipe key=value -> fault
     profile: int = 0  # --profile: top operators by self time logged per trial (0: none)
     journal: str | None = None  # the sweep's journal folder (sweep.results.journal), if any
+    # the sweep's options whole (`sweep.search.sweepspec.SweepOptions`): an option added there
+    # reaches every worker with no field here; None outside a sweep (bench.gpu's worker row)
+    options: object = None
+
+    @classmethod
+    def for_sweep(cls, opts, space, **run) -> SweepContext:
+        """The context of a sweep's trials: its options `opts` (checked), what its `space`
+        decides (early stopping against `max_dwer`, the confidence of `dwer_upper`) and `run`:
+        where it logs (sweep, tracking_uri, experiment_id, parent_run_id), cpus_per_trial,
+        needs_calibration, inject and journal."""
+        from ..measure import stopping
+
+        return cls(model=opts.model, data=opts.data(), language=opts.language,
+                   numbers=opts.numbers, warmup=opts.warmup, trial_timeout=opts.trial_timeout,
+                   max_slowdown=opts.max_slowdown, probes=opts.probes, profile=opts.profile,
+                   early_stop=stopping.resolve(opts.early_stop,
+                                               space.constraints.get("max_dwer"),
+                                               opts.early_stop_min_clips),
+                   confidence=space.confidence, rungs=stopping.parse_rungs(opts.rungs),
+                   options=opts, **run)
+
+    def measure_options(self, threads: int):
+        """How each trial is measured (`run_trial`'s options), on `threads` CPU threads."""
+        from ..measure.evaluate import MeasureOptions
+
+        return MeasureOptions(language=self.language, threads=threads, warmup=self.warmup,
+                              numbers=self.numbers, max_slowdown=self.max_slowdown,
+                              early_stop=self.early_stop, confidence=self.confidence,
+                              rungs=self.rungs)
 
 
 @dataclass(frozen=True)
@@ -296,11 +325,8 @@ def run_one(config: dict, ctx: SweepContext, slot: Slot | None = None,
             try:
                 _inject(ctx, flat)
                 result, _ = run_trial(loaded.model, loaded.processor, evalset, recipe,
-                                      baseline=base, language=ctx.language, threads=cpus,
-                                      calibration=calib, warmup=ctx.warmup,
-                                      numbers=ctx.numbers, max_slowdown=ctx.max_slowdown,
-                                      early_stop=ctx.early_stop, confidence=ctx.confidence,
-                                      probes=heard, rungs=ctx.rungs,
+                                      ctx.measure_options(cpus), baseline=base,
+                                      calibration=calib, probes=heard,
                                       rung_judge=_rung_judge(ctx, run_id, log))
             except TrialTimeout:
                 raise TrialTimeout(f"trial ran past --trial-timeout {limit:.0f} s"
