@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from . import common
@@ -107,21 +106,9 @@ def _int8(lin, engine: str | None, x):
 def _onednn_kernel(fn) -> str:
     """The implementation oneDNN logs for `fn`'s primitives ("not oneDNN" when none runs).
     The log goes to fd 1 below Python: redirected to a file for the call."""
-    import torch
+    from sweep.measure.kernels import onednn_log
 
-    with tempfile.TemporaryFile() as f:
-        sys.stdout.flush()
-        saved = os.dup(1)
-        os.dup2(f.fileno(), 1)
-        try:
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                fn()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        f.seek(0)
-        log = f.read().decode(errors="replace")
-    found = re.findall(r"onednn_verbose,.*?exec,cpu,(\w+),([^,]+),", log)
+    found = re.findall(r"onednn_verbose,.*?exec,cpu,(\w+),([^,]+),", onednn_log(fn))
     return "; ".join(dict.fromkeys(f"{p}:{impl}" for p, impl in found)) or "not oneDNN"
 
 

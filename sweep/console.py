@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
 
@@ -130,3 +132,31 @@ def quiet_tune():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class Captured:
+    """What `captured` took from its file descriptor: `text`, once the block has ended."""
+
+    text = ""
+
+
+@contextmanager
+def captured(fd: int):
+    """Whatever is written to file descriptor `fd` (1: stdout, 2: stderr) inside the block,
+    C and C++ libraries below Python included (oneDNN's verbose log, libkineto's lines), into
+    the yielded `Captured`'s `text` instead of the console; the descriptor is restored even on
+    an error."""
+    stream = sys.stdout if fd == 1 else sys.stderr
+    out = Captured()
+    with tempfile.TemporaryFile() as f:
+        stream.flush()
+        saved = os.dup(fd)
+        os.dup2(f.fileno(), fd)
+        try:
+            yield out
+        finally:
+            stream.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            f.seek(0)
+            out.text = f.read().decode(errors="replace")

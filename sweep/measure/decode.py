@@ -16,10 +16,7 @@ Both take `segment` (how a recording is cut into pieces: `sweep.measure.segment`
 from __future__ import annotations
 
 import functools
-import os
 import re
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,22 +224,11 @@ RUNNERS.update({GeneratePlan: _generate, GreedyPlan: _greedy})
 def isa_note() -> str:
     """Instruction sets the kernels use here: ATen's vector level, the torch.ao int8 engine and
     oneDNN's bf16 matmul kernel (read from its verbose log, written to fd 1 below Python)."""
-    from .kernels import cpu_flags
+    from .kernels import cpu_flags, onednn_log
 
     dots = "+".join(sorted({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())) or "none"
     text = (f"aten {torch.backends.cpu.get_cpu_capability()}, int8 engine "
             f"{torch.backends.quantized.engine} (CPU int8 dot products: {dots})")
     x = torch.ones(64, 512, dtype=torch.bfloat16)  # small shapes skip oneDNN
-    with tempfile.TemporaryFile() as f:
-        sys.stdout.flush()
-        saved = os.dup(1)
-        os.dup2(f.fileno(), 1)
-        try:
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                nn.functional.linear(x, x)
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        f.seek(0)
-        impl = re.findall(r"matmul,([^,]+),", f.read().decode(errors="replace"))
+    impl = re.findall(r"matmul,([^,]+),", onednn_log(lambda: nn.functional.linear(x, x)))
     return text + f", oneDNN bf16 matmul {impl[0] if impl else 'not logged'}"

@@ -61,6 +61,18 @@ def impl(scheme: str, name: str, devices: tuple[str, ...] = ("cpu", "cuda"),
     return deco
 
 
+def onednn_log(fn: Callable[[], object]) -> str:
+    """oneDNN's verbose log of `fn()`'s primitives (the kernel each ran: `exec,cpu,<primitive>,
+    <implementation>,...` lines). oneDNN writes it to fd 1 below Python: captured for the call,
+    never on the console."""
+    from .. import console
+
+    with console.captured(1) as log, torch.backends.mkldnn.verbose(
+            torch.backends.mkldnn.VERBOSE_ON):
+        fn()
+    return log.text
+
+
 def fresh(linear: nn.Linear, dtype: torch.dtype | None = None) -> nn.Linear:
     """A private copy, so that a weight shared with another module (head = embeddings) stays."""
     new = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None, "meta")

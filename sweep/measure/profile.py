@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -101,20 +99,13 @@ def _quiet_profiler():
     if console.verbose():
         yield
         return
-    with tempfile.TemporaryFile() as f:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(f.fileno(), 2)
-        try:
+    log = console.Captured()
+    try:
+        with console.captured(2) as log:
             yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            f.seek(0)
-            kept = [ln for ln in f.read().decode(errors="replace").splitlines(keepends=True)
-                    if not KINETO_NOISE.match(ln)]
-            sys.stderr.write("".join(kept))
+    finally:
+        sys.stderr.write("".join(ln for ln in log.text.splitlines(keepends=True)
+                                 if not KINETO_NOISE.match(ln)))
 
 
 def format_profile(prof: dict) -> str:
