@@ -75,10 +75,6 @@ def validate(opts: SweepOptions) -> tuple:
     return opts, space, evalset, root, uri
 
 
-# What to type in the MLflow UI's search box to list the front's trial runs (`log_front`).
-FRONT_FILTER = 'tags.hyper.front = "true"'
-
-
 class SweepFailed(RuntimeError):
     """Every trial failed: nothing to build a front from (the errors are in MLflow)."""
 
@@ -355,8 +351,7 @@ def finish(opts, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
     # unresolved: off the front, kept in the table (a WER gain inside its own interval)
     front, unresolved = pareto.front_split(ok, objs, constraints=constraints, baseline=base_figs)
     out = Path(opts.out) if opts.out else root / "sweeps" / name / "results"
-    links = {r["trial_id"]: f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{r['run_id']}"
-             for r in ok}
+    links = {r["trial_id"]: tracking.run_url(exp_id, r["run_id"]) for r in ok}
     for r in rows:  # where each trial came from: trials.csv and the accounting say it
         r["origin"] = origin(r, space)
     report.write_front(rows, base_figs, out, objs, constraints=constraints)
@@ -423,20 +418,10 @@ def finish(opts, space, name, wall, uri, exp_id, parent, root, evalset) -> dict:
               f"intervals of {res[1]} trials); smaller differences are noise"
               + (f"; about {need} clips would resolve max_dwer "
                  f"{space.constraints['max_dwer']:g}" if need and need > len(evalset) else ""))
-    print(f"The front in MLflow: python -m sweep.ui --root {root}, then open {front_url(exp_id)}")
+    print(f"The front in MLflow: python -m sweep.ui --root {root}, then open "
+          f"{tracking.front_url(exp_id)}")
 
     return summary
-
-
-def front_url(exp_id: str, host: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI's run list of the experiment, searched for the front's runs, fastest first
-    (MLflow 3's UI opens GenAI pages unless told `workflowType=machine_learning`, and nests
-    child runs under their parent when sorted by start time)."""
-    from urllib.parse import quote
-
-    return (f"{host}/#/experiments/{exp_id}/runs?workflowType=machine_learning&"
-            f"searchFilter={quote(FRONT_FILTER)}&orderByKey={quote('metrics.`latency_median_s`')}"
-            "&orderByAsc=true")
 
 
 def log_front(client, uri, exp_id, name, parent, front, base_figs, objs, out: Path) -> None:
