@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sweep.console import refusing
+
 from . import common
 
 # 3 x 3 x 2 x 2 x 6 = 216 recipes, values cpu.yaml allows, the first ones the baseline's.
@@ -558,6 +560,7 @@ def write_compare(summary: dict, meta: dict, out: Path) -> dict[str, Path]:
     return paths
 
 
+@refusing  # a bad cache or grid: one line and exit 2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -584,17 +587,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = functools.partial(print, file=sys.stderr, flush=True)
     cache_path = Path(args.cache)
-    try:
-        if args.no_evaluate:
-            cache = load_cache(cache_path)
-            if not cache:
-                raise ValueError(f"no grid cache at {cache_path}: run without --no-evaluate")
-        else:
-            cache = evaluate(cache_path, n_clips=args.clips, block=args.block,
-                             budget_s=args.budget_s, threads=args.threads, log=log)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.no_evaluate:
+        cache = load_cache(cache_path)
+        if not cache:
+            raise ValueError(f"no grid cache at {cache_path}: run without --no-evaluate")
+    else:
+        cache = evaluate(cache_path, n_clips=args.clips, block=args.block,
+                         budget_s=args.budget_s, threads=args.threads, log=log)
     if args.no_replay:
         return 0
     if args.compare:

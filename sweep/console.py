@@ -10,6 +10,7 @@ standard library only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -160,3 +161,20 @@ def captured(fd: int):
             os.close(saved)
             f.seek(0)
             out.text = f.read().decode(errors="replace")
+
+
+def refusing(main):
+    """A command's `main(argv)` whose bad input ends it as one line, `error: <message>` on
+    stderr, and exit status 2, never a traceback. HYPER's input errors (RecipeError, DataError,
+    ModelSpecError, CheckpointError...) are ValueErrors whose message names the rule, the value
+    and what is allowed; a main with other exit statuses handles those errors itself."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run

@@ -294,6 +294,7 @@ def parse_args(argv=None) -> Namespace:
     return ap.parse_args(argv)
 
 
+@console.refusing  # RecipeError, CheckpointError, DataError, ModelSpecError: exit 2
 def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -303,11 +304,10 @@ def main(argv=None) -> int:
     try:
         return export(args)
     except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3 if "closest" in str(e) else 2
-    except ValueError as e:  # RecipeError, CheckpointError, DataError, ModelSpecError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if "closest" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)  # no trial meets the rule: exit 3
+        return 3
 
 
 if __name__ == "__main__":
