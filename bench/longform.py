@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import common
+from .harness import Peer
 
 RECIPES = (
     ("vad-b8-int8-script", "segment.method=vad,decode.batch=8,decode.loop=greedy,"
@@ -56,6 +57,7 @@ class Variant:
     recipe: str = ""  # Recipe.parse text (HF variants; "" = the unchanged model)
     compute_type: str = ""  # faster-whisper variants
     mode: str = ""  # faster-whisper: sequential | batched
+    batch: int = 0  # faster-whisper batched: its batch size (set by prepare)
     runner: object = field(default=None, repr=False)
     options: object = None
     prepare_s: float = 0.0
@@ -63,7 +65,9 @@ class Variant:
     def prepare(self, loaded, threads: int, batch: int) -> None:
         t0 = time.perf_counter()
         if self.compute_type:
-            self.runner = Peer(self.compute_type, self.mode, threads, batch)
+            self.batch = batch
+            self.runner = Peer(self.compute_type, threads, fw_long,
+                               f"{self.compute_type} {self.mode}")
         else:
             from sweep.measure.compress import apply_recipe
             from sweep.measure.decode import Plan
@@ -80,78 +84,28 @@ class Variant:
     def run(self, processor, audio: np.ndarray, lang: str) -> tuple[str, float]:
         """(text, wall seconds, features and segmentation included)."""
         if self.compute_type:
-            return self.runner(audio, lang)
+            return self.runner(audio, lang, self.mode, self.batch)
         from sweep.measure.batch import timed
 
         heard, secs = timed(self.runner, processor, [audio], self.options, language=lang)
         return heard[0].text, secs
 
 
-class Peer:
-    """faster-whisper in its own process (CTranslate2's OpenMP threads slow torch's for the
-    rest of a process they ran in: bench/recipes.py's Peer); waits for its spinning threads
-    to sleep after each call."""
+def fw_long(model, audio, lang: str, mode: str, batch: int):
+    """One whole recording in the faster-whisper peer (`harness.Peer`): (text, wall s)."""
+    from faster_whisper import BatchedInferencePipeline
 
-    SETTLE_S = 0.3
-
-    def __init__(self, compute_type: str, mode: str, threads: int, batch: int):
-        import multiprocessing as mp
-
-        from sweep.inputs.models import embedded_ct2_dir
-
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_peer_main, daemon=True, args=(
-            child, str(embedded_ct2_dir()), compute_type, mode, threads, batch))
-        self.proc.start()
-        status = self.conn.recv()
-        if status != "ready":
-            raise RuntimeError(f"faster-whisper {compute_type} {mode} did not start: {status}")
-
-    def __call__(self, audio, lang: str):
-        self.conn.send((audio, lang))
-        reply = self.conn.recv()
-        time.sleep(self.SETTLE_S)
-        if isinstance(reply, str):
-            raise RuntimeError(f"faster-whisper failed: {reply}")
-        return reply
-
-    def close(self) -> None:
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(10)
-
-
-def _peer_main(conn, ct2_dir: str, compute_type: str, mode: str, threads: int,
-               batch: int) -> None:
-    try:
-        from faster_whisper import BatchedInferencePipeline, WhisperModel
-
-        model = WhisperModel(ct2_dir, device="cpu", compute_type=compute_type,
-                             cpu_threads=threads)
-        pipe = BatchedInferencePipeline(model) if mode == "batched" else None
-    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
-        conn.send(f"{type(e).__name__}: {e}")
-        return
-    conn.send("ready")
-    while True:
-        try:
-            audio, lang = conn.recv()
-        except EOFError:
-            return
-        try:
-            t0 = time.perf_counter()
-            if pipe is not None:  # its defaults: VAD on, no timestamps, 30 s chunks
-                segments, _ = pipe.transcribe(audio, language=lang, task="transcribe",
-                                              beam_size=1, batch_size=batch, temperature=0)
-            else:  # Whisper's sequential long-form decoding, greedy, like HF generate's
-                segments, _ = model.transcribe(audio, language=lang, task="transcribe",
-                                               beam_size=1, vad_filter=False, temperature=0,
-                                               condition_on_previous_text=False)
-            text = " ".join(s.text.strip() for s in segments)  # decoding happens here
-            conn.send((text.strip(), time.perf_counter() - t0))
-        except Exception as e:  # noqa: BLE001
-            conn.send(f"{type(e).__name__}: {e}")
+    pipe = BatchedInferencePipeline(model) if mode == "batched" else None
+    t0 = time.perf_counter()
+    if pipe is not None:  # its defaults: VAD on, no timestamps, 30 s chunks
+        segments, _ = pipe.transcribe(audio, language=lang, task="transcribe", beam_size=1,
+                                      batch_size=batch, temperature=0)
+    else:  # Whisper's sequential long-form decoding, greedy, like HF generate's
+        segments, _ = model.transcribe(audio, language=lang, task="transcribe", beam_size=1,
+                                       vad_filter=False, temperature=0,
+                                       condition_on_previous_text=False)
+    text = " ".join(s.text.strip() for s in segments)  # decoding happens here
+    return text.strip(), time.perf_counter() - t0
 
 
 def recordings(args):

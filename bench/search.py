@@ -68,7 +68,7 @@ def evaluate(cache_path: Path, *, n_clips: int = 8, block: int = 6, budget_s: fl
     from sweep.inputs.models import load_model
     from sweep.techniques.recipe import Recipe
 
-    from .recipes import Variant, summarize, timed_pass
+    from .harness import Variant, summarize, timed_pass
 
     t_start = time.perf_counter()
     ev = load_eval_set(dataset)
