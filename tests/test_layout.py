@@ -1,5 +1,6 @@
-"""The package's structure holds: no import cycle between HYPER's modules (imports inside
-functions count too), and the pure modules import neither Ray, MLflow nor torch."""
+"""The package's structure holds: no import cycle between HYPER's modules, no import against the
+layer order docs/architecture.md states (imports inside functions count for both), and the pure
+modules import neither Ray, MLflow nor torch."""
 
 import ast
 import subprocess
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PKG = REPO / "sweep"
+PACKAGES = (REPO / "sweep", REPO / "bench")
+ARCHITECTURE = REPO / "docs" / "architecture.md"
 
 
 def _module(path: Path) -> str:
@@ -19,7 +21,7 @@ def _module(path: Path) -> str:
 
 
 def _known() -> dict[str, Path]:
-    return {_module(p): p for p in PKG.rglob("*.py")}
+    return {_module(p): p for pkg in PACKAGES for p in pkg.rglob("*.py")}
 
 
 def _resolve(name: str, known) -> str | None:
@@ -54,7 +56,8 @@ def import_graph() -> dict[str, set[str]]:
                     up = pkg.split(".")
                     up = up[:len(up) - (node.level - 1)]
                     base = ".".join(up + ([base] if base else []))
-                names = [f"{base}.{a.name}" for a in node.names] + [base]
+                # `from pkg import sub` imports sub; `from pkg import name`, pkg (resolved below)
+                names = [f"{base}.{a.name}" for a in node.names]
             else:
                 continue
             for n in names:
@@ -87,10 +90,61 @@ def _cycle(graph) -> list[str] | None:
     return None
 
 
+def layers(text: str | None = None) -> list[tuple[str, tuple[str, ...]]]:
+    """The layer order, lowest first: docs/architecture.md's ```layers block, one layer a line
+    (its name, then the module prefixes in it)."""
+    text = ARCHITECTURE.read_text(encoding="utf-8") if text is None else text
+    block = text.split("```layers\n", 1)[1].split("```", 1)[0]
+    return [(name, tuple(prefixes)) for name, *prefixes in
+            (line.split() for line in block.splitlines() if line.strip())]
+
+
+def layer_of(mod: str, order) -> int | None:
+    """Index of the layer naming the longest prefix of `mod` (None: in no layer)."""
+    best = max(((len(p), i) for i, (_, prefixes) in enumerate(order) for p in prefixes
+                if mod == p or mod.startswith(p + ".")), default=None)
+    return best and best[1]
+
+
+def against(graph, order) -> list[str]:
+    """Every import from a module into a layer after its own, and every module in no layer."""
+    where = {m: layer_of(m, order) for m in graph}
+    bad = [f"{m}: in no layer of docs/architecture.md" for m, i in where.items() if i is None]
+    return bad + [f"{m} ({order[where[m]][0]}) imports {d} ({order[where[d]][0]})"
+                  for m in sorted(graph) for d in sorted(graph[m])
+                  if None not in (where[m], where[d]) and where[d] > where[m]]
+
+
 def test_no_import_cycle_even_inside_functions():
     graph = import_graph()
     assert len(graph) > 20
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+# Arrows against the layers still in the code, each with what removes it. The test fails when
+# one is gone too, so that this list only shrinks.
+PENDING = {
+    "sweep.inputs.cli (inputs) imports sweep.techniques.recipe (techniques)":
+        "cli.needs_calibration/space_needs_calibration forward to Recipe.calibrates and "
+        "techniques.recipe.space_calibrates until sweep.launch calls space_calibrates",
+}
+
+
+def test_no_import_against_the_documented_layers_even_inside_functions():
+    order = layers()
+    assert [n for n, _ in order][:3] == ["foundation", "registries", "inputs"] and len(order) > 8
+    bad = against(import_graph(), order)
+    new = [b for b in bad if b not in PENDING]
+    assert not new, "imports against docs/architecture.md's layers:\n" + "\n".join(new)
+    assert set(PENDING) <= set(bad), f"gone, drop from PENDING: {set(PENDING) - set(bad)}"
+
+
+def test_layer_check_finds_an_arrow_against_the_order():
+    order = layers("```layers\nlow a\nhigh a.up b\n```")
+    assert layer_of("a.x", order) == 0 and layer_of("a.up.y", order) == 1
+    assert layer_of("c", order) is None
+    assert against({"a.x": {"a.up.y"}, "a.up.y": {"a.x"}, "b": set()}, order) == [
+        "a.x (low) imports a.up.y (high)"]
 
 
 def test_cycle_finder_finds_one():
