@@ -2,6 +2,7 @@
 helper (sweep.inputs.machine) into trial rows and benchmark rows; and the machine-aware choice
 of the encoder's scheme."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -229,3 +230,28 @@ def test_launcher_profile_says_which_starts_fit(capsys):
     err = capsys.readouterr().err
     fit = sum(1 for w in space.start_when if set(w.get("isa", ())) <= set(machine.isa()))
     assert f"{fit} of 4 warm starts fit it" in err and machine.cpu_model() in err
+
+
+def test_compiled_kernels_are_kept_apart_per_cap(tmp_path):
+    """A kernel torch.compile built under ATen's AVX2 cap, loaded uncapped from a shared cache,
+    corrupted the heap (issue #25): `import sweep` gives each CPU and cap its own cache."""
+    import subprocess
+    import sys
+
+    code = ("import sweep, torch\n"  # sweep first: it picks the cache before inductor runs
+            "from sweep.measure import int8\n"
+            "f = torch.compile(int8._token_linear, dynamic=True)\n"
+            "w = torch.randint(-127, 127, (64, 32), dtype=torch.int8)\n"
+            "for rows in (1, 40, 7):\n"
+            "    f(torch.randn(rows, 64), w, torch.ones(32), w.float().sum(0), torch.zeros(32))\n"
+            "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR",
+                                                           *machine.EMULATE_AVX2)}
+    env["HYPER_CACHE"] = str(tmp_path)
+    for cap in ({"ATEN_CPU_CAPABILITY": "avx2"}, {}):
+        run = subprocess.run([sys.executable, "-c", code], env=env | cap, capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "inductor").iterdir()} == {
+        machine.inductor_cache_dir(env | {"ATEN_CPU_CAPABILITY": "avx2"}).name,
+        machine.inductor_cache_dir(env).name}

@@ -138,6 +138,18 @@ def onednn_vnni(flags: Iterable[str] | None = None, cap: str | None = None) -> b
                         or any(k in cap for k in ("VNNI", "BF16", "FP16", "AMX", "AVX10")))
 
 
+def inductor_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where torch.compile's kernels go: one folder per CPU model and caps in force, under
+    `$HYPER_CACHE` (default ~/.cache/hyper). Inductor's own key leaves out ATen's cap: a kernel
+    compiled under `ATEN_CPU_CAPABILITY=avx2` and loaded uncapped from the shared
+    /tmp/torchinductor_root freed memory twice and aborted the process (per-token int8, torch
+    2.13, issue #25)."""
+    env = os.environ if env is None else env
+    root = Path(env.get("HYPER_CACHE") or Path.home() / ".cache" / "hyper").expanduser()
+    key = re.sub(r"[^a-z0-9]+", "-", f"{cpu_model()} {caps(env) or 'uncapped'}".lower())
+    return root / "inductor" / key.strip("-")[:120]
+
+
 def amx_usable(flags: Iterable[str], cap: str | None = None) -> bool:
     """AMX tiles present and not capped away: oneDNN's caps that keep AMX name it (AVX512_CORE_AMX,
     AVX10_1_512_AMX...), DEFAULT and ALL keep everything."""
