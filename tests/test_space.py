@@ -154,6 +154,16 @@ def test_bad_space_refused(body, needle):
     assert any(needle in e for e in errors), errors
 
 
+def test_parents_first_is_the_one_order_of_the_condition_graph():
+    """Loading and the reachability checks order parameters by one topological sort: parents
+    before children, else the given order, and each cycle named by the path that closes it."""
+    cond = sp.Condition
+    chain = {"b": cond("b", "c", (1,)), "c": cond("c", "d", (1,))}
+    assert sp.parents_first(["a", "b", "c", "d"], chain) == (["a", "d", "c", "b"], [])
+    loop = {"a": cond("a", "b", (1,)), "b": cond("b", "a", (1,))}
+    assert sp.parents_first(["a", "b", "x"], loop) == (["b", "a", "x"], [["a", "b", "a"]])
+
+
 def test_condition_on_a_cuda_parent_is_accepted():
     space = from_yaml("""
         params:
