@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sweep.console import refusing
+
 from . import common
-from .recipes import Variant, summarize, timed_pass
+from .harness import Variant, summarize, timed_pass
 
 # The accurate mix of issue #16's table (bf16 encoder, int8 decoder and head, greedy loop) with
 # the loop guard (no 4-gram twice): what a window start builds on. The step stays eager: a
@@ -127,6 +129,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> Path:
     return path
 
 
+@refusing
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.window", description=__doc__.split(
         "\n\n")[0])
@@ -147,14 +150,10 @@ def main(argv=None) -> int:
     from sweep.measure.evaluate import set_threads
     from sweep.techniques.recipe import Recipe
 
-    try:
-        specs = variants(args.base)
-        for _, text, _ in specs:  # a bad recipe is refused before the model loads
-            Recipe.parse(text)
-        ev = load_eval_set(args.dataset, language=args.language, max_samples=args.max_samples)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    specs = variants(args.base)
+    for _, text, _ in specs:  # a bad recipe is refused (exit 2) before the model loads
+        Recipe.parse(text)
+    ev = load_eval_set(args.dataset, language=args.language, max_samples=args.max_samples)
     langs = [args.language] * len(ev)
     threads = set_threads(args.threads or os.cpu_count())
     cli.quiet_transformers()

@@ -34,15 +34,9 @@ def add_model_data_args(ap) -> None:
                    help="torch CPU threads (default: torch's own choice)")
 
 
-# Moved: `Recipe.calibrates`, `sweep.techniques.recipe.space_calibrates`. These two forward
-# until their last callers (sweep.launch, bench.recipes) move; then they go with this arrow
-# against the layers (inputs importing techniques).
-def needs_calibration(flat: dict) -> bool:
-    from ..techniques.recipe import Recipe
-
-    return Recipe.from_flat(flat).calibrates
-
-
+# Moved to `sweep.techniques.recipe.space_calibrates` (and `Recipe.calibrates`): this forwards
+# until sweep.launch calls it there, then goes with its arrow against the layers (inputs
+# importing techniques; tests/test_layout.py's PENDING).
 def space_needs_calibration(space) -> bool:
     from ..techniques.recipe import space_calibrates
 
