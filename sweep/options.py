@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -63,7 +64,10 @@ def flag_of(f: dataclasses.Field) -> str:
 def _type_of(f: dataclasses.Field):
     if f.metadata.get("type"):
         return f.metadata["type"]
-    names = {p.strip() for p in str(f.type).split("|")} - {"None"}
+    t = f.type  # text under `from __future__ import annotations`, else the type itself
+    if not isinstance(t, str):
+        t = " | ".join(getattr(a, "__name__", str(a)) for a in (typing.get_args(t) or (t,)))
+    names = {p.strip() for p in t.split("|")} - {"None", "NoneType"}
     return _TYPES.get(names.pop(), str) if len(names) == 1 else str
 
 
