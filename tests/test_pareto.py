@@ -91,6 +91,28 @@ def test_constraint_values_are_optuna_style():
         pareto.constraint_values(r, {"max_wer": 0.1}, BASE)
 
 
+def test_one_constraint_table_judges_rows_and_refuses_limits():
+    """Every constraint key is one `Constraint` row: the figure it bounds, its side and the
+    limits it takes; the error names the rule."""
+    c = pareto.CONSTRAINTS
+    assert {k: (v.figure, v.side) for k, v in c.items()} == {
+        "max_dwer": ("dwer", "max"), "max_dcer": ("dcer", "max"),
+        "max_latency_s": ("latency_median_s", "max"), "min_speedup": ("speedup", "min"),
+        "max_hallucination": ("hallucination_rate", "max"),
+        "max_extra_hallucination": ("hallucination_excess", "max")}
+    assert c["max_latency_s"].refuses(0) == c["min_speedup"].refuses(-1) == "must be > 0"
+    assert c["max_hallucination"].refuses(1.5) == ("is a share of the probes and must be in "
+                                                   "[0, 1]")
+    assert c["max_dwer"].refuses(-1).endswith("and must be > -1")
+    assert all(v.refuses(0.5) is None for v in c.values())
+    # the baseline against itself on a relative figure measured, not derived: its neutral value
+    base = {"wer": 0.5, "hallucination_rate": 1.0}
+    assert pareto.constraint_values(base, {"max_extra_hallucination": 0.1}, base) == [
+        pytest.approx(-0.1)]
+    with pytest.raises(ValueError, match="constraint `max_x`: name must start max_/min_"):
+        pareto.Constraint("max_x", "no_such_figure")
+
+
 def test_fronts_by_device():
     rows = [row(1, 0.3, 0.5), row(2, 0.4, 0.4), row(3, 0.2, 0.1, device="cuda"),
             row(4, 0.25, 0.2, device="cuda"), row(5, 0.1, 0.1, device="cuda", status="failed")]
