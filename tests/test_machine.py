@@ -191,6 +191,28 @@ def test_shipped_starts_without_amx_skip_the_amx_levers(name):
     assert len(amx) < len(space.starts) and len(no_amx) < len(space.starts)
 
 
+def test_quick_queues_the_machines_real_answer():
+    """`quick` (the README's first command) is machine-aware (#25): where int8 is the faster
+    encoder, the per-token int8 mix with the scripted step, on the full window and on the
+    clip's window; where bf16 is, the bf16 mix, never per-token; on every machine the fp32
+    encoder on the clip's window with the int8 decoder (AVX2-only CPUs' accurate recipe)."""
+    from sweep.search.space import load_space
+    from sweep.techniques.recipe import Recipe
+
+    space = load_space("quick")
+    amx = [Recipe.from_flat(p) for p in space.start_points({"cpu"}, AMX)]
+    no_amx = [Recipe.from_flat(p) for p in space.start_points({"cpu"}, NO_AMX)]
+    enc = lambda r: r.quant.by_layer_type()["enc_mlp"]  # noqa: E731
+    for starts in (amx, no_amx):
+        assert any(enc(r) == "none" and r.quant.by_layer_type()["dec_mlp"] == "dynamic_int8"
+                   and r.encoder.window == "auto" and r.decode.compile == "script"
+                   for r in starts)
+    assert {enc(r) for r in no_amx if r.encoder.window == "auto"} == {"int8_token", "none"}
+    assert any(enc(r) == "int8_token" and r.encoder.window == "full" for r in no_amx)
+    assert "bf16" not in {enc(r) for r in no_amx}
+    assert "bf16" in {enc(r) for r in amx} and "int8_token" not in {enc(r) for r in amx}
+
+
 def test_the_searcher_queues_the_starts_that_fit(tmp_path):
     pytest.importorskip("ray")
     from sweep.search.sampler import make_searcher

@@ -72,6 +72,9 @@ def test_max_autotune_only_where_it_belongs():
     assert load_space("cpu").mentions("static_int8")
     assert not load_space("quick").mentions("static_int8")
     assert load_space("quick").mentions("prune.rate")
+    # the levers that paid on every CPU class (#25)
+    quick = load_space("quick")
+    assert quick.mentions("int8_token") and quick.mentions("script") and quick.mentions("auto")
 
 
 def test_four_mistakes_four_messages():
@@ -229,9 +232,11 @@ def test_sample_conditions_and_else_with_cuda():
             assert "prune.rate" in params and "prune.norm" in params
         assert all(math.isclose(flat[k], round(flat[k], 2)) for k in ("struct.ffn_rate",))
     assert two_four > 0
-    # the quick space: overrides only on top of int8
+    # the quick space: overrides only on top of int8, the step only in the greedy loop
     for flat, params in run_study(load_space("quick"), {"cpu"}, n=40):
         assert ("quant.enc_mlp" in params) == (flat["quant.scheme"] == "dynamic_int8")
+        assert ("decode.compile" in params) == (flat["decode.loop"] == "greedy")
+        assert ("encoder.margin_s" in params) == (flat["encoder.window"] == "auto")
         assert flat["compile.mode"] == "none" and flat["device"] == "cpu"
         assert flat["prune.rate"] in (0.0, 0.1, 0.2, 0.3)
 
@@ -270,7 +275,8 @@ def test_gpu_space_on_a_cpu_cluster_is_refused_at_sample():
 def test_baseline():
     assert load_space("quick").baseline() == {
         "device": "cpu", "quant.scheme": "none", "prune.rate": 0.0, "struct.ffn_rate": 0.0,
-        "struct.stacks": "encoder", "compile.mode": "none"}
+        "struct.stacks": "encoder", "compile.mode": "none", "decode.loop": "generate",
+        "encoder.window": "full", "decode.no_repeat_ngram": 0}
     gpu = load_space("gpu").baseline()
     assert gpu["device"] == "cuda" and gpu["prune.rate"] == 0.0
     full = load_space("full").baseline()
