@@ -4,6 +4,8 @@ refusal of tampered or future checkpoints, serving, and the export CLI on a real
 import copy
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,6 +129,20 @@ def test_tied_embedding_in_int8_is_stored_once_and_runs_as_the_trial(tiny, clips
     fp32_emb = apply_recipe(copy.deepcopy(tiny.model), Recipe.parse("quant.scheme=dynamic_int8"))
     assert not torch.equal(_heard(trial.model, tiny.processor, clips)[3],
                            _heard(fp32_emb.model, tiny.processor, clips)[3])  # it was measured
+
+
+def test_a_fresh_process_loads_the_stored_forms_its_recipe_names(tiny, tmp_path):
+    """Loading imports the modules holding the stored forms of its recipe's techniques
+    (`Storage.forms`): nothing has to be imported beforehand for its side effects."""
+    out = save_checkpoint(tiny.model, tiny.processor,
+                          Recipe.parse("quant.scheme=dynamic_int8,embed.dtype=int8"),
+                          tmp_path / "ck")
+    code = ("import sys, sweep; before = 'sweep.measure.tied' in sys.modules; "
+            "ck = sweep.load(sys.argv[1]); print(before, type(ck.model.proj_out).__module__)")
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["False", "sweep.measure.tied"]
 
 
 @pytest.mark.parametrize("text, quant_head, device", [
