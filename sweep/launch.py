@@ -79,14 +79,14 @@ class SweepFailed(RuntimeError):
     """Every trial failed: nothing to build a front from (the errors are in MLflow)."""
 
 
-def _restore_args(opts: SweepOptions) -> SweepOptions:
-    """The original command's options for `--resume NAME`, from its saved spec (only
-    --time-budget and --verbose may change)."""
+def _restore_args(opts) -> SweepOptions:
+    """The original command's options for `--resume NAME` (`opts`: this command's options or
+    parsed command line), from its saved spec (only --time-budget and --verbose may change)."""
     sweep_dir = Path(opts.root).resolve() / "sweeps" / opts.resume
     if not (sweep_dir / FILE).is_file():
         raise ValueError(f"`--resume` must name a sweep under {sweep_dir.parent}, got "
                          f"{opts.resume!r} (no {FILE} there)")
-    spec = type(opts).load(sweep_dir)
+    spec = SweepOptions.load(sweep_dir)
     return dataclasses.replace(spec, resume=opts.resume, verbose=opts.verbose,
                                time_budget=opts.time_budget or spec.time_budget)
 
