@@ -17,6 +17,10 @@ class DecodeConfig(Technique):
     PARAMS = {
         "decode.loop": Param("choice", "generate", choices=("generate", "greedy"), help="generate "
                              "= HF generate(); greedy = lean loop, static KV cache, same tokens"),
+        # `script` rests on torch.jit.trace, deprecated in torch 2.13; it stays while it measures
+        # faster than `step` (torch.compile of the same step): 0.544 s per clip against 0.590,
+        # eager 0.620 (int8, 16 clips interleaved, AMD EPYC with VNNI, loaded machine,
+        # bench/results/decode-script-vs-step.md). Drop it once `step` catches up.
         "decode.compile": Param("choice", "none", choices=("none", "step", "script"),
                                 requires=(_greedy("step", "script"),),
                                 help="step = torch.compile of the greedy decoding step with "
