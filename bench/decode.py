@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sweep import console
+
 from . import common
 from .recipes import Variant, headline, named_recipes, summarize, timed_pass
 
@@ -189,6 +191,7 @@ def markdown(rows, extra: dict, meta: dict, head: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@console.refusing
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__)
     ap.add_argument("--max-samples", type=int, default=None, help="per data set")
@@ -202,14 +205,11 @@ def main(argv=None) -> int:
                     help="results file names under --out: STEM.json, STEM.md")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
-    try:  # a bad item is refused before any model loads
-        chosen = [VARIANTS[0], *((n, "extra", t) for n, t in named_recipes(args.variant,
-                                                                         "--variant"))]
-        if len({c[0] for c in chosen}) != len(chosen):
-            raise ValueError(f"`--variant` names must be new and unique, got {args.variant}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a bad item is refused before any model loads
+    chosen = [VARIANTS[0], *((n, "extra", t) for n, t in named_recipes(args.variant,
+                                                                     "--variant"))]
+    if len({c[0] for c in chosen}) != len(chosen):
+        raise ValueError(f"`--variant` names must be new and unique, got {args.variant}")
     chosen = chosen if args.variant else VARIANTS
     import torch
 

@@ -59,6 +59,8 @@ from pathlib import Path
 import numpy as np
 from starlette.requests import Request  # module level: FastAPI reads the routes' annotations
 
+from . import console
+
 FORMATS = ("json", "text", "verbose_json")
 ROUTES = {"/v1/audio/transcriptions": "transcribe", "/v1/audio/translations": "translate"}
 FIELDS = {  # the form fields each route reads; any other is a 400 naming them
@@ -1087,14 +1089,12 @@ def options(argv=None) -> ServeOptions:
                         max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms)
 
 
+@console.refusing  # CheckpointError, RecipeError, options: one line, exit 2
 def main(argv=None) -> int:
-    host = port = None
+    opts = options(argv)
+    host, port = opts.host, opts.port
     try:
-        opts = options(argv)
-        host, port = opts.host, opts.port
         if opts.verbose:
-            from . import console
-
             console.set_verbose()
         serve(opts, ready=lambda url: print(
             f"HYPER serving {opts.checkpoint} at {url}/v1/audio/transcriptions ({opts.workers} "
@@ -1104,9 +1104,6 @@ def main(argv=None) -> int:
             + f"upload limit {opts.max_upload_mb:g} MB, "
             f"{'API key required' if opts.api_key else 'no API key'}); "
             "Ctrl-C stops after the requests in flight", flush=True))
-    except ValueError as e:  # CheckpointError, RecipeError, options: clear messages
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:  # the port is taken, the address is not ours
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 
+from . import console
 from .inputs.data import SAMPLE_RATE, Utterance, to_mono_16k
 from .measure.evaluate import TASKS, transcribe
 
@@ -86,6 +86,7 @@ def transcribe_audio(ck, audio: np.ndarray, *, language: str, task: str = "trans
             "seconds": secs, "cap_reached": cap, "tokens": list(tokens)}
 
 
+@console.refusing  # CheckpointError, TranscribeError, RecipeError: one line, exit 2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sweep.transcribe", description=(
         "Transcribe audio files with a checkpoint exported by `python -m sweep.export`."))
@@ -102,14 +103,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     missing = [p for p in args.audio if not Path(p).is_file()]
-    try:
-        if missing:
-            raise TranscribeError(f"audio file(s) not found: {missing}")
-        rows = transcribe_files(args.checkpoint, args.audio, language=args.language,
-                                task=args.task, device=args.device)
-    except ValueError as e:  # CheckpointError, TranscribeError, RecipeError: clear messages
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if missing:
+        raise TranscribeError(f"audio file(s) not found: {missing}")
+    rows = transcribe_files(args.checkpoint, args.audio, language=args.language,
+                            task=args.task, device=args.device)
     for r in rows:
         print(json.dumps(r, ensure_ascii=False) if args.json else f"{r['path']}\t{r['text']}")
     return 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from ... import console
 from ..data import load_eval_set
 from . import KINDS, LongOptions, build, write
 
 
+@console.refusing  # DataError, LongformError: one line, exit 2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sweep.inputs.longform", description=(
         "Build long recordings from an utterance set: utterances joined with pauses and "
@@ -37,15 +38,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--name", default=d.name, help="recording ids: NAME_01, ...")
     a = ap.parse_args(argv)
-    try:
-        opts = LongOptions(a.n, a.min_s, a.max_s, tuple(a.pause_s), a.stretch_every,
-                           tuple(a.stretch_s), tuple(k.strip() for k in a.kinds.split(",")),
-                           a.level_dbfs, a.seed, a.name)
-        clips = load_eval_set(a.dataset).utterances
-        manifest = write(build(clips, opts), Path(a.out), opts, a.dataset)
-    except ValueError as e:  # DataError, LongformError: clear messages
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    opts = LongOptions(a.n, a.min_s, a.max_s, tuple(a.pause_s), a.stretch_every,
+                       tuple(a.stretch_s), tuple(k.strip() for k in a.kinds.split(",")),
+                       a.level_dbfs, a.seed, a.name)
+    clips = load_eval_set(a.dataset).utterances
+    manifest = write(build(clips, opts), Path(a.out), opts, a.dataset)
     rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
     print(f"wrote {len(rows)} recordings ({sum(r['duration_s'] for r in rows):.0f} s, "
           f"{sum(len(r['stretches']) for r in rows)} stretches) and {manifest}")

@@ -300,12 +300,8 @@ def check_constraints(ck: Checker, raw: Any) -> dict[str, float]:
         v = _number(value)
         if v is None:
             ck.err(k, f"must be a number, got {value!r}")
-        elif key in ("max_latency_s", "min_speedup") and v <= 0:
-            ck.err(k, f"must be > 0, got {value!r}")
-        elif key in ("max_hallucination", "max_extra_hallucination") and not 0 <= v <= 1:
-            ck.err(k, f"is a share of the probes and must be in [0, 1], got {value!r}")
-        elif key in ("max_dwer", "max_dcer") and v <= -1:
-            ck.err(k, f"is a relative change (0.02 = 2% worse) and must be > -1, got {value!r}")
+        elif err := pareto.CONSTRAINTS[key].refuses(v):  # the rule lives with the constraint
+            ck.err(k, f"{err}, got {value!r}")
         else:
             out[key] = float(v)
     return out
