@@ -126,7 +126,8 @@ def transcribe_batch(model, processor, utts, plan: Plan, *, language: str,
     feats = features(model, processor, [u.audio for u in utts], [u.duration_s for u in utts],
                      plan)
     ids = decode(model, feats, plan, language=language, task=task, cap=cap)
-    return processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    # stripped as one clip's text is (measure.batch): Whisper's first token carries a space
+    return [t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def prompt_ids(model: nn.Module, language: str, task: str) -> list[int]:
