@@ -323,13 +323,6 @@ def load_clips(carry: Path, limit: int = 0):
 
 # ---- measuring --------------------------------------------------------------------------
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _peak_reset(device: str) -> None:
     import torch
 
@@ -374,13 +367,17 @@ def accuracy(model, processor, evalset, base, v: Variant, device: str) -> dict:
 def latency(model, plan, processor, clips, batch: int, opts: Options) -> dict:
     """Seconds for `batch` clips (features + HYPER's decode) decoding exactly opts.tokens
     tokens, and decoding one: per audio, per 30 s window, per token."""
+    import torch
+
+    from sweep.measure.modules import sync
+
     utts = [clips.utterances[i % len(clips)] for i in range(batch)]
 
     def once(cap: int):
-        _sync(opts.device)
+        sync(torch.device(opts.device))
         t0 = time.perf_counter()
         ids = decode_ids(model, plan, processor, utts, cap)
-        _sync(opts.device)
+        sync(torch.device(opts.device))
         return time.perf_counter() - t0, ids
 
     _peak_reset(opts.device)

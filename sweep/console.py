@@ -41,7 +41,7 @@ NOISE = {
 # `ignore_warning` adds it where Optuna is imported (`sweep.search.sampler`).
 WARNINGS = [
     # Optuna's PED-ANOVA importances (importances.json, a side file): per objective they need
-    # `target=` (launch.write_importances orients max objectives), and on a small sweep they say
+    # `target=` (search.study.write_importances orients max ones), and on a small sweep they say
     # that few trials make them coarse.
     (UserWarning, r"PedAnovaImportanceEvaluator computes the importances of params to achieve"),
     (UserWarning, r"Target and region quantiles select the same set of trials"),

@@ -10,12 +10,14 @@ import json
 import sys
 from pathlib import Path
 
+from . import console
 from .inputs import cli, machine
 from .measure.evaluate import (AGREEMENT, FIGURES, MeasureOptions, agree, as_agreement,
                                calibrator, measure, placeholder, run_trial, set_threads)
 from .techniques.recipe import Recipe
 
 
+@console.refusing  # every bad input is a ValueError subclass with a clear message: exit 2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sweep.evaluate", description=(
         "Measure WER, CER and latency of a Whisper model, optionally compressed by a recipe, "
@@ -33,17 +35,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-clips", type=int, default=3,
                     help="clips --profile records (the first ones, after one warm-up clip)")
     args = ap.parse_args(argv)
-    try:
-        from .measure.profile import ProfileOptions
+    from .measure.profile import ProfileOptions
 
-        prof_opts = ProfileOptions(args.profile, args.profile_clips) if args.profile else None
-        recipe = Recipe.parse(args.recipe or "")
-        if args.recipe is None and args.device != "cpu":
-            recipe = Recipe.parse(f"device={args.device}")
-        loaded, evalset, calib = cli.load_model_data(args, recipe)
-    except ValueError as e:  # every bad input is a ValueError subclass with a clear message
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prof_opts = ProfileOptions(args.profile, args.profile_clips) if args.profile else None
+    recipe = Recipe.parse(args.recipe or "")
+    if args.recipe is None and args.device != "cpu":
+        recipe = Recipe.parse(f"device={args.device}")
+    loaded, evalset, calib = cli.load_model_data(args, recipe)
     threads = set_threads(args.threads)
     print(f"evaluating {loaded.spec} on {evalset.name} ({len(evalset)} utterances, "
           f"{evalset.skipped} skipped, {threads} threads)", file=sys.stderr)

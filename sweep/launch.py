@@ -26,6 +26,7 @@ from .search import local, lock, worker
 from .search.screening import run_screening, screen_wanted
 from .search.study import mark_stale_optuna, searcher_study, write_importances
 from .search.sweepspec import FILE, SweepOptions, check_name, default_name
+from .techniques.recipe import space_calibrates
 
 
 def build_parser(options: type[SweepOptions] | None = None) -> argparse.ArgumentParser:
@@ -233,7 +234,7 @@ def _sweep(opts: SweepOptions, space, evalset, root: Path, uri: str, name: str,
               file=sys.stderr)
     ctx = worker.SweepContext.for_sweep(
         opts, space, sweep=name, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent,
-        cpus_per_trial=per_trial, needs_calibration=cli.space_needs_calibration(space),
+        cpus_per_trial=per_trial, needs_calibration=space_calibrates(space),
         inject=inject, journal=str(rows_dir))
     trainable = tune.with_resources(tune.with_parameters(worker.trainable, ctx=ctx),
                                     search.resources_for(per_trial))
@@ -461,6 +462,7 @@ def remeasure(opts: SweepOptions, front: list[dict], out: Path, objectives=None)
     return rows
 
 
+@console.refusing  # bad input of any kind: one clear message, exit 2, nothing ran
 def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = parse_args(argv)
@@ -468,9 +470,6 @@ def main(argv=None) -> int:
         console.set_verbose()
     try:
         run(args)
-    except ValueError as e:  # bad input of any kind: one clear message, nothing ran
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except SweepFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

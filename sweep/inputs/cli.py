@@ -34,15 +34,6 @@ def add_model_data_args(ap) -> None:
                    help="torch CPU threads (default: torch's own choice)")
 
 
-# Moved to `sweep.techniques.recipe.space_calibrates` (and `Recipe.calibrates`): this forwards
-# until sweep.launch calls it there, then goes with its arrow against the layers (inputs
-# importing techniques; tests/test_layout.py's PENDING).
-def space_needs_calibration(space) -> bool:
-    from ..techniques.recipe import space_calibrates
-
-    return space_calibrates(space)
-
-
 def load_data(args):
     from .data import load_eval_set
 

@@ -52,11 +52,6 @@ def _input_dtype(model) -> torch.dtype:
     return input_dtype(model)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def transcribe(model, processor, utt: Utterance, *, language: str, task: str = "transcribe",
                options=None):
     """Decode one utterance greedily as the decoding `options` say (a `sweep.measure.decode.Plan`,
