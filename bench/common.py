@@ -140,7 +140,7 @@ def write_recipes(rows: list[dict], meta: dict, head: dict, out: Path,
 
 
 def recipes_markdown(rows: list[dict], meta: dict, head: dict) -> str:
-    """The table of the README: percent only here."""
+    """The results table (STEM.md, quoted in docs/benchmarks/): percent only here."""
     body = []
     for r in rows:
         lo, hi = r["dwer_ci95"]

@@ -60,7 +60,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-# The study's GPU figures, reproduced or contradicted on large-v3 shapes (README, #17).
+# The study's GPU figures, reproduced or contradicted on large-v3 (#17; docs/benchmarks/gpu.md).
 STUDY = {"baseline_s_per_audio": 0.84, "prune_0.81_time_change": -0.27,
          "bnb_time_change": 2.59}
 # Recipes beyond one-value-at-a-time changes of the space: the greedy loop and its compiled

@@ -1,7 +1,8 @@
-"""The README's multi-node recipe for real: a sweep on a two-node Ray cluster logs through a
-real `mlflow server` (sqlite backend, artifacts served from a folder only the server writes), and
-`sweep.export` reads the winner back through it. No shared disk is needed for MLflow: a node
-that could not reach the server would show here as a missing metric, param or transcript."""
+"""The multi-node recipe of docs/cluster.md for real: a sweep on a two-node Ray cluster logs
+through a real `mlflow server` (sqlite backend, artifacts served from a folder only the server
+writes), and `sweep.export` reads the winner back through it. No shared disk is needed for
+MLflow: a node that could not reach the server would show here as a missing metric, param or
+transcript."""
 
 import json
 import os

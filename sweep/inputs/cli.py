@@ -1,4 +1,5 @@
-"""Command-line options shared by `sweep.measure.evaluate` and `sweep.launch`, and their loading."""
+"""Command-line options shared by `sweep.evaluate` and `sweep.launch` (model and data), and their
+loading."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Pure logic (numpy, num2words; jiwer when installed, else an edit distance here giving the same
 counts): no torch, Ray or MLflow.
 
-Normalisation (applied to references and hypotheses alike), documented in the README:
+Normalisation (applied to references and hypotheses alike), documented in docs/recipes.md (scoring):
   1. Unicode NFKC, lower case, ``ё`` -> ``е``;
   2. numbers -> words with ``num2words`` in the utterance's language (``numbers="words"``), since
      Golos-style references spell numbers out while Whisper writes digits; ``numbers="none"``
