@@ -3,6 +3,7 @@ block and the accuracy-aware fallback, on the tiny random Whisper; the fallback 
 whisper-base in a slow test."""
 
 import copy
+import os
 import functools
 
 import pytest
@@ -21,6 +22,8 @@ from sweep.techniques.recipe import Recipe, RecipeError
 needs_onednn_vnni = pytest.mark.skipif(
     not machine.onednn_vnni(), reason="torch._int_mm needs VNNI (oneDNN's int8 product), "
     "which this CPU or its ONEDNN_MAX_CPU_ISA cap lacks")
+# fbgemm reads its cap once per process: one started under it stays capped whatever a test sets
+FBGEMM_CAPPED_AT_START = bool(os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS"))
 PROMPT = torch.tensor([[50258, 50259, 50359, 50363]])  # sot, lang, transcribe, notimestamps
 
 
@@ -112,6 +115,8 @@ def test_rescaled_rows_on_fbgemm_keep_quiet_rows_that_one_scale_loses(monkeypatc
     # uncapped first: fbgemm reads its cap once, at its first use in the process; set before
     # that, it would run without VNNI for the rest of it (and 8-bit rows would overflow there)
     for cap, bits in ((None, None), ("AVX2", 7)):
+        if cap is None and FBGEMM_CAPPED_AT_START:
+            continue  # fbgemm is capped for this whole process: only the capped case is real
         if cap:  # fbgemm without VNNI sums pairs in int16: 7 bits, whatever this CPU has
             monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", cap)
         else:
@@ -324,8 +329,9 @@ def test_fallback_to_fp32_keeps_the_float_layers(tiny_model):
         "quant.enc_mlp=int8_token,quant.fallback_blocks=9,quant.fallback=none"),
         calibrate=calibrate)
     assert not any(isinstance(m, TokenInt8Linear) for m in tiny_model.modules())
-    assert applied.kernels["enc_mlp"] in ("fp32 (fallback)+torch._int_mm(per-token)",
-                                          "fp32 (fallback)+fbgemm(per-token rescaled)")
+    assert set(applied.kernels["enc_mlp"].split("+")) in (
+        {"fp32 (fallback)", "torch._int_mm(per-token)"},
+        {"fp32 (fallback)", "fbgemm(per-token rescaled)"})
 
 
 @pytest.mark.slow
