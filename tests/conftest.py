@@ -111,6 +111,16 @@ def small_manifest(tmp_path_factory) -> str:
 
 
 @pytest.fixture()
+def every_scheme_searched(monkeypatch):
+    """The launcher keeps every scheme its space names, slow here or not: tests of the
+    launcher's mechanics count trials of spaces naming bf16, which `launch.kernel_fit` rightly
+    drops on a CPU without bf16 instructions (AVX2-only, or under the AVX2 caps: #25)."""
+    from sweep.measure import kernels
+
+    monkeypatch.setattr(kernels, "SLOW_SPEEDUP", 0.0)
+
+
+@pytest.fixture()
 def fast_kernel_choice(monkeypatch, tmp_path_factory):
     """One kernel cache per session (each shape timed once) and short timings: the shapes of
     the tiny models are small, and a full timing budget per layer would dominate the tests."""

@@ -26,6 +26,10 @@ params:
 """
 
 
+# the launcher keeps bf16 in these spaces on every CPU class (conftest)
+pytestmark = pytest.mark.usefixtures("every_scheme_searched")
+
+
 @pytest.fixture(autouse=True)
 def _ray_down():
     yield

@@ -14,6 +14,10 @@ from sweep import launch  # noqa: E402
 from sweep.results import report  # noqa: E402
 
 
+# the launcher keeps bf16 in these spaces on every CPU class (conftest)
+pytestmark = pytest.mark.usefixtures("every_scheme_searched")
+
+
 @pytest.fixture(autouse=True)
 def _ray_down():
     yield

@@ -19,6 +19,10 @@ SPACE = {
 }
 
 
+# the launcher keeps bf16 in these spaces on every CPU class (conftest)
+pytestmark = pytest.mark.usefixtures("every_scheme_searched")
+
+
 def test_plan_changes_one_dimension_from_each_anchor():
     space = space_from_dict(SPACE)
     pts = screen.plan(space, {"baseline": {}, "start 1": {"quant.scheme": "dynamic_int8"}})

@@ -27,6 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 SPACE = "params:\n  quant.scheme: {choice: [none, bf16]}\nstarts:\n  - {quant.scheme: bf16}\n"
 
 
+# the launcher keeps bf16 in these spaces on every CPU class (conftest)
+pytestmark = pytest.mark.usefixtures("every_scheme_searched")
+
+
 @pytest.fixture(autouse=True)
 def _ray_down():
     yield
