@@ -144,10 +144,11 @@ def inductor_cache_dir(env: Mapping[str, str] | None = None) -> Path:
     compiled under `ATEN_CPU_CAPABILITY=avx2` and loaded uncapped from the shared
     /tmp/torchinductor_root freed memory twice and aborted the process (per-token int8, torch
     2.13, issue #25)."""
+    from .cache import root  # HYPER's one cache root (`import sweep` has run: no cycle)
+
     env = os.environ if env is None else env
-    root = Path(env.get("HYPER_CACHE") or Path.home() / ".cache" / "hyper").expanduser()
     key = re.sub(r"[^a-z0-9]+", "-", f"{cpu_model()} {caps(env) or 'uncapped'}".lower())
-    return root / "inductor" / key.strip("-")[:120]
+    return root(env.get("HYPER_CACHE")) / "inductor" / key.strip("-")[:120]
 
 
 def amx_usable(flags: Iterable[str], cap: str | None = None) -> bool:
