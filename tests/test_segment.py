@@ -58,7 +58,7 @@ def _gap(s: float):
 def test_vad_keeps_the_speech_drops_the_silence_and_joins_up_to_max_s(clips):
     a, b = clips[0].audio, clips[1].audio
     audio = np.concatenate([_gap(1), a, _gap(10), b, _gap(0.5)])
-    vad = Segmenting("vad")
+    vad = Segmenting("vad", join="speech")
     chunks = segment.speech(audio, vad)
     assert len(chunks) == 2
     (s0, e0), (s1, e1) = chunks  # each utterance inside its chunk, padding around it
@@ -66,9 +66,30 @@ def test_vad_keeps_the_speech_drops_the_silence_and_joins_up_to_max_s(clips):
     joined = segment.pieces(audio, vad, windowed=True)
     assert len(joined) == 1 and joined[0].duration_s < 6 < audio.size / SR
     assert np.array_equal(joined[0].audio, np.concatenate([audio[s:e] for s, e in chunks]))
-    apart = segment.pieces(audio, Segmenting("vad", max_s=3.0, pad_s=0.2), windowed=True)
+    apart = segment.pieces(audio, Segmenting("vad", max_s=3.0, pad_s=0.2, join="speech"),
+                           windowed=True)
     assert len(apart) == 2 and all(p.duration_s <= 3.0 for p in apart)
     assert segment.pieces(_gap(40), vad, windowed=True) == []  # nothing to decode
+
+
+def test_span_keeps_the_pauses_between_speech_and_ends_a_piece_at_a_long_one(clips):
+    """`segment.join=span` (the default): a piece is the recording itself from its first chunk's
+    start to its last chunk's end, pauses kept, at most max_s long; a pause over max_gap_s (or
+    a chunk that would make the piece too long) starts the next piece, and is never decoded."""
+    a, b, c = (u.audio for u in clips[:3])
+    audio = np.concatenate([_gap(1), a, _gap(1.5), b, _gap(8), c, _gap(1)])
+    chunks = segment.speech(audio, Segmenting("vad"))
+    assert len(chunks) == 3
+    one = segment.pieces(audio, Segmenting("vad"), windowed=True)  # every pause under 10 s
+    assert len(one) == 1 and one[0].spans == ((chunks[0][0], chunks[2][1]),)
+    assert np.array_equal(one[0].audio, audio[chunks[0][0]:chunks[2][1]])  # pauses kept
+    two = segment.pieces(audio, Segmenting("vad", max_gap_s=5.0), windowed=True)
+    assert [p.spans for p in two] == [((chunks[0][0], chunks[1][1]),),
+                                      ((chunks[2][0], chunks[2][1]),)]
+    short = segment.pieces(audio, Segmenting("vad", max_s=a.size / SR + 1.5), windowed=True)
+    assert len(short) == 3 and all(p.duration_s <= a.size / SR + 1.5 for p in short)
+    glued = segment.pieces(audio, Segmenting("vad", join="speech"), windowed=True)
+    assert len(glued) == 1 and glued[0].audio.size == sum(e - s for s, e in chunks)
 
 
 def test_the_vad_hears_no_speech_in_the_hallucination_probes():
@@ -99,6 +120,18 @@ def test_segment_and_batch_recipes_are_checked_and_planned():
         Recipe.parse("decode.batch=0")
     with pytest.raises(RecipeError, match="`segment.method` must be one of"):
         Recipe.parse("segment.method=energy")
+    with pytest.raises(RecipeError, match="`segment.join` must be one of"):
+        Recipe.parse("segment.method=vad,segment.join=overlap")
+    with pytest.raises(RecipeError, match=r"`segment.max_gap_s` must be in \[0, 30\]"):
+        Recipe.parse("segment.method=vad,segment.max_gap_s=-1")
+    # the gap rule means nothing to glued speech: the same plan, measured once
+    glued = Recipe.parse("segment.method=vad,segment.join=speech")
+    assert (plan_for(Recipe.parse("segment.method=vad,segment.join=speech,segment.max_gap_s=3"))
+            == plan_for(glued))
+    assert [c.canonical() for c in glued.configs()] == [
+        c.canonical() for c in Recipe.parse("segment.method=vad,segment.join=speech,"
+                                            "segment.max_gap_s=3").configs()]
+    assert "pauses <= 10 s kept" in Recipe.parse("segment.method=vad").describe()
     assert Recipe.parse("segment.threshold=0.3,segment.max_s=10").is_baseline  # sequential
     r = Recipe.parse("segment.method=vad,segment.max_s=12,segment.pad_s=0.1,decode.batch=4")
     assert not r.is_baseline and "VAD segments <= 12 s" in r.describe()

@@ -16,10 +16,19 @@ class SegmentConfig(Technique):
                                 help="sequential = Whisper's own long-form decoding, 30 s "
                                 "windows one after another (a clip up to 30 s is one window); "
                                 "vad = Silero VAD's speech only, joined into pieces of at most "
-                                "segment.max_s, each transcribed on its own (non-speech is "
-                                "never decoded)"),
+                                "segment.max_s as segment.join says, each transcribed on its "
+                                "own (long non-speech is never decoded)"),
         "segment.max_s": Param("float", 30.0, 1, 30, help="vad: speech joined into pieces of at "
                                "most this many seconds; unused with sequential"),
+        "segment.join": Param("choice", "span", choices=("span", "speech"),
+                              help="vad: span = a piece is the recording from its first speech "
+                              "chunk to its last, the pauses between them kept (WhisperX); "
+                              "speech = the chunks' speech alone, glued end to end "
+                              "(faster-whisper's batched pipeline; whisper-base then skips "
+                              "whole utterances); unused with sequential"),
+        "segment.max_gap_s": Param("float", 10.0, 0, 30, help="vad with span: a pause longer "
+                                   "than this between speech chunks ends a piece and is not "
+                                   "decoded; unused otherwise"),
         "segment.threshold": Param("float", 0.5, 0, 1, lo_open=True, hi_open=True,
                                    help="vad: speech probability above which a 32 ms frame is "
                                    "speech; unused with sequential"),
@@ -37,7 +46,11 @@ class SegmentConfig(Technique):
                               f"max_s={self.max_s}")
 
     def canonical(self):  # the VAD's settings mean nothing to sequential decoding
-        return self if self.method == "vad" else type(self)()
+        if self.method != "vad":
+            return type(self)()
+        if self.join != "span":  # nor the gap rule to glued speech
+            return dataclasses.replace(self, max_gap_s=self.PARAMS["segment.max_gap_s"].default)
+        return self
 
     def decoding(self) -> dict:
         from ..measure.segment import Segmenting
@@ -49,5 +62,7 @@ class SegmentConfig(Technique):
     def describe(self) -> str:
         if self.method != "vad":
             return ""
-        return (f"VAD segments <= {self.max_s:g} s (threshold {self.threshold:g}, silence "
-                f"{self.min_silence_s:g} s, padding {self.pad_s:g} s)")
+        joined = (f"pauses <= {self.max_gap_s:g} s kept" if self.join == "span"
+                  else "speech glued")
+        return (f"VAD segments <= {self.max_s:g} s, {joined} (threshold {self.threshold:g}, "
+                f"silence {self.min_silence_s:g} s, padding {self.pad_s:g} s)")
