@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -119,7 +120,7 @@ def recordings(args):
     embedded = {u.text for u in load_eval_set("embedded")}
     clips = [u for u in clips if u.text not in embedded]  # none of the embedded set's clips
     opts = LongOptions(n=args.n, min_s=args.min_s, max_s=args.max_s, seed=args.seed,
-                       name=f"bench_{args.dataset.replace('+', '_')}")
+                       name="bench_" + re.sub(r"[^A-Za-z0-9_-]+", "_", args.dataset))
     return load_eval_set(str(cached(clips, opts, args.dataset)))
 
 
