@@ -32,6 +32,10 @@ NOISE = {
     "transformers.generation.utils": r"^(Both `max_new_tokens`|Passing `generation_config` "
                                      r"together with generation-related arguments="
                                      r"\(\{('(begin_)?suppress_tokens'(, )?)+\}\))",
+    # Something that walks a model's attributes (tracing a scripted step, loading a stored
+    # checkpoint) reads its `loss_function` property; inference never computes a loss.
+    "transformers.modeling_utils": r"^`loss_type=None` was set in the config but it is "
+                                   r"unrecognized",
     # A new sqlite tracking store and a new Optuna study: not news, the launcher names both.
     "mlflow.store.db.utils": r"^(Creating initial MLflow database tables|Updating database tables)",
     "optuna.storages._rdb.storage": r"^A new study created in RDB",
@@ -50,6 +54,10 @@ WARNINGS = [
     # Tune times our define-by-run sampling and warns past 1 s; on a loaded 2-core machine the
     # space's walk (conditions, TPE) can take that long, and no trial work happens there.
     (UserWarning, r"Define-by-run function passed in the `space` argument took"),
+    # torch 2.13 calls its quantized tensors deprecated; fbgemm's int8 Linears (the dynamic
+    # int8 scheme, and a stored checkpoint's packed weights) are built from them on purpose.
+    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other "
+                  r"quantized tensor creation functions"),
 ]
 # Tune's legacy console engine honours RunConfig(verbose=0); the default engine prints its
 # configuration box and a TensorBoard hint whatever `verbose` says (ray 2.60).

@@ -28,7 +28,7 @@ KINDS = ("float", "int", "pair")
 class Figure:
     name: str
     better: str | None = None  # "min", "max", or None (a description, not a goal)
-    unit: str = ""  # "" (fraction or count), "s", "MB", "x"
+    unit: str = ""  # "" (fraction or count), "s", "MB", "x", "audio s/s"
     fmt: str = ".3f"
     to: tuple[str, ...] = RECORDED
     relative: bool = False  # measured against the baseline of the same process
@@ -38,6 +38,10 @@ class Figure:
     of: str | None = None  # a relative figure's absolute one (dwer of wer), to derive it
     allowance: str | None = None  # constraint widening the hypervolume's reference point
     neutral: float | None = None  # what the baseline scores on a relative figure
+
+    def shown(self, v: float) -> str:
+        """`v` with its unit, as tables, cards and progress lines print it ("1.8x", "0.4 s")."""
+        return format(v, self.fmt) + (self.unit if self.unit in ("", "x") else f" {self.unit}")
     help: str = ""
 
     def __post_init__(self):
@@ -92,7 +96,7 @@ FIGURES: tuple[Figure, ...] = (
            help="90th percentile of seconds per clip"),
     Figure("rtf", "min", to=(*RECORDED, "card", "baseline"), label="real-time factor",
            help="seconds of wall time per second of audio"),
-    Figure("throughput", "max", "x", ".1f", to=(*_OBJ, "card"),
+    Figure("throughput", "max", "audio s/s", ".1f", to=(*_OBJ, "card"),
            label="throughput (audio s per s)",
            help="seconds of audio transcribed per second of wall time over the whole set, at "
                 "the trial's batch size, segmentation included (1 / rtf)"),

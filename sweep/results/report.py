@@ -76,8 +76,7 @@ def _extra(objectives: Objectives | None) -> list[figures.Figure]:
 
 
 def _cell(fig: figures.Figure, v) -> str:
-    return "—" if _num(v) is None else format(_num(v), fig.fmt) + (
-        f" {fig.unit}" if fig.unit in ("s", "MB") else fig.unit)
+    return "—" if _num(v) is None else fig.shown(_num(v))
 
 
 def baseline_row(rows: Iterable[Mapping]) -> Mapping | None:

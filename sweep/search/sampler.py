@@ -300,4 +300,4 @@ def _shown(result: dict, name: str) -> str:
     from ..results.figures import BY_NAME
 
     f, v = BY_NAME[name], result.get(name)
-    return f"{name} {'?' if v is None else format(v, f.fmt)}{f.unit}"
+    return f"{name} {'?' if v is None else f.shown(v)}"
