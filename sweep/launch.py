@@ -153,15 +153,22 @@ def kernel_fit(space, threads: int, devices=frozenset({"cpu"})):
         return space
     import torch
 
+    from .inputs import machine
     from .measure import int8  # noqa: F401 - registers int8_token's implementations
-    from .measure.kernels import SLOW_SPEEDUP, scheme_speedups
+    from .measure.kernels import SLOW_SPEEDUP, scheme_speedups, without_vnni
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         speed = scheme_speedups(schemes)
+        gated = without_vnni(schemes)
     finally:
         torch.set_num_threads(before)
+    cap = machine.isa_cap()
+    for s, (runs_on, never) in gated.items():  # e.g. int8_token never on torch._int_mm
+        print(f"kernels: {s} runs on {runs_on or 'no working kernel'} here, never on "
+              f"{', '.join(never)}: they need VNNI for oneDNN's int8 product, which this CPU "
+              + (f"under ONEDNN_MAX_CPU_ISA={cap} " if cap else "") + "lacks", file=sys.stderr)
     slow = {s: v for s, v in speed.items() if v is None or v < SLOW_SPEEDUP}
     if not slow:
         return space

@@ -144,6 +144,24 @@ def test_int_mm_is_never_a_candidate_without_vnni(monkeypatch, tmp_path):
     assert "needs VNNI" in entry["failed"]["torch._int_mm(per-token)"]
     gated = {i.name for impls in kernels.IMPLS.values() for i in impls if i.vnni}
     assert {"torch._int_mm(per-token)", "torchao.Int8DynamicActivationInt8Weight"} <= gated
+    # what the launcher says in its kernels line (launch.kernel_fit)
+    runs_on, never = kernels.without_vnni(["int8_token", "none"], 64, 128, 16)["int8_token"]
+    assert runs_on == "fbgemm(per-token rescaled)" and "torch._int_mm(per-token)" in never
+    assert "none" not in kernels.without_vnni(["none"], 64, 128, 16)
+
+
+def test_the_launcher_names_the_kernels_it_never_runs_without_vnni(monkeypatch, tmp_path,
+                                                                    capsys):
+    from sweep import launch
+    from sweep.search.space import load_space
+
+    monkeypatch.setattr(kernels.machine, "onednn_vnni", lambda *a, **k: False)
+    monkeypatch.setenv("HYPER_CACHE", str(tmp_path))
+    space = load_space("quick")
+    launch.kernel_fit(space, 1)
+    err = capsys.readouterr().err
+    assert "kernels: int8_token runs on fbgemm(per-token rescaled) here, never on" in err
+    assert "torch._int_mm(per-token)" in err and "need VNNI" in err
 
 
 def test_rescaled_rows_3d_traced_and_stored():

@@ -355,6 +355,25 @@ def scheme_speedups(schemes, d_model: int = 512, ffn: int = 2048,
     return out
 
 
+def without_vnni(schemes, d_model: int = 512, ffn: int = 2048,
+                 tokens: int = 1500) -> dict[str, tuple[str | None, list[str]]]:
+    """Per scheme with CPU implementations that need VNNI where this CPU (or its oneDNN cap)
+    has none: the implementation it runs on instead (on an encoder MLP matmul; None when none
+    works) and those never tried. Empty where oneDNN has VNNI."""
+    if machine.onednn_vnni():
+        return {}
+    out: dict[str, tuple[str | None, list[str]]] = {}
+    for scheme in schemes:
+        gated = [i.name for i in IMPLS.get(scheme, []) if i.vnni and "cpu" in i.devices]
+        if not gated:
+            continue
+        try:
+            out[scheme] = (choose(scheme, nn.Linear(d_model, ffn), tokens)[0].name, gated)
+        except KernelError:
+            out[scheme] = (None, gated)
+    return out
+
+
 def encoder_speedups(d_model: int = 512, ffn: int = 2048, tokens: int = 1500) -> dict[str, float]:
     """`scheme_speedups` of the encoder schemes a machine-aware start chooses between
     (`sweep.inputs.machine.ENCODER_SCHEMES`: bf16, dynamic int8); a scheme with no working
