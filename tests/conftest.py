@@ -1,6 +1,7 @@
 """Shared fixtures: the read-only shared data, a tiny random Whisper, the real embedded model."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,17 @@ def fast_kernel_choice(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HYPER_CACHE", str(tmp_path_factory.getbasetemp() / "hyper-cache"))
     monkeypatch.setattr(kernels, "time_calls", functools.partial(
         kernels.time_calls, budget_s=0.02, rounds=(2, 20), sample_s=1e-3))
+
+
+@pytest.fixture(autouse=True)
+def _ray_down():
+    """The launcher leaves its local Ray up (a driver's, as a user's process would keep it):
+    shut down after every test, so that no later test (on this xdist worker, in whatever order
+    files are dealt) starts with a Ray it did not start. Ray is not imported for this."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(autouse=True)

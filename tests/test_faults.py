@@ -30,12 +30,6 @@ params:
 pytestmark = pytest.mark.usefixtures("every_scheme_searched")
 
 
-@pytest.fixture(autouse=True)
-def _ray_down():
-    yield
-    ray.shutdown()
-
-
 def _space(tmp_path) -> str:
     p = tmp_path / "space.yaml"
     p.write_text(SPACE)

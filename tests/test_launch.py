@@ -18,12 +18,6 @@ from sweep.results import report  # noqa: E402
 pytestmark = pytest.mark.usefixtures("every_scheme_searched")
 
 
-@pytest.fixture(autouse=True)
-def _ray_down():
-    yield
-    ray.shutdown()
-
-
 def _space(tmp_path, body: str) -> str:
     p = tmp_path / "space.yaml"
     p.write_text(body)

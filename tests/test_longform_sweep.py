@@ -4,21 +4,12 @@ long file through `sweep.transcribe` and `sweep.serve` with its segmentation."""
 
 import json
 
-import pytest
-import ray
 import requests
 from mlflow.tracking import MlflowClient
 
 from sweep import export, launch, serve, transcribe
 from sweep.inputs.data import load_eval_set
 from sweep.inputs.longform import LongOptions, build, write
-
-
-@pytest.fixture(autouse=True)
-def _ray_down():
-    """The launcher leaves its local Ray up (a driver's); the next test file must not see it."""
-    yield
-    ray.shutdown()
 
 
 def test_long_space_sweeps_exports_and_serves_a_long_recording(tmp_path, tiny_checkpoint):

@@ -31,12 +31,6 @@ SPACE = "params:\n  quant.scheme: {choice: [none, bf16]}\nstarts:\n  - {quant.sc
 pytestmark = pytest.mark.usefixtures("every_scheme_searched")
 
 
-@pytest.fixture(autouse=True)
-def _ray_down():
-    yield
-    ray.shutdown()
-
-
 def _space(tmp_path) -> str:
     p = tmp_path / "space.yaml"
     p.write_text(SPACE)
