@@ -971,12 +971,19 @@ def start_pool(opts: ServeOptions) -> tuple[Pool, dict]:
             run(ck, silence, None, lang or "en", "transcribe")
             if opts.max_batch > 1:  # the greedy loop's cache and traces per batch size
                 run_many(ck, [silence] * opts.max_batch, (lang or "en", "transcribe"))
+    coupled = cks[0].recipe.quant.batch_coupled
+    if coupled and opts.max_batch > 1:
+        print(f"note: {', '.join(coupled)} run dynamic int8, whose scale covers a whole batch: "
+              f"with --max-batch {opts.max_batch} a request's text can depend on the requests "
+              "decoded with it (int8_token scales each row and does not)", file=sys.stderr)
     # The folder's name and the recipe's digest, not its path: /health answers without a key.
     about = {"checkpoint": Path(opts.checkpoint).resolve().name,
              "digest": cks[0].info.get("digest"),
              "recipe": cks[0].recipe.describe(), "language": lang,
              "device": cks[0].recipe.device, "threads": torch.get_num_threads(),
-             "segment": cks[0].options.segment.describe(), "batch_wait_ms": opts.batch_wait_ms}
+             "segment": cks[0].options.segment.describe(), "batch_wait_ms": opts.batch_wait_ms,
+             # whether a request's text is the same whatever is batched with it
+             "batch_invariant": opts.max_batch == 1 or not coupled}
     return Pool(cks, opts.queue, opts.max_batch, opts.batch_wait_ms / 1000), about
 
 

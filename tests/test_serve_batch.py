@@ -114,3 +114,23 @@ def test_concurrent_requests_are_batched_and_a_long_upload_segmented(vad_checkpo
     assert got == [(200, w) for w in want]  # the texts of one request at a time
     assert snap["batches"] >= 1 and snap["batched"] >= 2 and snap["max_batch"] == 4
     assert health["segment"].startswith("VAD") and health["max_batch"] == 4
+    assert health["batch_invariant"]  # fp32: nothing scaled over the batch
+
+
+def test_a_batching_server_says_when_dynamic_int8_couples_batchmates(tiny_checkpoint, tmp_path,
+                                                                     capsys):
+    from sweep.inputs.models import load_model
+
+    tiny = load_model(tiny_checkpoint)
+    recipe = Recipe.parse("quant.scheme=dynamic_int8,quant.enc_attn=int8_token,"
+                          "quant.enc_mlp=int8_token,decode.loop=greedy")
+    assert recipe.quant.batch_coupled == ["dec_cross", "dec_mlp", "dec_self", "head"]
+    ck = save_checkpoint(tiny.model, tiny.processor, recipe, tmp_path / "ck",
+                         metrics={"data": {"language": "ru"}})
+    for max_batch, invariant in ((1, True), (4, False)):
+        with running(serve.ServeOptions(str(ck), port=0, max_batch=max_batch)) as (url, _):
+            health = requests.get(f"{url}/health", timeout=30).json()
+        assert health["batch_invariant"] is invariant
+    err = capsys.readouterr().err
+    assert err.count("note: dec_cross, dec_mlp, dec_self, head run dynamic int8") == 1
+    assert "--max-batch 4" in err

@@ -67,6 +67,13 @@ class QuantConfig(Technique):
                               f"be set (a count or a budget), got {self.fallback_blocks=}, "
                               f"{self.fallback_budget=}")
 
+    # Schemes whose activation scale is computed over the whole input: rows decoded together
+    # (a batch of clips, pieces or server requests) share it, so a row's result depends on its
+    # batchmates (19 of 64 answers of a batching server differed, issue #28). int8_token scales
+    # each row; static int8's scales are fixed at calibration.
+    batch_coupled = property(lambda self: sorted(
+        t for t, s in self.by_layer_type().items() if s == "dynamic_int8"))
+
     # the fallback acts on int8 layers only
     falls_back = property(lambda self: bool(self.fallback_blocks or self.fallback_budget) and any(
         s in LOWBIT for s in self.by_layer_type().values()))
