@@ -145,9 +145,10 @@ def test_int_mm_is_never_a_candidate_without_vnni(monkeypatch, tmp_path):
     gated = {i.name for impls in kernels.IMPLS.values() for i in impls if i.vnni}
     assert {"torch._int_mm(per-token)", "torchao.Int8DynamicActivationInt8Weight"} <= gated
     # what the launcher says in its kernels line (launch.kernel_fit)
-    runs_on, never = kernels.without_vnni(["int8_token", "none"], 64, 128, 16)["int8_token"]
+    said = kernels.without_vnni(["int8_token", "dynamic_int8", "none"], 64, 128, 16)
+    runs_on, never = said["int8_token"]
     assert runs_on == "fbgemm(per-token rescaled)" and "torch._int_mm(per-token)" in never
-    assert "none" not in kernels.without_vnni(["none"], 64, 128, 16)
+    assert set(said) == {"int8_token"}  # dynamic int8's own kernel (fbgemm) needs no VNNI
 
 
 def test_the_launcher_names_the_kernels_it_never_runs_without_vnni(monkeypatch, tmp_path,

@@ -357,16 +357,19 @@ def scheme_speedups(schemes, d_model: int = 512, ffn: int = 2048,
 
 def without_vnni(schemes, d_model: int = 512, ffn: int = 2048,
                  tokens: int = 1500) -> dict[str, tuple[str | None, list[str]]]:
-    """Per scheme with CPU implementations that need VNNI where this CPU (or its oneDNN cap)
-    has none: the implementation it runs on instead (on an encoder MLP matmul; None when none
-    works) and those never tried. Empty where oneDNN has VNNI."""
+    """Per scheme whose own CPU kernel (its first implementation) needs VNNI where this CPU
+    (or its oneDNN cap) has none, so that it runs on a fallback (int8_token: fbgemm's rescaled
+    rows instead of torch._int_mm): that fallback (on an encoder MLP matmul; None when none
+    works) and the implementations never tried. A scheme that merely has a VNNI alternative
+    (dynamic int8's torchao) is not named. Empty where oneDNN has VNNI."""
     if machine.onednn_vnni():
         return {}
     out: dict[str, tuple[str | None, list[str]]] = {}
     for scheme in schemes:
-        gated = [i.name for i in IMPLS.get(scheme, []) if i.vnni and "cpu" in i.devices]
-        if not gated:
+        cpu = [i for i in IMPLS.get(scheme, []) if "cpu" in i.devices]
+        if not cpu or not cpu[0].vnni:
             continue
+        gated = [i.name for i in cpu if i.vnni]
         try:
             out[scheme] = (choose(scheme, nn.Linear(d_model, ffn), tokens)[0].name, gated)
         except KernelError:
