@@ -36,6 +36,10 @@ METHODS = ("sequential", "vad")
 JOINS = ("span", "speech")
 RATE = 16_000
 WINDOW_S = 30.0  # Whisper's window: any longer clip is long-form
+# the VAD's numeric settings: (low, high, low open, high open); the recipe's params take these
+RANGES = {"max_s": (1.0, WINDOW_S, False, False), "threshold": (0.0, 1.0, True, True),
+          "min_silence_s": (0.0, 10.0, False, False), "pad_s": (0.0, 5.0, False, False),
+          "max_gap_s": (0.0, WINDOW_S, False, False)}
 CUT_SEARCH_S = 5.0  # a greedy sequential window is cut in its last 5 s ...
 CUT_FRAME_S = 0.1  # ... at the quietest 100 ms
 
@@ -58,17 +62,13 @@ class Segmenting:
             bad.append(f"`segment.method` must be one of {METHODS}, got method={self.method!r}")
         if self.join not in JOINS:
             bad.append(f"`segment.join` must be one of {JOINS}, got join={self.join!r}")
-        for name, lo, hi, lo_open in (("max_s", 1.0, WINDOW_S, False),
-                                      ("threshold", 0.0, 1.0, True),
-                                      ("min_silence_s", 0.0, 10.0, False),
-                                      ("pad_s", 0.0, 5.0, False),
-                                      ("max_gap_s", 0.0, WINDOW_S, False)):
+        for name, (lo, hi, lo_open, hi_open) in RANGES.items():
             v = getattr(self, name)
             ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                  and (v > lo if lo_open else v >= lo) and v <= hi)
+                  and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
             if not ok:
                 bad.append(f"`segment.{name}` must be in {'(' if lo_open else '['}{lo:g}, "
-                           f"{hi:g}], got {name}={v!r}")
+                           f"{hi:g}{')' if hi_open else ']'}, got {name}={v!r}")
         if bad:
             raise ValueError("; ".join(bad))
 
@@ -79,10 +79,12 @@ class Segmenting:
     def describe(self) -> str:
         if not self.vad:
             return "sequential"
-        joined = (f"pauses <= {self.max_gap_s:g} s kept" if self.join == "span"
-                  else "speech glued")
         return (f"VAD (threshold {self.threshold:g}, silence {self.min_silence_s:g} s, padding "
-                f"{self.pad_s:g} s, pieces <= {self.max_s:g} s, {joined})")
+                f"{self.pad_s:g} s, pieces <= {self.max_s:g} s, {self.joining()})")
+
+    def joining(self) -> str:
+        """How speech chunks become pieces, in words (this and the recipe's description)."""
+        return f"pauses <= {self.max_gap_s:g} s kept" if self.join == "span" else "speech glued"
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,6 @@ class Figure:
     of: str | None = None  # a relative figure's absolute one (dwer of wer), to derive it
     allowance: str | None = None  # constraint widening the hypervolume's reference point
     neutral: float | None = None  # what the baseline scores on a relative figure
-
-    def shown(self, v: float) -> str:
-        """`v` with its unit, as tables, cards and progress lines print it ("1.8x", "0.4 s")."""
-        return format(v, self.fmt) + (self.unit if self.unit in ("", "x") else f" {self.unit}")
     help: str = ""
 
     def __post_init__(self):
@@ -52,6 +48,10 @@ class Figure:
                 if d not in DESTINATIONS]
         if bad:
             raise ValueError(f"figure `{self.name}`: {'; '.join(bad)}")
+
+    def shown(self, v: float) -> str:
+        """`v` with its unit, as tables, cards and progress lines print it ("1.8x", "0.4 s")."""
+        return format(v, self.fmt) + (self.unit if self.unit in ("", "x") else f" {self.unit}")
 
     @property
     def keys(self) -> tuple[str, ...]:
