@@ -67,10 +67,12 @@ class QuantConfig(Technique):
                               f"be set (a count or a budget), got {self.fallback_blocks=}, "
                               f"{self.fallback_budget=}")
 
-    # Schemes whose activation scale is computed over the whole input: rows decoded together
-    # (a batch of clips, pieces or server requests) share it, so a row's result depends on its
-    # batchmates (19 of 64 answers of a batching server differed, issue #28). int8_token scales
-    # each row; static int8's scales are fixed at calibration.
+    # Layer types on dynamic int8, whose usual kernel (fbgemm's, per tensor) computes one
+    # activation scale over the whole input: rows decoded together (a batch of clips, pieces or
+    # server requests) share it, so a row's result can depend on its batchmates (19 of 64
+    # answers of a batching server differed, issue #28). int8_token scales each row; static
+    # int8's scales are fixed at calibration. (Where the kernel table picked torchao's
+    # per-token kernel instead, the coupling is absent and this errs on the cautious side.)
     batch_coupled = property(lambda self: sorted(
         t for t, s in self.by_layer_type().items() if s == "dynamic_int8"))
 
