@@ -178,9 +178,9 @@ def main(argv=None) -> int:
         print(f"preparing {v.name}", file=sys.stderr)
         v.prepare(loaded, threads)
     # Untimed: compile, allocator and caches warm on one clip of each length in whole seconds.
-    # A windowed recipe's scripted step is traced (and TorchScript-optimised on its 2nd call)
-    # once per window length: a server is past that within minutes, so the timed pass measures
-    # the steady state, not the first call of each of ~10 window lengths.
+    # A compiled encoder builds a graph per window length, and TorchScript optimises a traced
+    # step's graph on its first calls: a server is past that within minutes, so the timed pass
+    # measures the steady state, not the first call of each of ~10 window lengths.
     for v in variants:
         for u, lang in warmup_clips(ev.utterances, langs):
             v.run(loaded.processor, u, lang)

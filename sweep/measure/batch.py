@@ -124,8 +124,8 @@ def warm(model, processor, recordings: list[list[np.ndarray]], languages: list[s
          task: str = "transcribe", tokens: int = 3, passes: int = 2) -> int:
     """Untimed passes of `tokens` tokens over one batch of every shape (pieces in the batch,
     encoder window) that transcribing `recordings` (each a group transcribed together) will
-    decode; returns the shapes warmed. A scripted step traces, and a compiled one compiles,
-    per shape: a batch of a size first met while timing paid for it there."""
+    decode; returns the shapes warmed. A compiled encoder or step compiles per shape, a
+    scripted step traces per batch size: a shape first met while timing paid for it there."""
     import dataclasses
 
     from .window import full_frames

@@ -162,8 +162,12 @@ class Greedy:
 
 
 class _Scripted:
-    """The static step traced by TorchScript, one trace per input shape (the prompt, the
-    following tokens, each encoder window). It runs the same aten ops as the eager static step,
+    """The static step traced by TorchScript, one trace per token shape (the prompt, the
+    following tokens). The encoder window's length stays a traced dimension: no Python value
+    of the step depends on it (the cross-attention reads it from the K/V tensors), so the trace
+    made on one window runs every other one with the same result to the bit, and a new window
+    (every 1 s bucket of `encoder.window=auto`, in a server too) pays no trace of its own
+    (tests/test_decode.py). It runs the same aten ops as the eager static step,
     but from TorchScript's interpreter instead of Python, and torch.ao's int8 Linears are
     native there (their packed weights are TorchScript objects). TorchScript is deprecated in
     torch; this stays a recipe choice the sweep measures, next to torch.compile."""
@@ -181,7 +185,7 @@ class _Scripted:
 
     def __call__(self, ids, pos: int, cross, mask):
         pos_t = torch.tensor(pos, device=ids.device)
-        key = (tuple(ids.shape), tuple(cross[0][0].shape), tuple(mask.shape))
+        key = (tuple(ids.shape), tuple(mask.shape))  # not the window: see above
         fn = self.traces.get(key)
         if fn is None:
             with warnings.catch_warnings():
