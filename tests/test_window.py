@@ -1,6 +1,7 @@
-"""The encoder window's margin and padding (encoder.margin_s, encoder.pad_s): validated with
-clear errors, a larger margin encodes a longer window, padding puts silence before the speech,
-both reach the decoding plan and the spaces, and mean nothing on the full window."""
+"""The encoder window's margin, padding and floor (encoder.margin_s, encoder.pad_s,
+encoder.min_s): validated with clear errors, a larger margin encodes a longer window, padding
+puts silence before the speech, the floor lengthens short windows only, all reach the decoding
+plan and the spaces, and mean nothing on the full window."""
 
 import numpy as np
 import pytest
@@ -27,6 +28,8 @@ def tiny(tiny_checkpoint, small_manifest):
     ("encoder.window=auto,encoder.pad_s=31", "`encoder.pad_s` must be in [0, 30], got "
                                              "pad_s=31.0"),
     ("encoder.margin_s=soon", "`encoder.margin_s` must be float in [0, 30], got 'soon'"),
+    ("encoder.window=auto,encoder.min_s=40", "`encoder.min_s` must be in [0, 30], got "
+                                             "min_s=40.0"),
 ])
 def test_margin_and_padding_refused_with_the_rule(text, rule):
     with pytest.raises(RecipeError) as e:
@@ -40,6 +43,18 @@ def test_window_refuses_bad_seconds():
         Window("auto", 5, margin_s=-0.5)
     with pytest.raises(ValueError, match="`encoder.pad_s` must be seconds"):
         Window("auto", 5, pad_s=True)
+    with pytest.raises(ValueError, match=r"`encoder.min_s` must be seconds in \[0, 30\], "
+                                         r"got min_s=-1"):
+        Window("auto", 5, min_s=-1)
+
+
+def test_the_floor_lengthens_short_windows_only():
+    floor = Window("auto", 1, margin_s=2.0, min_s=10.0)
+    assert floor.frames(2.0, 3000) == 1000  # 4 s of clip and margin -> 10 s
+    assert floor.frames(9.5, 3000) == 1200  # 11.5 s: over the floor, the margin decides
+    assert floor.frames(29.0, 3000) == 3000
+    assert Window("auto", 1, margin_s=2.0).frames(2.0, 3000) == 400
+    assert Window(min_s=10.0).frames(2.0, 3000) == 3000  # the full window ignores it
 
 
 def test_a_larger_margin_gives_a_longer_window():
@@ -71,18 +86,19 @@ def test_margin_and_padding_reach_the_features_tiny(tiny):
 def test_recipe_to_plan_and_back_tiny(tiny):
     model, proc, utt = tiny
     r = Recipe.parse("encoder.window=auto,encoder.bucket_s=1,encoder.margin_s=1.5,"
-                     "encoder.pad_s=0.5,decode.loop=greedy,decode.no_repeat_ngram=4")
+                     "encoder.pad_s=0.5,encoder.min_s=8,decode.loop=greedy,"
+                     "decode.no_repeat_ngram=4")
     assert Recipe.from_flat(r.to_flat()) == r
-    assert "window auto/1s +1.5s pad 0.5s" in r.describe()
+    assert "window auto/1s +1.5s pad 0.5s >=8s" in r.describe()
     applied = apply_recipe(model, r)
     w = applied.options.window
-    assert (w.margin_s, w.pad_s, applied.options.no_repeat) == (1.5, 0.5, 4)
-    assert "margin 1.5 s, padding 0.5 s" in applied.options.describe()
+    assert (w.margin_s, w.pad_s, w.min_s, applied.options.no_repeat) == (1.5, 0.5, 8.0, 4)
+    assert "margin 1.5 s, padding 0.5 s, at least 8 s" in applied.options.describe()
     text, ids, _, secs = evaluate.transcribe(model, proc, utt, language="ru",
                                              options=applied.options)
     assert isinstance(text, str) and secs > 0
     # on the full window margin and padding change nothing: the unmodified model
-    assert Recipe.parse("encoder.margin_s=2,encoder.pad_s=1").is_baseline
+    assert Recipe.parse("encoder.margin_s=2,encoder.pad_s=1,encoder.min_s=5").is_baseline
     assert np.isclose(Recipe.parse("encoder.window=auto,encoder.margin_s=2").encoder.margin_s, 2)
 
 

@@ -62,7 +62,8 @@ class Plan:
                 + (f", at most {self.max_new_tokens} tokens" if self.max_new_tokens else "")
                 + ("" if w.mode == "full" else f", encoder window {w.mode} ({w.bucket_s} s"
                    + (f", margin {w.margin_s:g} s" if w.margin_s else "")
-                   + (f", padding {w.pad_s:g} s" if w.pad_s else "") + ")")
+                   + (f", padding {w.pad_s:g} s" if w.pad_s else "")
+                   + (f", at least {w.min_s:g} s" if w.min_s else "") + ")")
                 + ("" if not self.segment.vad else f", segments by {self.segment.describe()}")
                 + (f", batch {self.batch}" if self.batch > 1 else ""))
 

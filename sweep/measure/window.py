@@ -10,9 +10,11 @@ shapes occur (caches, compiled graphs).
 A window cut at the clip's end gives the model no silence after the speech, which it always had
 in training (Whisper pads to 30 s): `margin_s` encodes that many seconds of the padding beyond
 the speech's end, `pad_s` puts that much silence before it (whisper.cpp users add ~1.3 s to
-`audio_ctx`, and pad very short clips in front). The speech's end is the clip's end (evaluation
-clips are utterances; their trailing silence counts as speech). bench/window.py measures the
-WER/speed curve.
+`audio_ctx`, and pad very short clips in front), and `min_s` encodes at least that many seconds
+whatever the clip (a window of a few seconds is where whisper-base loses most: on 2 s VAD pieces
+between long pauses it repeated one command to its token cap, issue #28). The speech's end is
+the clip's end (evaluation clips are utterances; their trailing silence counts as speech).
+bench/window.py measures the WER/speed curve.
 """
 
 from __future__ import annotations
@@ -34,19 +36,20 @@ FULL_S = 30.0  # Whisper's own window
 @dataclass(frozen=True)
 class Window:
     """`full`: always the model's window (30 s); `auto`: `pad_s` of silence, the clip, then
-    `margin_s` of silence, rounded up to a multiple of `bucket_s` seconds (at most the full
-    window)."""
+    `margin_s` of silence, at least `min_s`, rounded up to a multiple of `bucket_s` seconds (at
+    most the full window)."""
     mode: str = "full"
     bucket_s: int = 5
     margin_s: float = 0.0  # silence encoded beyond the speech's end (auto only)
     pad_s: float = 0.0  # silence put before the speech (auto only)
+    min_s: float = 0.0  # the window is at least this long, silence after the speech (auto only)
 
     def __post_init__(self):
         if self.mode not in WINDOWS:
             raise ValueError(f"`encoder.window` must be one of {WINDOWS}, got window={self.mode!r}")
         if not (isinstance(self.bucket_s, int) and self.bucket_s >= 1):
             raise ValueError(f"`encoder.bucket_s` must be an integer >= 1, got {self.bucket_s=}")
-        for name in ("margin_s", "pad_s"):
+        for name in ("margin_s", "pad_s", "min_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= FULL_S:
                 raise ValueError(f"`encoder.{name}` must be seconds in [0, {FULL_S:g}], got "
@@ -62,7 +65,7 @@ class Window:
         """Mel frames to encode for a clip of `duration_s` seconds (even: conv2 has stride 2)."""
         if self.mode == "full":
             return full_frames
-        speech = round(self.lead_s(duration_s) + duration_s + self.margin_s, 3)
+        speech = round(max(self.lead_s(duration_s) + duration_s + self.margin_s, self.min_s), 3)
         seconds = self.bucket_s * max(1, math.ceil(speech / self.bucket_s))
         frames = int(round(seconds / HOP_S))
         return min(full_frames, frames + frames % 2)

@@ -23,6 +23,11 @@ class EncoderConfig(Technique):
         "encoder.pad_s": Param("float", 0.0, 0, 30, help="auto window: seconds of silence put "
                                "before the speech (not when the clip would no longer fit 30 "
                                "s); unused with encoder.window=full"),
+        # Whisper-base on a window of a few seconds repeats itself or drops words: a short VAD
+        # piece (2 s between long pauses) gets this much window however short it is.
+        "encoder.min_s": Param("float", 0.0, 0, 30, help="auto window: at least this many "
+                               "seconds are encoded, silence after the speech (a floor for "
+                               "short clips and pieces); unused with encoder.window=full"),
         # The encoder is 88% of whisper-base's FLOPs: in bf16 on AMX, eager spends a fifth of
         # its time in unfused copies, adds and GELUs around the matmuls.
         "encoder.compile": Param("choice", "none", choices=("none", "default", "freeze"),
@@ -34,9 +39,9 @@ class EncoderConfig(Technique):
                                  "prepacked for oneDNN; inference only); none = eager"),
     }
 
-    def canonical(self):  # bucket, margin and padding mean nothing on the full window
+    def canonical(self):  # bucket, margin, padding and floor mean nothing on the full window
         return self if self.window != "full" else dataclasses.replace(
-            self, bucket_s=5, margin_s=0.0, pad_s=0.0)
+            self, bucket_s=5, margin_s=0.0, pad_s=0.0, min_s=0.0)
 
     compiles = property(lambda self: self.compile != "none")
 
@@ -55,12 +60,13 @@ class EncoderConfig(Technique):
     def decoding(self) -> dict:
         from ..measure.window import Window
 
-        return {"window": Window(self.window, self.bucket_s, self.margin_s, self.pad_s)
-                if self.window != "full" else Window()}
+        return {"window": Window(self.window, self.bucket_s, self.margin_s, self.pad_s,
+                                 self.min_s) if self.window != "full" else Window()}
 
     def describe(self) -> str:
         return ", ".join(filter(None, (
             self.window != "full" and f"window auto/{self.bucket_s}s" + (
                 f" +{self.margin_s:g}s" if self.margin_s else "") + (
-                f" pad {self.pad_s:g}s" if self.pad_s else ""),
+                f" pad {self.pad_s:g}s" if self.pad_s else "") + (
+                f" >={self.min_s:g}s" if self.min_s else ""),
             self.compile != "none" and f"encoder compiled ({self.compile})")))
