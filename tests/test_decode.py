@@ -393,3 +393,16 @@ def test_batch_texts_real(real_model, real_clips):
            for u in real_clips[:4]]
     assert decode.transcribe_batch(m.model, proc, real_clips[:4], m.options, language="ru",
                                    cap=120) == one
+
+
+def test_isa_note_says_what_the_capped_kernels_have(monkeypatch):
+    """Under the AVX2 caps the note says fbgemm and oneDNN run without VNNI, whatever the CPU's
+    flags (benchmark rows carry it)."""
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    decode.isa_note.cache_clear()
+    try:
+        note = decode.isa_note()
+    finally:
+        decode.isa_note.cache_clear()
+    assert "fbgemm without VNNI" in note and "oneDNN without VNNI" in note

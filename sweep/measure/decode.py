@@ -226,11 +226,16 @@ RUNNERS.update({GeneratePlan: _generate, GreedyPlan: _greedy})
 def isa_note() -> str:
     """Instruction sets the kernels use here: ATen's vector level, the torch.ao int8 engine and
     oneDNN's bf16 matmul kernel (read from its verbose log, written to fd 1 below Python)."""
+    from ..inputs import machine
     from .kernels import cpu_flags, onednn_log
 
     dots = "+".join(sorted({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())) or "none"
+    # what the kernels may use, their caps counted (the CPU's flags alone said avx512_vnni
+    # under FBGEMM_ENABLE_INSTRUCTIONS=AVX2)
+    used = ", ".join(f"{lib} {'with' if ok else 'without'} VNNI" for lib, ok in (
+        ("fbgemm", machine.fbgemm_vnni()), ("oneDNN", machine.onednn_vnni())))
     text = (f"aten {torch.backends.cpu.get_cpu_capability()}, int8 engine "
-            f"{torch.backends.quantized.engine} (CPU int8 dot products: {dots})")
+            f"{torch.backends.quantized.engine} (CPU int8 dot products: {dots}; {used})")
     x = torch.ones(64, 512, dtype=torch.bfloat16)  # small shapes skip oneDNN
     impl = re.findall(r"matmul,([^,]+),", onednn_log(lambda: nn.functional.linear(x, x)))
     return text + f", oneDNN bf16 matmul {impl[0] if impl else 'not logged'}"
