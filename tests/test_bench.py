@@ -380,3 +380,20 @@ def test_decode_refuses_a_bad_variant_before_loading_anything(item, message, cap
 
     assert decode.main(["--variant", item]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_longform_says_how_finely_its_set_resolves_dwer():
+    from bench import longform
+
+    def row(name, lo, hi, fw=None):
+        return {"name": name, "faster_whisper": fw, "dwer_ci95": [lo, hi]}
+
+    rows = [row(longform.BASELINE, 0.0, 0.0), row("a", -0.10, 0.20), row("b", -0.04, 0.22),
+            row("c", -0.2, 0.3), row("fw", -0.5, 0.5, fw="int8 batched")]
+    res = longform.resolution(rows, 12)
+    assert res["recipes"] == 3 and np.isclose(res["dwer_half_width"], 0.15)
+    assert np.isclose(res["dwer_needed"], -0.05)  # 10% upper bound - 15% half-width
+    line = longform.resolution_line(res)
+    assert "±15%" in line and "-5% or less" in line and "3 recipes" in line
+    assert longform.resolution([rows[0], rows[-1]], 12) is None
+    assert longform.resolution(rows, 1) is None and longform.resolution_line(None) == ""
