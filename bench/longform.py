@@ -169,17 +169,21 @@ def summarize(variants: list[Variant], ev, raw: dict) -> list[dict]:
 
 
 def resolution(rows: list[dict], recordings: int) -> dict | None:
-    """How finely this set tells dWER apart: the median half-width of the HYPER recipes' 95%
-    intervals, and the dWER a recipe would need for its upper bound to keep within the bar's
-    +10% (about that much below it). None without recipes or with one recording (resampled
-    over recordings, its interval is a point: it says nothing of the spread)."""
-    half = sorted((r["dwer_ci95"][1] - r["dwer_ci95"][0]) / 2 for r in rows
-                  if not r["faster_whisper"] and r["name"] != BASELINE)
-    if not half or recordings < 2:
+    """How finely this set tells dWER apart (`report.resolution`, as a sweep says it: the
+    median half-width of the HYPER recipes' 95% intervals), and the dWER a recipe would need
+    for its upper bound to keep within the bar's +10% (about that much below it). None without
+    recipes or with one recording (resampled over recordings, its interval is a point: it says
+    nothing of the spread)."""
+    from sweep.results import report
+    from sweep.techniques.recipe import Recipe
+
+    got = recordings >= 2 and report.resolution([
+        {"recipe": Recipe.parse(r["recipe"]).to_flat(), "dwer_ci95_lo": r["dwer_ci95"][0],
+         "dwer_ci95_hi": r["dwer_ci95"][1]} for r in rows if not r["faster_whisper"]])
+    if not got:
         return None
-    n = len(half)
-    mid = half[n // 2] if n % 2 else (half[n // 2 - 1] + half[n // 2]) / 2
-    return {"dwer_half_width": mid, "recipes": n, "dwer_needed": MAX_DWER_UPPER - mid}
+    half, n = got
+    return {"dwer_half_width": half, "recipes": n, "dwer_needed": MAX_DWER_UPPER - half}
 
 
 def resolution_line(res: dict | None) -> str:

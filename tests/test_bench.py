@@ -385,11 +385,12 @@ def test_decode_refuses_a_bad_variant_before_loading_anything(item, message, cap
 def test_longform_says_how_finely_its_set_resolves_dwer():
     from bench import longform
 
-    def row(name, lo, hi, fw=None):
-        return {"name": name, "faster_whisper": fw, "dwer_ci95": [lo, hi]}
+    def row(name, lo, hi, fw=None, recipe="quant.scheme=dynamic_int8"):
+        return {"name": name, "faster_whisper": fw, "dwer_ci95": [lo, hi], "recipe": recipe}
 
-    rows = [row(longform.BASELINE, 0.0, 0.0), row("a", -0.10, 0.20), row("b", -0.04, 0.22),
-            row("c", -0.2, 0.3), row("fw", -0.5, 0.5, fw="int8 batched")]
+    rows = [row(longform.BASELINE, 0.0, 0.0, recipe=""), row("a", -0.10, 0.20),
+            row("b", -0.04, 0.22), row("c", -0.2, 0.3),
+            row("fw", -0.5, 0.5, fw="int8 batched", recipe="")]
     res = longform.resolution(rows, 12)
     assert res["recipes"] == 3 and np.isclose(res["dwer_half_width"], 0.15)
     assert np.isclose(res["dwer_needed"], -0.05)  # 10% upper bound - 15% half-width
