@@ -35,8 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sweep.console import refusing
+
 from . import common
-from .harness import Peer
+from .harness import Peer, named_recipes
 
 RECIPES = (
     ("vad-b8-int8-script", "segment.method=vad,decode.batch=8,decode.loop=greedy,"
@@ -220,6 +222,7 @@ def markdown(res: dict) -> str:
         "fw-int8-batched8-vad's.", "", resolution_line(res.get("resolution")), ""])
 
 
+@refusing
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.longform", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,12 +252,12 @@ def main(argv=None) -> int:
     from sweep.inputs.models import load_model
     from sweep.measure.decode import isa_note
 
+    # bad input: refused (exit 2) before the recordings are built or any model loads
+    recipes = named_recipes(args.recipe, "--recipe") or list(RECIPES)
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     quiet_transformers()
     ev = recordings(args)
-    recipes = [r.split("=", 1) for r in args.recipe] if args.recipe else [list(r) for r in
-                                                                            RECIPES]
     variants = [Variant(BASELINE)] + [Variant(n, recipe=r) for n, r in recipes]
     if not args.no_peers:
         variants += [Variant(n, compute_type=c, mode=m) for n, c, m in PEERS]

@@ -398,3 +398,14 @@ def test_longform_says_how_finely_its_set_resolves_dwer():
     assert "±15%" in line and "-5% or less" in line and "3 recipes" in line
     assert longform.resolution([rows[0], rows[-1]], 12) is None
     assert longform.resolution(rows, 1) is None and longform.resolution_line(None) == ""
+
+
+def test_longform_refuses_a_bad_recipe_before_building_anything(capsys, tmp_path):
+    from bench import longform
+
+    assert longform.main(["--recipe", "x=encoder.min_s=abc", "--out", str(tmp_path)]) == 2
+    assert longform.main(["--recipe", "no-name", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "`--recipe` x: `encoder.min_s` must be float in [0, 30], got 'abc'" in err
+    assert "`--recipe` must be name=recipe-string, got 'no-name'" in err
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written
