@@ -22,15 +22,19 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:  # imported where used: the recipe's Window is pure (techniques.encoder)
+    import torch
+    from torch import nn
 
 WINDOWS = ("full", "auto")
 HOP_S = 0.01  # one mel frame per 10 ms (16 kHz, hop 160)
 RATE = 16000  # Whisper's sampling rate
 FULL_S = 30.0  # Whisper's own window
+SECONDS = ("margin_s", "pad_s", "min_s")  # Window's settings in seconds, each in [0, FULL_S]
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class Window:
             raise ValueError(f"`encoder.window` must be one of {WINDOWS}, got window={self.mode!r}")
         if not (isinstance(self.bucket_s, int) and self.bucket_s >= 1):
             raise ValueError(f"`encoder.bucket_s` must be an integer >= 1, got {self.bucket_s=}")
-        for name in ("margin_s", "pad_s", "min_s"):
+        for name in SECONDS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= FULL_S:
                 raise ValueError(f"`encoder.{name}` must be seconds in [0, {FULL_S:g}], got "
@@ -103,9 +107,11 @@ def _encode_window(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
 def _window_layers(enc: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     """The encoder's layers on any window, position embeddings cut to its length, in the
     encoder's dtype (what the module's cast hooks do for a bf16 encoder stack)."""
+    from torch.nn.functional import gelu
+
     x = feats.to(enc.conv1.weight.dtype)
-    x = nn.functional.gelu(enc.conv1(x))
-    x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+    x = gelu(enc.conv1(x))
+    x = gelu(enc.conv2(x)).permute(0, 2, 1)
     x = x + enc.embed_positions.weight[: x.shape[1]]
     for layer in enc.layers:
         x = layer(x, None)
@@ -120,6 +126,8 @@ def compile_encoder(model: nn.Module, freeze: bool) -> None:
     (cast hooks included), shorter windows through `_window_layers`. With `freeze`, inductor
     folds the weights in as constants and prepacks them for oneDNN (inference only). Dynamo's
     automatic dynamic shapes give shorter windows one graph for all sizes after the second."""
+    import torch
+
     wrap = _frozen if freeze else (lambda fn: fn)
     enc = model.model.encoder
     enc.compile()
@@ -131,6 +139,8 @@ def _frozen(fn):
     # Inductor reads `freezing` from its global config when a graph compiles, lazily at a call
     # (torch.compile's `options` did not reach it: measured, same code as without): patch it
     # around every call, so that no other compile in this process is frozen.
+    import torch._inductor.config
+
     @functools.wraps(fn)
     def call(*args, **kwargs):
         with torch._inductor.config.patch(freezing=True):
@@ -140,6 +150,8 @@ def _frozen(fn):
 
 def input_dtype(model: nn.Module) -> torch.dtype:
     """Casting recipes change the conv front-end's dtype; features must follow it."""
+    import torch
+
     w = model.model.encoder.conv1.weight
     return w.dtype if w.is_floating_point() else torch.float32
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..measure.window import FULL_S, SECONDS, Window
 from .base import Param, Requires, Technique, technique
+
+_W = Window()  # the defaults, stated once where the window is cut
+_TUNED = ("bucket_s",) + SECONDS  # the auto window's settings (nothing on the full one)
+
+
+def _seconds(name: str, help: str) -> Param:
+    return Param("float", getattr(_W, name), 0, FULL_S, help=help)
 
 
 @technique("encoder")
@@ -13,21 +21,22 @@ class EncoderConfig(Technique):
         "encoder.window": Param("choice", "full", choices=("full", "auto"), help="mel window the "
                                 "encoder sees: full = Whisper's 30 s; auto = the clip rounded up "
                                 "to encoder.bucket_s (trimmed position embeddings; WER measured)"),
-        "encoder.bucket_s": Param("int", 5, 1, 30, help="auto window step in seconds (few "
-                                  "distinct shapes); unused with encoder.window=full"),
+        "encoder.bucket_s": Param("int", _W.bucket_s, 1, int(FULL_S), help="auto window step "
+                                  "in seconds (few distinct shapes); unused with "
+                                  "encoder.window=full"),
         # The auto window's WER cost (+64% to +187% on the shared Russian clips) comes from
         # cutting the silence Whisper always saw after the speech: give some back.
-        "encoder.margin_s": Param("float", 0.0, 0, 30, help="auto window: seconds of silence "
-                                  "encoded beyond the speech's end (whisper.cpp's audio_ctx "
-                                  "users add ~1.3 s); unused with encoder.window=full"),
-        "encoder.pad_s": Param("float", 0.0, 0, 30, help="auto window: seconds of silence put "
-                               "before the speech (not when the clip would no longer fit 30 "
-                               "s); unused with encoder.window=full"),
+        "encoder.margin_s": _seconds("margin_s", help="auto window: seconds of silence encoded "
+                                     "beyond the speech's end (whisper.cpp's audio_ctx users "
+                                     "add ~1.3 s); unused with encoder.window=full"),
+        "encoder.pad_s": _seconds("pad_s", help="auto window: seconds of silence put before "
+                                  "the speech (not when the clip would no longer fit 30 s); "
+                                  "unused with encoder.window=full"),
         # Whisper-base on a window of a few seconds repeats itself or drops words: a short VAD
         # piece (2 s between long pauses) gets this much window however short it is.
-        "encoder.min_s": Param("float", 0.0, 0, 30, help="auto window: at least this many "
-                               "seconds are encoded, silence after the speech (a floor for "
-                               "short clips and pieces); unused with encoder.window=full"),
+        "encoder.min_s": _seconds("min_s", help="auto window: at least this many seconds are "
+                                  "encoded, silence after the speech (a floor for short clips "
+                                  "and pieces); unused with encoder.window=full"),
         # The encoder is 88% of whisper-base's FLOPs: in bf16 on AMX, eager spends a fifth of
         # its time in unfused copies, adds and GELUs around the matmuls.
         "encoder.compile": Param("choice", "none", choices=("none", "default", "freeze"),
@@ -41,7 +50,7 @@ class EncoderConfig(Technique):
 
     def canonical(self):  # bucket, margin, padding and floor mean nothing on the full window
         return self if self.window != "full" else dataclasses.replace(
-            self, bucket_s=5, margin_s=0.0, pad_s=0.0, min_s=0.0)
+            self, **{n: getattr(_W, n) for n in _TUNED})
 
     compiles = property(lambda self: self.compile != "none")
 
@@ -58,10 +67,8 @@ class EncoderConfig(Technique):
                 ctx.kernels[t] = f"{ctx.kernels.get(t, 'fp32')}, compiled ({self.compile})"
 
     def decoding(self) -> dict:
-        from ..measure.window import Window
-
-        return {"window": Window(self.window, self.bucket_s, self.margin_s, self.pad_s,
-                                 self.min_s) if self.window != "full" else Window()}
+        return {"window": Window(self.window, **{n: getattr(self, n) for n in _TUNED})
+                if self.window != "full" else Window()}
 
     def describe(self) -> str:
         return ", ".join(filter(None, (
