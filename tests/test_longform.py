@@ -48,6 +48,21 @@ def test_build_joins_utterances_with_pauses_and_stretches_where_it_says():
     assert [r.text for r in other] != [r.text for r in recs]
 
 
+def test_no_clip_repeats_across_recordings_until_every_clip_was_used(tmp_path):
+    """Recordings sharing clips would be scored as independent: the builder uses each clip once
+    before any twice, across the whole set, and `clip_uses` counts it from the manifest."""
+    utts = _utts(8)
+    recs = build(utts, LongOptions(n=4, min_s=6, max_s=9, stretch_every=0, seed=3))
+    used = [p[2] for r in recs for p in r.parts]
+    assert len(used) > len(utts)  # the pool ran out once: reuse starts only after that
+    assert len(set(used[:len(utts)])) == len(utts)
+    assert len(set(used[len(utts):2 * len(utts)])) == len(used[len(utts):2 * len(utts)])
+    manifest = longform.write(recs, tmp_path)
+    uses = longform.clip_uses(manifest)
+    assert sum(uses.values()) == len(used) and set(uses) == {u.id for u in utts}
+    assert max(uses.values()) == 2
+
+
 @pytest.mark.parametrize("kw, rule", [
     ({"n": 0}, "`n` must be an integer >= 1"),
     ({"min_s": 50, "max_s": 40}, "min_s <= max_s"),

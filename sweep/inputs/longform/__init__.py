@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 SAMPLE_RATE = 16_000
-VERSION = 1  # of the builder: a change here makes a new cache folder
+VERSION = 2  # of the builder: a change here makes a new cache folder (2: no clip repeats
+# across recordings before every clip of the language was used; 1 drew each recording anew)
 EMBEDDED_LONG = "embedded-long"
 KINDS = ("silence", "noise", "hum")  # what a stretch holds
 
@@ -108,7 +109,9 @@ def _stretch(kind: str, n: int, level_dbfs: float, rng) -> np.ndarray:
 
 def build(utterances: list, opts: LongOptions = LongOptions()) -> list[Recording]:
     """`opts.n` recordings from `utterances` (each recording in one language; utterances are
-    taken in a shuffled order and reused only once all of that language were taken)."""
+    taken in a shuffled order and reused only once all of that language were taken, across the
+    whole set: recordings that shared clips would be scored as if independent, and the set's
+    interval would claim more than its speech resolves)."""
     pool = [u for u in utterances if u.audio.size and u.text.strip()]
     if not pool:
         raise LongformError("long-form recordings need utterances with audio and text, got none")
@@ -116,16 +119,16 @@ def build(utterances: list, opts: LongOptions = LongOptions()) -> list[Recording
     langs = sorted({u.lang or "" for u in pool})
     targets = np.linspace(opts.min_s, opts.max_s, opts.n)
     rng.shuffle(targets)
-    out = []
+    out, orders = [], {lang: [] for lang in langs}
     for r, target in enumerate(targets):
         lang = langs[r % len(langs)]
         mine = [u for u in pool if (u.lang or "") == lang]
-        order: list = []
+        order = orders[lang]
         chunks, texts, parts, stretches, t, since = [], [], [], [], 0.0, 0
         next_stretch = rng.uniform(0.5, 1.5) * opts.stretch_every
         while True:
             if not order:
-                order = [mine[i] for i in rng.permutation(len(mine))]
+                order += [mine[i] for i in rng.permutation(len(mine))]
             u = order.pop()
             parts.append([round(t, 5), round(t + u.duration_s, 5), u.id])
             chunks.append(u.audio.astype(np.float32))
@@ -204,3 +207,13 @@ def silence_spans(manifest: Path) -> dict[str, list[tuple[float, float, str]]]:
             row = json.loads(line)
             out[row.get("id") or row["audio"]] = [tuple(s) for s in row.get("stretches", [])]
     return out
+
+
+def clip_uses(manifest: Path) -> dict[str, int]:
+    """Utterance id -> how many times the recordings of a built manifest use it (a set whose
+    recordings repeat clips resolves less than its recording count suggests)."""
+    uses: dict[str, int] = {}
+    for line in Path(manifest).read_text(encoding="utf-8").splitlines():
+        for part in json.loads(line).get("parts", []) if line.strip() else []:
+            uses[part[2]] = uses.get(part[2], 0) + 1
+    return uses
