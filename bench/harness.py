@@ -112,6 +112,14 @@ class Peer:
     __del__ = close
 
 
+def close_peers(variants) -> None:
+    """Hang up every variant's faster-whisper peer (left to `__del__` at interpreter exit, the
+    peers were killed late and the resource tracker warned of their semaphores)."""
+    for v in variants:
+        if isinstance(v.runner, Peer):
+            v.runner.close()
+
+
 def _peer_main(conn, ct2_dir: str, compute_type: str, threads: int, serve) -> None:
     try:
         from faster_whisper import WhisperModel

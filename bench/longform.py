@@ -38,7 +38,7 @@ import numpy as np
 from sweep.console import refusing
 
 from . import common
-from .harness import Peer, named_recipes
+from .harness import Peer, close_peers, named_recipes
 
 RECIPES = (
     ("vad-b8-int8-script", "segment.method=vad,decode.batch=8,decode.loop=greedy,"
@@ -294,9 +294,7 @@ def main(argv=None) -> int:
     try:
         raw = measure(variants, loaded, ev, args.repeats)
     finally:
-        for v in variants:
-            if isinstance(v.runner, Peer):
-                v.runner.close()
+        close_peers(variants)
     res = {**common.stamp(threads), "isa_note": isa_note(), "repeats": args.repeats,
            "set": {"recordings": len(ev), "audio_s": ev.total_s, "source": (
                args.manifest or f"{args.dataset} ({args.language}) clips, seed {args.seed}"),

@@ -20,7 +20,8 @@ import numpy as np
 from sweep.console import refusing
 
 from . import common
-from .harness import Variant, label, named_recipes, summarize, timed_pass, warmup_clips
+from .harness import (Variant, close_peers, label, named_recipes, summarize, timed_pass,
+                      warmup_clips)
 
 # The study's hand-made configurations (what people try first).
 HAND = (("int8-dynamic-all", "quant.scheme=dynamic_int8"),
@@ -181,11 +182,14 @@ def main(argv=None) -> int:
     # A compiled encoder builds a graph per window length, and TorchScript optimises a traced
     # step's graph on its first calls: a server is past that within minutes, so the timed pass
     # measures the steady state, not the first call of each of ~10 window lengths.
-    for v in variants:
-        for u, lang in warmup_clips(ev.utterances, langs):
-            v.run(loaded.processor, u, lang)
-    timed = timed_pass(variants, loaded.processor, ev.utterances, langs, args.repeats,
-                       cli.progress("timing"))
+    try:
+        for v in variants:
+            for u, lang in warmup_clips(ev.utterances, langs):
+                v.run(loaded.processor, u, lang)
+        timed = timed_pass(variants, loaded.processor, ev.utterances, langs, args.repeats,
+                           cli.progress("timing"))
+    finally:
+        close_peers(variants)
     rows = summarize(variants, timed, ev.utterances, langs)
     paths = common.write_recipes(rows, meta, headline(rows), Path(args.out), args.stem)
     print(paths["md"].read_text(encoding="utf-8"))
