@@ -169,6 +169,57 @@ def test_no_repeat_ngram_greedy_equals_generate_tiny(tiny, n):
         assert ref != plain and all(len(set(row)) == len(row) for row in ref)
 
 
+def _raw_ids(m, processor, clips, cap):
+    """Token ids with the timestamps the decoding chose (decode() keeps only the text's)."""
+    model, plan = m
+    out = []
+    for u in clips:
+        feats = decode.features(model, processor, [u.audio], [u.duration_s], plan)
+        with torch.inference_mode():
+            out += decode.RUNNERS[type(plan)](plan, model, feats, "ru", "transcribe", cap)
+    return out
+
+
+def _hf_timestamped(model, processor, clips, cap, no_repeat=0):
+    """HF's greedy search with its WhisperTimeStampLogitsProcessor (and the generation config's
+    suppressions): the rules alone. (Whisper's own generate(return_timestamps=True) also
+    re-decodes after a lone last timestamp, which random weights reach; on real clips it gives
+    the same tokens: test_timestamps_greedy_equals_generate_real.)"""
+    from transformers import GenerationMixin, LogitsProcessorList
+    from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
+
+    prompt = decode.prompt_ids(model, "ru", "transcribe", timestamps=True)
+    rules = WhisperTimeStampLogitsProcessor(model.generation_config, begin_index=len(prompt))
+    out = []
+    for u in clips:
+        feats = decode.features(model, processor, [u.audio], [u.duration_s], GreedyPlan())
+        with torch.inference_mode():
+            row = GenerationMixin.generate(
+                model, input_features=feats, decoder_input_ids=torch.tensor([prompt]),
+                max_new_tokens=cap, do_sample=False, num_beams=1, no_repeat_ngram_size=no_repeat
+                or None, logits_processor=LogitsProcessorList([rules]))[0].tolist()
+        out.append(decode._cut(row[len(prompt):], model.generation_config.eos_token_id))
+    return out
+
+
+@pytest.mark.parametrize("plan", [GreedyPlan(timestamps=True),
+                                  GreedyPlan(timestamps=True, scripted=True),
+                                  GreedyPlan(timestamps=True, no_repeat=2)])
+def test_timestamps_greedy_follows_hf_rules_tiny(tiny, plan):
+    """The greedy loop with timestamps picks HF's timestamp rules' tokens, the timestamps
+    included, and decode() hands over only the text's tokens."""
+    model, proc = tiny
+    clips = _clips(3)
+    ref = _hf_timestamped(model, proc, clips, 24, plan.no_repeat)
+    first = model.generation_config.no_timestamps_token_id + 1
+    assert all(r[0] >= first for r in ref)  # the rules: a timestamp first ...
+    assert any(t < first for r in ref for t in r)  # ... and text between them
+    assert _raw_ids(_with_plan(model, plan), proc, clips, cap=24) == ref
+    text = _ids(_with_plan(model, plan), proc, clips, cap=24)
+    assert text == [[t for t in r if t < first] for r in ref]
+    assert text != _ids(_with_plan(model, GreedyPlan()), proc, clips, cap=24)
+
+
 def test_window_full_is_the_hf_encoder_and_trims_positions(tiny):
     model, proc = tiny
     feats = decode.features(model, proc, [_clips(1)[0].audio], [1.2], decode.Plan.default())
@@ -354,6 +405,16 @@ def test_greedy_and_compiled_step_equal_generate_real(real_model, real_clips, re
             assert sum(g == r for g, r in zip(got, ref)) >= len(ref) - 2, (plan, ref, got)
         else:
             assert got == ref, plan
+
+
+def test_timestamps_greedy_equals_generate_real(real_model, real_clips):
+    """On real speech the greedy loop with timestamps, eager and scripted, gives HF
+    generate(return_timestamps=True)'s text tokens, which differ from decoding without."""
+    model, proc = real_model.model, real_model.processor
+    ref = _content(_with_plan(model, GeneratePlan(timestamps=True)), proc, real_clips)
+    for plan in (GreedyPlan(timestamps=True), GreedyPlan(timestamps=True, scripted=True)):
+        assert _content(_with_plan(model, plan), proc, real_clips) == ref, plan
+    assert ref != _content(model, proc, real_clips)
 
 
 def _token_error_rate(ref: list[list[int]], got: list[list[int]]) -> float:

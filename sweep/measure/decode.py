@@ -42,6 +42,7 @@ class Plan:
     max_new_tokens: int = 0  # at most this many tokens per clip (0: the caller's cap)
     segment: Segmenting = field(default_factory=Segmenting)  # pieces of a recording
     batch: int = 1  # pieces or clips encoded and decoded together
+    timestamps: bool = False  # timestamp tokens and Whisper's rules for them (text keeps none)
 
     def __post_init__(self):
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
@@ -59,6 +60,7 @@ class Plan:
                 + (" scripted step" if self.scripted else "")
                 + (f", cross K/V {self.cross_kv}" if self.cross_kv != "model" else "")
                 + (f", no repeated {self.no_repeat}-gram" if self.no_repeat else "")
+                + (", timestamps" if self.timestamps else "")
                 + (f", at most {self.max_new_tokens} tokens" if self.max_new_tokens else "")
                 + ("" if w.mode == "full" else f", encoder window {w.mode} ({w.bucket_s} s"
                    + (f", margin {w.margin_s:g} s" if w.margin_s else "")
@@ -118,7 +120,11 @@ def decode(model, feats: torch.Tensor, plan: Plan, *, language: str, task: str,
     """Token ids per clip (prompt and end-of-text left out), decoded as `plan` says."""
     cap = min(cap, plan.max_new_tokens) if plan.max_new_tokens else cap
     with torch.inference_mode():
-        return RUNNERS[type(plan)](plan, model, feats, language, task, cap)
+        rows = RUNNERS[type(plan)](plan, model, feats, language, task, cap)
+    if plan.timestamps:  # the text's tokens: timestamps only guided the decoding
+        first = model.generation_config.no_timestamps_token_id + 1
+        rows = [[t for t in row if t < first] for row in rows]
+    return rows
 
 
 def transcribe_batch(model, processor, utts, plan: Plan, *, language: str,
@@ -131,9 +137,9 @@ def transcribe_batch(model, processor, utts, plan: Plan, *, language: str,
     return [t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
-def prompt_ids(model: nn.Module, language: str, task: str) -> list[int]:
+def prompt_ids(model: nn.Module, language: str, task: str, timestamps: bool = False) -> list[int]:
     """What generate starts the decoder with: <|startoftranscript|>, language and task
-    (multilingual models), <|notimestamps|>."""
+    (multilingual models), <|notimestamps|> unless decoding with timestamps."""
     gc = model.generation_config
     ids = [gc.decoder_start_token_id]
     if getattr(gc, "is_multilingual", False):
@@ -144,7 +150,7 @@ def prompt_ids(model: nn.Module, language: str, task: str) -> list[int]:
         if task not in gc.task_to_id:
             raise ValueError(f"`task` must be one of {tuple(gc.task_to_id)}, got {task=}")
         ids += [gc.lang_to_id[tok], gc.task_to_id[task]]
-    return ids + [gc.no_timestamps_token_id]
+    return ids if timestamps else ids + [gc.no_timestamps_token_id]
 
 
 def _cut(row: list[int], eos: int) -> list[int]:
@@ -161,6 +167,8 @@ def _generate(plan, model, feats, language, task, cap):
         kwargs.update(language=language, task=task)
     if plan.no_repeat:
         kwargs["no_repeat_ngram_size"] = plan.no_repeat
+    if plan.timestamps:
+        kwargs["return_timestamps"] = True
     if feats.shape[-1] == win.full_frames(model):
         out = model.generate(feats, **kwargs)
     else:  # HF's encoder refuses other windows: hand generate the encoder output
@@ -168,11 +176,12 @@ def _generate(plan, model, feats, language, task, cap):
 
         enc = win.encode(model, feats)
         out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), **kwargs)
+    out = out["sequences"] if isinstance(out, dict) else out
     return [_cut(row, model.generation_config.eos_token_id) for row in out.tolist()]
 
 
 def _greedy(plan, model, feats, language, task, cap):
-    prompt = prompt_ids(model, language, task)
+    prompt = prompt_ids(model, language, task, plan.timestamps)
     cap = min(cap, model.config.max_target_positions - len(prompt))
     t0 = time.perf_counter()
     enc = win.encode(model, feats)
@@ -186,9 +195,11 @@ def _greedy(plan, model, feats, language, task, cap):
         mask = rt.masks[min(step, 1)]
         if plan.no_repeat:
             mask = _ban_repeats(mask, seqs, plan.no_repeat)
+        if plan.timestamps:  # the rules that read the tokens so far; the step adds the last
+            mask = _timestamp_rules(mask, seqs, len(prompt), model.generation_config)
         nxt = rt.step(ids, pos, cross, mask).masked_fill(done, eos)
         out.append(nxt)  # finished rows are padded with eos, as generate pads them
-        for row, tok in zip(seqs, nxt.tolist() if plan.no_repeat else ()):
+        for row, tok in zip(seqs, nxt.tolist() if plan.no_repeat or plan.timestamps else ()):
             row.append(tok)
         done |= nxt == eos
         if step == 0:
@@ -204,7 +215,8 @@ def _greedy(plan, model, feats, language, task, cap):
 
 def runtime(model, plan: Plan, batch: int = 1) -> Greedy:
     """The greedy runtime `plan` decodes a batch of `model` with (its `last` Timing)."""
-    return Greedy.of(model, batch, plan.compiled, plan.scripted, CROSS_DTYPES[plan.cross_kv])
+    return Greedy.of(model, batch, plan.compiled, plan.scripted, CROSS_DTYPES[plan.cross_kv],
+                     plan.timestamps)
 
 
 def _ban_repeats(mask: torch.Tensor, seqs: list[list[int]], n: int) -> torch.Tensor:
@@ -216,6 +228,36 @@ def _ban_repeats(mask: torch.Tensor, seqs: list[list[int]], n: int) -> torch.Ten
             tail = row[len(row) - n + 1:]
             mask[r, [row[i + n - 1] for i in range(len(row) - n + 1)
                      if row[i:i + n - 1] == tail]] = True
+    return mask
+
+
+def _timestamp_rules(mask: torch.Tensor, seqs: list[list[int]], start: int, gc) -> torch.Tensor:
+    """`mask` plus HF's WhisperTimeStampLogitsProcessor rules that depend on the tokens so far
+    (`start`: the prompt's length): never <|notimestamps|>; timestamps in pairs, text after a
+    pair, a timestamp or the end after a lone one; timestamps never going back; the first token
+    a timestamp of at most `max_initial_timestamp_index`. Its last rule, a timestamp whenever
+    their summed probability beats every text token's, needs the logits: the step applies it
+    (`Greedy(timestamps=True)`)."""
+    mask = mask.clone()
+    first, eos = gc.no_timestamps_token_id + 1, gc.eos_token_id
+    mask[:, gc.no_timestamps_token_id] = True
+    for r, row in enumerate(seqs):
+        seq = row[start:]
+        last = len(seq) >= 1 and seq[-1] >= first
+        penultimate = len(seq) < 2 or seq[-2] >= first
+        if last:
+            if penultimate:
+                mask[r, first:] = True
+            else:
+                mask[r, :eos] = True
+        stamps = [t for t in seq if t >= first]
+        if stamps:
+            mask[r, first:stamps[-1] + (0 if last and not penultimate else 1)] = True
+        if not seq:
+            mask[r, :first] = True
+            top = getattr(gc, "max_initial_timestamp_index", None)
+            if top is not None:
+                mask[r, first + top + 1:] = True
     return mask
 
 

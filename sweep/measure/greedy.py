@@ -45,15 +45,15 @@ class Greedy:
 
     @classmethod
     def of(cls, model, batch: int, compiled: bool, scripted: bool = False,
-           cross_dtype: torch.dtype | None = None) -> Greedy:
+           cross_dtype: torch.dtype | None = None, timestamps: bool = False) -> Greedy:
         per_model = _RUNTIMES.setdefault(model, {})
-        key = (batch, compiled, scripted, cross_dtype)
+        key = (batch, compiled, scripted, cross_dtype, timestamps)
         if key not in per_model:
-            per_model[key] = cls(model, batch, compiled, scripted, cross_dtype)
+            per_model[key] = cls(model, batch, compiled, scripted, cross_dtype, timestamps)
         return per_model[key]
 
     def __init__(self, model, batch: int, compiled: bool, scripted: bool = False,
-                 cross_dtype: torch.dtype | None = None):
+                 cross_dtype: torch.dtype | None = None, timestamps: bool = False):
         cfg, dec = model.config, model.model.decoder
         # Cross-attention keys/values in another dtype (bf16: half the bytes read per token);
         # None keeps the encoder output's.
@@ -77,6 +77,12 @@ class Greedy:
         begin[list(gc.begin_suppress_tokens or [])] = True
         # the first generated token, the others; per row (no_repeat bans differ by row)
         self.masks = tuple(m.expand(batch, -1).contiguous() for m in (begin, sup))
+        # Decoding with timestamps: the text tokens (below the first timestamp), which the step
+        # masks when the timestamps' summed probability beats every text token's (HF's
+        # WhisperTimeStampLogitsProcessor; its rules on the tokens so far are the caller's).
+        self.text = None
+        if timestamps:
+            self.text = torch.arange(cfg.vocab_size, device=ref.device) <= gc.no_timestamps_token_id
         self.last: Timing | None = None
         names = ("self_attn.q_proj", "self_attn.out_proj", "encoder_attn.q_proj",
                  "encoder_attn.out_proj", "fc1", "fc2")
@@ -114,7 +120,13 @@ class Greedy:
 
     def _head(self, h, mask):
         logits = self.head(self.dec.layer_norm(h))[:, -1].float()
-        return logits.masked_fill(mask, -float("inf")).argmax(-1)
+        logits = logits.masked_fill(mask, -float("inf"))
+        if self.text is not None:
+            logp = logits.log_softmax(-1)
+            stamp = logp.masked_fill(self.text, -float("inf")).logsumexp(-1)
+            word = logp.masked_fill(~self.text, -float("inf")).amax(-1)
+            logits = logits.masked_fill((stamp > word)[:, None] & self.text, -float("inf"))
+        return logits.argmax(-1)
 
     def _eager_step(self, ids, pos: int, cross, mask):
         # HF's operations on HF's shapes: attention reads the cache up to the current token.

@@ -37,6 +37,12 @@ class DecodeConfig(Technique):
                                  help="dtype of the greedy loop's cached cross-attention keys "
                                  "and values: model = the decoder's own; bf16 halves what each "
                                  "token reads (queries cast, output cast back)"),
+        # On long recordings whisper-base, decoding a VAD piece of several utterances without
+        # timestamps, skipped some of them (docs/longform.md); with timestamp tokens it
+        # decodes segment by segment, as it was trained to on long audio.
+        "decode.timestamps": Param("bool", False, help="decode with Whisper's timestamp tokens "
+                                   "and rules (HF WhisperTimeStampLogitsProcessor's; the text "
+                                   "keeps none of them); false = <|notimestamps|>"),
         # Throughput, not latency: a batch's clips all wait for its last (issue #28).
         "decode.batch": Param("int", 1, 1, 64, help="segments or clips encoded and decoded "
                               "together (the greedy loop's static cache is per batch size); "
@@ -51,11 +57,12 @@ class DecodeConfig(Technique):
     def decoding(self) -> dict:
         return {"loop": self.loop, "compiled": self.compile == "step",
                 "scripted": self.compile == "script", "no_repeat": self.no_repeat_ngram,
-                "cross_kv": self.cross_kv, "batch": self.batch}
+                "cross_kv": self.cross_kv, "batch": self.batch, "timestamps": self.timestamps}
 
     def describe(self) -> str:
         return ", ".join(filter(None, (
             f"{self.loop}" + {"step": " compiled", "script": " scripted"}.get(self.compile, ""),
             self.cross_kv != "model" and f"cross K/V {self.cross_kv}",
             self.no_repeat_ngram and f"no repeated {self.no_repeat_ngram}-gram",
+            self.timestamps and "timestamps",
             self.batch > 1 and f"batch {self.batch}")))
