@@ -167,6 +167,35 @@ def test_batched_pieces_give_the_texts_of_pieces_decoded_one_by_one(tiny, clips,
         one[0].pieces})
 
 
+def test_the_rest_after_an_early_last_timestamp_is_decoded_again():
+    """`batch.rest`: a piece whose timestamped decoding ended on its own more than REST_MIN_S
+    before the piece's end gives the audio after its last timestamp, placed where it is in the
+    recording; a decoding that reached the end, hit its cap or has no timestamp gives none."""
+    first = 50364
+    piece = segment.Piece(np.arange(10 * SR, dtype=np.float32), ((5 * SR, 15 * SR),))
+    row = [first, 10, 11, first + 100, first + 100, 12, first + 150]  # ... 2.0 s, then 3.0 s
+    got = batch.rest(piece, row, first, capped=False)
+    assert got.spans == ((8 * SR, 15 * SR),) and got.audio[0] == 3 * SR
+    assert got.audio.size == 7 * SR
+    assert batch.rest(piece, row, first, capped=True) is None  # cut off: not an ending
+    assert batch.rest(piece, [10, 11], first, capped=False) is None
+    assert batch.rest(piece, [first, 10, first + 460], first, capped=False) is None  # 9.2 s
+    assert batch.rest(piece, [first], first, capped=False) is None  # no progress
+
+
+def test_timestamped_vad_pieces_give_text_only_and_every_piece(tiny, clips):
+    model, proc = tiny
+    audios = [np.concatenate([c.audio, _gap(2.0), clips[-1 - i].audio]) for i, c in
+              enumerate(clips[:2])]
+    plain = batch.transcribe_many(model, proc, audios, _plan("segment.method=vad,"
+                                  "decode.loop=greedy"), language="ru")
+    ts = batch.transcribe_many(model, proc, audios, _plan("segment.method=vad,"
+                               "decode.loop=greedy,decode.timestamps=true"), language="ru")
+    first = model.generation_config.no_timestamps_token_id + 1
+    for a, b in zip(plain, ts):
+        assert b.pieces >= a.pieces and all(t < first for t in b.ids) and "<|" not in b.text
+
+
 def test_a_long_recording_is_decoded_and_scored_whole(tiny, clips):
     model, proc = tiny
     (rec,) = build(clips, LongOptions(n=1, min_s=40, max_s=40, stretch_s=(5, 6), seed=1))

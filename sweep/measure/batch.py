@@ -22,6 +22,9 @@ from .modules import sync
 from .segment import Piece, is_long, pieces
 
 RATE = 16_000
+TIME_PRECISION = 0.02  # seconds per Whisper timestamp token
+REST_MIN_S = 1.0  # a piece's rest after its last timestamp shorter than this is not decoded
+REST_ROUNDS = 3  # pieces decoded at most this many times (the first and two rests)
 
 
 @dataclass(frozen=True)
@@ -74,27 +77,65 @@ def _work(audios: list[np.ndarray], plan) -> list[tuple[int, Piece]]:
             for p in pieces(a, plan.segment, windowed=True)]
 
 
-def transcribe_many(model, processor, audios: list[np.ndarray], plan=None, *, language: str,
-                    task: str = "transcribe") -> list[Heard]:
-    """Transcribe several recordings (16 kHz float32) in one language, as `plan` says."""
-    plan = plan or decode.Plan.default()
-    tok = processor.tokenizer
-    eos = tok.eos_token_id
-    own = {i: hf_long_form(model, processor, a, plan, language=language, task=task)
-           for i, a in enumerate(audios) if _own_long_form(plan, a.size / RATE)}
-    work = _work(audios, plan)
+def rest(piece: Piece, row: list[int], first: int, capped: bool) -> Piece | None:
+    """What of `piece` its decoding (`row`, timestamps kept; `first`: the first timestamp
+    token) left undecoded: the audio after its last timestamp, when the decoding ended there
+    on its own with at least REST_MIN_S still to go. Whisper takes a closing timestamp as the
+    window heard to its end; on a VAD piece there is speech after it (whisper-base, ending a
+    30 s piece early, skipped a command there: docs/longform.md)."""
+    stamps = [t for t in row if t >= first]
+    if capped or not stamps or stamps[-1] == first:
+        return None
+    cut = int(round((stamps[-1] - first) * TIME_PRECISION * RATE))
+    if piece.audio.size - cut < REST_MIN_S * RATE:
+        return None
+    start = piece.spans[0][0] + cut  # where the rest starts in the recording (a glued piece's
+    return Piece(piece.audio[cut:], ((start, start + piece.audio.size - cut),))  # by sample)
+
+
+def _decode_pieces(model, processor, work, plan, language, task) -> list[tuple[list[int], bool]]:
+    """(token ids, cap reached) of each piece of `work`, timestamps kept."""
     got: list[tuple[list[int], bool]] = [([], False)] * len(work)
     for idx in _batches(work, plan.batch):
         part = [work[k][1] for k in idx]
         durs = [p.duration_s for p in part]
         cap = max(scoring.max_new_tokens_for(d) for d in durs)
         feats = decode.features(model, processor, [p.audio for p in part], durs, plan)
-        rows = decode.decode(model, feats, plan, language=language, task=task, cap=cap)
+        rows = decode.decode(model, feats, plan, language=language, task=task, cap=cap,
+                             keep_timestamps=True)
         for k, row, d in zip(idx, rows, durs):
             # each piece as if decoded alone: its own cap (a batch decodes to its longest's)
             own_cap = scoring.max_new_tokens_for(d)
             row = row[:min(own_cap, plan.max_new_tokens) if plan.max_new_tokens else own_cap]
             got[k] = (row, len(row) >= own_cap)
+    return got
+
+
+def transcribe_many(model, processor, audios: list[np.ndarray], plan=None, *, language: str,
+                    task: str = "transcribe") -> list[Heard]:
+    """Transcribe several recordings (16 kHz float32) in one language, as `plan` says. With
+    timestamps, a VAD piece whose decoding ended early is decoded again from its last
+    timestamp (`rest`), at most REST_ROUNDS times in all."""
+    plan = plan or decode.Plan.default()
+    tok = processor.tokenizer
+    eos = tok.eos_token_id
+    first = model.generation_config.no_timestamps_token_id + 1
+    own = {i: hf_long_form(model, processor, a, plan, language=language, task=task)
+           for i, a in enumerate(audios) if _own_long_form(plan, a.size / RATE)}
+    todo = [((i, k), p) for k, (i, p) in enumerate(_work(audios, plan))]
+    work, got = [], []  # every piece decoded, keyed (recording, piece, rests...) in order
+    rests = plan.timestamps and plan.segment.vad  # a VAD piece has speech up to its end
+    for _ in range(REST_ROUNDS if rests else 1):
+        rows = _decode_pieces(model, processor, todo, plan, language, task)
+        work += todo
+        got += [([t for t in row if t < first], capped) for row, capped in rows]
+        todo = [(key + (1,), r) for (key, p), (row, capped) in zip(todo, rows)
+                if rests and (r := rest(p, row, first, capped)) is not None]
+        if not todo:
+            break
+    order = sorted(range(len(work)), key=lambda k: work[k][0])
+    work = [(work[k][0][0], work[k][1]) for k in order]
+    got = [got[k] for k in order]
     out = []
     for i in range(len(audios)):
         if i in own:

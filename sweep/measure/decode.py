@@ -116,12 +116,13 @@ def features(model, processor, audios, durations, plan: Plan) -> torch.Tensor:
 
 
 def decode(model, feats: torch.Tensor, plan: Plan, *, language: str, task: str,
-           cap: int) -> list[list[int]]:
-    """Token ids per clip (prompt and end-of-text left out), decoded as `plan` says."""
+           cap: int, keep_timestamps: bool = False) -> list[list[int]]:
+    """Token ids per clip (prompt and end-of-text left out), decoded as `plan` says; with
+    timestamps, the text's alone unless `keep_timestamps`."""
     cap = min(cap, plan.max_new_tokens) if plan.max_new_tokens else cap
     with torch.inference_mode():
         rows = RUNNERS[type(plan)](plan, model, feats, language, task, cap)
-    if plan.timestamps:  # the text's tokens: timestamps only guided the decoding
+    if plan.timestamps and not keep_timestamps:  # timestamps only guided the decoding
         first = model.generation_config.no_timestamps_token_id + 1
         rows = [[t for t in row if t < first] for row in rows]
     return rows
