@@ -262,6 +262,7 @@ def main(argv=None) -> int:
     import torch
 
     from sweep.inputs.cli import quiet_transformers
+    from sweep.inputs.longform import clip_uses
     from sweep.inputs.models import load_model
     from sweep.measure.decode import isa_note
 
@@ -271,8 +272,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     quiet_transformers()
     ev, manifest = recordings(args)
-    from sweep.inputs.longform import clip_uses
-
     uses = clip_uses(manifest)
     variants = [Variant(BASELINE)] + [Variant(n, recipe=r) for n, r in recipes]
     if not args.no_peers:

@@ -19,6 +19,7 @@ import torch
 
 from . import decode, scoring
 from .modules import sync
+from .greedy import timestamp_begin
 from .segment import Piece, is_long, pieces
 
 RATE = 16_000
@@ -89,8 +90,10 @@ def rest(piece: Piece, row: list[int], first: int, capped: bool) -> Piece | None
     cut = int(round((stamps[-1] - first) * TIME_PRECISION * RATE))
     if piece.audio.size - cut < REST_MIN_S * RATE:
         return None
-    start = piece.spans[0][0] + cut  # where the rest starts in the recording (a glued piece's
-    return Piece(piece.audio[cut:], ((start, start + piece.audio.size - cut),))  # by sample)
+    # where the rest lies in the recording (for a glued piece, counted as if contiguous: the
+    # span only orders the pieces)
+    start = piece.spans[0][0] + cut
+    return Piece(piece.audio[cut:], ((start, start + piece.audio.size - cut),))
 
 
 def _decode_pieces(model, processor, work, plan, language, task) -> list[tuple[list[int], bool]]:
@@ -119,7 +122,7 @@ def transcribe_many(model, processor, audios: list[np.ndarray], plan=None, *, la
     plan = plan or decode.Plan.default()
     tok = processor.tokenizer
     eos = tok.eos_token_id
-    first = model.generation_config.no_timestamps_token_id + 1
+    first = timestamp_begin(model.generation_config)
     own = {i: hf_long_form(model, processor, a, plan, language=language, task=task)
            for i, a in enumerate(audios) if _own_long_form(plan, a.size / RATE)}
     todo = [((i, k), p) for k, (i, p) in enumerate(_work(audios, plan))]

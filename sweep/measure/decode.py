@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import window as win
-from .greedy import Greedy, Timing
+from .greedy import Greedy, Timing, timestamp_begin
 from .segment import Segmenting
 from .window import Window
 
@@ -123,7 +123,7 @@ def decode(model, feats: torch.Tensor, plan: Plan, *, language: str, task: str,
     with torch.inference_mode():
         rows = RUNNERS[type(plan)](plan, model, feats, language, task, cap)
     if plan.timestamps and not keep_timestamps:  # timestamps only guided the decoding
-        first = model.generation_config.no_timestamps_token_id + 1
+        first = timestamp_begin(model.generation_config)
         rows = [[t for t in row if t < first] for row in rows]
     return rows
 
@@ -240,7 +240,7 @@ def _timestamp_rules(mask: torch.Tensor, seqs: list[list[int]], start: int, gc) 
     their summed probability beats every text token's, needs the logits: the step applies it
     (`Greedy(timestamps=True)`)."""
     mask = mask.clone()
-    first, eos = gc.no_timestamps_token_id + 1, gc.eos_token_id
+    first, eos = timestamp_begin(gc), gc.eos_token_id
     mask[:, gc.no_timestamps_token_id] = True
     for r, row in enumerate(seqs):
         seq = row[start:]

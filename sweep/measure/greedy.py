@@ -39,6 +39,12 @@ class Timing:
 _RUNTIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def timestamp_begin(gc) -> int:
+    """The first timestamp token, <|0.00|>: the one after <|notimestamps|> (HF's reading; every
+    token from it on is a timestamp, 0.02 s apart)."""
+    return gc.no_timestamps_token_id + 1
+
+
 class Greedy:
     """The decoder as a step function of (tokens, position) for one model and batch size:
     preallocated self-attention cache, suppress masks, eager or compiled step."""
@@ -82,7 +88,7 @@ class Greedy:
         # WhisperTimeStampLogitsProcessor; its rules on the tokens so far are the caller's).
         self.text = None
         if timestamps:
-            self.text = torch.arange(cfg.vocab_size, device=ref.device) <= gc.no_timestamps_token_id
+            self.text = torch.arange(cfg.vocab_size, device=ref.device) < timestamp_begin(gc)
         self.last: Timing | None = None
         names = ("self_attn.q_proj", "self_attn.out_proj", "encoder_attn.q_proj",
                  "encoder_attn.out_proj", "fc1", "fc2")
