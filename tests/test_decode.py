@@ -104,6 +104,7 @@ def test_recipe_params_validate_and_round_trip():
     ("encoder.compile=freeze,compile.mode=default",
      "`encoder.compile`=freeze needs compile.mode=none.*compiles the encoder already"),
     ("encoder.compile=max", "`encoder.compile` must be one of none, default, freeze"),
+    ("decode.timestamps=maybe", "`decode.timestamps` must be one of true, false, got 'maybe'"),
 ])
 def test_speed_dimensions_refuse_bad_combinations_early(text, rule):
     with pytest.raises(RecipeError, match=rule):

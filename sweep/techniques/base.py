@@ -48,6 +48,8 @@ class Param:
     name: str = ""  # the dotted name, filled in by @technique
 
     def range_text(self) -> str:
+        if self.kind == "bool" and not self.choices:  # as the recipe text writes it
+            return "one of true, false"
         if self.kind in ("choice", "bool"):
             shown = self.choices or (True, False)
             return "one of " + ", ".join(map(str, shown[:12])) + (
@@ -77,7 +79,8 @@ class Param:
             return {"bool": lambda s: _BOOLS[s.lower()], "int": int, "float": float}[self.kind](
                 value.strip())
         except (KeyError, ValueError):
-            raise RecipeError(f"`{self.name}` must be {self.kind} {self.range_text()}, "
+            kind = "" if self.kind == "bool" else f"{self.kind} "  # "one of true, false" says it
+            raise RecipeError(f"`{self.name}` must be {kind}{self.range_text()}, "
                               f"got {value!r}") from None
 
     def requirement_error(self, value, flat: dict) -> str | None:
