@@ -13,7 +13,7 @@ from sweep.evaluate import main as evaluate_main
 from sweep.inputs.data import EvalSet, Utterance, load_eval_set
 from sweep.inputs.longform import LongOptions, build
 from sweep.inputs.probes import probes
-from sweep.measure import batch, evaluate, segment
+from sweep.measure import batch, decode, evaluate, segment
 from sweep.measure.decode import plan_for
 from sweep.measure.segment import Segmenting
 from sweep.techniques.recipe import Recipe, RecipeError
@@ -159,12 +159,49 @@ def test_batched_pieces_give_the_texts_of_pieces_decoded_one_by_one(tiny, clips,
                                  language="ru")
     assert [h.text for h in many] == [h.text for h in one] and all(h.text for h in one)
     assert [h.ids for h in many] == [h.ids for h in one]
-    # the batches' shapes, warmed before timing: 3 pieces or more in batches of 4, then 1 each
+    # the shapes warmed before timing. Fixed batches (generate): 3 pieces or more in batches
+    # of 4, then 1 each. A stream (greedy): one per row count (4 or fewer pieces) and window.
     pieces = sum(h.pieces for h in one)
-    shapes = batch.warm(model, proc, [audios, [audios[0]]], ["ru", "ru"],
-                        _plan(recipe + ",decode.batch=4"))
-    assert shapes == len({min(4, pieces - 4 * b) for b in range(-(-pieces // 4))} | {
-        one[0].pieces})
+    plan = _plan(recipe + ",decode.batch=4")
+    shapes = batch.warm(model, proc, [audios, [audios[0]]], ["ru", "ru"], plan)
+    if decode.streams(plan):
+        assert shapes == len({min(4, pieces), min(4, one[0].pieces)})
+    else:
+        assert shapes == len({min(4, pieces - 4 * b) for b in range(-(-pieces // 4))} | {
+            one[0].pieces})
+
+
+@pytest.mark.parametrize("recipe", [
+    "decode.loop=greedy,decode.timestamps=true,decode.no_repeat_ngram=2,encoder.window=auto",
+    "decode.loop=greedy,decode.compile=script,decode.timestamps=true,encoder.window=auto"])
+def test_a_stream_gives_each_clip_the_tokens_it_gets_alone(tiny, clips, recipe):
+    """`decode.stream`: 2 rows for 5 clips and one that follows clip 1 (`then`), each row
+    refilled when its clip ends (own caps), each clip on its own window, each row at its own
+    position: every clip gets the tokens of its decoding alone, timestamps included, in fewer
+    steps than one row at a time."""
+    model, proc = tiny
+    audios = [c.audio for c in clips] + [clips[0].audio[:SR]]
+    durs, caps = [a.size / SR for a in audios], [3, 8, 5, 2, 6]
+    plan = plan_for(Recipe.parse(recipe + ",decode.batch=2"))
+    assert decode.streams(plan)
+    ended = []
+
+    def then(k, row):  # after clip 1: one more, 1.5 s of clip 2, 4 tokens
+        ended.append((k, list(row)))
+        return (audios[2][:3 * SR // 2], 1.5, 4) if k == 1 else None
+
+    got = decode.stream(model, proc, audios, durs, plan, language="ru", task="transcribe",
+                        caps=caps, then=then)
+    steps = decode.runtime(model, plan, 2).last.steps
+    assert len(got) == len(audios) == 6 and sorted(ended) == list(enumerate(got))
+    one = dataclasses.replace(plan, batch=1)
+    for a, d, cap, row in zip(audios, durs, caps, got):
+        feats = decode.features(model, proc, [a], [d], one)
+        assert row == decode.decode(model, feats, one, language="ru", task="transcribe",
+                                    cap=cap, keep_timestamps=True)[0]
+    assert len({a.size for a in audios}) == 6 and [len(r) for r in got] == caps
+    prompt = len(decode.prompt_ids(model, "ru", "transcribe", True))
+    assert steps < sum(caps) + len(caps) * prompt  # the rows ran side by side
 
 
 def test_the_rest_after_an_early_last_timestamp_is_decoded_again():

@@ -96,21 +96,46 @@ def rest(piece: Piece, row: list[int], first: int, capped: bool) -> Piece | None
     return Piece(piece.audio[cut:], ((start, start + piece.audio.size - cut),))
 
 
-def _decode_pieces(model, processor, work, plan, language, task) -> list[tuple[list[int], bool]]:
-    """(token ids, cap reached) of each piece of `work`, timestamps kept."""
-    got: list[tuple[list[int], bool]] = [([], False)] * len(work)
-    for idx in _batches(work, plan.batch):
-        part = [work[k][1] for k in idx]
-        durs = [p.duration_s for p in part]
-        cap = max(scoring.max_new_tokens_for(d) for d in durs)
-        feats = decode.features(model, processor, [p.audio for p in part], durs, plan)
-        rows = decode.decode(model, feats, plan, language=language, task=task, cap=cap,
-                             keep_timestamps=True)
-        for k, row, d in zip(idx, rows, durs):
-            # each piece as if decoded alone: its own cap (a batch decodes to its longest's)
-            own_cap = scoring.max_new_tokens_for(d)
-            row = row[:min(own_cap, plan.max_new_tokens) if plan.max_new_tokens else own_cap]
-            got[k] = (row, len(row) >= own_cap)
+def _decode_pieces(model, processor, work, plan, language, task,
+                   follow) -> list[tuple[list[int], bool]]:
+    """(token ids, cap reached) of each piece of `work` ((key, piece) pairs), timestamps kept.
+    `follow(key, piece, row, capped)` may give one more (key, piece) to decode after a piece:
+    it is appended to `work`, which grows."""
+    def kept(d: float) -> int:  # each piece as if decoded alone: its own cap
+        cap = scoring.max_new_tokens_for(d)
+        return min(cap, plan.max_new_tokens) if plan.max_new_tokens else cap
+
+    def capped(row: list[int], d: float) -> bool:
+        return len(row) >= scoring.max_new_tokens_for(d)
+
+    if decode.streams(plan):
+        def then(k: int, row: list[int]):
+            key, p = work[k]
+            if (more := follow(key, p, row, capped(row, p.duration_s))) is not None:
+                work.append(more)
+                return more[1].audio, more[1].duration_s, kept(more[1].duration_s)
+
+        durs = [p.duration_s for _, p in work]
+        rows = decode.stream(model, processor, [p.audio for _, p in work], durs, plan,
+                             language=language, task=task, caps=[kept(d) for d in durs],
+                             then=then)
+        return [(row, capped(row, p.duration_s)) for row, (_, p) in zip(rows, work)]
+    got: list[tuple[list[int], bool]] = []
+    while len(got) < len(work):  # in rounds: the pieces that follow come after a round
+        todo = work[len(got):]
+        rows: list = [None] * len(todo)
+        for idx in _batches(todo, plan.batch):
+            part = [todo[k][1] for k in idx]
+            durs = [p.duration_s for p in part]
+            cap = max(scoring.max_new_tokens_for(d) for d in durs)
+            feats = decode.features(model, processor, [p.audio for p in part], durs, plan)
+            out = decode.decode(model, feats, plan, language=language, task=task, cap=cap,
+                                keep_timestamps=True)
+            for k, row, d in zip(idx, out, durs):  # (a batch decodes to its longest's cap)
+                rows[k] = (row[:kept(d)], capped(row[:kept(d)], d))
+        got += rows
+        work += [m for (key, p), (row, c) in zip(todo, rows)
+                 if (m := follow(key, p, row, c)) is not None]
     return got
 
 
@@ -125,17 +150,16 @@ def transcribe_many(model, processor, audios: list[np.ndarray], plan=None, *, la
     first = timestamp_begin(model.generation_config)
     own = {i: hf_long_form(model, processor, a, plan, language=language, task=task)
            for i, a in enumerate(audios) if _own_long_form(plan, a.size / RATE)}
-    todo = [((i, k), p) for k, (i, p) in enumerate(_work(audios, plan))]
-    work, got = [], []  # every piece decoded, keyed (recording, piece, rests...) in order
     rests = plan.timestamps and plan.segment.vad  # a VAD piece has speech up to its end
-    for _ in range(REST_ROUNDS if rests else 1):
-        rows = _decode_pieces(model, processor, todo, plan, language, task)
-        work += todo
-        got += [([t for t in row if t < first], capped) for row, capped in rows]
-        todo = [(key + (1,), r) for (key, p), (row, capped) in zip(todo, rows)
-                if rests and (r := rest(p, row, first, capped)) is not None]
-        if not todo:
-            break
+
+    def follow(key, piece, row, capped):  # its rest, keyed (recording, piece, rests...)
+        if (rests and len(key) - 1 < REST_ROUNDS
+                and (r := rest(piece, row, first, capped)) is not None):
+            return key + (1,), r
+
+    work = [((i, k), p) for k, (i, p) in enumerate(_work(audios, plan))]
+    got = [([t for t in row if t < first], capped) for row, capped in
+           _decode_pieces(model, processor, work, plan, language, task, follow)]
     order = sorted(range(len(work)), key=lambda k: work[k][0])
     work = [(work[k][0][0], work[k][1]) for k in order]
     got = [got[k] for k in order]
@@ -175,6 +199,20 @@ def warm(model, processor, recordings: list[list[np.ndarray]], languages: list[s
     from .window import full_frames
 
     short, full, seen = dataclasses.replace(plan, max_new_tokens=tokens), full_frames(model), {}
+    if decode.streams(plan):  # each piece encoded alone (its window), one trace per row count
+        for group, lang in zip(recordings, languages):
+            work = _work(group, plan)
+            for _, p in work:
+                key = (min(plan.batch, len(work)), plan.window.frames(p.duration_s, full), lang)
+                seen.setdefault(key, p.audio)
+        for n, lang in {(n, lang) for n, _, lang in seen}:
+            part = [a for (m, _, k), a in seen.items() if (m, k) == (n, lang)]
+            part = part * -(-n // len(part))  # at least n: the stream runs n rows
+            for _ in range(passes):
+                decode.stream(model, processor, part, [a.size / RATE for a in part],
+                              dataclasses.replace(short, batch=n), language=lang, task=task,
+                              caps=[tokens] * len(part))
+        return len(seen)
     for group, lang in zip(recordings, languages):
         work = _work(group, plan)
         for idx in _batches(work, plan.batch):

@@ -106,6 +106,9 @@ class Greedy:
                 ids, torch.tensor(pos, device=ids.device), cross, mask)
         elif scripted:
             self.step = _Scripted(self)
+        # `decode.stream`'s step, a position per row: traced when scripted, else the static
+        # step run eagerly (a compiled step is one static graph: it decodes fixed batches)
+        self.row_step = self.step if scripted and not compiled else self._static_step
 
     def cross(self, enc: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys/values of every layer, once per clip (as HF's first step)."""
@@ -144,9 +147,12 @@ class Greedy:
         return self._head(h, mask)
 
     def _static_step(self, ids, pos: torch.Tensor, cross, mask):
-        # Fixed shapes: the whole cache, positions after the current token masked out.
-        positions = pos + torch.arange(ids.shape[1], device=ids.device)
-        keep = torch.arange(self.k[0].shape[2], device=ids.device) <= positions[:, None]
+        # Fixed shapes: the whole cache, positions after the current token masked out. `pos`:
+        # the batch's position (0-d), or each row's ((batch,), `stream`: rows at their own
+        # place in their own clips, each with its own window's cross K/V).
+        positions = pos.reshape(-1, 1) + torch.arange(ids.shape[1], device=ids.device)
+        keep = (torch.arange(self.k[0].shape[2], device=ids.device)
+                <= positions[..., None])[:, None]  # (1 or batch, 1, tokens, cache)
         h = self._embed(ids, positions)
         for i, layer in enumerate(self.layers):
             h = self._layer(layer, h, i, positions, self.k[i], self.v[i], cross[i], keep)
@@ -161,22 +167,32 @@ class Greedy:
             new = proj(x).view(shape).transpose(1, 2)
             if isinstance(where, slice):
                 cache[i][:, :, where] = new
-            else:
-                cache[i].index_copy_(2, where, new)
+            elif where.shape[0] == 1:  # one position for the batch
+                cache[i].index_copy_(2, where[0], new)
+            else:  # each row at its own
+                rows = torch.arange(b, device=h.device)[:, None]
+                cache[i].transpose(1, 2).index_put_((rows, where), new.transpose(1, 2))
         o = nn.functional.scaled_dot_product_attention(
             q.contiguous(), keys, values, attn_mask=keep, is_causal=keep is None and t > 1,
             scale=1.0)
         h = h + p["self_attn.out_proj"](o.transpose(1, 2).reshape(b, t, -1))
         x = layer.encoder_attn_layer_norm(h)
         q = (p["encoder_attn.q_proj"](x) * layer.encoder_attn.scaling).view(shape).transpose(1, 2)
-        if cross[0].dtype == q.dtype:
-            o = nn.functional.scaled_dot_product_attention(q.contiguous(), *cross, scale=1.0)
+        if isinstance(cross, list):  # a (K, V) per row, each on its own window
+            o = torch.cat([_attend(q[r:r + 1], *kv) for r, kv in enumerate(cross)])
         else:
-            o = nn.functional.scaled_dot_product_attention(
-                q.to(cross[0].dtype).contiguous(), *cross, scale=1.0).to(q.dtype)
+            o = _attend(q, *cross)
         h = h + p["encoder_attn.out_proj"](o.transpose(1, 2).reshape(b, t, -1))
         x = layer.final_layer_norm(h)
         return h + p["fc2"](layer.activation_fn(p["fc1"](x)))
+
+
+def _attend(q, k, v):
+    """Cross-attention of queries `q` on keys/values in their own dtype."""
+    if k.dtype == q.dtype:
+        return nn.functional.scaled_dot_product_attention(q.contiguous(), k, v, scale=1.0)
+    return nn.functional.scaled_dot_product_attention(
+        q.to(k.dtype).contiguous(), k, v, scale=1.0).to(q.dtype)
 
 
 class _Scripted:
@@ -201,9 +217,10 @@ class _Scripted:
             self.holder.register_buffer(f"v{i}", v, persistent=False)
         self.holder.forward = rt._static_step
 
-    def __call__(self, ids, pos: int, cross, mask):
-        pos_t = torch.tensor(pos, device=ids.device)
-        key = (tuple(ids.shape), tuple(mask.shape))  # not the window: see above
+    def __call__(self, ids, pos, cross, mask):
+        pos_t = pos if isinstance(pos, torch.Tensor) else torch.tensor(pos, device=ids.device)
+        # not the window (see above); per-row cross K/V and positions are a trace of their own
+        key = (tuple(ids.shape), tuple(mask.shape), tuple(pos_t.shape))
         fn = self.traces.get(key)
         if fn is None:
             with warnings.catch_warnings():
