@@ -342,20 +342,12 @@ def run(ck, audio: np.ndarray, language: str | None, default: str | None, task: 
 
 
 def run_many(ck, audios: list[np.ndarray], key: tuple[str, str]) -> list[dict]:
-    """Several requests of one (language, task) decoded as one batch: each segmented as the
-    recipe says, the pieces of all of them `max(decode.batch, requests)` at a time. The rows of
-    `sweep.transcribe.transcribe_audio`; `seconds` is the batch's."""
-    import dataclasses
+    """Several requests of one (language, task) decoded together:
+    `sweep.transcribe.transcribe_together`."""
+    from .transcribe import transcribe_together
 
-    from .inputs.data import SAMPLE_RATE
-    from .measure.batch import timed
-
-    (lang, task), plan = key, ck.options
-    plan = dataclasses.replace(plan, batch=max(plan.batch, len(audios)))
-    heard, secs = timed(ck.model, ck.processor, audios, plan, language=lang, task=task)
-    return [{"text": h.text, "language": lang, "task": task, "duration_s": a.size / SAMPLE_RATE,
-             "seconds": secs, "cap_reached": h.cap_reached, "tokens": list(h.ids)}
-            for a, h in zip(audios, heard)]
+    lang, task = key
+    return transcribe_together(ck, audios, language=lang, task=task)
 
 
 # ---- the worker pool -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 
 from . import console
 from .inputs.data import SAMPLE_RATE, Utterance, to_mono_16k
+from .measure.decode import streams
 from .measure.evaluate import TASKS, transcribe
 
 WINDOW_S = 30.0  # Whisper's input window; longer audio is decoded window by window
@@ -67,9 +68,37 @@ def transcribe_files(checkpoint, paths, *, language: str | None = None,
         raise TranscribeError("`language` is needed (e.g. ru, en): this checkpoint was not "
                               "measured on a single language, and Whisper must be told which")
     audios = [(str(p), read_audio(p)) for p in paths]  # every file readable before decoding
-    rows = [{"path": path, **transcribe_audio(ck, audio, language=lang, task=task)}
-            for path, audio in audios]
+    plan = getattr(ck, "options", None)
+    if plan is None or not streams(plan) or len(audios) < 2:
+        rows = [{"path": path, **transcribe_audio(ck, audio, language=lang, task=task)}
+                for path, audio in audios]
+    else:  # files share the stream, `decode.batch` at a time (`seconds`: their group's)
+        from .measure.batch import groups
+
+        rows = []
+        for g in groups([a.size / SAMPLE_RATE for _, a in audios], [lang] * len(audios),
+                        plan.batch, stream=True):
+            rows += [{"path": audios[i][0], **r} for i, r in zip(g, transcribe_together(
+                ck, [audios[i][1] for i in g], language=lang, task=task))]
     return [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
+
+
+def transcribe_together(ck, audios: list[np.ndarray], *, language: str,
+                        task: str = "transcribe") -> list[dict]:
+    """Several recordings decoded together (`sweep.serve` batches requests with it): each
+    segmented as the recipe says, the pieces of all of them `max(decode.batch, recordings)` at
+    a time. The rows of `transcribe_audio`; `seconds` is the group's."""
+    import dataclasses
+
+    from .measure.batch import timed
+
+    plan = ck.options
+    plan = dataclasses.replace(plan, batch=max(plan.batch, len(audios)))
+    heard, secs = timed(ck.model, ck.processor, audios, plan, language=language, task=task)
+    return [{"text": h.text, "language": language, "task": task,
+             "duration_s": a.size / SAMPLE_RATE, "seconds": secs,
+             "cap_reached": h.cap_reached, "tokens": list(h.ids)}
+            for a, h in zip(audios, heard)]
 
 
 def transcribe_audio(ck, audio: np.ndarray, *, language: str, task: str = "transcribe",

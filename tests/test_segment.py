@@ -147,6 +147,9 @@ def test_groups_keep_a_long_recording_alone_and_batch_short_clips_of_one_languag
     langs = ["ru"] * 6 + ["en", "en"]
     assert batch.groups(durs, langs, 3) == [[0, 1], [2], [3, 4, 5], [6, 7]]
     assert batch.groups(durs, langs, 1) == [[i] for i in range(8)]
+    # a stream: recordings share it, `batch` at a time, one language each
+    assert batch.groups(durs, langs, 3, stream=True) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert batch.groups([40, 50, 60, 2], ["ru"] * 4, 2, stream=True) == [[0, 1], [2, 3]]
 
 
 @pytest.mark.parametrize("recipe", ["decode.loop=greedy", "segment.method=vad"])

@@ -97,6 +97,13 @@ def test_concurrent_requests_are_batched_and_a_long_upload_segmented(vad_checkpo
     (row,) = transcribe.transcribe_files(ck, [tmp_path / "long.wav"])
     want.append(row["text"])
     assert all(want) and row["duration_s"] > 30
+    # several files share the recipe's stream (decode.batch=2): each its own text
+    for i, c in enumerate(clips[:3]):
+        (tmp_path / f"{i}.wav").write_bytes(uploads[i])
+    rows = transcribe.transcribe_files(ck, [tmp_path / f"{i}.wav" for i in range(3)]
+                                       + [tmp_path / "long.wav"])
+    assert [r["text"] for r in rows] == want
+    assert rows[0]["seconds"] == rows[1]["seconds"] != rows[2]["seconds"]  # groups of 2
     got = [None] * len(uploads)
     with running(serve.ServeOptions(str(vad_checkpoint), port=0, max_batch=4,
                                     batch_wait_ms=1000, queue=8)) as (url, _):

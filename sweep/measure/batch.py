@@ -227,14 +227,17 @@ def warm(model, processor, recordings: list[list[np.ndarray]], languages: list[s
     return len(seen)
 
 
-def groups(durations: list[float], langs: list[str], batch: int) -> list[list[int]]:
-    """Indices of the clips transcribed together: a long recording alone (its own pieces fill
-    the batches), up to `batch` consecutive short clips of one language together."""
+def groups(durations: list[float], langs: list[str], batch: int,
+           stream: bool = False) -> list[list[int]]:
+    """Indices of the clips transcribed together: up to `batch` consecutive clips of one
+    language; a long recording alone (its own pieces fill the batches) unless the plan
+    `stream`s (`decode.streams`): then up to `batch` recordings share one stream, whose rows
+    a recording's pieces alone would leave empty most of the time."""
     out: list[list[int]] = []
     for i, (d, lang) in enumerate(zip(durations, langs)):
         last = out[-1] if out else None
-        if (last is None or is_long(d) or is_long(durations[last[0]]) or len(last) >= batch
-                or langs[last[0]] != lang):
+        if (last is None or len(last) >= batch or langs[last[0]] != lang
+                or not stream and (is_long(d) or is_long(durations[last[0]]))):
             out.append([i])
         else:
             last.append(i)

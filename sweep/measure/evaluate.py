@@ -124,8 +124,11 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
     langs = [_lang_of(u, language) for u in evalset]  # fail before any decoding
     from . import batch
 
+    from .decode import streams
+
     groups = batch.groups([u.duration_s for u in evalset], langs,
-                          options.batch if options is not None else 1)
+                          options.batch if options is not None else 1,
+                          stream=options is not None and streams(options))
 
     def run(group: list[int]):
         return batch.timed(model, processor, [evalset.utterances[i].audio for i in group],
