@@ -84,14 +84,26 @@ class Variant:
                 self.runner, self.options = applied.model, applied.options
         self.prepare_s = time.perf_counter() - t0
 
-    def run(self, processor, audio: np.ndarray, lang: str) -> tuple[str, float]:
-        """(text, wall seconds, features and segmentation included)."""
-        if self.compute_type:
-            return self.runner(audio, lang, self.mode, self.batch)
+    def run(self, processor, audios: list[np.ndarray], lang: str) -> tuple[list[str], float]:
+        """(texts, wall seconds, features and segmentation included) of recordings of one
+        language: together when the recipe streams (`decode.streams`), else one by one."""
         from sweep.measure.batch import timed
+        from sweep.measure.decode import streams
 
-        heard, secs = timed(self.runner, processor, [audio], self.options, language=lang)
-        return heard[0].text, secs
+        if not self.compute_type and streams(self.options):
+            heard, secs = timed(self.runner, processor, audios, self.options, language=lang)
+            return [h.text for h in heard], secs
+        texts, total = [], 0.0
+        for audio in audios:
+            if self.compute_type:
+                text, secs = self.runner(audio, lang, self.mode, self.batch)
+            else:
+                (heard,), secs = timed(self.runner, processor, [audio], self.options,
+                                       language=lang)
+                text = heard.text
+            texts.append(text)
+            total += secs
+        return texts, total
 
 
 def fw_long(model, audio, lang: str, mode: str, batch: int):
@@ -128,18 +140,33 @@ def recordings(args):
     return load_eval_set(str(manifest)), manifest
 
 
-def measure(variants: list[Variant], loaded, ev, repeats: int) -> dict:
-    """Per variant and repeat: texts and seconds per recording, interleaved per recording."""
-    out = {v.name: {"texts": [None] * len(ev), "seconds": [[] for _ in ev]} for v in variants}
+def units(ev, group: int) -> list[list[int]]:
+    """The recordings timed together: `group` consecutive ones of one language (a recipe that
+    streams decodes them as one stream, every other variant one by one)."""
+    from sweep.measure.batch import groups
+
+    return groups([u.duration_s for u in ev], [u.lang or "ru" for u in ev], group, stream=True)
+
+
+def measure(variants: list[Variant], loaded, ev, repeats: int, group: int = 1) -> dict:
+    """Per variant and repeat: texts per recording and seconds per unit (`units`),
+    interleaved per unit."""
+    parts = units(ev, group)
+    out = {v.name: {"texts": [None] * len(ev), "seconds": [[] for _ in parts]}
+           for v in variants}
     for rep in range(repeats):
-        for i, utt in enumerate(ev):
-            k = (i + rep) % len(variants)
+        for j, unit in enumerate(parts):
+            k = (j + rep) % len(variants)
+            utts = [ev.utterances[i] for i in unit]
             for v in variants[k:] + variants[:k]:
-                text, secs = v.run(loaded.processor, utt.audio, utt.lang or "ru")
-                out[v.name]["texts"][i] = text
-                out[v.name]["seconds"][i].append(secs)
-                print(f"  {utt.id} ({utt.duration_s:.0f} s) {v.name}: {secs:.1f} s",
-                      file=sys.stderr)
+                texts, secs = v.run(loaded.processor, [u.audio for u in utts],
+                                    utts[0].lang or "ru")
+                for i, text in zip(unit, texts):
+                    out[v.name]["texts"][i] = text
+                out[v.name]["seconds"][j].append(secs)
+                ids = utts[0].id + (f" .. {utts[-1].id}" if len(utts) > 1 else "")
+                print(f"  {ids} ({sum(u.duration_s for u in utts):.0f} s) {v.name}: "
+                      f"{secs:.1f} s", file=sys.stderr)
     return out
 
 
@@ -226,8 +253,11 @@ def markdown(res: dict) -> str:
         f"- machine: {common.describe_machine(res['machine'])}",
         f"- kernels: {res['isa_note']}",
         f"- set: {res['set']['recordings']} recordings, {res['set']['audio_s']:.0f} s "
-        f"({res['set']['source']}); {res['repeats']} repeat(s), interleaved per recording; "
-        f"throughput = audio seconds / median wall seconds per recording, summed",
+        f"({res['set']['source']}); {res['repeats']} repeat(s), interleaved per "
+        + ("recording" if res.get("group", 1) == 1 else f"group of {res['group']} recordings "
+           "(a recipe that streams decodes a group as one stream; the others one by one)")
+        + "; throughput = audio seconds / median wall seconds per "
+        + ("recording" if res.get("group", 1) == 1 else "group") + ", summed",
         *uses_line(res["set"]), "",
         common.md_table(head, rows), "", *recipes, "",
         f"meets #28: dWER <= {MAX_DWER:.0%} with its 95% upper bound <= {MAX_DWER_UPPER:.0%}, "
@@ -252,6 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip faster-whisper")
     ap.add_argument("--batch", type=int, default=8, help="faster-whisper's batch size")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--group", type=int, default=1, help="recordings timed together: a recipe "
+                    "that streams (greedy, decode.batch > 1) decodes them as one stream")
     ap.add_argument("--threads", type=int, default=None, help="default: every core")
     ap.add_argument("--tag", default="cpu", help="results: longform-<tag>.json and .md")
     ap.add_argument("--out", default=str(common.RESULTS))
@@ -264,10 +296,12 @@ def main(argv=None) -> int:
     from sweep.inputs.cli import quiet_transformers
     from sweep.inputs.longform import clip_uses
     from sweep.inputs.models import load_model
-    from sweep.measure.decode import isa_note
+    from sweep.measure.decode import isa_note, streams
 
     # bad input: refused (exit 2) before the recordings are built or any model loads
     recipes = named_recipes(args.recipe, "--recipe") or list(RECIPES)
+    if args.group < 1:
+        ap.error(f"`--group` must be at least 1, got {args.group}")
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     quiet_transformers()
@@ -284,17 +318,22 @@ def main(argv=None) -> int:
           file=sys.stderr)
     from sweep.measure.batch import warm
 
+    parts = units(ev, args.group)
     for v in variants:  # untimed: first-call costs (traces, caches) on the first recording
-        v.run(loaded.processor, ev.utterances[0].audio[:16000 * 35], ev.utterances[0].lang
+        v.run(loaded.processor, [ev.utterances[0].audio[:16000 * 35]], ev.utterances[0].lang
               or "ru")
         if v.options is not None and v.options.batch > 1:  # and every batch shape of the set
-            warm(v.runner, loaded.processor, [[u.audio] for u in ev],
-                 [u.lang or "ru" for u in ev], v.options)
+            together = streams(v.options)
+            warm(v.runner, loaded.processor, [[ev.utterances[i].audio for i in u] for u in parts]
+                 if together else [[u.audio] for u in ev],
+                 [ev.utterances[u[0]].lang or "ru" for u in parts] if together
+                 else [u.lang or "ru" for u in ev], v.options)
     try:
-        raw = measure(variants, loaded, ev, args.repeats)
+        raw = measure(variants, loaded, ev, args.repeats, args.group)
     finally:
         close_peers(variants)
     res = {**common.stamp(threads), "isa_note": isa_note(), "repeats": args.repeats,
+           "group": args.group,
            "set": {"recordings": len(ev), "audio_s": ev.total_s, "source": (
                args.manifest or f"{args.dataset} ({args.language}) clips, seed {args.seed}"),
                "ids": [u.id for u in ev], "durations_s": [u.duration_s for u in ev],
