@@ -44,8 +44,8 @@ class DecodeConfig(Technique):
                                    "and rules (HF WhisperTimeStampLogitsProcessor's; the text "
                                    "keeps none of them); false = <|notimestamps|>"),
         # Throughput, not latency (issue #28). Fixed batches wait for their longest row and
-        # pad to their longest window: the greedy loop streams instead (decode.stream), which
-        # took a long-form set from 35.6 to 48.2 audio s/s when recordings share the stream.
+        # pad to their longest window: the greedy loop streams instead (decode.stream), 1.21x
+        # batch 1 on a long-form set whose recordings share the stream (docs/longform.md).
         "decode.batch": Param("int", 1, 1, 64, help="segments or clips decoded together: the "
                               "greedy loop (not compiled) streams them, a row taking the next "
                               "piece as its own ends, each piece encoded alone; generate and "
