@@ -98,7 +98,7 @@ def test_concurrent_requests_are_batched_and_a_long_upload_segmented(vad_checkpo
     want.append(row["text"])
     assert all(want) and row["duration_s"] > 30
     # several files share the recipe's stream (decode.batch=2): each its own text
-    for i, c in enumerate(clips[:3]):
+    for i in range(3):
         (tmp_path / f"{i}.wav").write_bytes(uploads[i])
     rows = transcribe.transcribe_files(ck, [tmp_path / f"{i}.wav" for i in range(3)]
                                        + [tmp_path / "long.wav"])

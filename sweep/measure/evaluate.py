@@ -126,15 +126,17 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
 
     from .decode import streams
 
+    stream = options is not None and streams(options)
     groups = batch.groups([u.duration_s for u in evalset], langs,
-                          options.batch if options is not None else 1,
-                          stream=options is not None and streams(options))
+                          options.batch if options is not None else 1, stream=stream)
 
     def run(group: list[int]):
         return batch.timed(model, processor, [evalset.utterances[i].audio for i in group],
                            options, language=langs[group[0]], task=task)
 
-    warm = [run(groups[0])[1] for _ in range(max(0, warmup))]
+    # (a stream's group may be several long recordings: its first is warm-up enough, and
+    # `batch.warm` below traces every row count the stream will run)
+    warm = [run(groups[0][:1] if stream else groups[0])[1] for _ in range(max(0, warmup))]
     t0 = time.perf_counter()
     windows = warm_shapes(model, processor, evalset, langs, task=task,
                           options=options) if warmup > 0 else 0
