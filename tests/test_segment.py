@@ -207,6 +207,19 @@ def test_a_stream_gives_each_clip_the_tokens_it_gets_alone(tiny, clips, recipe):
     assert steps < sum(caps) + len(caps) * prompt  # the rows ran side by side
 
 
+def test_speedup_is_latency_on_clips_and_throughput_on_recordings_that_share_a_stream():
+    from sweep.measure import scoring
+
+    def rows(lat, wall, dur):
+        return [{"latency_s": a, "wall_s": w, "duration_s": d} for a, w, d in zip(lat, wall, dur)]
+    clips = rows([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [3, 4, 5])
+    batched = rows([1.5, 1.5, 1.5], [0.5, 0.5, 0.5], [3, 4, 5])  # one batch of 3
+    assert scoring.speedup(clips, batched) == pytest.approx(2.0 / 1.5)  # what each waits
+    base = rows([8.0, 9.0, 10.0], [8.0, 9.0, 10.0], [60, 70, 80])
+    stream = rows([6.0, 6.0, 6.0], [2.0, 2.0, 2.0], [60, 70, 80])  # one stream of 3: 6 s
+    assert scoring.speedup(base, stream) == pytest.approx(27.0 / 6.0)  # not 9 / 6
+
+
 def test_the_rest_after_an_early_last_timestamp_is_decoded_again():
     """`batch.rest`: a piece whose timestamped decoding ended on its own more than REST_MIN_S
     before the piece's end gives the audio after its last timestamp, placed where it is in the

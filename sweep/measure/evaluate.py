@@ -284,7 +284,7 @@ def compare(trial: Measurement, base: Measurement, confidence: float | None = No
         "dwer": scoring.relative(t["wer"], b["wer"]),
         "dcer": scoring.relative(t["cer"], b["cer"]),
         "dwer_ci95": [lo, hi],
-        "speedup": b["latency_median_s"] / t["latency_median_s"],
+        "speedup": scoring.speedup(base.utterances, trial.utterances),
     }
     if confidence is not None:
         out["dwer_upper"] = scoring.bootstrap_dwer(base.errors, trial.errors,

@@ -238,8 +238,7 @@ class Stopper:
         te = sum(t.word_errors for _, t in per)
         words = max(1, sum(b.words for b, _ in per))
         return {"dwer": scoring.relative(te / words, be / words),
-                "speedup": float(np.median([r["latency_s"] for r in base])
-                                 / np.median([r["latency_s"] for r in rows]))}
+                "speedup": scoring.speedup(base, rows)}
 
     def _look(self, rows: list[dict]) -> None:
         n, base = len(rows), self.base_rows[:len(rows)]

@@ -88,7 +88,9 @@ FIGURES: tuple[Figure, ...] = (
                 "itself fails says nothing of a recipe, this does (`max_extra_hallucination`)"),
     Figure("speedup", "max", unit="x", fmt=".2f", to=(*RECORDED, "report", "card"),
            relative=True, of="latency_median_s", label="speed-up", neutral=1.0,
-           help="the baseline's median latency over the trial's"),
+           help="the baseline's median latency over the trial's; on a long-form set (a "
+                "recording over 30 s) the trial's throughput over the baseline's (recordings "
+                "decoded as one stream each wait for their group)"),
     Figure("latency_mean_s", "min", "s", to=_OBJ, help="mean seconds per clip"),
     Figure("latency_median_s", "min", "s", to=(*_OBJ, "card"), label="latency, median (s)",
            help="median seconds per clip (features + generate)"),
