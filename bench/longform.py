@@ -6,14 +6,17 @@ stretches of silence, noise and hum, the reference the whole text. Compared, in 
 
 - `hf-fp32-seq`: the unchanged HF whisper-base, fp32, sequential long-form `generate` (its own
   30 s windows, seeking on timestamps): the baseline every ratio is taken against;
-- HYPER recipes (`--recipe NAME=RECIPE`, repeatable; default: VAD + batch 8 + int8 + the
-  scripted greedy loop, with and without the window on each piece);
+- HYPER recipes (`--recipe NAME=RECIPE`, repeatable; default: the best measured, VAD pieces
+  of up to 30 s and of up to 20 s decoded with timestamps by the per-token int8 recipe on each
+  piece's window, streamed 8 rows at a time);
 - faster-whisper (the same weights, CTranslate2, in its own process): int8 and fp32 sequential
   (`WhisperModel.transcribe`, greedy, no VAD), and int8 `BatchedInferencePipeline` (batch 8,
   its VAD on, as its README benchmarks it).
 
-Every variant is prepared once; then for each recording every variant transcribes it in turn,
-the order rotating per recording (interleaved: machine drift hits all alike). Per variant: WER
+Every variant is prepared once; then for each group of `--group` recordings every variant
+transcribes it in turn, the order rotating per group (interleaved: machine drift hits all
+alike). A recipe that streams (greedy, `decode.batch` > 1) decodes a group as one stream, as
+`sweep.transcribe` does with several files; the others one recording at a time. Per variant: WER
 and CER on the whole recordings, dWER against hf-fp32-seq with its paired bootstrap 95%
 interval over recordings, and throughput (audio seconds per wall second, the whole set), with
 its ratio to hf-fp32-seq and to faster-whisper batched int8. The verdict (issue #28): a recipe
@@ -40,12 +43,14 @@ from sweep.console import refusing
 from . import common
 from .harness import Peer, close_peers, named_recipes
 
-RECIPES = (
-    ("vad-b8-int8-script", "segment.method=vad,decode.batch=8,decode.loop=greedy,"
-     "decode.compile=script,quant.scheme=dynamic_int8"),
-    ("vad10-b8-int8-script-window", "segment.method=vad,segment.max_s=10.0,decode.batch=8,"
-     "decode.loop=greedy,decode.compile=script,quant.scheme=dynamic_int8,encoder.window=auto,"
-     "encoder.bucket_s=5,encoder.margin_s=1.0"),
+_ACCURATE = ("segment.method=vad,segment.threshold=0.25,segment.max_s=30,decode.timestamps=true,"
+             "decode.loop=greedy,decode.compile=script,quant.scheme=dynamic_int8,"
+             "quant.enc_attn=int8_token,quant.enc_mlp=int8_token,encoder.window=auto,"
+             "encoder.bucket_s=1,encoder.margin_s=2,encoder.min_s=10,decode.no_repeat_ngram=4,"
+             "decode.batch=8")
+RECIPES = (  # the best measured (docs/longform.md, "Streams"): 30 s pieces, and 20 s
+    ("ts-rest-stream8", _ACCURATE),
+    ("ts20-rest-stream8", _ACCURATE.replace("segment.max_s=30", "segment.max_s=20")),
 )
 PEERS = (("fw-int8-seq", "int8", "sequential"), ("fw-int8-batched8-vad", "int8", "batched"),
          ("fw-fp32-seq", "float32", "sequential"))
@@ -282,8 +287,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip faster-whisper")
     ap.add_argument("--batch", type=int, default=8, help="faster-whisper's batch size")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--group", type=int, default=1, help="recordings timed together: a recipe "
-                    "that streams (greedy, decode.batch > 1) decodes them as one stream")
+    ap.add_argument("--group", type=int, default=6, help="recordings timed together: a recipe "
+                    "that streams (greedy, decode.batch > 1) decodes them as one stream; 1 = "
+                    "one recording at a time")
     ap.add_argument("--threads", type=int, default=None, help="default: every core")
     ap.add_argument("--tag", default="cpu", help="results: longform-<tag>.json and .md")
     ap.add_argument("--out", default=str(common.RESULTS))
