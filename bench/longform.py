@@ -8,7 +8,7 @@ stretches of silence, noise and hum, the reference the whole text. Compared, in 
   30 s windows, seeking on timestamps): the baseline every ratio is taken against;
 - HYPER recipes (`--recipe NAME=RECIPE`, repeatable; default: the best measured, VAD pieces
   of up to 30 s and of up to 20 s decoded with timestamps by the per-token int8 recipe on each
-  piece's window, streamed 8 rows at a time);
+  piece's window, streamed 16 and 8 rows at a time);
 - faster-whisper (the same weights, CTranslate2, in its own process): int8 and fp32 sequential
   (`WhisperModel.transcribe`, greedy, no VAD), and int8 `BatchedInferencePipeline` (batch 8,
   its VAD on, as its README benchmarks it).
@@ -46,11 +46,11 @@ from .harness import Peer, close_peers, named_recipes
 _ACCURATE = ("segment.method=vad,segment.threshold=0.25,segment.max_s=30,decode.timestamps=true,"
              "decode.loop=greedy,decode.compile=script,quant.scheme=dynamic_int8,"
              "quant.enc_attn=int8_token,quant.enc_mlp=int8_token,encoder.window=auto,"
-             "encoder.bucket_s=1,encoder.margin_s=2,encoder.min_s=10,decode.no_repeat_ngram=4,"
-             "decode.batch=8")
+             "encoder.bucket_s=1,encoder.margin_s=2,encoder.min_s=10,decode.no_repeat_ngram=4")
 RECIPES = (  # the best measured (docs/longform.md, "Streams"): 30 s pieces, and 20 s
-    ("ts-rest-stream8", _ACCURATE),
-    ("ts20-rest-stream8", _ACCURATE.replace("segment.max_s=30", "segment.max_s=20")),
+    ("ts-rest-stream16", _ACCURATE + ",decode.batch=16"),
+    ("ts20-rest-stream8", _ACCURATE.replace("segment.max_s=30", "segment.max_s=20")
+     + ",decode.batch=8"),
 )
 PEERS = (("fw-int8-seq", "int8", "sequential"), ("fw-int8-batched8-vad", "int8", "batched"),
          ("fw-fp32-seq", "float32", "sequential"))
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip faster-whisper")
     ap.add_argument("--batch", type=int, default=8, help="faster-whisper's batch size")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--group", type=int, default=6, help="recordings timed together: a recipe "
+    ap.add_argument("--group", type=int, default=9, help="recordings timed together: a recipe "
                     "that streams (greedy, decode.batch > 1) decodes them as one stream; 1 = "
                     "one recording at a time")
     ap.add_argument("--threads", type=int, default=None, help="default: every core")
