@@ -19,9 +19,9 @@ import soundfile as sf
 import torch
 
 from . import console
-from .inputs.data import SAMPLE_RATE, Utterance, to_mono_16k
+from .inputs.data import SAMPLE_RATE, to_mono_16k
 from .measure.decode import streams
-from .measure.evaluate import TASKS, transcribe
+from .measure.evaluate import TASKS
 
 WINDOW_S = 30.0  # Whisper's input window; longer audio is decoded window by window
 
@@ -68,31 +68,33 @@ def transcribe_files(checkpoint, paths, *, language: str | None = None,
         raise TranscribeError("`language` is needed (e.g. ru, en): this checkpoint was not "
                               "measured on a single language, and Whisper must be told which")
     audios = [(str(p), read_audio(p)) for p in paths]  # every file readable before decoding
-    plan = getattr(ck, "options", None)
-    if plan is None or not streams(plan) or len(audios) < 2:
-        rows = [{"path": path, **transcribe_audio(ck, audio, language=lang, task=task)}
-                for path, audio in audios]
-    else:  # files share the stream, `decode.batch` at a time (`seconds`: their group's)
-        from .measure.batch import groups
+    from .measure.batch import groups
 
-        rows = []
-        for g in groups([a.size / SAMPLE_RATE for _, a in audios], [lang] * len(audios),
-                        plan.batch, stream=True):
-            rows += [{"path": audios[i][0], **r} for i, r in zip(g, transcribe_together(
-                ck, [audios[i][1] for i in g], language=lang, task=task))]
+    # files share one stream when the recipe streams, `decode.batch` at a time (`seconds`:
+    # their group's); else one at a time
+    plan = getattr(ck, "options", None)
+    size = plan.batch if plan is not None and streams(plan) else 1
+    rows = []
+    for g in groups([a.size / SAMPLE_RATE for _, a in audios], [lang] * len(audios), size,
+                    stream=True):
+        rows += [{"path": audios[i][0], **r} for i, r in zip(g, transcribe_together(
+            ck, [audios[i][1] for i in g], language=lang, task=task))]
     return [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
 
 
 def transcribe_together(ck, audios: list[np.ndarray], *, language: str,
                         task: str = "transcribe") -> list[dict]:
-    """Several recordings decoded together (`sweep.serve` batches requests with it): each
-    segmented as the recipe says, the pieces of all of them `max(decode.batch, recordings)` at
-    a time. The rows of `transcribe_audio`; `seconds` is the group's."""
+    """Float32 16 kHz mono recordings with a loaded checkpoint, decoded together (`sweep.serve`
+    batches requests with it), each segmented as its recipe says, the pieces of all of them
+    `max(decode.batch, recordings)` at a time. Per recording: text, language, task,
+    duration_s, seconds (the group's), cap_reached (some piece ran to its token cap) and
+    tokens (the content token ids, every piece's)."""
     import dataclasses
 
     from .measure.batch import timed
+    from .measure.decode import Plan
 
-    plan = ck.options
+    plan = getattr(ck, "options", None) or Plan.default()
     plan = dataclasses.replace(plan, batch=max(plan.batch, len(audios)))
     heard, secs = timed(ck.model, ck.processor, audios, plan, language=language, task=task)
     return [{"text": h.text, "language": language, "task": task,
@@ -101,18 +103,10 @@ def transcribe_together(ck, audios: list[np.ndarray], *, language: str,
             for a, h in zip(audios, heard)]
 
 
-def transcribe_audio(ck, audio: np.ndarray, *, language: str, task: str = "transcribe",
-                     name: str = "audio") -> dict:
-    """One float32 16 kHz mono recording with a loaded checkpoint (`sweep.serve` uses it too),
-    segmented as its recipe says: text, language, task, duration_s, seconds, cap_reached (some
-    piece ran to its token cap) and tokens (the content token ids, every piece's)."""
-    dur = audio.size / SAMPLE_RATE
-    text, tokens, cap, secs = transcribe(ck.model, ck.processor,
-                                         Utterance(name, audio, "", language, dur),
-                                         language=language, task=task,
-                                         options=getattr(ck, "options", None))
-    return {"text": text.strip(), "language": language, "task": task, "duration_s": dur,
-            "seconds": secs, "cap_reached": cap, "tokens": list(tokens)}
+def transcribe_audio(ck, audio: np.ndarray, *, language: str,
+                     task: str = "transcribe") -> dict:
+    """One recording, as `python -m sweep.transcribe` decodes it: `transcribe_together`'s row."""
+    return transcribe_together(ck, [audio], language=language, task=task)[0]
 
 
 @console.refusing  # CheckpointError, TranscribeError, RecipeError: one line, exit 2

@@ -20,7 +20,7 @@ def _rows(rng, p_err: float, n=N_CLIPS, loop=False) -> list[dict]:
         bad = rng.random(WORDS) < p_err
         hyp = [f"x{k}" if b else w for k, (w, b) in enumerate(zip(ref, bad))]
         rows.append({"ref_norm": " ".join(ref), "hyp_norm": " ".join(hyp), "loop": loop,
-                     "latency_s": 1.0})
+                     "latency_s": 1.0, "duration_s": 3.0})
     return rows
 
 

@@ -132,7 +132,8 @@ def _decode_pieces(model, processor, work, plan, language, task,
             out = decode.decode(model, feats, plan, language=language, task=task, cap=cap,
                                 keep_timestamps=True)
             for k, row, d in zip(idx, out, durs):  # (a batch decodes to its longest's cap)
-                rows[k] = (row[:kept(d)], capped(row[:kept(d)], d))
+                row = row[:kept(d)]
+                rows[k] = (row, capped(row, d))
         got += rows
         work += [m for (key, p), (row, c) in zip(todo, rows)
                  if (m := follow(key, p, row, c)) is not None]

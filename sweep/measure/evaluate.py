@@ -123,7 +123,6 @@ def measure(model, processor, evalset: EvalSet, *, language: str | None = None,
         raise ValueError(f"evaluation set {evalset.name!r} is empty: nothing to measure")
     langs = [_lang_of(u, language) for u in evalset]  # fail before any decoding
     from . import batch
-
     from .decode import streams
 
     stream = options is not None and streams(options)

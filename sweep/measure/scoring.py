@@ -143,13 +143,15 @@ def relative(value: float, base: float) -> float:
     return value / base - 1.0 if base > 0 else value - base
 
 
-def speedup(base_rows: list[dict], rows: list[dict], long_s: float = 30.0) -> float:
+def speedup(base_rows: list[dict], rows: list[dict]) -> float:
     """How much faster a trial's clips (`rows`, evaluate's per-clip rows) went than the
     baseline's on the same clips: the baseline's median `latency_s` over the trial's; on a
-    long-form set (a row longer than `long_s`, Whisper's window) the trial's throughput over
-    the baseline's, i.e. their summed `wall_s`. Recordings decoded as one stream each wait for
+    long-form set (a row longer than Whisper's window) the trial's throughput over the
+    baseline's, i.e. their summed `wall_s`. Recordings decoded as one stream each wait for
     their group, so a recording's latency there says how the group was timed, not how fast."""
-    if any(r.get("duration_s", 0.0) > long_s for r in rows):
+    from .segment import is_long
+
+    if any(is_long(r["duration_s"]) for r in rows):
         return sum(r["wall_s"] for r in base_rows) / sum(r["wall_s"] for r in rows)
     return float(np.median([r["latency_s"] for r in base_rows])
                  / np.median([r["latency_s"] for r in rows]))
