@@ -95,18 +95,13 @@ class Variant:
         from sweep.measure.batch import timed
         from sweep.measure.decode import streams
 
-        if not self.compute_type and streams(self.options):
-            heard, secs = timed(self.runner, processor, audios, self.options, language=lang)
-            return [h.text for h in heard], secs
+        if self.compute_type:
+            got = [self.runner(a, lang, self.mode, self.batch) for a in audios]
+            return [text for text, _ in got], sum(secs for _, secs in got)
         texts, total = [], 0.0
-        for audio in audios:
-            if self.compute_type:
-                text, secs = self.runner(audio, lang, self.mode, self.batch)
-            else:
-                (heard,), secs = timed(self.runner, processor, [audio], self.options,
-                                       language=lang)
-                text = heard.text
-            texts.append(text)
+        for chunk in [audios] if streams(self.options) else [[a] for a in audios]:
+            heard, secs = timed(self.runner, processor, chunk, self.options, language=lang)
+            texts += [h.text for h in heard]
             total += secs
         return texts, total
 
