@@ -45,7 +45,8 @@ class DecodeConfig(Technique):
                                    "keeps none of them); false = <|notimestamps|>"),
         # Throughput, not latency (issue #28). Fixed batches wait for their longest row and
         # pad to their longest window: the greedy loop streams instead (decode.stream), 1.21x
-        # batch 1 on a long-form set whose recordings share the stream (docs/longform.md).
+        # batch 1 on a long-form set whose recordings share the stream (2-core AVX-512 EPYC,
+        # no AMX, commit 93801c9; docs/longform.md).
         "decode.batch": Param("int", 1, 1, 64, help="segments or clips decoded together: the "
                               "greedy loop (not compiled) streams them, a row taking the next "
                               "piece as its own ends, each piece encoded alone; generate and "
