@@ -73,7 +73,7 @@ def child(threads: int, budget_s: float) -> dict:
     return {"seconds": secs, "gops": gops, "onednn_kernel": verbose, "threads": threads,
             "aten_capability": torch.backends.cpu.get_cpu_capability(),
             "default_engine": torch.backends.quantized.engine,
-            "rowscaled_bits": row.bits, "caps": machine.caps(), "fbgemm_vnni":
+            "rowscaled_bits": [row.bits, row.weight_bits], "caps": machine.caps(), "fbgemm_vnni":
             machine.fbgemm_vnni()}
 
 

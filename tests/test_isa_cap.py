@@ -30,16 +30,16 @@ def test_each_cap_runs_in_its_own_process_and_switches_onednn():
 
 def test_the_avx2_class_caps_every_library_in_its_process():
     """`avx2-class` (machine.EMULATE_AVX2): ATen runs its AVX2 kernels, fbgemm's int8 is
-    treated as without VNNI (7-bit activations), oneDNN leaves AVX-512, and the row records every
-    cap in force."""
+    treated as without VNNI (8-bit activations over 7-bit weights), oneDNN leaves AVX-512, and
+    the row records every cap in force."""
     default, cls = (isa_cap.best_of([isa_cap.run_setting(c, 1, 0.05)])
                     for c in ("default", isa_cap.AVX2_CLASS))
     for r in (default, cls):
         assert "error" not in r, r
     assert default["caps"] is None and cls["aten_capability"] == "AVX2"
     assert cls["caps"] == ("AVX2; ATen=avx2; fbgemm=AVX2; MKL=AVX2; CTranslate2=AVX2")
-    assert cls["rowscaled_bits"] == 7 and cls["fbgemm_vnni"] is False
-    assert default["rowscaled_bits"] == (8 if machine.fbgemm_vnni(env={}) else 7)  # uncapped
+    assert cls["rowscaled_bits"] == [8, 7] and cls["fbgemm_vnni"] is False
+    assert default["rowscaled_bits"] == [8, 8 if machine.fbgemm_vnni(env={}) else 7]  # uncapped
     assert "avx512" not in cls["onednn_kernel"]["bf16"]
     if "avx512f" in machine.isa():  # uncapped, ATen takes this CPU's wider vectors
         assert default["aten_capability"].startswith("AVX512")
