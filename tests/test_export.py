@@ -216,17 +216,30 @@ def test_static_int8_scales_are_stored_so_loading_needs_no_audio(tiny, clips, tm
                         tmp_path / "other")
 
 
-def test_int8_checkpoint_from_a_vnni_cpu_warns_where_there_is_none(tiny, tmp_path, monkeypatch):
+def test_int8_checkpoint_from_a_vnni_cpu_narrows_where_there_is_none(tiny, tmp_path,
+                                                                    monkeypatch):
+    """8-bit activations over 8-bit weights (a VNNI CPU's export) would saturate fbgemm's int16
+    pair sums on a CPU without VNNI: there they keep 7 bits, and the load says so. A CPU without
+    VNNI exports 7-bit weights under 8-bit activations, which load anywhere as they ran."""
     from sweep.inputs import machine
 
     if not machine.fbgemm_vnni():
         pytest.skip("exported here, int8 activations are 7-bit already")
-    out = save_checkpoint(tiny.model, tiny.processor, Recipe.parse("embed.dtype=int8"),
-                          tmp_path / "ck")
+    recipe = Recipe.parse("embed.dtype=int8,quant.dec_mlp=dynamic_int8")
+    out = save_checkpoint(tiny.model, tiny.processor, recipe, tmp_path / "ck")
     assert not any("VNNI" in n for n in sweep.load(out).notes)
-    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")  # as HYPER sees fbgemm from now
     with pytest.warns(UserWarning, match="this CPU lacks VNNI"):
-        sweep.load(out)
+        ck = sweep.load(out)
+    fc1, head = ck.model.model.decoder.layers[0].fc1, ck.model.proj_out
+    for m in (fc1, head):
+        assert m.narrowed and m.reduce_range and m.weight_bits == 8
+    out = save_checkpoint(tiny.model, tiny.processor, recipe, tmp_path / "ck2")
+    ck = sweep.load(out)
+    assert not any("VNNI" in n for n in ck.notes)
+    fc1, head = ck.model.model.decoder.layers[0].fc1, ck.model.proj_out
+    assert (fc1.weight_bits, fc1.reduce_range, fc1.narrowed) == (7, False, False)
+    assert (head.weight_bits, head.reduce_range) == (8, True)  # the tied embedding keeps 8
 
 
 # ---- refusals --------------------------------------------------------------------------------

@@ -258,10 +258,19 @@ def packed_int8(qweight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
 def ao_int8_module(cls: type, packed: nn.Module, spec: dict) -> nn.Module:
     """A `kernels.AoInt8Linear` (or subclass) around ready packed weights, with the stored
     activation settings: the very module the trial ran, without quantizing anything again."""
+    from ..inputs import machine
+
     m = cls.__new__(cls)
     nn.Module.__init__(m)
     m.packed, m.reduce_range = packed, bool(spec["reduce_range"])
     m.scale, m.zero_point = spec["scale"], int(spec["zero_point"])
+    # 8-bit activations over 8-bit weights (exported where fbgemm has VNNI) would saturate
+    # fbgemm's int16 pair sums here: the activations keep 7 bits over the same range
+    m.narrowed = not m.reduce_range and m.weight_bits == 8 and not machine.fbgemm_vnni()
+    if m.narrowed:
+        m.reduce_range = True
+        if m.scale is not None:
+            m.scale, m.zero_point = m.scale * 255 / 127, round(m.zero_point * 127 / 255)
     return m
 
 

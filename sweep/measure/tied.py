@@ -61,7 +61,7 @@ def apply(model, dtype: str, ctx) -> None:
         w = dec.embed_tokens.weight
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         lin.weight = w
-        ao = kernels.AoInt8Linear(lin)  # quantized as quant's torch.ao kernel quantizes a head
+        ao = kernels.AoInt8Linear(lin, weight_bits=8)  # the embedding's rows keep 8 bits
         qweight, _ = ao.packed._weight_bias()
         dec.embed_tokens = Int8Embedding(stored.int8_parts(qweight),
                                          dec.embed_positions.weight.dtype)

@@ -245,10 +245,10 @@ def load(path, device: str | None = None) -> Checkpoint:
     _, again, _, _ = split(recipe)
     applied = apply_recipe(model.to(recipe.device), again, known_kernels=info["kernels"])
     notes = list(applied.notes)
-    if _int8_wider_than_here(info["modules"]):
-        notes.append("int8 activations keep 8 bits, as on the exporting CPU (VNNI); this CPU "
-                     "lacks VNNI, where torch.ao's int8 kernels may saturate: transcripts may "
-                     "differ from the measured ones")
+    if any(getattr(m, "narrowed", False) for m in applied.model.modules()):
+        notes.append("int8 activations had 8 bits over 8-bit weights on the exporting CPU "
+                     "(VNNI); this CPU lacks VNNI, where fbgemm's int16 pair sums would "
+                     "saturate, so they keep 7: transcripts may differ from the measured ones")
         warnings.warn(notes[-1], stacklevel=2)
     if info["trial_kernels"] and applied.kernels != info["trial_kernels"]:
         differ = {t: (k, applied.kernels.get(t)) for t, k in info["trial_kernels"].items()
@@ -260,13 +260,6 @@ def load(path, device: str | None = None) -> Checkpoint:
     metrics = json.loads(mfile.read_text(encoding="utf-8")) if mfile.is_file() else {}
     return Checkpoint(applied.model, processor, recipe, path, dict(applied.kernels), notes, info,
                       metrics, spec=str(path), source=f"HYPER checkpoint {path.resolve()}")
-
-
-def _int8_wider_than_here(modules: dict) -> bool:
-    from ..inputs import machine
-
-    full = any("reduce_range" in s and not s["reduce_range"] for s in modules.values())
-    return full and not machine.fbgemm_vnni()
 
 
 def build(path: Path, info: dict, config, recipe: Recipe) -> nn.Module:
