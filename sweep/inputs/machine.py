@@ -125,6 +125,14 @@ def fbgemm_vnni(flags: Iterable[str] | None = None,
     return bool({"avx512_vnni", "amx_int8"} & set(have)) and (not cap or cap in _FBGEMM_VNNI)
 
 
+def fbgemm_act_bits(weight_bits: int, flags: Iterable[str] | None = None,
+                    env: Mapping[str, str] | None = None) -> int:
+    """The activation bits fbgemm's int8 product takes over `weight_bits`-bit weights here: 8
+    with VNNI; without, pairs of u8 x s8 products must fit a saturating int16
+    (2 * 255 * 63 and 2 * 127 * 127 do, 2 * 255 * 127 does not)."""
+    return 8 if fbgemm_vnni(flags, env) else min(8, 15 - weight_bits)
+
+
 def onednn_vnni(flags: Iterable[str] | None = None, cap: str | None = None) -> bool:
     """Whether oneDNN's int8 x int8 product (`torch._int_mm`, torchao's int8 activations) has
     VNNI (or AMX) here: the flag present and `cap` (oneDNN's, default the one in force) keeping

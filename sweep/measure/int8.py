@@ -12,7 +12,6 @@ are GELU outputs, nearly all positive, and would lose a bit to a symmetric range
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 from torch import nn
@@ -115,22 +114,17 @@ class RowInt8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach().float()
         bias = torch.zeros(w.shape[0]) if linear.bias is None else linear.bias.detach().float()
-        self.weight_bits = 8 if machine.fbgemm_vnni() else 7
-        scale = w.abs().amax(1).clamp_min(1e-8) / (2 ** (self.weight_bits - 1) - 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.quantize_per_channel is deprecated
-            qweight = torch.quantize_per_channel(w, scale.double(), torch.zeros(
-                w.shape[0], dtype=torch.long), 0, torch.qint8)
+        qweight = stored.quantize_int8(w, 8 if machine.fbgemm_vnni() else 7)
         self._build(stored.packed_int8(qweight, torch.zeros_like(bias)), bias, 8)
 
     def _build(self, packed: nn.Module, bias: torch.Tensor, bits: int) -> None:
         qweight, _ = packed._weight_bias()
         self.packed = packed  # a module, so that deepcopy/pickle work
         self.out_features, self.in_features = qweight.shape
-        self.weight_bits = int(qweight.int_repr().abs().max()).bit_length() + 1
+        self.weight_bits = stored.weight_bits(qweight)
         # a checkpoint written where fbgemm has VNNI (8-bit weights) keeps its activations to 7
         # bits where it has not: the pair sum must fit an int16
-        self.bits = bits if machine.fbgemm_vnni() else min(bits, 15 - self.weight_bits)
+        self.bits = min(bits, machine.fbgemm_act_bits(self.weight_bits))
         self.levels = 2 ** self.bits - 1
         # (2, out): each output's quantized weight sum (times -s * z) and its bias (times 1)
         self.register_buffer("offset_bias", torch.stack([qweight.dequantize().sum(1).float(),

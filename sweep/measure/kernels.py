@@ -13,7 +13,6 @@ import json
 import os
 import re
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,22 +119,16 @@ class AoInt8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, stats: dict | None = None,
                  weight_bits: int | None = None):
         super().__init__()
-        w = linear.weight.detach().float()
-        vnni = machine.fbgemm_vnni()
-        bits = weight_bits or (8 if vnni else 7)
-        scale = w.abs().amax(1).clamp_min(1e-8) / (2 ** (bits - 1) - 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.quantize_per_channel is deprecated
-            qweight = torch.quantize_per_channel(w, scale.double(), torch.zeros(
-                w.shape[0], dtype=torch.long), 0, torch.qint8)
+        bits = weight_bits or (8 if machine.fbgemm_vnni() else 7)
         bias = None if linear.bias is None else linear.bias.detach().float()
-        self.packed = stored.packed_int8(qweight, bias)  # a module: deepcopy/pickle work
-        self.reduce_range = bits == 8 and not vnni
+        # a module: deepcopy/pickle work
+        self.packed = stored.packed_int8(stored.quantize_int8(linear.weight, bits), bias)
+        self.reduce_range = machine.fbgemm_act_bits(bits) < 8
         self.scale, self.zero_point = _affine(stats, 127 if self.reduce_range else 255)
 
     @property
     def weight_bits(self) -> int:
-        return int(self.packed._weight_bias()[0].int_repr().abs().max()).bit_length() + 1
+        return stored.weight_bits(self.packed._weight_bias()[0])
 
     def forward(self, x):
         if self.scale is None:

@@ -15,6 +15,7 @@ in another dtype, which transformers upcasts) or `none` (tensors transformers ca
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -247,6 +248,22 @@ def int8_weight(parts: dict) -> torch.Tensor:
         parts["weight_zero_point"].long(), 0)
 
 
+def quantize_int8(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """`w` (out, in) as a per-output-channel symmetric qint8 tensor using `bits` bits (7 where
+    fbgemm has no VNNI and the activations keep 8: `machine.fbgemm_act_bits`)."""
+    w = w.detach().float()
+    scale = w.abs().amax(1).clamp_min(1e-8) / (2 ** (bits - 1) - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.quantize_per_channel is deprecated
+        return torch.quantize_per_channel(w, scale.double(), torch.zeros(
+            w.shape[0], dtype=torch.long), 0, torch.qint8)
+
+
+def weight_bits(qweight: torch.Tensor) -> int:
+    """How many bits a symmetric qint8 weight uses (7: every value within [-63, 63])."""
+    return int(qweight.int_repr().abs().max()).bit_length() + 1
+
+
 def packed_int8(qweight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     from torch.ao.nn.quantized.modules.linear import LinearPackedParams
 
@@ -266,7 +283,7 @@ def ao_int8_module(cls: type, packed: nn.Module, spec: dict) -> nn.Module:
     m.scale, m.zero_point = spec["scale"], int(spec["zero_point"])
     # 8-bit activations over 8-bit weights (exported where fbgemm has VNNI) would saturate
     # fbgemm's int16 pair sums here: the activations keep 7 bits over the same range
-    m.narrowed = not m.reduce_range and m.weight_bits == 8 and not machine.fbgemm_vnni()
+    m.narrowed = not m.reduce_range and machine.fbgemm_act_bits(m.weight_bits) < 8
     if m.narrowed:
         m.reduce_range = True
         if m.scale is not None:
